@@ -1,0 +1,68 @@
+"""Error tree. Every error a user can cause is a :class:`RegcliError` with its own exit code.
+
+The CLI turns these into one line on stderr and ``sys.exit(code)``; the traceback is shown only with
+``REGCLI_DEBUG=1``. Library code raises them instead of ``assert`` on anything that comes from a user.
+
+Exit codes (documented in docs/usage.md):
+
+=====  =====================  ===============================================================
+code   class                  meaning
+=====  =====================  ===============================================================
+1      RegcliError            unexpected failure inside regcli (a bug: please report it)
+2      (Typer/Click)          command-line usage: unknown option, missing file argument
+3      InputError             an input file cannot be read or is unusable (4D, constant, NaN)
+4      GeometryError          physical-space problem: no overlap, sheared header, empty mask
+5      ConvergenceError       an optimiser diverged (NaN/Inf loss); nothing is written
+6      OutputError            output exists without --overwrite, or cannot be written
+7      ConfigError            invalid configuration (YAML or flags)
+8      WeightsError           model weights missing, corrupted or checksum mismatch
+130    (KeyboardInterrupt)    interrupted by the user (SIGINT); temporary files removed
+=====  =====================  ===============================================================
+"""
+
+from __future__ import annotations
+
+
+class RegcliError(Exception):
+    """Base class of all errors regcli reports to users."""
+
+    exit_code: int = 1
+    kind: str = "Error"
+
+    def one_line(self) -> str:
+        """The error as a single line ``Kind: message`` (newlines folded)."""
+        msg = " ".join(str(self).split())
+        return f"{self.kind}: {msg}"
+
+
+class InputError(RegcliError):
+    exit_code = 3
+    kind = "InputError"
+
+
+class GeometryError(RegcliError):
+    exit_code = 4
+    kind = "GeometryError"
+
+
+class ConvergenceError(RegcliError):
+    exit_code = 5
+    kind = "ConvergenceError"
+
+
+class OutputError(RegcliError):
+    exit_code = 6
+    kind = "OutputError"
+
+
+class ConfigError(RegcliError):
+    exit_code = 7
+    kind = "ConfigError"
+
+
+class WeightsError(RegcliError):
+    exit_code = 8
+    kind = "WeightsError"
+
+
+EXIT_INTERRUPTED = 130

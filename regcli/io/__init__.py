@@ -1,0 +1,1 @@
+"""File input/output: images, transforms (ANTs formats), atomic writes."""

@@ -1,0 +1,144 @@
+"""Atomic output: write to a temporary file in the target directory, fsync, then ``os.replace``.
+
+A crash (or Ctrl-C) leaves the target either absent or unchanged, never half-written. A
+:class:`OutputSet` groups the files of one command so that *all* of them appear together only when the
+whole computation has succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+from regcli.errors import OutputError
+
+_TMP_MARK = ".regcli-tmp-"
+
+
+def temp_path_for(path: str | os.PathLike) -> Path:
+    """A temporary sibling of ``path`` that keeps its extension (SimpleITK picks writers by extension)."""
+    path = Path(path)
+    return path.with_name(f"{_TMP_MARK}{os.getpid()}-{path.name}")
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise OutputError(f"writer produced no file for '{path}'")
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+class OutputSet:
+    """Files of one command, staged as temporaries and published together.
+
+    Usage::
+
+        outs = OutputSet(overwrite=False)
+        outs.claim(prefix_warp)           # checks before any computation (O2, O3)
+        ...
+        outs.stage(prefix_warp, lambda tmp: write_field(tmp, field))
+        outs.commit()                     # all renamed at once; on any exception call outs.abort()
+    """
+
+    def __init__(self, overwrite: bool = False) -> None:
+        self.overwrite = overwrite
+        self._claimed: list[Path] = []
+        self._staged: list[tuple[Path, Path]] = []
+
+    def claim(self, path: str | os.PathLike) -> Path:
+        """Check that ``path`` may be written (directory exists and is writable, no clobbering)."""
+        path = Path(path)
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.exists():
+            raise OutputError(f"output directory '{parent}' does not exist")
+        if not parent.is_dir():
+            raise OutputError(f"output directory '{parent}' is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"output directory '{parent}' is not writable")
+        if path.exists() and not self.overwrite:
+            raise OutputError(f"output '{path}' exists; pass --overwrite to replace it")
+        if path.is_dir():
+            raise OutputError(f"output '{path}' is a directory")
+        self._claimed.append(path)
+        return path
+
+    @property
+    def claimed(self) -> list[Path]:
+        return list(self._claimed)
+
+    def stage(self, path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
+        """Write ``path`` through ``writer(tmp_path)`` into a temporary file, to be published by commit."""
+        path = Path(path)
+        tmp = temp_path_for(path)
+        try:
+            writer(tmp)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        if not tmp.exists():
+            raise OutputError(f"writer produced no file for '{path}'")
+        self._staged.append((tmp, path))
+        return path
+
+    def commit(self) -> list[Path]:
+        """fsync and rename every staged file to its final name."""
+        for tmp, _ in self._staged:
+            _fsync(tmp)
+        done = []
+        for tmp, path in self._staged:
+            os.replace(tmp, path)
+            done.append(path)
+        self._staged.clear()
+        return done
+
+    def abort(self) -> None:
+        """Remove every staged temporary file (targets are left untouched)."""
+        for tmp, _ in self._staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self._staged.clear()
+
+    def __enter__(self) -> "OutputSet":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()

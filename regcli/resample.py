@@ -1,0 +1,243 @@
+"""Resampling: the only module that calls ``torch.nn.functional.grid_sample``.
+
+Boundary semantics follow ITK (and so SimpleITK and antsApplyTransforms): a point whose continuous
+index lies in ``[-0.5, n - 0.5]`` on every axis is inside and is interpolated with edge values
+repeated; anything further out gets the default value. Coordinates are built in float64 by
+:mod:`regcli.spaces.grid` and cast to float32 only for ``grid_sample``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from regcli.spaces.grid import Grid, apply_affine, apply_linear
+from regcli.spaces.image import Image
+
+Interp = Literal["linear", "nearest", "label"]
+_MODES = {"linear": "bilinear", "nearest": "nearest"}
+DEFAULT_CHUNK = 1 << 21  # points per grid_sample call when warping whole volumes
+
+
+def _as_ncdhw(data: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    if data.dim() == 3:
+        return data[None, None], True
+    if data.dim() == 4:
+        return data[None], False
+    if data.dim() == 5:
+        return data, False
+    raise ValueError(f"expected (Z,Y,X), (C,Z,Y,X) or (N,C,Z,Y,X), got {tuple(data.shape)}")
+
+
+def inside_norm(coords_norm: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Mask (...) of normalized coordinates within the ITK buffer ``[-0.5, n-0.5]`` of ``grid``."""
+    n = torch.as_tensor(grid.size, dtype=coords_norm.dtype, device=coords_norm.device)
+    half = 1.0 / torch.clamp(n - 1.0, min=1.0)  # half a voxel in normalized units
+    lim = 1.0 + half + 1e-6
+    return (coords_norm.abs() <= lim).all(dim=-1)
+
+
+def grid_sample(
+    data: torch.Tensor,
+    coords_norm: torch.Tensor,
+    mode: str = "bilinear",
+    padding: Literal["zeros", "border", "itk"] = "border",
+    source: Optional[Grid] = None,
+    default: float = 0.0,
+) -> torch.Tensor:
+    """Differentiable sampling of ``data`` at normalized coordinates (align_corners=True).
+
+    Args:
+        data: (Z,Y,X), (C,Z,Y,X) or (N,C,Z,Y,X) tensor on the source grid.
+        coords_norm: (N, Z', Y', X', 3) float32 ``grid_sample`` coordinates (x, y, z) in the source grid.
+        mode: "bilinear" (trilinear) or "nearest".
+        padding: "border" (edge values everywhere), "zeros", or "itk" (edge values inside the ITK
+            buffer, ``default`` beyond it; needs ``source``).
+    Returns:
+        Samples with the batch/channel layout of ``data`` and spatial shape (Z', Y', X').
+    """
+    x, squeeze = _as_ncdhw(data)
+    if x.shape[0] != coords_norm.shape[0]:
+        x = x.expand(coords_norm.shape[0], *x.shape[1:])
+    pad = "border" if padding == "itk" else padding
+    out = F.grid_sample(x, coords_norm.to(x.dtype), mode=mode, padding_mode=pad, align_corners=True)
+    if padding == "itk":
+        if source is None:
+            raise ValueError("padding='itk' needs the source grid")
+        inside = inside_norm(coords_norm, source)[:, None]
+        out = torch.where(inside, out, torch.as_tensor(default, dtype=out.dtype, device=out.device))
+    if squeeze:
+        return out[0, 0]
+    return out[0] if data.dim() == 4 else out
+
+
+def sample_at_world(
+    data: torch.Tensor,
+    source: Grid,
+    points_world: torch.Tensor,
+    mode: str = "bilinear",
+    padding: Literal["zeros", "border", "itk"] = "itk",
+    default: float = 0.0,
+) -> torch.Tensor:
+    """Sample ``data`` (on ``source``) at world points (..., 3) float64. Returns (C?, ...)."""
+    shape = points_world.shape[:-1]
+    pts = points_world.reshape(1, -1, 1, 1, 3)
+    coords = source.world_to_norm_points(pts).to(torch.float32)
+    out = grid_sample(data.to(torch.float32) if not torch.is_floating_point(data) else data, coords, mode,
+                      padding, source, default)
+    if data.dim() == 3:
+        return out.reshape(shape)
+    return out.reshape(out.shape[0], *shape)
+
+
+def _label_interp(data: torch.Tensor, coords: torch.Tensor, source: Grid, default: int) -> torch.Tensor:
+    """ANTs 'GenericLabel'-style: linear interpolation of each label's indicator, then argmax."""
+    labels = torch.unique(data)
+    best = torch.full(coords.shape[1:4], -1.0, dtype=torch.float32, device=data.device)
+    out = torch.full(coords.shape[1:4], int(default), dtype=data.dtype, device=data.device)
+    for lab in labels.tolist():
+        ind = (data == lab).to(torch.float32)
+        w = grid_sample(ind, coords, "bilinear", "itk", source, 0.0)[0] if ind.dim() == 4 else \
+            grid_sample(ind, coords, "bilinear", "itk", source, 0.0)
+        upd = w > best
+        best = torch.where(upd, w, best)
+        out = torch.where(upd, torch.as_tensor(lab, dtype=data.dtype, device=data.device), out)
+    inside = inside_norm(coords, source)[0]
+    return torch.where(inside, out, torch.as_tensor(int(default), dtype=data.dtype, device=data.device))
+
+
+def warp(
+    image: Image,
+    transform=None,
+    reference: Optional[Grid] = None,
+    interp: Interp = "linear",
+    default: float = 0.0,
+    chunk: int = DEFAULT_CHUNK,
+) -> Image:
+    """Resample ``image`` onto ``reference`` through ``transform`` (ITK pull-back convention).
+
+    For every reference voxel centre ``x`` (world LPS mm), the output is ``image(T(x))`` where
+    ``T = transform.map_points`` maps fixed/reference points to moving/image points. This is what
+    ``sitk.Resample(image, reference, T)`` and ``antsApplyTransforms -r reference -t T`` compute.
+
+    Args:
+        image: scalar (Z,Y,X), multi-channel (C,Z,Y,X) or integer label image.
+        transform: object with ``map_points`` (None = identity in world space).
+        reference: output grid (defaults to the image's own grid).
+        interp: "linear", "nearest", or "label" (per-label linear + argmax, for label maps).
+        default: value outside the image.
+        chunk: voxels per slab, bounds memory on large grids.
+    Returns:
+        Image on ``reference``; integer dtype is kept for "nearest"/"label".
+    """
+    ref = reference or image.grid
+    data = image.data
+    is_int = not torch.is_floating_point(data)
+    if interp == "linear" and is_int:
+        data = data.to(torch.float32)
+    zs, ys, xs = ref.shape
+    slab = max(1, chunk // max(1, ys * xs))
+    M_ref = ref.index_to_world()
+    parts = []
+    for z0 in range(0, zs, slab):
+        z1 = min(zs, z0 + slab)
+        zz, yy, xx = torch.meshgrid(
+            torch.arange(z0, z1, dtype=torch.float64, device=data.device),
+            torch.arange(ys, dtype=torch.float64, device=data.device),
+            torch.arange(xs, dtype=torch.float64, device=data.device),
+            indexing="ij",
+        )
+        pts = apply_affine(M_ref, torch.stack((xx, yy, zz), dim=-1))
+        if transform is not None:
+            pts = transform.map_points(pts)
+        coords = image.grid.world_to_norm_points(pts).to(torch.float32)[None]
+        if interp == "label":
+            parts.append(_label_interp(data, coords, image.grid, int(default)))
+        else:
+            mode = _MODES[interp]
+            src = data if torch.is_floating_point(data) else data.to(torch.float32)
+            out = grid_sample(src, coords, mode, "itk", image.grid, default)
+            parts.append(out if not is_int else torch.round(out).to(data.dtype))
+    cat_dim = 0 if data.dim() == 3 else 1
+    return Image(torch.cat(parts, dim=cat_dim), ref, image.name, dict(image.meta))
+
+
+def resample_to_grid(image: Image, reference: Grid, interp: Interp = "linear", default: float = 0.0) -> Image:
+    """Resample onto another grid through the identity in world space (no transform)."""
+    return warp(image, None, reference, interp, default)
+
+
+def field_sampler(field_grid: Grid, at_grid: Grid, device=None) -> "FieldWarper":
+    return FieldWarper(field_grid, at_grid, device)
+
+
+class FieldWarper:
+    """Fast differentiable warping for optimisation loops.
+
+    Precomputes, once, the ``grid_sample`` coordinates in the *source* grid of the voxel centres of
+    the *target* grid, and the linear map from world-mm displacements to source normalized
+    displacements. Then ``warp(source_data, disp)`` samples ``source(x + disp(x))`` for every target
+    voxel ``x`` with one ``grid_sample`` call.
+
+    Args:
+        source: grid of the image being sampled (e.g. the moving image on the working grid).
+        target: grid on which the displacement lives (e.g. the fixed working grid).
+    """
+
+    def __init__(self, source: Grid, target: Grid, device=None) -> None:
+        self.source = source
+        self.target = target
+        M = source.world_to_norm() @ target.index_to_world()
+        self.base = apply_affine(M, target.index_coords(torch.float64, device)).to(torch.float32)[None]
+        self.vec = torch.as_tensor(source.vector_world_to_norm(), dtype=torch.float32, device=device)
+
+    def to(self, device) -> "FieldWarper":
+        self.base = self.base.to(device)
+        self.vec = self.vec.to(device)
+        return self
+
+    def coords(self, disp: Optional[torch.Tensor]) -> torch.Tensor:
+        """Normalized source coordinates (N, Z, Y, X, 3) of ``x + disp(x)``.
+
+        Args:
+            disp: (N, 3, Z, Y, X) or (3, Z, Y, X) float32, world LPS mm, on the target grid.
+        """
+        if disp is None:
+            return self.base
+        if disp.dim() == 4:
+            disp = disp[None]
+        return self.base + disp.permute(0, 2, 3, 4, 1) @ self.vec.T
+
+    def warp(self, data: torch.Tensor, disp: Optional[torch.Tensor], mode: str = "bilinear",
+             padding: Literal["zeros", "border", "itk"] = "border", default: float = 0.0) -> torch.Tensor:
+        """Sample source ``data`` (C,Z,Y,X)/(N,C,Z,Y,X) at ``x + disp(x)`` for every target voxel."""
+        return grid_sample(data, self.coords(disp), mode, padding, self.source, default)
+
+
+def resample_field(disp: torch.Tensor, field_grid: Grid, reference: Grid, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Resample a displacement field (3, Z, Y, X) [world mm] onto ``reference`` (trilinear, 0 outside).
+
+    The vectors are world-space quantities, so they are interpolated as they are (no reorientation).
+    """
+    img = Image(disp, field_grid)
+    return warp(img, None, reference, "linear", 0.0, chunk).data
+
+
+def upsample_field(disp: torch.Tensor, field_grid: Grid, reference: Grid) -> torch.Tensor:
+    """Like :func:`resample_field` but with edge values beyond the field grid (for coarse grids)."""
+    coords = field_grid.world_to_norm_points(reference.world_coords(torch.float64, disp.device)).to(torch.float32)
+    return grid_sample(disp, coords[None], "bilinear", "border")
+
+
+def identity_norm_grid(grid: Grid, device=None) -> torch.Tensor:
+    """(1, Z, Y, X, 3) float32 ``grid_sample`` coordinates of a grid's own voxel centres."""
+    M = grid.index_to_norm()
+    return apply_affine(M, grid.index_coords(torch.float64, device)).to(torch.float32)[None]
+
+
+def to_norm_vectors(disp: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """World-mm displacement (N,3,Z,Y,X) -> normalized displacement (N,Z,Y,X,3) on ``grid``."""
+    return apply_linear(grid.vector_world_to_norm().astype(np.float32), disp.permute(0, 2, 3, 4, 1))
