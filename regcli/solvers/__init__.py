@@ -1,0 +1,1 @@
+"""Solvers: instance optimisation (shared), affine stage, ConvexAdam discrete stage."""
