@@ -1,1 +1,22 @@
-"""methods"""
+"""Deformable method presets, chosen by ``--method``.
+
+Each entry maps a method name to ``"module:function"``; the function has the signature
+``fn(fixed_w: Image, moving_w: Image, config, fixed_mask=None, moving_mask=None, progress=None, device=None)
+-> DeformableResult`` where both images are already on the same isotropic working grid (moving
+resampled through the affine stage). Imports are lazy so ``regcli --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from regcli.registry import Registry
+
+METHODS: Registry[str] = Registry("method")
+METHODS.register("convexadam")("regcli.methods.convexadam:convexadam")
+
+
+def get_method(name: str) -> Callable:
+    module, func = METHODS.get(name).split(":")
+    return getattr(importlib.import_module(module), func)

@@ -1,0 +1,104 @@
+"""MIND-SSC: modality independent neighbourhood descriptor, self-similarity-context variant.
+
+Heinrich et al., "Towards realtime multimodal fusion for image-guided interventions using
+self-similarity context", MICCAI 2013. The descriptor is what ConvexAdam matches.
+
+For every voxel ``x`` take the six neighbours ``x ± d·e_k`` (``d`` = dilation, ``e_k`` the index axes).
+The twelve pairs of neighbours that are ``d·√2`` apart (all pairs except opposite ones) each give a
+patch distance::
+
+    D_ab(x) = box_r( (I(· + d·a) - I(· + d·b))^2 )(x)        (box over (2r+1)^3 voxels)
+
+and the descriptor is ``exp(-(D_ab - min_ab D) / V)`` with ``V`` the mean over the twelve channels of
+``D_ab - min_ab D``, clamped to ``[1e-3, 1e3]`` times its mean over the image. It is invariant to a global
+affine change of intensity (``a·I + b``, ``a != 0``) and lies in ``(0, 1]``.
+
+All work is done one channel at a time with separable box filters (``avg_pool3d`` along one axis at a
+time), so the peak memory is the (12, Z, Y, X) output plus a few single-channel volumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+# the six neighbour directions, as (dz, dy, dx) in array order
+_NEIGHBOURS = ((-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1))
+
+
+def ssc_pairs() -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """The 12 neighbour pairs (a, b) of MIND-SSC, each a pair of (dz, dy, dx) unit offsets.
+
+    Pairs whose offsets are perpendicular (squared distance 2 between them); the opposite pairs
+    (distance 2) are left out. Fixed order: this is the channel order of :func:`mind_ssc`.
+    """
+    pairs = []
+    for a, b in itertools.combinations(_NEIGHBOURS, 2):
+        if sum((p - q) ** 2 for p, q in zip(a, b)) == 2:
+            pairs.append((a, b))
+    return pairs
+
+
+def _box_1d(x: torch.Tensor, radius: int, axis: int) -> torch.Tensor:
+    """Mean over ``2*radius+1`` voxels along spatial ``axis`` (0=Z, 1=Y, 2=X) of (N, C, Z, Y, X), edges replicated."""
+    if radius <= 0:
+        return x
+    pad = [0, 0, 0, 0, 0, 0]
+    pad[2 * (2 - axis)] = radius
+    pad[2 * (2 - axis) + 1] = radius
+    kernel = [1, 1, 1]
+    kernel[axis] = 2 * radius + 1
+    return F.avg_pool3d(F.pad(x, pad, mode="replicate"), kernel, stride=1)
+
+
+def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable (2r+1)^3 box mean of (N, C, Z, Y, X) with replicated edges (same as one 3D box)."""
+    for axis in range(3):
+        x = _box_1d(x, radius, axis)
+    return x
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-12) -> torch.Tensor:
+    """MIND-SSC descriptor of a 3D image.
+
+    Args:
+        image: (1, 1, Z, Y, X) (or (N, 1, Z, Y, X), or (Z, Y, X)) float32 intensities on any grid; the
+            radius and dilation are in voxels of that grid (use an isotropic grid).
+        radius: patch radius r in voxels (box of (2r+1)^3).
+        dilation: neighbour distance d in voxels.
+        eps: floor of the variance estimate (only matters for images with no contrast at all).
+    Returns:
+        (N, 12, Z, Y, X) float32 descriptor in (0, 1], on the same grid as ``image`` (dimensionless).
+    """
+    if image.dim() == 3:
+        image = image[None, None]
+    if image.dim() != 5 or image.shape[1] != 1:
+        raise ValueError(f"mind_ssc expects (N, 1, Z, Y, X), got {tuple(image.shape)}")
+    if radius < 0 or dilation < 1:
+        raise ValueError(f"mind_ssc needs radius >= 0 and dilation >= 1, got {radius}, {dilation}")
+    img = image.to(torch.float32)
+    n, _, Z, Y, X = img.shape
+    d = int(dilation)
+    padded = F.pad(img, (d, d, d, d, d, d), mode="replicate")
+
+    def shifted(offset: tuple[int, int, int]) -> torch.Tensor:
+        dz, dy, dx = (d * o for o in offset)
+        return padded[:, :, d + dz:d + dz + Z, d + dy:d + dy + Y, d + dx:d + dx + X]
+
+    pairs = ssc_pairs()
+    out = torch.empty((n, len(pairs), Z, Y, X), dtype=torch.float32, device=img.device)
+    for c, (a, b) in enumerate(pairs):
+        diff = (shifted(a) - shifted(b)).pow_(2)
+        out[:, c:c + 1] = box_filter(diff, radius)
+    del padded
+    # MIND: subtract the per-voxel minimum, normalise by the per-voxel mean (clamped), exponentiate
+    out.sub_(out.min(dim=1, keepdim=True).values)
+    var = out.mean(dim=1, keepdim=True)
+    mean_var = var.mean(dim=(1, 2, 3, 4), keepdim=True)
+    lo = torch.clamp(mean_var * 1e-3, min=eps)
+    hi = torch.clamp(mean_var * 1e3, min=eps)
+    var = torch.maximum(torch.minimum(var, hi), lo)
+    out.div_(var).neg_().exp_()
+    return out

@@ -1,0 +1,416 @@
+"""The registration pipeline: read -> affine stage -> deformable stage -> transforms -> warp/report.
+
+:func:`register_images` works on in-memory :class:`~regcli.spaces.Image` objects and returns the
+transforms; :func:`run_register` is what ``regcli register`` calls: it validates inputs and outputs
+first, runs the registration, and publishes every output file together (nothing is written on error).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from regcli.config import RegisterConfig
+from regcli.errors import GeometryError
+from regcli.io.atomic import OutputSet
+from regcli.progress import Progress, log
+from regcli.resample import resample_to_grid, upsample_field, warp
+from regcli.runtime import Runtime, setup_runtime
+from regcli.spaces import Grid, Image
+from regcli.transforms import AffineTransform, CompositeTransform, DisplacementField, invert_displacement
+
+
+@dataclass
+class RegisterInputs:
+    """Paths given to ``regcli register``."""
+
+    fixed: Path
+    moving: Path
+    output_prefix: str
+    fixed_mask: Optional[Path] = None
+    moving_mask: Optional[Path] = None
+    fixed_labels: Optional[Path] = None
+    moving_labels: Optional[Path] = None
+    fixed_landmarks: Optional[Path] = None
+    moving_landmarks: Optional[Path] = None
+
+
+@dataclass
+class Registration:
+    """Result of :func:`register_images`.
+
+    Attributes:
+        affine: fixed world point -> moving world point (identity when the affine stage is off).
+        field: deformable part ``u`` (3, Z, Y, X) LPS mm on the fixed grid, or None for linear methods.
+        inverse_field: inverse of ``x -> x + u(x)`` on the fixed grid (ANTs ``1InverseWarp``), or None.
+        working_grid: the isotropic grid the deformable stage ran on.
+    """
+
+    affine: AffineTransform
+    field: Optional[DisplacementField] = None
+    inverse_field: Optional[DisplacementField] = None
+    working_grid: Optional[Grid] = None
+    timings: dict = dc_field(default_factory=dict)
+    history: dict = dc_field(default_factory=dict)
+    inverse_error: Optional[dict] = None
+
+    @property
+    def transform(self) -> CompositeTransform:
+        """Fixed -> moving mapping in antsApplyTransforms order ``[Warp, Affine]``."""
+        parts = [self.field] if self.field is not None else []
+        return CompositeTransform(parts + [self.affine])
+
+    @property
+    def inverse_transform(self) -> Optional[CompositeTransform]:
+        """Moving -> fixed mapping ``[Affine^-1, InverseWarp]`` (None if the field has no inverse)."""
+        if self.field is not None and self.inverse_field is None:
+            return None
+        parts = [self.inverse_field] if self.inverse_field is not None else []
+        return CompositeTransform([self.affine.inverse()] + parts)
+
+
+def output_paths(prefix: str, config: RegisterConfig) -> dict[str, Path]:
+    """ANTs-style output names for a prefix (``out/pair_`` -> ``out/pair_0GenericAffine.mat``, ...)."""
+    p = str(prefix)
+    out = {"affine": Path(p + "0GenericAffine.mat")}
+    if config.deformable:
+        out["warp"] = Path(p + "1Warp.nii.gz")
+        if config.inverse_warp:
+            out["inverse_warp"] = Path(p + "1InverseWarp.nii.gz")
+    if config.write_warped:
+        out["warped"] = Path(p + "Warped.nii.gz")
+    out["report"] = Path(p + "Report.json")
+    if config.html_report:
+        out["html"] = Path(p + "Report.html")
+    return out
+
+
+def _world_box_overlap(a: Grid, b: Grid) -> tuple[bool, float]:
+    """(axis-aligned world bounding boxes overlap?, distance between centres in mm)."""
+    ca, cb = a.corners_world(), b.corners_world()
+    lo = np.maximum(ca.min(0), cb.min(0))
+    hi = np.minimum(ca.max(0), cb.max(0))
+    return bool(np.all(hi > lo)), float(np.linalg.norm(a.center_world() - b.center_world()))
+
+
+def check_overlap(fixed: Image, moving: Image) -> None:
+    """Refuse images that do not overlap in world space (E6)."""
+    ok, dist = _world_box_overlap(fixed.grid, moving.grid)
+    if not ok:
+        raise GeometryError(
+            f"fixed '{fixed.name}' and moving '{moving.name}' do not overlap in world space (centres "
+            f"{dist:.1f} mm apart); enable the affine stage with --affine-init moments/center, or fix the headers"
+        )
+
+
+def _smooth_for(image: Image, target_spacing: float) -> Image:
+    """Gaussian anti-aliasing before resampling ``image`` to a coarser isotropic spacing."""
+    import SimpleITK as sitk
+
+    ratio = np.asarray(target_spacing) / np.asarray(image.grid.spacing)
+    if np.all(ratio <= 1.0 + 1e-6):
+        return image
+    sigma = [float(0.5 * max(target_spacing - s, 0.0)) for s in image.grid.spacing]  # mm, ~half the gap
+    if max(sigma) <= 0:
+        return image
+    img = sitk.SmoothingRecursiveGaussian(image.to_sitk(), sigma)
+    data = torch.from_numpy(sitk.GetArrayFromImage(img).astype(np.float32))
+    return image.with_data(data.to(image.data.device))
+
+
+def _stage_progress(progress: Optional[Progress]):
+    """Adapter: ``cb(stage, i, n)`` callback for method implementations."""
+    if progress is None:
+        return None
+    started: set[str] = set()
+
+    def cb(stage: str, i: int, n: int) -> None:
+        if stage not in started:
+            started.add(stage)
+            progress.start(stage, n)
+        progress.update(stage, i)
+        if i >= n:
+            progress.finish(stage)
+
+    return cb
+
+
+def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_mask: Optional[Image] = None,
+                    moving_mask: Optional[Image] = None, progress: Optional[Progress] = None,
+                    runtime: Optional[Runtime] = None) -> Registration:
+    """Register ``moving`` to ``fixed`` (in memory). Results live on the fixed grid.
+
+    Args:
+        fixed, moving: scalar float32 images on any grids (size, spacing, origin, direction may differ).
+        config: validated configuration (method preset and stage parameters).
+        fixed_mask, moving_mask: optional {0, 1} masks on the fixed/moving grids.
+    """
+    runtime = runtime or setup_runtime(config.device, config.threads, config.seed, config.deterministic)
+    dev = runtime.device
+    timings: dict[str, float] = {}
+    history: dict[str, list] = {}
+    cb = _stage_progress(progress)
+
+    # --------------------------------------------------------------- affine stage
+    t0 = time.perf_counter()
+    if config.affine.enabled:
+        from regcli.solvers.affine import run_affine_stage
+
+        res = run_affine_stage(fixed, moving, config.affine, fixed_mask, moving_mask, progress=cb, device=dev)
+        affine = res.transform
+        history.update({f"affine/{k}": v for k, v in res.history.items()})
+    else:
+        check_overlap(fixed, moving)
+        affine = AffineTransform.identity()
+    timings["affine"] = time.perf_counter() - t0
+    log.info("affine stage: %.2f s", timings["affine"])
+    reg = Registration(affine=affine, timings=timings, history=history)
+    if not config.deformable:
+        return reg
+
+    # --------------------------------------------------------------- working grid
+    t0 = time.perf_counter()
+    work = fixed.grid.with_spacing(config.working_spacing_mm)
+    sp = config.working_spacing_mm
+    fixed_w = resample_to_grid(_smooth_for(fixed, sp), work).to(dev)
+    moving_w = warp(_smooth_for(moving, sp), affine, work).to(dev)
+    fmask_w = resample_to_grid(fixed_mask, work, "nearest").to(dev) if fixed_mask is not None else None
+    mmask_w = warp(moving_mask, affine, work, "nearest").to(dev) if moving_mask is not None else None
+    timings["resample"] = time.perf_counter() - t0
+
+    # --------------------------------------------------------------- deformable stage
+    from regcli.methods import get_method
+
+    t0 = time.perf_counter()
+    method = get_method(config.method)
+    dres = method(fixed_w, moving_w, config, fixed_mask=fmask_w, moving_mask=mmask_w, progress=cb, device=dev)
+    timings["deformable"] = time.perf_counter() - t0
+    for k, v in dres.timings.items():
+        timings[f"deformable/{k}"] = v
+    history.update({f"{config.method}/{k}": v for k, v in dres.history.items()})
+    field_w = dres.field
+
+    # --------------------------------------------------------------- inverse + fields on the fixed grid
+    t0 = time.perf_counter()
+    if config.inverse_warp:
+        inv_w, stats = invert_displacement(field_w, iterations=config.inverse_iterations)
+        reg.inverse_error = stats
+        reg.inverse_field = DisplacementField(upsample_field(inv_w.disp, work, fixed.grid).cpu(), fixed.grid)
+    timings["inverse"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reg.field = DisplacementField(upsample_field(field_w.disp, work, fixed.grid).cpu(), fixed.grid)
+    reg.working_grid = work
+    timings["upsample"] = time.perf_counter() - t0
+    return reg
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool = False,
+                 progress: Optional[Progress] = None, command: str = "") -> dict:
+    """Everything ``regcli register`` does; returns the report dict (with ``outputs``).
+
+    Order: check outputs can be written (before any computation), read and validate inputs, register,
+    write every output to temporary files, then publish them all together.
+    """
+    from regcli.io.images import read_image, read_labels, read_mask, smallest_label_dtype, write_image
+    from regcli.io.transforms import write_affine, write_displacement
+    from regcli.reports.report import build_report
+
+    t_start = time.perf_counter()
+    paths = output_paths(inputs.output_prefix, config)
+    outs = OutputSet(overwrite=overwrite)
+    figure_names: list[str] = []
+    for p in paths.values():
+        outs.claim(p)
+
+    runtime = setup_runtime(config.device, config.threads, config.seed, config.deterministic)
+    t0 = time.perf_counter()
+    fixed = read_image(inputs.fixed, "fixed image")
+    moving = read_image(inputs.moving, "moving image")
+    fixed_mask = read_mask(inputs.fixed_mask, "fixed mask") if inputs.fixed_mask else None
+    moving_mask = read_mask(inputs.moving_mask, "moving mask") if inputs.moving_mask else None
+    if fixed_mask is not None:
+        fixed_mask = _mask_on(fixed_mask, fixed.grid, "fixed mask")
+    if moving_mask is not None:
+        moving_mask = _mask_on(moving_mask, moving.grid, "moving mask")
+    fixed_labels = read_labels(inputs.fixed_labels, "fixed labels") if inputs.fixed_labels else None
+    moving_labels = read_labels(inputs.moving_labels, "moving labels") if inputs.moving_labels else None
+    landmarks = _read_landmarks(inputs)
+    t_read = time.perf_counter() - t0
+
+    reg = register_images(fixed, moving, config, fixed_mask, moving_mask, progress, runtime)
+    reg.timings = {"read": t_read, **reg.timings}
+    transform = reg.transform
+
+    t0 = time.perf_counter()
+    warped = warp(moving, transform, fixed.grid, "linear") if (config.write_warped or config.html_report) else None
+    reg.timings["warp"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    metrics, warped_labels, detj = _metrics(fixed, reg, fixed_labels, moving_labels, landmarks, transform)
+    reg.timings["metrics"] = time.perf_counter() - t0
+
+    try:
+        outs.stage(paths["affine"], lambda tmp: write_affine(reg.affine, tmp))
+        if "warp" in paths:
+            outs.stage(paths["warp"], lambda tmp: write_displacement(reg.field, tmp))
+        if "inverse_warp" in paths:
+            outs.stage(paths["inverse_warp"], lambda tmp: write_displacement(reg.inverse_field, tmp))
+        if "warped" in paths:
+            dtype = "float32"
+            outs.stage(paths["warped"], lambda tmp: write_image(warped, tmp, dtype))
+        if "html" in paths:
+            t0 = time.perf_counter()
+            figure_names = _stage_html(outs, paths["html"], inputs, fixed, moving, warped, fixed_labels,
+                                       warped_labels, detj, reg, metrics)
+            reg.timings["html"] = time.perf_counter() - t0
+        reg.timings["total"] = time.perf_counter() - t_start
+        report = build_report(
+            command=command or "register",
+            config=config.model_dump(mode="json"),
+            inputs={k: v for k, v in vars(inputs).items() if k != "output_prefix" and v is not None},
+            stages=reg.timings,
+            metrics=metrics,
+            extra=_extra(reg, runtime, fixed, moving, paths, figure_names),
+        )
+        from regcli.reports.report import dumps
+
+        text = dumps(report)
+        outs.stage(paths["report"], lambda tmp: tmp.write_text(text))
+        outs.commit()
+    except BaseException:
+        outs.abort()
+        raise
+    return report
+
+
+def _mask_on(mask: Image, grid: Grid, role: str) -> Image:
+    """Masks may be on another grid than their image: resample (nearest) in world space."""
+    if mask.grid.allclose(grid):
+        return Image(mask.data, grid, mask.name, mask.meta)
+    out = resample_to_grid(mask, grid, "nearest")
+    if not bool(out.data.any()):
+        raise GeometryError(f"{role} '{mask.name}' does not overlap its image (0 voxels inside)")
+    return out
+
+
+def _read_landmarks(inputs: RegisterInputs):
+    if inputs.fixed_landmarks is None and inputs.moving_landmarks is None:
+        return None
+    from regcli.errors import InputError
+    from regcli.reports.landmarks import read_points
+
+    if inputs.fixed_landmarks is None or inputs.moving_landmarks is None:
+        raise InputError("TRE needs both --fixed-landmarks and --moving-landmarks")
+    fx = read_points(inputs.fixed_landmarks)
+    mv = read_points(inputs.moving_landmarks)
+    if len(fx.points) != len(mv.points):
+        raise InputError(
+            f"landmark files have different numbers of points: '{inputs.fixed_landmarks}' has "
+            f"{len(fx.points)}, '{inputs.moving_landmarks}' has {len(mv.points)}"
+        )
+    return fx, mv
+
+
+def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, landmarks, transform):
+    """Dice/HD95 (labels), Jacobian stats (deformable), TRE (landmarks), inverse consistency."""
+    from regcli.reports import metrics as M
+    from regcli.reports.jacobian import jacobian_determinant, jacobian_stats
+
+    out: dict = {}
+    warped_labels = None
+    if fixed_labels is not None and moving_labels is not None:
+        warped_labels = warp(moving_labels, transform, fixed.grid, "nearest")
+        fl = fixed_labels if fixed_labels.grid.allclose(fixed.grid) else resample_to_grid(fixed_labels, fixed.grid, "nearest")
+        labels = sorted(set(torch.unique(fl.data).tolist()) - {0})
+        dice = M.dice_per_label(fl, warped_labels, labels)
+        hd = M.hd95_per_label(fl, warped_labels, labels)
+        initial = M.dice_per_label(fl, warp(moving_labels, None, fixed.grid, "nearest"), labels)
+        out["dice_per_label"] = dice
+        out["dice_mean"] = _nanmean(dice.values())
+        out["dice_initial_mean"] = _nanmean(initial.values())
+        out["hd95_per_label"] = hd
+        out["hd95_mean"] = _nanmean(hd.values())
+    detj = None
+    if reg.field is not None:
+        detj = jacobian_determinant(reg.field) * float(np.linalg.det(reg.affine.linear))
+        mask = (fixed_labels.data > 0) if fixed_labels is not None and fixed_labels.grid.allclose(fixed.grid) else None
+        out["jacobian"] = jacobian_stats(detj, mask)
+        out["pct_nonpos_jac"] = out["jacobian"]["pct_nonpos"]
+        out["sdlogj"] = out["jacobian"]["sdlogj"]
+        if reg.inverse_error is not None:
+            out["inverse_consistency_mm"] = reg.inverse_error
+    out["affine_det"] = float(np.linalg.det(reg.affine.linear))
+    if landmarks is not None:
+        from regcli.reports.landmarks import tre
+
+        fx, mv = landmarks
+        out["tre"] = tre(fx.points, mv.points, transform)
+    return out, warped_labels, detj
+
+
+def _nanmean(values) -> float:
+    v = np.asarray(list(values), dtype=np.float64)
+    return float(np.nanmean(v)) if v.size and not np.all(np.isnan(v)) else float("nan")
+
+
+def _stage_html(outs: OutputSet, html_path: Path, inputs, fixed, moving, warped, fixed_labels, warped_labels,
+                detj, reg: Registration, metrics: dict) -> list[str]:
+    from regcli.reports.html import render_html_report
+
+    base = html_path.name[: -len(".html")]
+    html, pngs = render_html_report(
+        png_basename=base,
+        fixed=fixed,
+        moving=moving,
+        warped=warped,
+        fixed_labels=fixed_labels,
+        warped_labels=warped_labels,
+        jacobian=None if detj is None else Image(detj, fixed.grid),
+        history=reg.history,
+        metrics=metrics,
+        timings=reg.timings,
+        title=f"regcli: {Path(inputs.moving).name} -> {Path(inputs.fixed).name}",
+    )
+    names = []
+    for name, data in pngs.items():
+        target = html_path.parent / name
+        if target.exists() and not outs.overwrite:
+            from regcli.errors import OutputError
+
+            raise OutputError(f"output '{target}' exists; pass --overwrite to replace it")
+        outs.stage(target, lambda tmp, data=data: tmp.write_bytes(data))
+        names.append(str(target))
+    outs.stage(html_path, lambda tmp: tmp.write_text(html))
+    return names
+
+
+def _extra(reg: Registration, runtime: Runtime, fixed: Image, moving: Image, paths: dict, figures: list) -> dict:
+    extra = {
+        "runtime": runtime.describe(),
+        "grids": {"fixed": _grid_info(fixed.grid), "moving": _grid_info(moving.grid)},
+        "outputs": [str(p) for p in paths.values()] + list(figures),
+        "affine_matrix": reg.affine.matrix.tolist(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if reg.working_grid is not None:
+        extra["grids"]["working"] = _grid_info(reg.working_grid)
+    if runtime.device.type == "cuda":
+        extra["cuda_max_memory_mb"] = torch.cuda.max_memory_allocated(runtime.device) / 2**20
+    return extra
+
+
+def _grid_info(g: Grid) -> dict:
+    d = g.to_dict()
+    d["axcodes"] = g.axcodes()
+    return d

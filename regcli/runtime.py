@@ -1,0 +1,58 @@
+"""Device, threads, seeds and determinism: set once per command, reported in report.json."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from regcli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    threads: int
+    seed: int
+    deterministic: bool
+
+    def describe(self) -> dict:
+        d = {"device": str(self.device), "threads": self.threads, "seed": self.seed,
+             "deterministic": self.deterministic}
+        if self.device.type == "cuda":
+            d["device_name"] = torch.cuda.get_device_name(self.device)
+        return d
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def setup_runtime(device: str = "auto", threads: int | None = None, seed: int = 0,
+                  deterministic: bool = False) -> Runtime:
+    """Apply thread count, seeds and deterministic algorithms; return what is in effect.
+
+    With ``deterministic`` two CPU runs with the same seed are bit-identical (the thread count is
+    part of the result on CPU: reductions are split per thread, so pin ``--threads`` too).
+    """
+    dev = resolve_device(device)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+        os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(int(threads)))
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    return Runtime(dev, torch.get_num_threads(), seed, deterministic)
