@@ -7,7 +7,9 @@
 * Composite: ``.h5``/``.hdf5`` ITK composite files (affine and displacement parts).
 
 A transform *spec* on the command line follows antsApplyTransforms: ``file`` or ``[file,1]`` to use the
-inverse of an affine file. The order of a list is the antsApplyTransforms order (last applied first).
+inverse of an affine file. A list is in antsApplyTransforms order: a fixed-space point goes through
+the first listed transform first (``-t prefix1Warp.nii.gz -t prefix0GenericAffine.mat`` maps x to
+A(x + u(x))).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def _from_sitk_transform(tx, path: Path) -> list:
     if name == "CompositeTransform":
         comp = sitk.CompositeTransform(tx)
         out = []
-        for i in range(comp.GetNumberOfTransforms()):
+        # ITK applies the last added transform first; our lists run in application order.
+        for i in reversed(range(comp.GetNumberOfTransforms())):
             out.extend(_from_sitk_transform(comp.GetNthTransform(i), path))
         return out
     if name == "DisplacementFieldTransform":
@@ -91,7 +94,7 @@ def read_transform(spec: str) -> list:
 
 
 def read_transform_list(specs: Sequence[str]) -> CompositeTransform:
-    """Read an antsApplyTransforms-style list (last applied first)."""
+    """Read an antsApplyTransforms-style list (a fixed-space point meets the first one first)."""
     out = []
     for s in specs:
         out.extend(read_transform(s))

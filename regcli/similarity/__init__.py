@@ -9,3 +9,5 @@ from regcli.similarity.base import SIMILARITIES, make_similarity, masked_mean
 from regcli.similarity import intensity as _intensity  # noqa: F401  (registers entries)
 
 __all__ = ["SIMILARITIES", "make_similarity", "masked_mean"]
+from regcli.similarity import lncc as _lncc  # noqa: F401,E402  (registers "lncc", "ncc")
+from regcli.similarity import mi as _mi  # noqa: F401,E402  (registers "mi")

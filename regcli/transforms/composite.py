@@ -16,9 +16,12 @@ from regcli.transforms.displacement import DisplacementField
 class CompositeTransform:
     """A transform list in the order of an ``antsApplyTransforms -t A -t B ...`` command line.
 
-    As in ITK's ``CompositeTransform``, the **last** transform is applied **first** to a point:
-    ``T(p) = A(B(p))``. regcli's ``register`` output is ``[1Warp, 0GenericAffine]``, so a fixed point
-    ``x`` maps to the moving point ``Affine(x + u(x))``.
+    Points go through the list **in order**: ``T(p) = B(A(p))``. (ANTs documents the list as
+    "applied in reverse order", which describes how the *image* is moved; a fixed-space point, which
+    is what resampling maps, meets the first listed transform first.) regcli's ``register`` output is
+    ``[1Warp, 0GenericAffine]``, so a fixed point ``x`` maps to the moving point ``Affine(x + u(x))``,
+    exactly as ``antsApplyTransforms -t prefix1Warp.nii.gz -t prefix0GenericAffine.mat`` does
+    (checked against antspyx in tests/test_interop.py).
     """
 
     transforms: list = field(default_factory=list)
@@ -32,7 +35,7 @@ class CompositeTransform:
     def map_points(self, points: torch.Tensor) -> torch.Tensor:
         """Fixed world points (..., 3) -> moving world points (float64)."""
         p = points.to(torch.float64)
-        for t in reversed(self.transforms):
+        for t in self.transforms:
             p = t.map_points(p)
         return p
 
@@ -42,7 +45,7 @@ class CompositeTransform:
     def collapse_linear(self) -> AffineTransform:
         """The product of an all-affine list as one :class:`AffineTransform`."""
         out = AffineTransform.identity()
-        for t in reversed(self.transforms):
+        for t in self.transforms:
             out = t.compose(out)
         return out
 
@@ -65,8 +68,8 @@ class CompositeTransform:
         import SimpleITK as sitk
 
         comp = sitk.CompositeTransform(3)
-        # sitk applies the last added first, exactly like our list order.
-        for t in self.transforms:
+        # ITK applies the last added transform first, so add ours in reverse.
+        for t in reversed(self.transforms):
             comp.AddTransform(t.to_sitk_transform() if isinstance(t, DisplacementField) else t.to_sitk())
         return comp
 

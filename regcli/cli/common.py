@@ -1,0 +1,411 @@
+"""Shared pieces of the command-line interface: option aliases, consoles, logging, progress, JSON.
+
+Keep this module light: it is imported when ``regcli --help`` renders, so it must not import torch,
+SimpleITK, numpy or any regcli module that does. Heavy imports live inside the command functions.
+
+Stream contract (RELIABILITY O5):
+
+* **stdout** carries results only: a table, a value, or with ``--json`` exactly one JSON object.
+* **stderr** carries everything else: logs, progress bars, warnings, the one-line error message.
+* ``--quiet`` prints nothing on success (warnings and errors still go to stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from typing import Annotated
+
+LOGGER_NAME = "regcli"
+
+# --------------------------------------------------------------------------------------------- options
+# Existing, readable input files: Typer refuses missing files, directories and unreadable files with a
+# usage error (exit code 2) before the command runs (RELIABILITY E2).
+_IN = dict(exists=True, file_okay=True, dir_okay=False, readable=True, resolve_path=False)
+
+
+def input_file_argument(help: str, metavar: str = "FILE") -> Any:
+    return typer.Argument(help=help, metavar=metavar, show_default=False, **_IN)
+
+
+def input_file_option(*names: str, help: str, metavar: str = "FILE", panel: Optional[str] = None) -> Any:
+    return typer.Option(*names, help=help, metavar=metavar, show_default=False, rich_help_panel=panel, **_IN)
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout and nothing else there.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success (warnings and errors still go to stderr).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More logging on stderr (debug level).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files (refused by default).")]
+
+
+def examples(*lines: str) -> str:
+    """Help epilog listing examples (one paragraph each; rich markup brackets escaped)."""
+    body = "\n\n".join("  " + esc(line) for line in lines)
+    return f"[bold]Examples[/bold]\n\n{body}"
+
+
+def esc(text: str) -> str:
+    """Escape ``[`` so that rich markup in help texts shows ANTs specs like ``[file,1]`` literally."""
+    return text.replace("[", "\\[")
+
+
+# --------------------------------------------------------------------------------------------- output
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy arrays/scalars, torch tensors
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    return str(obj)
+
+
+def _finite(obj: Any) -> Any:
+    """Replace NaN/Inf floats by None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any, indent: Optional[int] = 2) -> str:
+    """Strict JSON (NaN -> null) of dicts holding paths, numpy values and pydantic models."""
+    plain = json.loads(json.dumps(obj, default=_json_default))
+    return json.dumps(_finite(plain), indent=indent, allow_nan=False)
+
+
+def emit_json(obj: Any) -> None:
+    """Write one JSON object on stdout (the only thing a ``--json`` command prints there)."""
+    sys.stdout.write(to_json(obj) + "\n")
+    sys.stdout.flush()
+
+
+def stderr_console():
+    """A rich console on stderr (resolves ``sys.stderr`` at write time, so test runners can capture it)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=False)
+
+
+def stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@dataclass
+class Ui:
+    """How one command talks to the user.
+
+    Attributes:
+        quiet: nothing on success (``--quiet``).
+        verbose: debug logging (``--verbose``).
+        json: results as one JSON object on stdout (``--json``); human output then only on stderr.
+    """
+
+    quiet: bool = False
+    verbose: bool = False
+    json: bool = False
+
+    def __post_init__(self) -> None:
+        self.err = stderr_console()
+        setup_logging(self)
+
+    # ---- messages on stderr
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.err.print(message, markup=False, highlight=False)
+
+    def rich(self, renderable: Any) -> None:
+        """A rich renderable (table, styled text) on stderr unless quiet."""
+        if not self.quiet:
+            self.err.print(renderable)
+
+    def warn(self, message: str) -> None:
+        """Warnings are shown even with --quiet."""
+        self.err.print(f"[yellow]Warning:[/yellow] {esc(message)}")
+
+    # ---- results on stdout
+    def result(self, obj: dict, human: Any = None) -> None:
+        """``--json``: the object on stdout; otherwise ``human`` (a rich renderable or text) on stdout."""
+        if self.json:
+            emit_json(obj)
+        elif human is not None and not self.quiet:
+            stdout_console().print(human)
+
+    def progress(self):
+        """A :class:`regcli.progress.Progress` for library calls (rich bars, stage logs, or nothing)."""
+        if self.quiet:
+            return NullProgressContext()
+        if stderr_is_tty() and not os.environ.get("REGCLI_NO_PROGRESS"):
+            return RichProgress(self.err)
+        return LogProgress()
+
+
+class _RegcliLogHandler(logging.Handler):
+    """Forward ``regcli`` log records to the stderr console (plays well with live progress bars)."""
+
+    _regcli_cli = True
+
+    def __init__(self, console, level: int) -> None:
+        super().__init__(level)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            style = {logging.WARNING: "yellow", logging.ERROR: "red"}.get(record.levelno)
+            prefix = "Warning: " if record.levelno == logging.WARNING else ""
+            self.console.print(prefix + msg, style=style, markup=False, highlight=False)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(ui: Ui) -> logging.Logger:
+    """Route the ``regcli`` logger to stderr: WARNING with --quiet, DEBUG with --verbose, else INFO."""
+    level = logging.WARNING if ui.quiet else (logging.DEBUG if ui.verbose else logging.INFO)
+    logger = logging.getLogger(LOGGER_NAME)
+    for h in list(logger.handlers):
+        if getattr(h, "_regcli_cli", False):
+            logger.removeHandler(h)
+    handler = _RegcliLogHandler(ui.err, level)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return logger
+
+
+def log() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+# --------------------------------------------------------------------------------------------- progress
+class NullProgressContext:
+    """Progress that shows nothing (``--quiet``)."""
+
+    def __enter__(self) -> "NullProgressContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def start(self, stage: str, total: int) -> None:
+        pass
+
+    def update(self, stage: str, completed: int, info: str = "") -> None:
+        pass
+
+    def finish(self, stage: str) -> None:
+        pass
+
+
+class LogProgress(NullProgressContext):
+    """Progress for non-interactive stderr: one log line when a stage starts and when it ends."""
+
+    def __init__(self) -> None:
+        self._t0: dict[str, float] = {}
+
+    def start(self, stage: str, total: int) -> None:
+        self._t0[stage] = time.perf_counter()
+        log().info("%s: started (%d steps)", stage, total)
+
+    def finish(self, stage: str) -> None:
+        t0 = self._t0.pop(stage, None)
+        if t0 is not None:
+            log().info("%s: done in %.1f s", stage, time.perf_counter() - t0)
+
+
+class RichProgress:
+    """Rich progress bars on stderr, one per stage, removed when the command ends (transient).
+
+    Implements the :class:`regcli.progress.Progress` protocol; a finished stage leaves one line
+    ``stage done in N s`` above the bars.
+    """
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self._bars = Progress(
+            TextColumn("{task.description:<28}"),
+            BarColumn(bar_width=30),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            transient=True,
+        )
+        self._tasks: dict[str, Any] = {}
+        self._t0: dict[str, float] = {}
+
+    def __enter__(self) -> "RichProgress":
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bars.stop()
+
+    def start(self, stage: str, total: int) -> None:
+        if stage in self._tasks:
+            return
+        self._t0[stage] = time.perf_counter()
+        self._tasks[stage] = self._bars.add_task(esc(stage), total=max(int(total), 1), info="")
+
+    def update(self, stage: str, completed: int, info: str = "") -> None:
+        if stage not in self._tasks:
+            self.start(stage, max(int(completed), 1))
+        self._bars.update(self._tasks[stage], completed=completed, info=esc(info))
+
+    def finish(self, stage: str) -> None:
+        tid = self._tasks.pop(stage, None)
+        if tid is None:
+            return
+        self._bars.remove_task(tid)
+        dt = time.perf_counter() - self._t0.pop(stage, time.perf_counter())
+        self._bars.console.print(f"[green]✓[/green] {esc(stage)} [dim]{dt:.1f} s[/dim]")
+
+
+# --------------------------------------------------------------------------------------------- misc
+def command_line() -> str:
+    """The command as typed (for report.json)."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("__main__.py", "regcli")):
+        argv[0] = "regcli"
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def fmt_float(v: Any, digits: int = 3) -> str:
+    """Compact number for tables: ``-`` for None/NaN."""
+    if v is None:
+        return "-"
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if not math.isfinite(f):
+        return "-"
+    return f"{f:.{digits}f}"
+
+
+# --------------------------------------------------------------------------------------------- config flags
+# Flags shared by `register`, `config show` and `evaluate`; every flag defaults to None so that an unset
+# flag never overrides the --config YAML file (regcli.config.build_config drops None values).
+_CFG = "Configuration (flags override --config)"
+
+
+class Method(str, Enum):
+    convexadam = "convexadam"
+    affine = "affine"
+    rigid = "rigid"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class AffineMetric(str, Enum):
+    lncc = "lncc"
+    mi = "mi"
+    mse = "mse"
+
+
+class AffineInit(str, Enum):
+    moments = "moments"
+    center = "center"
+    geometry = "geometry"
+    none = "none"
+
+
+ConfigFileOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="YAML file with RegisterConfig options (see `regcli config schema`); flags override it.",
+    metavar="YAML", show_default=False, rich_help_panel=_CFG, **_IN)]
+MethodOpt = Annotated[Optional[Method], typer.Option(
+    "--method", "-m", help="Preset: convexadam (affine + deformable, default), affine, or rigid.",
+    case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
+DeviceOpt = Annotated[Optional[Device], typer.Option(
+    "--device", help="auto (CUDA when available), cpu or cuda. Default auto.", case_sensitive=False,
+    show_default=False, rich_help_panel=_CFG)]
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, help="CPU threads for torch and ITK (default: all cores).", show_default=False,
+    rich_help_panel=_CFG)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default 0).", show_default=False,
+                                                rich_help_panel=_CFG)]
+DeterministicOpt = Annotated[Optional[bool], typer.Option(
+    "--deterministic/--no-deterministic",
+    help="Deterministic algorithms: bit-identical CPU runs for the same seed and --threads.",
+    show_default=False, rich_help_panel=_CFG)]
+WorkingSpacingOpt = Annotated[Optional[float], typer.Option(
+    "--working-spacing", min=0.0, min_open=True, metavar="MM",
+    help="Isotropic voxel size (mm) of the deformable working grid (default 2).", show_default=False,
+    rich_help_panel=_CFG)]
+AffineMetricOpt = Annotated[Optional[AffineMetric], typer.Option(
+    "--affine-metric", case_sensitive=False,
+    help="Affine-stage similarity: lncc (same contrast, default), mi (across contrasts), mse.",
+    show_default=False, rich_help_panel=_CFG)]
+AffineInitOpt = Annotated[Optional[AffineInit], typer.Option(
+    "--affine-init", case_sensitive=False,
+    help="Affine initialisation: moments (default), center, geometry (image centres), none.",
+    show_default=False, rich_help_panel=_CFG)]
+AffineOnOpt = Annotated[Optional[bool], typer.Option(
+    "--affine/--no-affine", help="Run the affine stage (default yes; --no-affine: images already aligned).",
+    show_default=False, rich_help_panel=_CFG)]
+IterationsOpt = Annotated[Optional[int], typer.Option(
+    "--iterations", min=0, help="Instance-optimisation iterations of the deformable stage (default 80).",
+    show_default=False, rich_help_panel=_CFG)]
+InverseOpt = Annotated[Optional[bool], typer.Option(
+    "--inverse/--no-inverse", help="Also write prefix1InverseWarp.nii.gz (default yes).", show_default=False,
+    rich_help_panel=_CFG)]
+HtmlOpt = Annotated[Optional[bool], typer.Option(
+    "--html/--no-html", help="Write prefixReport.html with figures (default yes).", show_default=False,
+    rich_help_panel=_CFG)]
+
+
+def _value(v: Any) -> Any:
+    return v.value if isinstance(v, Enum) else v
+
+
+def config_overrides(method=None, device=None, threads=None, seed=None, deterministic=None,
+                     working_spacing=None, affine_metric=None, affine_init=None, affine=None, iterations=None,
+                     inverse=None, html=None) -> dict:
+    """Nested override dict for :func:`regcli.config.build_config` (None = not given on the command line)."""
+    return {
+        "method": _value(method),
+        "device": _value(device),
+        "threads": threads,
+        "seed": seed,
+        "deterministic": deterministic,
+        "working_spacing_mm": working_spacing,
+        "affine": {"metric": _value(affine_metric), "init": _value(affine_init), "enabled": affine},
+        "instance": {"iterations": iterations},
+        "inverse_warp": inverse,
+        "html_report": html,
+    }

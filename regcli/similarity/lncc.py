@@ -1,0 +1,163 @@
+"""Normalised cross-correlation: local (LNCC, box window) and global (NCC).
+
+Both are losses (lower is better): ``-mean(cc)`` over voxels, weighted by an optional mask. They are
+invariant to a linear intensity change of either image, so they suit images of the same contrast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from regcli.errors import ConfigError
+from regcli.similarity.base import SIMILARITIES, masked_mean
+
+
+def window_from_radius(radius_mm: float, spacing: Sequence[float]) -> tuple[int, int, int]:
+    """Odd box window ``(kz, ky, kx)`` in voxels covering ``radius_mm`` on each side of the centre.
+
+    Args:
+        radius_mm: half-width of the window in mm (> 0).
+        spacing: voxel size (x, y, z) in mm of the grid the similarity is evaluated on.
+    Returns:
+        Window sizes in array order (Z, Y, X); each is ``2 * round(radius / spacing) + 1`` and at least 3.
+    """
+    if not radius_mm > 0:
+        raise ConfigError(f"LNCC radius must be positive, got {radius_mm} mm")
+    sx, sy, sz = (float(s) for s in spacing)
+    return tuple(2 * max(1, int(round(radius_mm / s))) + 1 for s in (sz, sy, sx))  # type: ignore[return-value]
+
+
+def _as_window(window: int | Sequence[int]) -> tuple[int, int, int]:
+    w = (int(window),) * 3 if isinstance(window, (int, float)) else tuple(int(k) for k in window)
+    if len(w) != 3 or min(w) < 1:
+        raise ConfigError(f"LNCC window must be 1 or 3 positive voxel counts (Z, Y, X), got {window}")
+    return w  # type: ignore[return-value]
+
+
+def _box_mean_axis(x: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """Mean over a centred window of ``k`` voxels along ``dim`` (only in-image voxels are averaged).
+
+    Cumulative sums make the cost independent of ``k``; the output has the input's shape.
+    """
+    n = x.shape[dim]
+    r = k // 2
+    if r == 0 or n == 1:
+        return x
+    r = min(r, n - 1)
+    k = 2 * r + 1
+    pad = [0] * (2 * x.dim())
+    # F.pad lists (left, right) from the last dim backwards
+    pad[2 * (x.dim() - 1 - dim)] = r + 1
+    pad[2 * (x.dim() - 1 - dim) + 1] = r
+    c = torch.nn.functional.pad(x, pad).cumsum(dim)
+    s = c.narrow(dim, k, n) - c.narrow(dim, 0, n)
+    i = torch.arange(n, device=x.device, dtype=x.dtype)
+    count = torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1
+    shape = [1] * x.dim()
+    shape[dim] = n
+    return s / count.view(shape)
+
+
+def box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """Separable box mean of (N, C, Z, Y, X) with a ``(kz, ky, kx)`` voxel window, same output shape.
+
+    At the image border only voxels inside the image are averaged (no padding values leak in).
+    """
+    for dim, k in zip((2, 3, 4), window):
+        x = _box_mean_axis(x, dim, int(k))
+    return x
+
+
+def lncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[int], eps: float = 1e-5,
+             squared: bool = True) -> torch.Tensor:
+    """Local correlation coefficient per voxel.
+
+    Args:
+        fixed, warped: (N, C, Z, Y, X) float tensors on the same grid.
+        window: box window (kz, ky, kx) in voxels.
+        eps: added to the variance product (intensity units squared, squared again for ``squared``);
+            regions where either image is flat get ``cc = 0``.
+        squared: ANTs' ``cc^2`` (sign-agnostic) when True, otherwise the signed ``cc`` in [-1, 1].
+    Returns:
+        (N, C, Z, Y, X) correlation map, dimensionless.
+    """
+    n, c = fixed.shape[:2]
+    stats = torch.cat((fixed, warped, fixed * fixed, warped * warped, fixed * warped), dim=1)
+    m = box_mean(stats, window)
+    mf, mw, mff, mww, mfw = m.split(c, dim=1)
+    cross = mfw - mf * mw
+    vf = torch.clamp(mff - mf * mf, min=0.0)
+    vw = torch.clamp(mww - mw * mw, min=0.0)
+    if squared:
+        return cross * cross / (vf * vw + eps)
+    return cross / torch.sqrt(vf * vw + eps)
+
+
+def lncc(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None,
+         window: Sequence[int] = (9, 9, 9), eps: float = 1e-5, squared: bool = True) -> torch.Tensor:
+    """LNCC loss ``-mean(cc)`` (weighted by ``mask``), in [-1, 0] when ``squared``.
+
+    Args:
+        fixed, warped: (N, C, Z, Y, X) float intensities on the same grid.
+        mask: optional (N, 1, Z, Y, X) weights in [0, 1] on that grid.
+        window: box window (kz, ky, kx) in voxels; see :func:`window_from_radius`.
+    """
+    return -masked_mean(lncc_map(fixed, warped, window, eps, squared), mask)
+
+
+def ncc(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None,
+        eps: float = 1e-8) -> torch.Tensor:
+    """Global (signed) normalised cross-correlation loss ``-ncc`` in [-1, 1], per sample and channel,
+    averaged; voxels are weighted by ``mask`` (N, 1, Z, Y, X) when given."""
+    n, c = fixed.shape[:2]
+    f = fixed.reshape(n, c, -1)
+    w = warped.reshape(n, c, -1)
+    if mask is None:
+        wt = torch.ones_like(f[:, :1])
+    else:
+        wt = mask.reshape(n, 1, -1).to(f.dtype)
+    tot = wt.sum(-1, keepdim=True) + eps
+    mf = (wt * f).sum(-1, keepdim=True) / tot
+    mw = (wt * w).sum(-1, keepdim=True) / tot
+    df, dw = f - mf, w - mw
+    cov = (wt * df * dw).sum(-1)
+    vf = (wt * df * df).sum(-1)
+    vw = (wt * dw * dw).sum(-1)
+    return -(cov / torch.sqrt(vf * vw + eps)).mean()
+
+
+@SIMILARITIES.register("lncc")
+def _make_lncc(window: int | Sequence[int] | None = None, radius_mm: float | None = None,
+               spacing: Sequence[float] | None = None, eps: float = 1e-5, squared: bool = True,
+               **_: object):
+    """LNCC factory: ``window`` in voxels, or ``radius_mm`` with the grid ``spacing`` (x, y, z) in mm.
+
+    Default when neither is given: a 9-voxel window.
+    """
+    if window is not None:
+        win = _as_window(window)
+    elif radius_mm is not None:
+        if spacing is None:
+            raise ConfigError("LNCC with radius_mm needs the grid spacing (x, y, z) in mm")
+        win = window_from_radius(radius_mm, spacing)
+    else:
+        win = (9, 9, 9)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ConfigError(f"LNCC eps must be positive, got {eps}")
+
+    def fn(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return lncc(fixed, warped, mask, win, eps, squared)
+
+    fn.window = win  # type: ignore[attr-defined]
+    return fn
+
+
+@SIMILARITIES.register("ncc")
+def _make_ncc(eps: float = 1e-8, **_: object):
+    def fn(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return ncc(fixed, warped, mask, eps)
+
+    return fn
