@@ -1,0 +1,260 @@
+"""ConvexAdam: MIND-SSC features, coupled-convex discrete optimisation, then Adam instance optimisation.
+
+Siebert, Hansen, Heinrich, "Fast 3D registration with accurate optimisation and little learning for
+Learn2Reg 2021". The stages, on the isotropic working grid that fixed and moving already share:
+
+1. MIND-SSC features (:func:`regcli.features.mind.mind_ssc`) of both images, 12 channels.
+2. Features average-pooled by ``grid_sp``; dense SSD cost volume over ``(2*disp_hw+1)^3`` integer shifts;
+   coupled-convex optimisation (:mod:`regcli.solvers.convex`); with ``inverse_consistency`` the same for
+   moving -> fixed and both fields symmetrised.
+3. Instance optimisation with the shared solver (:class:`regcli.solvers.instance.InstanceOptimization`) on a
+   grid of ``grid_sp_adam`` working voxels (features pooled the same way), initialised with step 2.
+4. Trilinear upsampling of the result to the working grid.
+
+Units: every field that leaves a helper is world LPS mm on a :class:`Grid`; the discrete stage works in
+coarse-grid voxels and is converted through that grid's index-to-world matrix. Grids whose size is not a
+multiple of a pooling factor are padded at their high-index end (edge values) and the padding is
+ignored by the similarity (zero weight) and cropped by the final resampling.
+
+Parameter units follow the published method (so its defaults carry over): ``mind_radius``,
+``mind_dilation``, ``grid_sp`` and ``grid_sp_adam`` are working-grid voxels, ``disp_hw`` coarse voxels, the
+coupling weights multiply squared coarse voxels, and the IO ``learning_rate`` is in IO-grid voxels per Adam
+step (it is converted to mm here: Adam's step size has the units of its parameters). The diffusion
+regulariser of :mod:`regcli.regularizers.flow` on mm fields divided by the IO spacing equals the published
+voxel-unit penalty, so ``reg_weight`` (lambda) carries over unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from regcli.config import RegisterConfig
+from regcli.errors import ConvergenceError, GeometryError, InputError
+from regcli.features.mind import mind_ssc
+from regcli.resample import resample_to_grid, upsample_field
+from regcli.solvers.convex import convex_displacement, symmetrise
+from regcli.solvers.instance import InstanceOptimization, Problem
+from regcli.spaces.grid import Grid, apply_linear
+from regcli.spaces.image import Image
+from regcli.transforms.displacement import DisplacementField
+
+ProgressFn = Callable[[str, int, int], None]
+
+STAGE_FEATURES = "MIND-SSC features"
+STAGE_CONVEX = "coupled convex"
+STAGE_INSTANCE = "instance optimisation"
+
+
+@dataclass
+class DeformableResult:
+    """Output of a deformable method.
+
+    Attributes:
+        field: displacement (3, Z, Y, X) float32, world LPS mm, on the fixed (working) grid; maps a fixed
+            point ``x`` to the moving point ``x + u(x)``.
+        history: loss curves per stage, e.g. ``{"convex": [...], "instance": [...]}``.
+        timings: seconds per step (and ``"total"``).
+    """
+
+    field: DisplacementField
+    history: dict[str, list[dict]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- grid helpers
+def padded_grid(grid: Grid, factor: int) -> tuple[Grid, tuple[int, int, int]]:
+    """The grid extended at its high-index end to a multiple of ``factor`` voxels per axis.
+
+    Returns the padded grid (same origin, spacing, direction) and the padding (px, py, pz) in voxels.
+    """
+    pad = tuple((-n) % factor for n in grid.size)
+    size = tuple(n + p for n, p in zip(grid.size, pad))
+    return Grid(size, grid.spacing, grid.origin, grid.direction), pad
+
+
+def pooled_grid(grid: Grid, factor: int) -> Grid:
+    """Grid of ``avg_pool3d(data, factor, stride=factor)`` for data on ``grid`` (size divisible by factor).
+
+    Voxel ``i`` of the pooled grid is the centre of fine voxels ``factor*i .. factor*i + factor - 1``.
+    """
+    centre = np.append(np.full(3, (factor - 1) / 2.0), 1.0)
+    origin = (grid.index_to_world() @ centre)[:3]
+    size = tuple(n // factor for n in grid.size)
+    return Grid(size, tuple(s * factor for s in grid.spacing), tuple(origin), grid.direction)
+
+
+def _pad_high(data: torch.Tensor, pad_xyz: tuple[int, int, int], mode: str) -> torch.Tensor:
+    """Pad (N, C, Z, Y, X) at the high-index end by (px, py, pz) voxels (``replicate`` or ``constant`` 0)."""
+    px, py, pz = pad_xyz
+    if px == py == pz == 0:
+        return data
+    return F.pad(data, (0, px, 0, py, 0, pz), mode=mode)
+
+
+def _pool(data: torch.Tensor, grid: Grid, factor: int, mode: str = "replicate") -> tuple[torch.Tensor, Grid]:
+    """Pad to a multiple of ``factor`` and average-pool. data (N, C, Z, Y, X) on ``grid``."""
+    g_pad, pad = padded_grid(grid, factor)
+    padded = _pad_high(data, pad, mode)
+    if factor == 1:
+        return padded, g_pad
+    return F.avg_pool3d(padded, factor, stride=factor), pooled_grid(g_pad, factor)
+
+
+def index_to_world_vectors(disp_index: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """(3, Z, Y, X) displacement in voxels of ``grid`` (components x, y, z) -> world LPS mm."""
+    A = grid.index_to_world()[:3, :3].astype(np.float32)
+    return apply_linear(A, disp_index.permute(1, 2, 3, 0)).permute(3, 0, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- the method
+def _scalar(image: Image, role: str) -> torch.Tensor:
+    data = image.data
+    if data.dim() == 4 and data.shape[0] == 1:
+        data = data[0]
+    if data.dim() != 3:
+        raise InputError(f"convexadam needs a scalar 3D {role} image, got data of shape {tuple(image.data.shape)}"
+                         + (f" ({image.name})" if image.name else ""))
+    if not torch.is_floating_point(data):
+        data = data.to(torch.float32)
+    return data
+
+
+def _mask_on(mask: Optional[Image], grid: Grid, role: str) -> Optional[torch.Tensor]:
+    """(Z, Y, X) float32 weights in [0, 1] on ``grid`` (resampled linearly when the mask is elsewhere)."""
+    if mask is None:
+        return None
+    if not mask.grid.allclose(grid):
+        mask = resample_to_grid(Image(mask.data.to(torch.float32), mask.grid, mask.name), grid, "linear", 0.0)
+    m = mask.data.to(torch.float32)
+    if m.dim() == 4 and m.shape[0] == 1:
+        m = m[0]
+    m = (m > 0).to(torch.float32) if m.max() > 1 else m.clamp(0, 1)
+    if float(m.sum()) <= 0:
+        raise GeometryError(f"{role} mask has 0 voxels inside the working grid" + (f" ({mask.name})" if mask.name else ""))
+    return m
+
+
+def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Optional[Image] = None,
+               moving_mask: Optional[Image] = None, progress: Optional[ProgressFn] = None,
+               device=None) -> DeformableResult:
+    """Deformable registration of ``moving`` to ``fixed`` with ConvexAdam.
+
+    Args:
+        fixed: scalar image on the working grid (isotropic spacing recommended: MIND and the pooling
+            factors count voxels).
+        moving: scalar image already resampled onto the same grid (e.g. through the affine stage).
+        cfg: ``cfg.convex`` (discrete stage) and ``cfg.instance`` (instance optimisation) are used.
+        fixed_mask, moving_mask: optional masks (any grid; resampled onto the working grid) that weight
+            the instance-optimisation similarity.
+        progress: optional ``progress(stage_name, i, n)`` callback.
+        device: torch device to compute on (default: the device of ``fixed.data``).
+    Returns:
+        :class:`DeformableResult` whose ``field`` is (3, Z, Y, X) float32 world LPS mm on ``fixed.grid``
+        (``x -> x + u(x)`` maps fixed points to moving points), on the device of ``fixed.data``.
+    """
+    t_start = time.perf_counter()
+    grid = fixed.grid
+    if not grid.allclose(moving.grid):
+        raise GeometryError("convexadam needs fixed and moving on the same working grid: fixed is "
+                            f"{grid.describe()}, moving is {moving.grid.describe()}")
+    out_device = fixed.data.device
+    dev = torch.device(device) if device is not None else out_device
+    ccfg, icfg = cfg.convex, cfg.instance
+    timings: dict[str, float] = {}
+    history: dict[str, list[dict]] = {}
+
+    def report(stage: str, i: int, n: int) -> None:
+        if progress is not None:
+            progress(stage, i, n)
+
+    fdata = _scalar(fixed, "fixed").to(dev)
+    mdata = _scalar(moving, "moving").to(dev)
+    fmask = _mask_on(fixed_mask, grid, "fixed")
+    mmask = _mask_on(moving_mask, grid, "moving")
+
+    with torch.no_grad():
+        # 1. features ------------------------------------------------------------------------------
+        t = time.perf_counter()
+        report(STAGE_FEATURES, 0, 2)
+        feat_f = mind_ssc(fdata[None, None], ccfg.mind_radius, ccfg.mind_dilation)
+        report(STAGE_FEATURES, 1, 2)
+        feat_m = mind_ssc(mdata[None, None], ccfg.mind_radius, ccfg.mind_dilation)
+        report(STAGE_FEATURES, 2, 2)
+        timings["features"] = time.perf_counter() - t
+
+        # 2. discrete coupled-convex stage ----------------------------------------------------------
+        t = time.perf_counter()
+        n_convex = 2 if ccfg.inverse_consistency else 1
+        report(STAGE_CONVEX, 0, n_convex)
+        cf, coarse = _pool(feat_f, grid, ccfg.grid_sp)
+        cm, _ = _pool(feat_m, grid, ccfg.grid_sp)
+        history["convex"] = []
+        disp_c = convex_displacement(cf[0], cm[0], ccfg.disp_hw, ccfg.coupling_weights, history=history["convex"])
+        fwd = index_to_world_vectors(disp_c, coarse)
+        report(STAGE_CONVEX, 1, n_convex)
+        if ccfg.inverse_consistency:
+            history["convex_backward"] = []
+            disp_b = convex_displacement(cm[0], cf[0], ccfg.disp_hw, ccfg.coupling_weights,
+                                         history=history["convex_backward"])
+            bwd = index_to_world_vectors(disp_b, coarse)
+            history["inverse_consistency"] = []
+            fwd, _ = symmetrise(fwd, bwd, coarse, 15, history["inverse_consistency"])
+            report(STAGE_CONVEX, 2, n_convex)
+        del cf, cm
+        timings["convex"] = time.perf_counter() - t
+
+    # 3. instance optimisation ---------------------------------------------------------------------
+    t = time.perf_counter()
+    k = icfg.grid_sp_adam
+    with torch.no_grad():
+        io_f, io_grid = _pool(feat_f, grid, k)
+        io_m, _ = _pool(feat_m, grid, k)
+        del feat_f, feat_m
+        init = upsample_field(fwd, coarse, io_grid)
+        # weights: 0 on padding, the masks where given
+        _, pad = padded_grid(grid, k)
+        w_fixed = w_moving = None
+        if any(pad) or fmask is not None:
+            base = fmask.to(dev) if fmask is not None else torch.ones(grid.shape, device=dev)
+            w_fixed = _pool(base[None, None], grid, k, "constant")[0][0, 0]
+        if mmask is not None:
+            w_moving = _pool(mmask.to(dev)[None, None], grid, k, "constant")[0][0, 0]
+    if icfg.enabled and icfg.iterations > 0:
+        voxel_mm = float(np.prod(io_grid.spacing)) ** (1.0 / 3.0)
+        n_it = icfg.iterations
+
+        def io_progress(i: int, n: int, loss: float) -> None:
+            report(STAGE_INSTANCE, i, n)
+
+        solver = InstanceOptimization(
+            model=icfg.model, similarity=icfg.similarity, optimizer=icfg.optimizer, regularizer=icfg.regularizer,
+            reg_weight=icfg.reg_weight, iterations=n_it, lr=icfg.learning_rate * voxel_mm,
+            model_params={"smoothing_passes": icfg.smoothing_passes}, stage="convexadam instance optimisation",
+            progress=io_progress,
+        )
+        report(STAGE_INSTANCE, 0, n_it)
+        problem = Problem(io_f[0], io_m[0], io_grid, io_grid, w_fixed, w_moving)
+        result = solver.run(problem, init=init)
+        disp_io = result.disp
+        history["instance"] = result.history
+    else:
+        disp_io = init
+    timings["instance"] = time.perf_counter() - t
+
+    # 4. back to the working grid --------------------------------------------------------------------
+    t = time.perf_counter()
+    with torch.no_grad():
+        disp = upsample_field(disp_io.detach(), io_grid, grid).to(out_device)
+    timings["upsample"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    if not torch.isfinite(disp).all():
+
+        raise ConvergenceError("convexadam produced a non-finite displacement field")
+    return DeformableResult(DisplacementField(disp.contiguous(), grid), history, timings)

@@ -1,0 +1,68 @@
+"""O1: a crash mid-write leaves the target absent or unchanged; OutputSet publishes all or nothing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from regcli.errors import OutputError
+from regcli.io.atomic import OutputSet, atomic_path
+
+
+def test_crash_mid_write_keeps_existing_file(tmp_path):
+    target = tmp_path / "warp.nii.gz"
+    target.write_bytes(b"original")
+
+    class Boom(RuntimeError):
+        pass
+
+    with pytest.raises(Boom):
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"half of the new bytes")
+            raise Boom()
+    assert target.read_bytes() == b"original"
+    assert [p.name for p in tmp_path.iterdir()] == ["warp.nii.gz"]
+
+
+def test_outputset_all_or_nothing(tmp_path):
+    outs = OutputSet()
+    a, b = outs.claim(tmp_path / "a.txt"), outs.claim(tmp_path / "b.txt")
+    outs.stage(a, lambda t: t.write_text("A"))
+    with pytest.raises(ZeroDivisionError):
+        outs.stage(b, lambda t: (t.write_text("half"), 1 / 0))
+    outs.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputset_commit_publishes_together(tmp_path):
+    outs = OutputSet()
+    for name in ("x.json", "y.nii.gz"):
+        p = outs.claim(tmp_path / name)
+        outs.stage(p, lambda t, n=name: t.write_text(n))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".regcli-tmp")) == []
+    outs.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "y.nii.gz"]
+
+
+def test_claim_refuses_existing_without_overwrite(tmp_path):
+    (tmp_path / "a.txt").write_text("keep")
+    with pytest.raises(OutputError, match="exists"):
+        OutputSet().claim(tmp_path / "a.txt")
+    OutputSet(overwrite=True).claim(tmp_path / "a.txt")
+
+
+def test_claim_missing_or_unwritable_directory(tmp_path):
+    with pytest.raises(OutputError, match="does not exist"):
+        OutputSet().claim(tmp_path / "nope" / "a.txt")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that can write anywhere (root)")
+        with pytest.raises(OutputError, match="not writable"):
+            OutputSet().claim(ro / "a.txt")
+    finally:
+        os.chmod(ro, 0o700)
