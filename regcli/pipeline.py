@@ -7,7 +7,6 @@ first, runs the registration, and publishes every output file together (nothing 
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
@@ -210,11 +209,6 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     return reg
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool = False,
                  progress: Optional[Progress] = None, command: str = "") -> dict:
     """Everything ``regcli register`` does; returns the report dict (with ``outputs``).
@@ -224,7 +218,7 @@ def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool
     """
     from regcli.io.images import read_image, read_labels, read_mask, smallest_label_dtype, write_image
     from regcli.io.transforms import write_affine, write_displacement
-    from regcli.reports.report import build_report
+    from regcli.reports.report import build_report, report_json
 
     t_start = time.perf_counter()
     paths = output_paths(inputs.output_prefix, config)
@@ -274,18 +268,20 @@ def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool
             figure_names = _stage_html(outs, paths["html"], inputs, fixed, moving, warped, fixed_labels,
                                        warped_labels, detj, reg, metrics)
             reg.timings["html"] = time.perf_counter() - t0
-        reg.timings["total"] = time.perf_counter() - t_start
+        stages = {k: v for k, v in reg.timings.items() if "/" not in k}
         report = build_report(
             command=command or "register",
             config=config.model_dump(mode="json"),
             inputs={k: v for k, v in vars(inputs).items() if k != "output_prefix" and v is not None},
-            stages=reg.timings,
+            stages=stages,
             metrics=metrics,
-            extra=_extra(reg, runtime, fixed, moving, paths, figure_names),
+            extra=_extra(reg, runtime),
+            outputs=[str(p) for p in paths.values()] + figure_names,
+            device=runtime.device,
+            grids={"fixed": fixed.grid, "moving": moving.grid},
         )
-        from regcli.reports.report import dumps
-
-        text = dumps(report)
+        report["wall_seconds"] = round(time.perf_counter() - t_start, 4)
+        text = report_json(report)
         outs.stage(paths["report"], lambda tmp: tmp.write_text(text))
         outs.commit()
     except BaseException:
@@ -308,12 +304,12 @@ def _read_landmarks(inputs: RegisterInputs):
     if inputs.fixed_landmarks is None and inputs.moving_landmarks is None:
         return None
     from regcli.errors import InputError
-    from regcli.reports.landmarks import read_points
+    from regcli.reports.landmarks import read_points_csv
 
     if inputs.fixed_landmarks is None or inputs.moving_landmarks is None:
         raise InputError("TRE needs both --fixed-landmarks and --moving-landmarks")
-    fx = read_points(inputs.fixed_landmarks)
-    mv = read_points(inputs.moving_landmarks)
+    fx = read_points_csv(inputs.fixed_landmarks, role="fixed landmarks")
+    mv = read_points_csv(inputs.moving_landmarks, role="moving landmarks")
     if len(fx.points) != len(mv.points):
         raise InputError(
             f"landmark files have different numbers of points: '{inputs.fixed_landmarks}' has "
@@ -332,7 +328,8 @@ def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, landmarks, t
     if fixed_labels is not None and moving_labels is not None:
         warped_labels = warp(moving_labels, transform, fixed.grid, "nearest")
         fl = fixed_labels if fixed_labels.grid.allclose(fixed.grid) else resample_to_grid(fixed_labels, fixed.grid, "nearest")
-        labels = sorted(set(torch.unique(fl.data).tolist()) - {0})
+        # labels present in both maps (as `regcli evaluate` scores them): one lost by warping counts as 0
+        labels = sorted((set(torch.unique(fl.data).tolist()) & set(torch.unique(moving_labels.data).tolist())) - {0})
         dice = M.dice_per_label(fl, warped_labels, labels)
         hd = M.hd95_per_label(fl, warped_labels, labels)
         initial = M.dice_per_label(fl, warp(moving_labels, None, fixed.grid, "nearest"), labels)
@@ -355,7 +352,7 @@ def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, landmarks, t
         from regcli.reports.landmarks import tre
 
         fx, mv = landmarks
-        out["tre"] = tre(fx.points, mv.points, transform)
+        out["tre"] = tre(fx, mv, transform)
     return out, warped_labels, detj
 
 
@@ -370,8 +367,8 @@ def _stage_html(outs: OutputSet, html_path: Path, inputs, fixed, moving, warped,
 
     base = html_path.name[: -len(".html")]
     html, pngs = render_html_report(
-        png_basename=base,
-        fixed=fixed,
+        fixed,
+        png_base=base,
         moving=moving,
         warped=warped,
         fixed_labels=fixed_labels,
@@ -395,18 +392,14 @@ def _stage_html(outs: OutputSet, html_path: Path, inputs, fixed, moving, warped,
     return names
 
 
-def _extra(reg: Registration, runtime: Runtime, fixed: Image, moving: Image, paths: dict, figures: list) -> dict:
+def _extra(reg: Registration, runtime: Runtime) -> dict:
     extra = {
         "runtime": runtime.describe(),
-        "grids": {"fixed": _grid_info(fixed.grid), "moving": _grid_info(moving.grid)},
-        "outputs": [str(p) for p in paths.values()] + list(figures),
         "affine_matrix": reg.affine.matrix.tolist(),
-        "peak_rss_mb": peak_rss_mb(),
+        "stage_details": {k: v for k, v in reg.timings.items() if "/" in k},
     }
     if reg.working_grid is not None:
-        extra["grids"]["working"] = _grid_info(reg.working_grid)
-    if runtime.device.type == "cuda":
-        extra["cuda_max_memory_mb"] = torch.cuda.max_memory_allocated(runtime.device) / 2**20
+        extra["working_grid"] = _grid_info(reg.working_grid)
     return extra
 
 

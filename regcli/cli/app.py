@@ -23,12 +23,24 @@ from regcli import __version__
 from regcli.cli import apply as apply_cmd
 from regcli.cli import config_cmd, evaluate as evaluate_cmd, info as info_cmd, jacobian as jacobian_cmd
 from regcli.cli import register as register_cmd
+from regcli.cli.common import examples
 from regcli.errors import EXIT_INTERRUPTED, RegcliError
 
-try:  # Typer >= 0.17 vendors Click as typer._click
-    from typer._click.exceptions import Abort, ClickException
-except ImportError:  # pragma: no cover - older Typer on top of Click
-    from click.exceptions import Abort, ClickException
+
+def _exception_types() -> tuple[tuple, tuple]:
+    """(ClickException classes, Abort classes). Typer >= 0.17 vendors Click as ``typer._click``."""
+    try:
+        from typer._click.exceptions import Abort as _CA, ClickException as _CE
+    except ImportError:
+        try:
+            from typer._click.exceptions import ClickException as _CE
+            from typer.exceptions import Abort as _CA
+        except ImportError:  # pragma: no cover - older Typer on top of Click
+            from click.exceptions import Abort as _CA, ClickException as _CE
+    return (_CE,), (_CA,)
+
+
+ClickException, Abort = _exception_types()
 
 
 def _debug() -> bool:
@@ -106,7 +118,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="Run [bold]regcli COMMAND --help[/bold] for a command's options and examples. Exit codes: 0 ok, "
-    "1 bug, 2 usage, 3 input, 4 geometry, 5 convergence, 6 output, 7 config, 8 weights, 130 interrupted.",
+    "1 bug, 2 usage, 3 input, 4 geometry, 5 convergence, 6 output, 7 config, 8 weights, 130 interrupted.\n\n"
+    + examples(
+        "regcli info fixed.nii.gz",
+        "regcli register fixed.nii.gz moving.nii.gz -o out/pair_",
+        "regcli apply -i moving.nii.gz -r fixed.nii.gz -t out/pair_1Warp.nii.gz -t out/pair_0GenericAffine.mat "
+        "-o moved.nii.gz",
+        "regcli evaluate pairs.csv -o results/",
+    ),
 )
 
 

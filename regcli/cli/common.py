@@ -101,13 +101,18 @@ def stderr_console():
     """A rich console on stderr (resolves ``sys.stderr`` at write time, so test runners can capture it)."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def stdout_console():
+    """A rich console on stdout; when stdout is not a terminal, wide enough that tables do not wrap."""
     from rich.console import Console
 
-    return Console(highlight=False)
+    try:
+        tty = sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return Console(highlight=False, width=None if tty else 200)
 
 
 def stderr_is_tty() -> bool:
@@ -364,7 +369,7 @@ DeterministicOpt = Annotated[Optional[bool], typer.Option(
     help="Deterministic algorithms: bit-identical CPU runs for the same seed and --threads.",
     show_default=False, rich_help_panel=_CFG)]
 WorkingSpacingOpt = Annotated[Optional[float], typer.Option(
-    "--working-spacing", min=0.0, min_open=True, metavar="MM",
+    "--working-spacing", metavar="MM",
     help="Isotropic voxel size (mm) of the deformable working grid (default 2).", show_default=False,
     rich_help_panel=_CFG)]
 AffineMetricOpt = Annotated[Optional[AffineMetric], typer.Option(

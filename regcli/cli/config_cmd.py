@@ -1,6 +1,5 @@
 """``regcli config schema|show``: the configuration model and the effective configuration (STYLE rule 8)."""
 
-from typing import Annotated, Optional
 
 import typer
 
@@ -73,4 +72,4 @@ def show(
 
     import yaml
 
-    sys.stdout.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+    sys.stdout.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))

@@ -86,6 +86,9 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
     if radius < 0 or dilation < 1:
         raise ValueError(f"mind_ssc needs radius >= 0 and dilation >= 1, got {radius}, {dilation}")
     img = image.to(torch.float32)
+    # the descriptor ignores intensity offsets; removing the mean keeps float32 differences exact-ish
+    # for images far from 0 (CT in HU, MRI with large offsets)
+    img = img - img.mean(dim=(1, 2, 3, 4), keepdim=True)
     n, _, Z, Y, X = img.shape
     d = int(dilation)
     padded = F.pad(img, (d, d, d, d, d, d), mode="replicate")

@@ -21,19 +21,7 @@ IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr",
 
 
 def _diagnose_unreadable(path: Path, err: Exception) -> str:
-    """Turn a SimpleITK read failure into a short reason."""
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as f:
-                while f.read(1 << 20):
-                    pass
-        except gzip.BadGzipFile:
-            return "file is not gzip (bad magic number) although its name ends in .gz"
-        except (EOFError, zlib.error):
-            return "file is truncated or not gzip (compressed stream ends early)"
-        except OSError as e:  # pragma: no cover - unusual filesystems
-            return f"cannot read file: {e}"
+    """Turn a SimpleITK read failure into a short reason (gzip problems are caught earlier)."""
     if path.stat().st_size == 0:
         return "file is empty"
     first = str(err).strip().splitlines()
@@ -53,11 +41,25 @@ def check_readable_file(path: str | os.PathLike, role: str) -> Path:
     return path
 
 
+def check_gzip_stream(path: Path, role: str) -> None:
+    """Read a .gz file to its end: SimpleITK silently zero-fills a truncated .nii.gz, so we check first."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except gzip.BadGzipFile:
+        raise InputError(f"cannot read {role} '{path}': file is not gzip although its name ends in .gz") from None
+    except (EOFError, zlib.error):
+        raise InputError(f"cannot read {role} '{path}': file is truncated or not gzip (compressed data ends early)") from None
+
+
 def read_sitk(path: str | os.PathLike, role: str = "image"):
     """Read a file with SimpleITK, mapping every failure to an InputError that names the file."""
     import SimpleITK as sitk
 
     path = check_readable_file(path, role)
+    if path.name.lower().endswith(".gz"):
+        check_gzip_stream(path, role)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -115,9 +117,8 @@ def read_image(path: str | os.PathLike, role: str = "image", check_variance: boo
     path = Path(path)
     img = _as_3d(read_sitk(path, role), path, role)
     grid = _grid_of(img, path, role)
-    arr = sitk.GetArrayViewFromImage(img)
     pixel_type = img.GetPixelIDTypeAsString()
-    data = np.asarray(arr, dtype=np.float32)
+    data = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
     finite = np.isfinite(data)
     if not finite.all():
         bad = np.argwhere(~finite)
@@ -139,7 +140,7 @@ def read_labels(path: str | os.PathLike, role: str = "label map") -> Image:
     path = Path(path)
     img = _as_3d(read_sitk(path, role), path, role)
     grid = _grid_of(img, path, role)
-    arr = np.asarray(sitk.GetArrayViewFromImage(img))
+    arr = sitk.GetArrayFromImage(img)
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)):
             raise InputError(f"{role} '{path}' has NaN/Inf values; a label map must be integers")

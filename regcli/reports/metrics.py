@@ -23,7 +23,6 @@ transforms per label over the whole (or a cropped) volume, and gives the same di
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Optional
 
 import numpy as np
@@ -79,9 +78,22 @@ def _spacing_zyx(img: Image | np.ndarray, spacing: Optional[Iterable[float]]) ->
     return np.ones(3)
 
 
+def _histogram(arr: np.ndarray) -> dict[int, int]:
+    """``{label: voxel count}`` of the labels present (bincount for small non-negative labels, else unique)."""
+    if arr.size == 0:
+        return {}
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo >= 0 and hi < (1 << 20):
+        counts = np.bincount(arr.ravel(), minlength=hi + 1)
+        nz = np.flatnonzero(counts)
+        return dict(zip(nz.tolist(), counts[nz].tolist()))
+    uniq, counts = np.unique(arr, return_counts=True)
+    return dict(zip(uniq.tolist(), counts.tolist()))
+
+
 def _default_labels(a: np.ndarray, b: np.ndarray) -> list[int]:
     """Labels != 0 present in both maps, ascending."""
-    return sorted((set(np.unique(a).tolist()) & set(np.unique(b).tolist())) - {0})
+    return sorted((set(_histogram(a)) & set(_histogram(b))) - {0})
 
 
 def nanmean(values: Iterable[float]) -> float:
@@ -93,10 +105,7 @@ def nanmean(values: Iterable[float]) -> float:
 
 def _label_counts(arr: np.ndarray, labels: list[int]) -> np.ndarray:
     """Voxel count of each label in ``arr`` (int64 (L,))."""
-    if not labels:
-        return np.zeros(0, np.int64)
-    uniq, counts = np.unique(arr, return_counts=True)
-    lookup = dict(zip(uniq.tolist(), counts.tolist()))
+    lookup = _histogram(arr) if labels else {}
     return np.asarray([lookup.get(int(lab), 0) for lab in labels], dtype=np.int64)
 
 
@@ -171,8 +180,8 @@ def _boundary(arr: np.ndarray) -> np.ndarray:
     return edge
 
 
-def _surface_points(arr: np.ndarray, labels: list[int], spacing_zyx: np.ndarray) -> dict[int, np.ndarray]:
-    """Physical positions (N, 3) float64 mm (in index-aligned axes Z, Y, X) of each label's surface voxels."""
+def _surface_points(arr: np.ndarray, labels: list[int]) -> dict[int, np.ndarray]:
+    """Flat (ravelled, ascending) indices into ``arr`` of each label's surface voxels, int64 (N,)."""
     edge = _boundary(arr)
     flat = np.flatnonzero(edge)
     lab_at = arr.ravel()[flat]
@@ -182,20 +191,31 @@ def _surface_points(arr: np.ndarray, labels: list[int], spacing_zyx: np.ndarray)
     flat, lab_at = flat[order], lab_at[order]
     uniq, starts = np.unique(lab_at, return_index=True)
     bounds = list(starts) + [lab_at.size]
-    out = {}
-    for i, lab in enumerate(uniq.tolist()):
-        sel = flat[bounds[i]:bounds[i + 1]]
-        zyx = np.stack(np.unravel_index(sel, arr.shape), axis=1).astype(np.float64)
-        out[int(lab)] = zyx * spacing_zyx[None, :]
-    return out
+    return {int(lab): flat[bounds[i]:bounds[i + 1]] for i, lab in enumerate(uniq.tolist())}
 
 
-def _nearest_distances(src: np.ndarray, dst: np.ndarray, workers: int) -> np.ndarray:
-    """Distance (N,) float64 mm from every point of ``src`` (N, 3) to its nearest point in ``dst`` (M, 3)."""
+def _positions(flat: np.ndarray, shape: tuple, spacing_zyx: np.ndarray) -> np.ndarray:
+    """Physical positions (N, 3) float64 mm, in index-aligned axes (Z, Y, X), of flat voxel indices."""
+    zyx = np.stack(np.unravel_index(flat, shape), axis=1).astype(np.float64)
+    return zyx * spacing_zyx[None, :]
+
+
+def _nearest_distances(src: np.ndarray, dst: np.ndarray, shape: tuple, spacing_zyx: np.ndarray,
+                       workers: int) -> np.ndarray:
+    """Distance (N,) float64 mm from each voxel of ``src`` to the nearest voxel of ``dst``.
+
+    ``src`` and ``dst`` are sorted flat voxel indices. Voxels that belong to both sets are at distance 0
+    and skip the k-d tree (after a good registration that is a large share of each surface).
+    """
     from scipy.spatial import cKDTree
 
-    d, _ = cKDTree(dst).query(src, k=1, workers=workers)
-    return np.asarray(d, dtype=np.float64)
+    out = np.zeros(src.size, dtype=np.float64)
+    todo = ~np.isin(src, dst, assume_unique=True)
+    if todo.any():
+        tree = cKDTree(_positions(dst, shape, spacing_zyx), balanced_tree=False, compact_nodes=False)
+        d, _ = tree.query(_positions(src[todo], shape, spacing_zyx), k=1, workers=workers)
+        out[todo] = d
+    return out
 
 
 def surface_distances(
@@ -223,9 +243,9 @@ def surface_distances(
     if not a.any() or not b.any():
         return np.zeros(0), np.zeros(0)
     sp = _spacing_zyx(a, spacing)
-    pa = _surface_points(a.astype(np.uint8), [1], sp)[1]
-    pb = _surface_points(b.astype(np.uint8), [1], sp)[1]
-    return _nearest_distances(pa, pb, workers), _nearest_distances(pb, pa, workers)
+    pa = _surface_points(a.astype(np.uint8), [1])[1]
+    pb = _surface_points(b.astype(np.uint8), [1])[1]
+    return _nearest_distances(pa, pb, a.shape, sp, workers), _nearest_distances(pb, pa, a.shape, sp, workers)
 
 
 def surface_distances_per_label(
@@ -250,14 +270,15 @@ def surface_distances_per_label(
     _check_same_grid(fixed_labels, warped_labels, a, b)
     labs = _default_labels(a, b) if labels is None else sorted({int(v) for v in labels})
     sp = _spacing_zyx(fixed_labels, spacing)
-    pa = _surface_points(a, labs, sp)
-    pb = _surface_points(b, labs, sp)
+    pa = _surface_points(a, labs)
+    pb = _surface_points(b, labs)
     out: dict[int, Optional[tuple[np.ndarray, np.ndarray]]] = {}
     for lab in labs:
         if lab not in pa or lab not in pb:
             out[lab] = None
             continue
-        out[lab] = (_nearest_distances(pa[lab], pb[lab], workers), _nearest_distances(pb[lab], pa[lab], workers))
+        out[lab] = (_nearest_distances(pa[lab], pb[lab], a.shape, sp, workers),
+                    _nearest_distances(pb[lab], pa[lab], a.shape, sp, workers))
     return out
 
 
@@ -336,6 +357,3 @@ def label_overlap_metrics(
         out["assd_mean"] = nanmean(s["assd"].values())
     return out
 
-
-def is_finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -78,22 +78,33 @@ def lncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[int], e
     Args:
         fixed, warped: (N, C, Z, Y, X) float tensors on the same grid.
         window: box window (kz, ky, kx) in voxels.
-        eps: added to the variance product (intensity units squared, squared again for ``squared``);
-            regions where either image is flat get ``cc = 0``.
+        eps: local variance threshold (intensity units squared): where either image's local variance
+            is not above it (flat regions), ``cc = 0``; elsewhere ``cc`` is exact (an eps added to the
+            denominator instead would bias the optimum away from perfect alignment). The default suits
+            images normalised to [0, 1] (a local standard deviation of 0.3 % of the range).
         squared: ANTs' ``cc^2`` (sign-agnostic) when True, otherwise the signed ``cc`` in [-1, 1].
     Returns:
         (N, C, Z, Y, X) correlation map, dimensionless.
     """
     n, c = fixed.shape[:2]
+    # centring by the global means (no effect on covariances) keeps the running sums small, so the
+    # float32 box sums stay accurate for data with a large offset (e.g. CT values, or 3 * x + 7)
+    fixed = fixed - fixed.detach().mean(dim=(2, 3, 4), keepdim=True)
+    warped = warped - warped.detach().mean(dim=(2, 3, 4), keepdim=True)
     stats = torch.cat((fixed, warped, fixed * fixed, warped * warped, fixed * warped), dim=1)
     m = box_mean(stats, window)
     mf, mw, mff, mww, mfw = m.split(c, dim=1)
     cross = mfw - mf * mw
-    vf = torch.clamp(mff - mf * mf, min=0.0)
-    vw = torch.clamp(mww - mw * mw, min=0.0)
+    vf = mff - mf * mf
+    vw = mww - mw * mw
+    valid = (vf > eps) & (vw > eps)
+    one = torch.ones((), dtype=vf.dtype, device=vf.device)
+    denom = torch.where(valid, vf * vw, one)
     if squared:
-        return cross * cross / (vf * vw + eps)
-    return cross / torch.sqrt(vf * vw + eps)
+        cc = cross * cross / denom
+    else:
+        cc = cross / torch.sqrt(denom)
+    return torch.where(valid, cc, torch.zeros((), dtype=cc.dtype, device=cc.device))
 
 
 def lncc(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None,

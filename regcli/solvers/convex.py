@@ -35,6 +35,7 @@ from regcli.resample import FieldWarper
 from regcli.spaces.grid import Grid
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+TIE_BREAK = 1e-5  # cost per squared coarse voxel added to the first (uncoupled) argmin: equal costs pick the smallest shift
 
 
 def displacement_set(disp_hw: int, device=None) -> torch.Tensor:
@@ -96,18 +97,23 @@ def cost_volume(fixed: torch.Tensor, moving: torch.Tensor, disp_hw: int, smooth_
 
 def _argmin_coupled(cost_flat: torch.Tensor, mesh: torch.Tensor, soft_flat: Optional[torch.Tensor], weight: float,
                     chunk_bytes: int) -> torch.Tensor:
-    """argmin_s cost[s, n] + weight * |mesh[s] - soft[:, n]|^2 for every voxel n (chunked). Returns (N,) long."""
+    """argmin_s cost[s, n] + weight * |mesh[s] - soft[:, n]|^2 for every voxel n (chunked). Returns (N,) long.
+
+    Without ``soft_flat`` the coupling is ``TIE_BREAK * |mesh[s]|^2`` (ties go to the smallest shift).
+    """
     S, N = cost_flat.shape
-    if soft_flat is None or weight == 0.0:
-        return cost_flat.argmin(0)
     mesh_sq = mesh.pow(2).sum(1, keepdim=True)  # (S, 1)
     out = torch.empty(N, dtype=torch.long, device=cost_flat.device)
     step = max(1, chunk_bytes // max(1, S * 4 * 2))
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
-        # |m - s|^2 = |m|^2 - 2 m.s + |s|^2; the last term is the same for every shift and is dropped
-        coupled = torch.addmm(mesh_sq, mesh, soft_flat[:, n0:n1], beta=1.0, alpha=-2.0)
-        coupled.mul_(weight).add_(cost_flat[:, n0:n1])
+        if soft_flat is None:
+            # uncoupled: a tiny pull to zero so that flat regions (equal costs) choose no displacement
+            coupled = (mesh_sq * TIE_BREAK).add(cost_flat[:, n0:n1])
+        else:
+            # |m - s|^2 = |m|^2 - 2 m.s + |s|^2; the last term is the same for every shift and is dropped
+            coupled = torch.addmm(mesh_sq, mesh, soft_flat[:, n0:n1], beta=1.0, alpha=-2.0)
+            coupled.mul_(weight).add_(cost_flat[:, n0:n1])
         out[n0:n1] = coupled.argmin(0)
     return out
 

@@ -124,7 +124,9 @@ class _LinearModel(nn.Module):
         self.radius_mm = float(radius_mm)
         self.register_buffer("center", torch.as_tensor(c, dtype=torch.float64, device=device))
         self.register_buffer("A0", torch.as_tensor(A0, dtype=torch.float64, device=device))
-        self.register_buffer("coords", grid.world_coords(torch.float64, device) - self.center)
+        # (3, Z*Y*X) float64 world positions relative to the centre, mm
+        coords = grid.world_coords(torch.float64, device) - self.center
+        self.register_buffer("coords_t", coords.reshape(-1, 3).T.contiguous())
         self.translation = nn.Parameter(torch.as_tensor(t0, dtype=torch.float64, device=device).clone())
 
     def linear(self) -> torch.Tensor:  # pragma: no cover - abstract
@@ -134,8 +136,9 @@ class _LinearModel(nn.Module):
         """Displacement ``(1, 3, Z, Y, X)`` float32, world LPS mm, on ``grid`` (computed in float64)."""
         L = self.linear()
         eye = torch.eye(3, dtype=L.dtype, device=L.device)
-        disp = self.coords @ (L - eye).T + self.translation
-        return disp.to(torch.float32).permute(3, 0, 1, 2)[None]
+        # (3, V) = (L - I) (x - c) + t, as one flat (3, 3) @ (3, V) product (fast on CPU)
+        disp = (L - eye) @ self.coords_t + self.translation[:, None]
+        return disp.to(torch.float32).reshape(1, 3, *self.grid.shape)
 
     def matrix(self) -> np.ndarray:
         """(4, 4) float64 homogeneous matrix of the current fixed -> moving world mapping."""

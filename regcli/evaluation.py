@@ -1,0 +1,551 @@
+"""Evaluate registrations on image pairs: register each pair (or reuse earlier outputs) and score it.
+
+The scores per pair:
+
+* ``dice_initial_mean``: mean Dice before registration (moving labels resampled onto the fixed grid through
+  the identity in world space), so the improvement is visible;
+* ``dice_mean`` and ``dice_per_label``: after registration, moving labels warped onto the fixed grid through
+  the written transforms (``prefix1Warp.nii.gz`` then ``prefix0GenericAffine.mat``, nearest neighbour);
+* ``hd95_mean`` / ``hd95_per_label`` (mm);
+* ``pct_nonpos_jac`` (% of fixed-grid voxels with det J <= 0) and ``sdlogj`` (std of log det J), of the
+  *whole* fixed -> moving map (field and affine), in physical units;
+* ``tre_initial_mean`` / ``tre_mean`` (mm) when landmark files are given: ``|T(x_fixed) - x_moving|``;
+* ``seconds`` (registration time from the pair's report), ``wall_seconds`` (the whole ``regcli register``
+  process), ``peak_rss_mb`` (peak resident memory of that process) and ``cuda_max_memory_mb`` when on GPU.
+
+Labels scored: those (other than 0) present in both the fixed and the (unwarped) moving label map, so a
+structure that disappears after warping counts as Dice 0 instead of being dropped from the mean.
+
+Why a fresh ``python -m regcli register`` process per pair: the peak resident set size (``ru_maxrss``) of a
+process only ever grows, so in one process the peak of pair 5 would include pairs 1-4 (and tracemalloc does
+not see torch/ITK allocations). ``os.wait4`` gives the exact peak of each child process. It also isolates
+pairs: a crash or out-of-memory kill of one pair becomes a "failed" row instead of killing the table. The
+price is the interpreter and torch start-up per pair (about 1-2 s), which is reported apart (``wall_seconds``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from regcli.errors import ConfigError, InputError, RegcliError
+
+REQUIRED_COLUMNS = ("fixed_image", "moving_image")
+OPTIONAL_COLUMNS = ("fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks", "fixed_mask",
+                    "moving_mask")
+NAME_COLUMNS = ("pair", "name", "id")
+
+HEADLINE = ("dice_initial_mean", "dice_mean", "hd95_mean", "pct_nonpos_jac", "sdlogj", "tre_initial_mean",
+            "tre_mean", "seconds", "wall_seconds", "peak_rss_mb", "cuda_max_memory_mb")
+
+
+@dataclass
+class Pair:
+    """One fixed/moving pair with its optional scoring inputs (paths are absolute or CWD-relative)."""
+
+    name: str
+    fixed: Path
+    moving: Path
+    fixed_labels: Optional[Path] = None
+    moving_labels: Optional[Path] = None
+    fixed_landmarks: Optional[Path] = None
+    moving_landmarks: Optional[Path] = None
+    fixed_mask: Optional[Path] = None
+    moving_mask: Optional[Path] = None
+
+    def files(self) -> dict[str, Path]:
+        d = {"fixed_image": self.fixed, "moving_image": self.moving}
+        for c in OPTIONAL_COLUMNS:
+            v = getattr(self, c)
+            if v is not None:
+                d[c] = v
+        return d
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def _check_file(path: Path, where: str) -> Path:
+    if not path.exists():
+        raise InputError(f"{where}: '{path}' does not exist")
+    if path.is_dir():
+        raise InputError(f"{where}: '{path}' is a directory, not a file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{where}: '{path}' is not readable")
+    return path
+
+
+def check_pair(pair: Pair, where: str = "") -> Pair:
+    """Refuse a pair with missing files or a labels/landmarks column given for one side only."""
+    where = where or f"pair '{pair.name}'"
+    for col, p in pair.files().items():
+        _check_file(Path(p), f"{where}, {col}")
+    for a, b in (("fixed_labels", "moving_labels"), ("fixed_landmarks", "moving_landmarks")):
+        if (getattr(pair, a) is None) != (getattr(pair, b) is None):
+            raise InputError(f"{where}: {a} and {b} must be given together")
+    return pair
+
+
+def read_manifest(path: str | os.PathLike) -> list[Pair]:
+    """Read a CSV of pairs; relative paths are relative to the CSV's folder.
+
+    Columns: ``fixed_image``, ``moving_image`` (required); ``fixed_labels``, ``moving_labels``,
+    ``fixed_landmarks``, ``moving_landmarks``, ``fixed_mask``, ``moving_mask`` (optional, empty cells allowed);
+    ``pair`` (or ``name``/``id``) to name the pairs (default ``pair001``, ``pair002``, ...). Every file is
+    checked before anything runs.
+
+    Raises:
+        InputError: unreadable CSV, missing column, duplicate pair names, or a missing file (named with its
+            line and column).
+    """
+    path = Path(path)
+    _check_file(path, "pair manifest")
+    base = path.parent
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"cannot read pair manifest '{path}': not a CSV text file ({e})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise InputError(f"pair manifest '{path}' lacks column(s) {', '.join(missing)}; its header is "
+                         f"{','.join(header) or '(empty)'}")
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS) | set(NAME_COLUMNS)
+    unknown = [c for c in header if c not in known]
+    if unknown:
+        raise InputError(f"pair manifest '{path}' has unknown column(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(sorted(known))}")
+    name_col = next((c for c in NAME_COLUMNS if c in header), None)
+    pairs: list[Pair] = []
+    seen: set[str] = set()
+    for i, row in enumerate(rows, start=1):
+        if not any(row.values()):
+            continue
+        line = i + 1
+        name = row.get(name_col, "") if name_col else ""
+        name = name or f"pair{i:03d}"
+        if any(ch in name for ch in "/\\") or name in (".", ".."):
+            raise InputError(f"pair manifest '{path}' line {line}: pair name '{name}' must not contain '/'")
+        if name in seen:
+            raise InputError(f"pair manifest '{path}' line {line}: duplicate pair name '{name}'")
+        seen.add(name)
+
+        def p(col: str) -> Optional[Path]:
+            v = row.get(col, "")
+            if not v:
+                return None
+            q = Path(v).expanduser()
+            return q if q.is_absolute() else base / q
+
+        for col in REQUIRED_COLUMNS:
+            if not row.get(col):
+                raise InputError(f"pair manifest '{path}' line {line}: column {col} is empty")
+        pair = Pair(name=name, fixed=p("fixed_image"), moving=p("moving_image"),
+                    **{c: p(c) for c in OPTIONAL_COLUMNS})
+        check_pair(pair, f"pair manifest '{path}' line {line}")
+        pairs.append(pair)
+    if not pairs:
+        raise InputError(f"pair manifest '{path}' has no pairs")
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+def transform_files(prefix: str) -> list[Path]:
+    """The ANTs-style transform files written for ``prefix``, in apply order: ``[1Warp, 0GenericAffine]``."""
+    out = []
+    warp = Path(prefix + "1Warp.nii.gz")
+    affine = Path(prefix + "0GenericAffine.mat")
+    if warp.exists():
+        out.append(warp)
+    if affine.exists():
+        out.append(affine)
+    return out
+
+
+def format_prefix(template: str, pair: Pair, index: int) -> str:
+    """``out/{pair}_`` -> ``out/pair001_``; placeholders ``{pair}`` and ``{index}`` (1-based)."""
+    try:
+        return template.format(pair=pair.name, index=index, name=pair.name)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"--transforms-from '{template}': bad placeholder ({e}); use {{pair}} or {{index}}") \
+            from None
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def _grid_of_file(path: Path, role: str):
+    """Grid of an image file from its header (no voxel data)."""
+    import SimpleITK as sitk
+
+    from regcli.io.images import read_sitk
+    from regcli.spaces import Grid
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        read_sitk(path, role)  # raises the diagnosed InputError
+        raise InputError(f"cannot read {role} '{path}'") from None
+    dim = reader.GetDimension()
+    if dim < 3:
+        raise InputError(f"{role} '{path}' is {dim}D; a 3D image is needed")
+    d = list(reader.GetDirection())
+    return Grid(reader.GetSize()[:3], reader.GetSpacing()[:3], reader.GetOrigin()[:3],
+                [d[r * dim + c] for r in range(3) for c in range(3)])
+
+
+def _fixed_mask_on(pair: Pair, grid):
+    """The pair's fixed mask as a (Z, Y, X) bool tensor on ``grid`` (None without a mask)."""
+    if pair.fixed_mask is None:
+        return None
+    from regcli.io.images import read_mask
+    from regcli.resample import resample_to_grid
+
+    m = read_mask(pair.fixed_mask, "fixed mask")
+    if not m.grid.allclose(grid):
+        m = resample_to_grid(m, grid, "nearest")
+    return m.data > 0.5
+
+
+def score_pair(pair: Pair, transform=None, label_interp: str = "nearest", hd95: bool = True) -> dict:
+    """Score one pair given its fixed -> moving transform.
+
+    Args:
+        pair: the pair (labels/landmarks optional).
+        transform: object with ``map_points`` (fixed world LPS mm -> moving world LPS mm), usually the
+            :class:`~regcli.transforms.CompositeTransform` read from ``[prefix1Warp.nii.gz,
+            prefix0GenericAffine.mat]``; None = identity.
+        label_interp: how moving labels are warped ("nearest" or "label").
+        hd95: compute HD95 per label (the slowest metric).
+    Returns:
+        JSON-ready dict: ``dice_initial_mean``, ``dice_mean``, ``dice_per_label`` {label: Dice},
+        ``dice_initial_per_label``, ``hd95_mean`` (mm), ``hd95_per_label``, ``pct_nonpos_jac`` (%), ``sdlogj``,
+        ``jacobian`` (full stats), ``tre_initial_mean``/``tre_mean`` (mm) and ``tre_per_landmark`` (mm);
+        keys are absent when their inputs are.
+    """
+    import torch
+
+    from regcli.resample import resample_to_grid, warp
+
+    out: dict[str, Any] = {}
+    fixed_grid = _grid_of_file(pair.fixed, "fixed image")
+    if pair.fixed_labels is not None and pair.moving_labels is not None:
+        from regcli.io.images import read_labels
+        from regcli.reports.metrics import dice_per_label, hd95_per_label, nanmean
+
+        fl = read_labels(pair.fixed_labels, "fixed labels")
+        ml = read_labels(pair.moving_labels, "moving labels")
+        if not fl.grid.allclose(fixed_grid):
+            fl = resample_to_grid(fl, fixed_grid, "nearest")
+        labels = sorted((set(torch.unique(fl.data).tolist()) & set(torch.unique(ml.data).tolist())) - {0})
+        if not labels:
+            raise InputError(f"pair '{pair.name}': the fixed and moving label maps share no label other than 0")
+        initial = warp(ml, None, fixed_grid, label_interp)
+        warped = warp(ml, transform, fixed_grid, label_interp) if transform is not None else initial
+        d0 = dice_per_label(fl, initial, labels)
+        d1 = dice_per_label(fl, warped, labels)
+        out["labels"] = labels
+        out["dice_initial_mean"] = nanmean(d0.values())
+        out["dice_mean"] = nanmean(d1.values())
+        out["dice_per_label"] = d1
+        out["dice_initial_per_label"] = d0
+        if hd95:
+            h = hd95_per_label(fl, warped, labels)
+            out["hd95_mean"] = nanmean(h.values())
+            out["hd95_per_label"] = h
+    if transform is not None:
+        from regcli.reports.jacobian import jacobian_determinant, jacobian_stats
+
+        field = transform.to_displacement(fixed_grid) if hasattr(transform, "to_displacement") else None
+        if field is not None:
+            detj = jacobian_determinant(field)
+            mask = _fixed_mask_on(pair, fixed_grid)
+            stats = jacobian_stats(detj, mask)
+            out["jacobian"] = stats
+            out["pct_nonpos_jac"] = stats["pct_nonpos_jac"]
+            out["sdlogj"] = stats["sdlogj"]
+    if pair.fixed_landmarks is not None and pair.moving_landmarks is not None:
+        out.update(landmark_errors(pair, transform))
+    return out
+
+
+def landmark_errors(pair: Pair, transform=None) -> dict:
+    """TRE (mm) before and after: ``|x_moving - x_fixed|`` and ``|x_moving - T(x_fixed)|`` per landmark.
+
+    Landmark CSVs hold LPS mm (``x,y,z`` columns); rows pair by an ``id`` column when both files have one,
+    otherwise by position (:func:`regcli.reports.landmarks.tre`).
+    """
+    from regcli.reports.landmarks import read_points_csv, tre
+
+    fx = read_points_csv(pair.fixed_landmarks, role="fixed landmarks")
+    mv = read_points_csv(pair.moving_landmarks, role="moving landmarks")
+    r = tre(fx, mv, transform)
+    return {"tre_initial_mean": r["initial_mean_mm"], "tre_mean": r["tre_mean_mm"], "tre_max": r["tre_max_mm"],
+            "tre_per_landmark": r["tre_per_landmark_mm"], "n_landmarks": r["n_landmarks"]}
+
+
+# ------------------------------------------------------------------------------------------------ registering
+@dataclass
+class RunResult:
+    """What a ``regcli register`` child process produced."""
+
+    returncode: int
+    report: Optional[dict]
+    error: str
+    wall_seconds: float
+    peak_rss_mb: Optional[float]
+
+
+def register_subprocess(pair: Pair, prefix: str, method: str, config: Optional[Path] = None,
+                        extra_args: Sequence[str] = (), overwrite: bool = False,
+                        timeout: Optional[float] = None) -> RunResult:
+    """Run ``python -m regcli register`` for one pair in a fresh process and measure its peak memory.
+
+    The child's stdout holds the report (``--json``); its stderr's last line is the error on failure.
+    ``os.wait4`` returns the child's own resource usage, so ``peak_rss_mb`` is that process's peak.
+    """
+    cmd = [sys.executable, "-m", "regcli", "register", str(pair.fixed), str(pair.moving), "-o", prefix,
+           "--method", method, "--json", "--quiet"]
+    if pair.fixed_mask is not None:
+        cmd += ["--fixed-mask", str(pair.fixed_mask)]
+    if pair.moving_mask is not None:
+        cmd += ["--moving-mask", str(pair.moving_mask)]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    if overwrite:
+        cmd.append("--overwrite")
+    cmd += list(extra_args)
+    env = dict(os.environ)
+    env["REGCLI_NO_PROGRESS"] = "1"
+    here = str(Path(__file__).resolve().parents[1])  # the child imports this same regcli, installed or not
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+        rusage = None
+        try:
+            if timeout is None:
+                _, status, rusage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+            else:
+                proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return RunResult(-9, None, f"timed out after {timeout:.0f} s", time.perf_counter() - t0, None)
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+            raise
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    code = proc.returncode
+    report = None
+    if stdout.strip():
+        try:
+            report = json.loads(stdout)
+        except json.JSONDecodeError:
+            report = None
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    error = ""
+    if code != 0:
+        error = lines[-1] if lines else f"exit code {code}"
+        if code < 0:
+            error = f"killed by signal {-code}" + (f" ({error})" if lines else "")
+    rss = rusage.ru_maxrss / 1024.0 if rusage is not None else None  # Linux: KiB
+    return RunResult(code, report, error, wall, rss)
+
+
+def _from_report(report: Optional[dict]) -> dict:
+    """Registration seconds and peak memory recorded in a register report."""
+    if not report:
+        return {}
+    out = {}
+    secs = report.get("total_seconds")
+    if not isinstance(secs, (int, float)):
+        secs = (report.get("stages") or {}).get("total")
+    if isinstance(secs, (int, float)):
+        out["seconds"] = float(secs)
+    mem = report.get("memory") or {}
+    if isinstance(mem.get("peak_rss_mb"), (int, float)):
+        out["peak_rss_mb"] = float(mem["peak_rss_mb"])
+    if isinstance(mem.get("cuda_max_allocated_mb"), (int, float)):
+        out["cuda_max_memory_mb"] = float(mem["cuda_max_allocated_mb"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@dataclass
+class Evaluation:
+    """Rows (one dict per pair) and the summary over successful pairs."""
+
+    method: str
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.rows if r.get("status") != "ok"]
+
+    def summary(self) -> dict:
+        """``{metric: {"mean", "sd", "n"}}`` over the pairs where the metric is finite."""
+        out = {}
+        for k in HEADLINE:
+            v = np.asarray([r[k] for r in self.rows if isinstance(r.get(k), (int, float)) and
+                            math.isfinite(r[k])], dtype=np.float64)
+            if v.size:
+                out[k] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+                          "n": int(v.size)}
+        return out
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "pairs": self.rows, "summary": self.summary(),
+                "n_pairs": len(self.rows), "n_failed": len(self.failed)}
+
+    def csv_text(self) -> str:
+        """One row per pair: headline metrics, then Dice per label (``dice_<label>``)."""
+        labels = sorted({int(k) for r in self.rows for k in (r.get("dice_per_label") or {})})
+        cols = ["pair", "status", "fixed_image", "moving_image", *HEADLINE, *[f"dice_{lab}" for lab in labels],
+                "error"]
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(cols)
+        for r in self.rows:
+            dpl = {int(k): v for k, v in (r.get("dice_per_label") or {}).items()}
+            vals = []
+            for c in cols:
+                if c.startswith("dice_") and c[5:].isdigit():
+                    v = dpl.get(int(c[5:]))
+                else:
+                    v = r.get(c)
+                vals.append(_csv_value(v))
+            w.writerow(vals)
+        return buf.getvalue()
+
+
+def _csv_value(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if not math.isfinite(v) else f"{v:.6g}"
+    return str(v)
+
+
+def evaluate_pairs(
+    pairs: Sequence[Pair],
+    outdir: str | os.PathLike,
+    method: str = "convexadam",
+    transforms_from: Optional[str] = None,
+    config: Optional[Path] = None,
+    extra_args: Sequence[str] = (),
+    overwrite: bool = False,
+    label_interp: str = "nearest",
+    hd95: bool = True,
+    on_pair: Optional[Callable[[int, Pair, dict], None]] = None,
+    register_fn: Callable[..., RunResult] = register_subprocess,
+) -> Evaluation:
+    """Register (or load) and score every pair; a failing pair gives a row with ``status`` "failed".
+
+    Args:
+        pairs: the pairs (see :func:`read_manifest`).
+        outdir: where each pair's registration outputs go (``outdir/<pair>_...``).
+        method: ``regcli register --method`` for every pair (ignored with ``transforms_from``).
+        transforms_from: score existing outputs instead of registering: a prefix template such as
+            ``out/{pair}_``; its ``1Warp.nii.gz`` and ``0GenericAffine.mat`` (and ``Report.json`` for time and
+            memory) are read.
+        config, extra_args: passed on to ``regcli register``.
+        on_pair: callback ``(index, pair, row)`` after each pair (progress display).
+    """
+    from regcli.io.transforms import read_transform_list
+
+    outdir = Path(outdir)
+    ev = Evaluation(method="existing:" + transforms_from if transforms_from else method)
+    for i, pair in enumerate(pairs, start=1):
+        row: dict[str, Any] = {"pair": pair.name, "fixed_image": str(pair.fixed), "moving_image": str(pair.moving),
+                               "status": "ok"}
+        try:
+            if transforms_from:
+                prefix = format_prefix(transforms_from, pair, i)
+                report_path = Path(prefix + "Report.json")
+                if report_path.is_file():
+                    try:
+                        row.update(_from_report(json.loads(report_path.read_text())))
+                    except (json.JSONDecodeError, OSError):
+                        pass
+            else:
+                prefix = str(outdir / f"{pair.name}_")
+                run = register_fn(pair, prefix, method, config=config, extra_args=extra_args, overwrite=overwrite)
+                row["wall_seconds"] = run.wall_seconds
+                row.update(_from_report(run.report))
+                if run.peak_rss_mb is not None:
+                    row["peak_rss_mb"] = run.peak_rss_mb
+                if run.returncode != 0:
+                    raise _PairFailed(run.error, run.returncode)
+            files = transform_files(prefix)
+            if not files:
+                raise InputError(f"no transforms found for prefix '{prefix}' (expected {prefix}1Warp.nii.gz "
+                                 f"and/or {prefix}0GenericAffine.mat)")
+            row["transforms"] = [str(f) for f in files]
+            transform = read_transform_list([str(f) for f in files])
+            row.update(score_pair(pair, transform, label_interp=label_interp, hd95=hd95))
+        except _PairFailed as e:
+            row.update(status="failed", error=str(e), exit_code=e.exit_code)
+        except RegcliError as e:
+            row.update(status="failed", error=e.one_line(), exit_code=e.exit_code)
+        ev.rows.append(row)
+        if on_pair is not None:
+            on_pair(i, pair, row)
+    return ev
+
+
+class _PairFailed(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code if exit_code > 0 else 1
+
+
+def write_results(ev: Evaluation, outdir: str | os.PathLike) -> list[Path]:
+    """Write ``outdir/evaluation.csv`` and ``outdir/evaluation.json`` atomically; returns their paths."""
+    from regcli.io.atomic import atomic_write_text
+
+    outdir = Path(outdir)
+    csv_path, json_path = outdir / "evaluation.csv", outdir / "evaluation.json"
+    atomic_write_text(csv_path, ev.csv_text())
+    atomic_write_text(json_path, json.dumps(_jsonable(ev.to_dict()), indent=2, allow_nan=False) + "\n")
+    return [csv_path, json_path]
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN/Inf -> None, numpy -> Python, dict keys -> str (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    return obj
+
+
+__all__ = ["Pair", "read_manifest", "check_pair", "score_pair", "landmark_errors", "register_subprocess",
+           "RunResult", "Evaluation", "evaluate_pairs", "write_results", "transform_files", "format_prefix"]

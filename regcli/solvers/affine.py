@@ -1,0 +1,390 @@
+"""The affine stage: initialisation, then rigid and/or affine alignment, coarse to fine.
+
+::
+
+    res = run_affine_stage(fixed, moving, AffineConfig())
+    res.transform          # AffineTransform, fixed world point -> moving world point (ITK convention)
+
+Steps:
+
+1. Both images are smoothed and resampled onto a pyramid of isotropic grids that keep their own field of
+   view and direction (``image.grid.with_spacing(level_mm)``) and are normalised to [0, 1] by robust
+   percentiles (:mod:`regcli.features.intensity`). Fixed and moving may have any size, spacing, origin
+   and direction: the moving level image is sampled through the transform from its own grid.
+2. Initialisation (``cfg.init``): ``moments`` matches the centres of mass and then picks the best of a
+   set of candidate rotations about the fixed centre of mass (principal-axis alignments and a coarse grid
+   of rotations), scored by the metric at the coarsest level, each refined briefly; ``center`` matches the
+   centres of mass; ``geometry`` the image centres; ``none`` starts from the identity.
+3. For each stage in ``cfg.stages`` ("rigid", "affine") and each pyramid level, the shared
+   :class:`~regcli.solvers.instance.InstanceOptimization` solver runs with the "rigid"/"affine" transform
+   model of :mod:`regcli.solvers.models` and the similarity ``cfg.metric``. Each level runs in a few rounds
+   of decreasing step size (Adam restarts at each round), so the result settles instead of jittering by
+   one step around the optimum.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from regcli.config import AffineConfig
+from regcli.errors import ConvergenceError, GeometryError, InputError
+from regcli.features.intensity import downsample, percentile_range, rescale
+from regcli.resample import FieldWarper, grid_sample
+from regcli.similarity import make_similarity
+from regcli.solvers.instance import InstanceOptimization, Problem
+from regcli.solvers.models import MODELS, rotation_matrix
+from regcli.spaces.grid import Grid
+from regcli.spaces.image import Image
+from regcli.transforms.affine import AffineTransform
+
+# (fraction of the level's iterations, factor on the learning rate) for the rounds of one level
+LR_ROUNDS: tuple[tuple[float, float], ...] = ((0.5, 1.0), (0.3, 0.3), (0.2, 0.1))
+
+
+@dataclass
+class AffineStageResult:
+    """What the affine stage found.
+
+    Attributes:
+        transform: fixed world point -> moving world point (LPS mm), the final estimate.
+        history: per stage and level (keys like ``"rigid/8mm"``), the solver's per-iteration records
+            (``iteration``, ``loss``, ``similarity``, ``round``, ``lr``); ``"init"`` holds the scores of
+            the initial candidates.
+        seconds: wall time of the whole stage.
+        init: the initial transform (after ``cfg.init``), fixed -> moving world.
+    """
+
+    transform: AffineTransform
+    history: dict[str, list[dict]] = field(default_factory=dict)
+    seconds: float = 0.0
+    init: AffineTransform = field(default_factory=AffineTransform.identity)
+
+
+@dataclass
+class _Level:
+    """One pyramid level: normalised fixed/moving data on their level grids (on the device)."""
+
+    spacing: float
+    fixed: torch.Tensor  # (1, Z, Y, X) float32 in [0, 1], on ``grid``
+    moving: torch.Tensor  # (1, Z', Y', X') float32 in [0, 1], on ``moving_grid``
+    grid: Grid
+    moving_grid: Grid
+    fixed_mask: Optional[torch.Tensor]  # (Z, Y, X) weights in [0, 1]
+    moving_mask: Optional[torch.Tensor]  # (Z', Y', X') weights in [0, 1]
+
+    def problem(self) -> Problem:
+        return Problem(self.fixed, self.moving, self.grid, self.moving_grid, self.fixed_mask, self.moving_mask)
+
+
+# ------------------------------------------------------------------------------------------- geometry
+def center_of_mass(data: torch.Tensor, grid: Grid, weights: Optional[torch.Tensor] = None) -> np.ndarray:
+    """Intensity-weighted centroid (3,) in world LPS mm of non-negative ``data`` (Z, Y, X) on ``grid``."""
+    w = torch.clamp(data.detach().to(torch.float64), min=0.0)
+    if weights is not None:
+        w = w * weights.detach().to(torch.float64)
+    total = float(w.sum())
+    if not total > 0:
+        return grid.center_world()
+    x = grid.world_coords(torch.float64, w.device)
+    return (w[..., None] * x).sum(dim=(0, 1, 2)).cpu().numpy() / total
+
+
+def second_moments(data: torch.Tensor, grid: Grid, center: np.ndarray,
+                   weights: Optional[torch.Tensor] = None) -> np.ndarray:
+    """Intensity-weighted covariance (3, 3) in mm^2 of world positions about ``center``."""
+    w = torch.clamp(data.detach().to(torch.float64), min=0.0)
+    if weights is not None:
+        w = w * weights.detach().to(torch.float64)
+    total = float(w.sum())
+    x = grid.world_coords(torch.float64, w.device) - torch.as_tensor(center, dtype=torch.float64, device=w.device)
+    if not total > 0:
+        return np.eye(3)
+    xw = x * w[..., None]
+    return torch.einsum("zyxi,zyxj->ij", xw, x).cpu().numpy() / total
+
+
+def _overlap_or_raise(fixed: Image, moving: Image) -> None:
+    """GeometryError when no voxel centre of ``fixed`` (on a coarse lattice) lies inside ``moving``."""
+    coarse = fixed.grid.with_spacing(max(max(fixed.grid.extent_mm) / 16.0, max(fixed.grid.spacing)))
+    pts = coarse.world_coords(torch.float64)
+    if bool(moving.grid.inside(pts).any()):
+        return
+    dist = float(np.linalg.norm(fixed.grid.center_world() - moving.grid.center_world()))
+    raise GeometryError(
+        f"fixed image '{fixed.name or 'fixed'}' and moving image '{moving.name or 'moving'}' do not overlap in world "
+        f"space: their centres are {dist:.1f} mm apart; use affine init 'moments' or 'center' to align them first, "
+        "or fix the image headers"
+    )
+
+
+def _euler(rx: float, ry: float, rz: float) -> np.ndarray:
+    """Rotation (3, 3) about the LPS x, then y, then z axes (degrees)."""
+    rv = [np.array([1.0, 0, 0]) * math.radians(rx), np.array([0, 1.0, 0]) * math.radians(ry),
+          np.array([0, 0, 1.0]) * math.radians(rz)]
+    R = np.eye(3)
+    for v in rv:
+        R = rotation_matrix(torch.as_tensor(v, dtype=torch.float64)).numpy() @ R
+    return R
+
+
+def _principal_axes(cov: np.ndarray) -> np.ndarray:
+    """Eigenvectors (columns) of a covariance, sorted by decreasing eigenvalue, right-handed."""
+    vals, vecs = np.linalg.eigh(cov)
+    vecs = vecs[:, np.argsort(vals)[::-1]]
+    if np.linalg.det(vecs) < 0:
+        vecs[:, 2] *= -1
+    return vecs
+
+
+def _candidate_rotations(fixed_cov: np.ndarray, moving_cov: np.ndarray, angles_deg: tuple[float, ...],
+                         max_axes_angle_deg: float = 60.0) -> list[np.ndarray]:
+    """Rotations (fixed -> moving directions) to try: identity, a grid of Euler angles, and the principal
+    axis alignments (the 4 sign choices that keep a right-handed frame) within ``max_axes_angle_deg``."""
+    rots = [_euler(a, b, c) for a, b, c in itertools.product(angles_deg, repeat=3)]
+    Ef, Em = _principal_axes(fixed_cov), _principal_axes(moving_cov)
+    for signs in ((1, 1, 1), (-1, -1, 1), (-1, 1, -1), (1, -1, -1)):
+        R = Em @ np.diag(signs) @ Ef.T
+        ang = math.degrees(math.acos(np.clip((np.trace(R) - 1) / 2, -1, 1)))
+        if ang <= max_axes_angle_deg:
+            rots.append(R)
+    return rots
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _check_scalar(image: Image, role: str) -> None:
+    if image.data.dim() != 3:
+        raise InputError(
+            f"{role} image '{image.name}' has shape {tuple(image.data.shape)}; the affine stage needs a scalar 3D image"
+        )
+
+
+def _mask_level(mask: Optional[Image], spacing: float, role: str, device) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    m = mask.with_data((mask.data > 0).to(torch.float32)) if mask.data.dim() == 3 else None
+    if m is None:
+        raise InputError(f"{role} mask '{mask.name}' must be a scalar 3D image")
+    if float(m.data.sum()) == 0:
+        raise GeometryError(f"{role} mask '{mask.name}' has 0 voxels inside the image")
+    return downsample(m, spacing).data.clamp(0.0, 1.0).to(device)
+
+
+def _progress_adapter(progress: Any, stage: str) -> Optional[Callable[[int, int, float], None]]:
+    """Solver callback ``(i, n, loss)`` forwarding to ``progress``: either a ``Progress`` object
+    (``start/update/finish``) or a callable ``progress(stage, i, n)``."""
+    if progress is None:
+        return None
+    if hasattr(progress, "update") and hasattr(progress, "start"):
+        started = [False]
+
+        def cb(i: int, n: int, loss: float) -> None:
+            if not started[0]:
+                progress.start(stage, n)
+                started[0] = True
+            progress.update(stage, i, f"loss {loss:.4g}")
+            if i >= n:
+                progress.finish(stage)
+
+        return cb
+    return lambda i, n, loss: progress(stage, i, n)
+
+
+def _similarity_params(cfg: AffineConfig, grid: Grid) -> dict:
+    return {"radius_mm": cfg.lncc_radius_mm, "spacing": grid.spacing, "bins": cfg.mi_bins}
+
+
+# ------------------------------------------------------------------------------------------- the stage
+class _Runner:
+    """Builds the pyramid once and runs initialisation and the per-level solves."""
+
+    def __init__(self, fixed: Image, moving: Image, cfg: AffineConfig, fixed_mask: Optional[Image],
+                 moving_mask: Optional[Image], progress: Any, device) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.device = torch.device(device) if device is not None else fixed.data.device
+        self.fixed_center = fixed.grid.center_world()
+        self.moving_center = moving.grid.center_world()
+        finest = min(cfg.levels_mm)
+        f_levels = {lv: downsample(fixed, lv) for lv in cfg.levels_mm}
+        m_levels = {lv: downsample(moving, lv) for lv in cfg.levels_mm}
+        fm = {lv: _mask_level(fixed_mask, lv, "fixed", self.device) for lv in cfg.levels_mm}
+        mm = {lv: _mask_level(moving_mask, lv, "moving", self.device) for lv in cfg.levels_mm}
+        # one intensity scaling per image, from its finest level (inside its mask when given)
+        f_lo, f_hi = percentile_range(f_levels[finest].data, 0.5, 99.5, fm[finest])
+        m_lo, m_hi = percentile_range(m_levels[finest].data, 0.5, 99.5, mm[finest])
+        self.levels: list[_Level] = []
+        for lv in cfg.levels_mm:
+            self.levels.append(_Level(
+                lv,
+                rescale(f_levels[lv].data, f_lo, f_hi)[None].to(self.device),
+                rescale(m_levels[lv].data, m_lo, m_hi)[None].to(self.device),
+                f_levels[lv].grid, m_levels[lv].grid, fm[lv], mm[lv],
+            ))
+        coarse = self.levels[int(np.argmax(cfg.levels_mm))]
+        self.coarse = coarse
+        self.fixed_com = center_of_mass(coarse.fixed[0], coarse.grid, coarse.fixed_mask)
+        self.moving_com = center_of_mass(coarse.moving[0], coarse.moving_grid, coarse.moving_mask)
+        cov = second_moments(coarse.fixed[0], coarse.grid, self.fixed_com, coarse.fixed_mask)
+        self.fixed_cov = cov
+        self.radius_mm = float(math.sqrt(max(np.trace(cov), 1e-6)))
+        self.history: dict[str, list[dict]] = {}
+
+    # ----------------------------------------------------------------- solver runs
+    def solve(self, model: str, level: _Level, init: AffineTransform, iterations: int, key: str,
+              lr_scale: float = 1.0) -> tuple[AffineTransform, float]:
+        """Run the shared solver on one level in rounds of decreasing step; returns (transform, last loss)."""
+        cfg = self.cfg
+        current, last = init, math.inf
+        records = self.history.setdefault(key, [])
+        done = 0
+        for r, (frac, factor) in enumerate(LR_ROUNDS):
+            n = iterations - done if r == len(LR_ROUNDS) - 1 else int(round(iterations * frac))
+            if n <= 0:
+                continue
+            lr = cfg.learning_rate * factor * lr_scale
+            solver = InstanceOptimization(
+                model=model, similarity=cfg.metric, optimizer="adam", regularizer="none", reg_weight=0.0,
+                iterations=n, lr=lr,
+                model_params={"center": self.fixed_com, "radius_mm": self.radius_mm},
+                similarity_params=_similarity_params(cfg, level.grid),
+                stage=f"affine stage ({key})",
+                progress=_progress_adapter(self.progress, f"affine {key}") if r == 0 else None,
+            )
+            res = solver.run(level.problem(), init=current)
+            for h in res.history:
+                records.append({**h, "iteration": h["iteration"] + done, "round": r, "lr": lr})
+            current = res.model.transform()
+            last = res.history[-1]["loss"] if res.history else last
+            done += n
+        self._check(current, key)
+        return current, last
+
+    def _check(self, tx: AffineTransform, key: str) -> None:
+        A = tx.linear
+        if not np.all(np.isfinite(tx.matrix)):
+            raise ConvergenceError(f"affine stage ({key}) produced a non-finite transform")
+        det = float(np.linalg.det(A))
+        if not (0.1 < det < 10.0):
+            raise ConvergenceError(
+                f"affine stage ({key}) diverged: the linear part has determinant {det:.3g} (folding or collapse)"
+            )
+
+    def score(self, level: _Level, transforms: list[AffineTransform]) -> list[float]:
+        """Similarity loss of each transform at ``level`` (no optimisation)."""
+        sim = make_similarity(self.cfg.metric, **_similarity_params(self.cfg, level.grid))
+        model = MODELS.get("rigid")(level.grid, init=None, center=self.fixed_com, device=self.device)
+        warper = FieldWarper(level.moving_grid, level.grid, self.device)
+        fixed = level.fixed[None]
+        moving = level.moving[None]
+        fmask = level.fixed_mask[None, None] if level.fixed_mask is not None else None
+        mmask = level.moving_mask[None, None] if level.moving_mask is not None else None
+        out = []
+        with torch.no_grad():
+            for tx in transforms:
+                M = torch.as_tensor(tx.matrix, dtype=torch.float64, device=self.device)
+                c = model.center
+                model.A0.copy_(M[:3, :3])
+                model.translation.copy_(M[:3, :3] @ c + M[:3, 3] - c)
+                coords = warper.coords(model())
+                warped = grid_sample(moving, coords, "bilinear", "border")
+                mask = fmask
+                if mmask is not None:
+                    wm = grid_sample(mmask, coords, "bilinear", "zeros")
+                    mask = wm if mask is None else mask * wm
+                out.append(float(sim(fixed, warped, mask)))
+        return out
+
+    # ----------------------------------------------------------------- initialisation
+    def initial_transform(self) -> AffineTransform:
+        cfg = self.cfg
+        c = self.fixed_com
+        if cfg.init == "none":
+            return AffineTransform.identity(c)
+        if cfg.init == "geometry":
+            f_c = self.fixed_center
+            m_c = self.moving_center
+            return AffineTransform.from_linear(np.eye(3), m_c - f_c, c)
+        shift = self.moving_com - self.fixed_com
+        base = AffineTransform.from_linear(np.eye(3), shift, c)
+        if cfg.init == "center":
+            return base
+        # moments: candidate rotations about the fixed centre of mass, mapped onto the moving centre
+        coarse = self.coarse
+        m_cov = second_moments(coarse.moving[0], coarse.moving_grid, self.moving_com, coarse.moving_mask)
+        rots = _candidate_rotations(self.fixed_cov, m_cov, INIT_ANGLES_DEG)
+        cands = [AffineTransform.from_linear(R, shift, c) for R in rots]
+        scores = self.score(coarse, cands)
+        order = np.argsort(scores)
+        records = self.history.setdefault("init", [])
+        for i in order[:INIT_REFINE]:
+            records.append({"candidate": int(i), "score": float(scores[i]),
+                            "rotation_deg": float(np.degrees(np.linalg.norm(_rotvec(cands[i].linear))))})
+        best, best_loss = cands[int(order[0])], math.inf
+        for k, i in enumerate(order[:INIT_REFINE]):
+            tx, loss = self.solve("rigid", coarse, cands[int(i)], INIT_REFINE_ITERATIONS, f"init/candidate{k}")
+            records.append({"candidate": int(i), "refined_loss": loss})
+            if loss < best_loss:
+                best, best_loss = tx, loss
+        return best
+
+    # ----------------------------------------------------------------- all stages
+    def run(self) -> tuple[AffineTransform, AffineTransform]:
+        init = self.initial_transform()
+        current = init
+        order = sorted(range(len(self.levels)), key=lambda i: -self.cfg.levels_mm[i])
+        for stage in self.cfg.stages:
+            for i in order:
+                level = self.levels[i]
+                iters = self.cfg.iterations[i]
+                if iters <= 0:
+                    continue
+                current, _ = self.solve(stage, level, current, iters, f"{stage}/{level.spacing:g}mm")
+        return current, init
+
+
+def _rotvec(R: np.ndarray) -> np.ndarray:
+    from regcli.solvers.models import rotation_vector
+
+    U, _, Vt = np.linalg.svd(R)
+    return rotation_vector(U @ Vt)
+
+
+# candidate Euler angles (degrees) per axis for the "moments" search, and how many are refined
+INIT_ANGLES_DEG: tuple[float, ...] = (-20.0, 0.0, 20.0)
+INIT_REFINE = 3
+INIT_REFINE_ITERATIONS = 30
+
+
+def run_affine_stage(fixed: Image, moving: Image, cfg: AffineConfig, fixed_mask: Optional[Image] = None,
+                     moving_mask: Optional[Image] = None, progress: Any = None, device=None) -> AffineStageResult:
+    """Align ``moving`` to ``fixed`` with a linear transform (see the module docstring).
+
+    Args:
+        fixed, moving: scalar (Z, Y, X) images on any grids (float or integer intensities, any range).
+        cfg: the affine configuration (init, stages, metric, pyramid levels in mm, iterations, ...).
+        fixed_mask, moving_mask: optional masks on the fixed/moving grids (non-zero = inside); they weight
+            the metric.
+        progress: a ``Progress`` object (start/update/finish) or a callable ``progress(stage, i, n)``.
+        device: torch device for the optimisation (default: the fixed image's device).
+    Returns:
+        :class:`AffineStageResult` with the fixed -> moving world transform.
+    Raises:
+        GeometryError: the images do not overlap in world space and ``cfg.init`` is "none"/"geometry";
+            an empty mask.
+        ConvergenceError: the optimiser diverged (non-finite loss or a degenerate matrix).
+    """
+    t0 = time.perf_counter()
+    _check_scalar(fixed, "fixed")
+    _check_scalar(moving, "moving")
+    if cfg.init in ("none", "geometry"):
+        _overlap_or_raise(fixed, moving)
+    runner = _Runner(fixed, moving, cfg, fixed_mask, moving_mask, progress, device)
+    transform, init = runner.run()
+    return AffineStageResult(transform, runner.history, time.perf_counter() - t0, init)

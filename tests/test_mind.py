@@ -1,0 +1,101 @@
+"""MIND-SSC features (regcli.features.mind)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy import ndimage as ndi
+
+from regcli.features.mind import box_filter, mind_ssc, ssc_pairs
+
+from conftest import make_phantom
+
+
+def _phantom_tensor(size=(36, 34, 32)) -> torch.Tensor:
+    img = make_phantom("LPS", "iso", size=size)
+    return torch.from_numpy(sitk.GetArrayFromImage(img).astype(np.float32))[None, None]
+
+
+def _reference_mind(img: np.ndarray, radius: int, dilation: int) -> np.ndarray:
+    """Direct NumPy/SciPy transcription of the definition (edge-replicated borders), (12, Z, Y, X)."""
+    d = dilation
+    padded = np.pad(img, d, mode="edge")
+    Z, Y, X = img.shape
+
+    def shifted(o):
+        dz, dy, dx = (d * v for v in o)
+        return padded[d + dz:d + dz + Z, d + dy:d + dy + Y, d + dx:d + dx + X]
+
+    ssd = np.stack([ndi.uniform_filter((shifted(a) - shifted(b)) ** 2, 2 * radius + 1, mode="nearest")
+                    for a, b in ssc_pairs()])
+    mind = ssd - ssd.min(0, keepdims=True)
+    var = mind.mean(0, keepdims=True)
+    m = var.mean()
+    var = np.clip(var, 1e-3 * m, 1e3 * m)
+    return np.exp(-mind / var)
+
+
+def test_pairs_are_the_twelve_ssc_pairs():
+    pairs = ssc_pairs()
+    assert len(pairs) == 12
+    for a, b in pairs:
+        assert sum((p - q) ** 2 for p, q in zip(a, b)) == 2  # perpendicular neighbours, never opposite
+
+
+def test_box_filter_equals_3d_box_with_replicated_edges():
+    x = torch.rand(2, 3, 9, 10, 11, dtype=torch.float64)
+    for r in (1, 2):
+        ref = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(x, (r,) * 6, mode="replicate"), 2 * r + 1, 1)
+        assert torch.allclose(box_filter(x, r), ref, atol=1e-12)
+
+
+def test_shape_range_and_reference():
+    img = _phantom_tensor()
+    out = mind_ssc(img, radius=1, dilation=2)
+    assert out.shape == (1, 12, *img.shape[2:]) and out.dtype == torch.float32
+    assert torch.isfinite(out).all() and out.min() > 0 and out.max() <= 1.0 + 1e-6
+    ref = _reference_mind(img[0, 0].double().numpy(), 1, 2)
+    assert np.abs(out[0].numpy() - ref).max() < 1e-4
+
+
+def test_invariant_to_global_affine_intensity_change():
+    img = _phantom_tensor()
+    ref = mind_ssc(img)
+    for a, b in ((2.5, -3.0), (-0.5, 10.0), (1000.0, 0.0)):
+        assert (mind_ssc(a * img + b) - ref).abs().max() < 2e-4, (a, b)
+
+
+def test_shifted_image_gives_shifted_features():
+    img = torch.nn.functional.pad(_phantom_tensor(), (6,) * 6)  # zero background all round
+    shift = (2, -3, 1)  # (z, y, x) voxels
+    moved = torch.roll(img, shifts=shift, dims=(2, 3, 4))  # only background wraps round
+    a = torch.roll(mind_ssc(img, 1, 2), shifts=shift, dims=(2, 3, 4))
+    b = mind_ssc(moved, 1, 2)
+    m = 3 + 2 + 1  # shift + dilation + radius: away from the borders
+    inner = (slice(None), slice(None), slice(m, -m), slice(m, -m), slice(m, -m))
+    assert (a[inner] - b[inner]).abs().max() < 1e-5
+
+
+def test_finite_on_constant_regions_and_constant_images():
+    img = _phantom_tensor()
+    img[..., :10, :, :] = 0.7  # a constant slab
+    out = mind_ssc(img)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[..., 3:6, :, :], torch.ones(()), atol=1e-6)  # no structure: all channels equal
+    const = mind_ssc(torch.full((1, 1, 12, 13, 14), 3.0))
+    assert torch.isfinite(const).all() and torch.allclose(const, torch.ones(()))
+
+
+def test_accepts_zyx_and_batches():
+    img = _phantom_tensor((20, 18, 16))
+    a = mind_ssc(img[0, 0])
+    b = mind_ssc(torch.cat([img, 2 * img + 1]))
+    assert a.shape == (1, 12, 16, 18, 20) and b.shape == (2, 12, 16, 18, 20)
+    assert (b[1] - a[0]).abs().max() < 1e-4
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        mind_ssc(torch.zeros(1, 2, 8, 8, 8))

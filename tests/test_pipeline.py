@@ -1,0 +1,181 @@
+"""End-to-end registration on phantoms: RELIABILITY rows G1, G5, T2, N1, E1, E3, E5, E6, E7 and outputs."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import DIRECTIONS, centred_origin, make_phantom, phantom_labels, phantom_mask, render, write
+from regcli.config import build_config
+from regcli.errors import GeometryError, InputError
+from regcli.pipeline import RegisterInputs, register_images, run_register
+from regcli.io.images import read_image
+from regcli.spaces import Grid
+
+FAST = {"affine": {"levels_mm": [4.0, 2.0], "iterations": [60, 40]}, "instance": {"iterations": 40},
+        "html_report": False}
+
+
+def _cfg(**over):
+    from regcli.config import deep_merge
+
+    return build_config(None, deep_merge(FAST, over))
+
+
+def _sin_field(p: np.ndarray, amp=2.0) -> np.ndarray:
+    """A smooth displacement (mm) of amplitude ``amp`` at world points p (..., 3)."""
+    return amp * np.stack([np.sin(p[..., 1] / 9.0), np.sin(p[..., 2] / 8.0 + 0.5), np.sin(p[..., 0] / 10.0)], -1)
+
+
+def test_g1_register_to_itself_is_identity(tmp_path):
+    img = make_phantom("oblique15", "iso")
+    f = write(img, tmp_path / "f.nii.gz")
+    fixed = read_image(f, "fixed")
+    reg = register_images(fixed, fixed, _cfg(working_spacing_mm=1.5))
+    A = reg.affine.matrix
+    assert np.abs(A[:3, :3] - np.eye(3)).max() < 1e-3
+    assert np.linalg.norm(A[:3, 3]) < 0.05
+    mask = torch.from_numpy(phantom_mask(img))
+    mag = reg.field.magnitude()[mask]
+    assert float(mag.max()) < 0.1 and float(mag.mean()) < 0.02
+
+
+@pytest.mark.slow
+def test_g5_different_grids_known_displacement(tmp_path):
+    # moving: the phantom on an oblique, anisotropic grid with another origin and size
+    D = DIRECTIONS["oblique15"]
+    mv = render((40, 44, 16), (1.2, 1.1, 3.0), centred_origin((40, 44, 16), (1.2, 1.1, 3.0), D, (2, -1, 4)), D)
+    # fixed: fixed(x) = phantom(x + s(x)), so the true fixed->moving map is x -> x + s(x)
+    fx = render((46, 42, 38), (1.0, 1.0, 1.0), centred_origin((46, 42, 38), (1, 1, 1), np.eye(3)), np.eye(3),
+                transform=lambda p: p + _sin_field(p))
+    fpath, mpath = write(fx, tmp_path / "f.nii.gz"), write(mv, tmp_path / "m.nii.gz")
+    cfg = _cfg(working_spacing_mm=1.0, affine={"enabled": False}, instance={"iterations": 80})
+    fixed, moving = read_image(fpath, "fixed"), read_image(mpath, "moving")
+    reg = register_images(fixed, moving, cfg)
+    assert reg.field.grid == fixed.grid
+    g = fixed.grid
+    pts = g.world_coords()
+    mask = torch.from_numpy(phantom_mask(fx, erode=3))
+    est = reg.transform.map_points(pts)[mask].numpy()
+    true = (pts.numpy() + _sin_field(pts.numpy()))[mask.numpy()]
+    err = np.linalg.norm(est - true, axis=1)
+    assert err.mean() < 0.5 and np.percentile(err, 95) < 1.0
+
+
+def test_t2_forward_inverse_is_identity_in_mm(tmp_path):
+    fx = make_phantom("LPS", "iso")
+    mv = make_phantom("LPS", "iso", transform=lambda p: p + _sin_field(p, 2.5))
+    fixed = read_image(write(fx, tmp_path / "f.nii.gz"), "fixed")
+    moving = read_image(write(mv, tmp_path / "m.nii.gz"), "moving")
+    reg = register_images(fixed, moving, _cfg(working_spacing_mm=1.5, affine={"enabled": False}))
+    from regcli.transforms import inverse_consistency_error
+
+    mask = torch.from_numpy(phantom_mask(fx))
+    err = inverse_consistency_error(reg.field, reg.inverse_field, mask)  # forward∘inverse
+    assert err["mean_mm"] < 0.1 and err["p99_mm"] < 0.5
+    err2 = inverse_consistency_error(reg.inverse_field, reg.field, mask)  # inverse∘forward
+    assert err2["mean_mm"] < 0.1 and err2["p99_mm"] < 0.5
+
+
+def _voxel_sha(path) -> str:
+    return hashlib.sha256(sitk.GetArrayFromImage(sitk.ReadImage(str(path))).tobytes()).hexdigest()
+
+
+def test_n1_deterministic_runs_are_bitwise_identical(tmp_path):
+    fx = write(make_phantom("RAS", "iso"), tmp_path / "f.nii.gz")
+    mv = write(make_phantom("RAS", "iso", transform=lambda p: p + _sin_field(p, 1.5) + 1.0), tmp_path / "m.nii.gz")
+    cfg = _cfg(seed=7, deterministic=True, threads=2)
+    shas = []
+    for k in range(2):
+        run_register(RegisterInputs(fx, mv, str(tmp_path / f"r{k}_")), cfg)
+        shas.append((_voxel_sha(tmp_path / f"r{k}_1Warp.nii.gz"), _voxel_sha(tmp_path / f"r{k}_Warped.nii.gz"),
+                     (tmp_path / f"r{k}_0GenericAffine.mat").read_bytes()))
+    assert shas[0] == shas[1]
+
+
+def test_outputs_and_report(tmp_path):
+    fimg = make_phantom("LPS", "iso")
+    mimg = make_phantom("PIL", "aniso", transform=lambda p: p + np.array([2.0, -1.0, 1.5]))
+    fx, mv = write(fimg, tmp_path / "f.nii.gz"), write(mimg, tmp_path / "m.nii.gz")
+    fl, ml = write(phantom_labels(fimg), tmp_path / "fl.nii.gz"), write(phantom_labels(mimg), tmp_path / "ml.nii.gz")
+    rep = run_register(RegisterInputs(fx, mv, str(tmp_path / "p_"), fixed_labels=fl, moving_labels=ml),
+                       _cfg(working_spacing_mm=2.0))
+    for name in ("0GenericAffine.mat", "1Warp.nii.gz", "1InverseWarp.nii.gz", "Warped.nii.gz", "Report.json"):
+        assert (tmp_path / f"p_{name}").exists(), name
+    warp = sitk.ReadImage(str(tmp_path / "p_1Warp.nii.gz"))
+    assert Grid.from_sitk(warp).allclose(Grid.from_sitk(fimg), 1e-6)
+    data = json.loads((tmp_path / "p_Report.json").read_text())
+    assert data["metrics"]["dice_mean"] > data["metrics"]["dice_initial_mean"]
+    assert data["metrics"]["dice_mean"] > 0.8
+    assert rep["metrics"]["pct_nonpos_jac"] < 0.1
+    assert not list(tmp_path.glob(".regcli-tmp*"))
+
+
+# ---------------------------------------------------------------------- errors: one line, no outputs
+def _assert_no_outputs(tmp_path, prefix="p_"):
+    assert not list(tmp_path.glob(prefix + "*")), list(tmp_path.glob(prefix + "*"))
+    assert not list(tmp_path.glob(".regcli-tmp*"))
+
+
+def test_e1_truncated_gzip(tmp_path):
+    good = write(make_phantom(), tmp_path / "m.nii.gz")
+    raw = good.read_bytes()
+    bad = tmp_path / "trunc.nii.gz"
+    bad.write_bytes(raw[: len(raw) // 2])
+    notgz = tmp_path / "plain.nii.gz"
+    notgz.write_bytes(gzip.decompress(raw)[:1000])
+    for path in (bad, notgz):
+        with pytest.raises(InputError) as e:
+            run_register(RegisterInputs(good, path, str(tmp_path / "p_")), _cfg())
+        assert str(path) in str(e.value) and ("truncated" in str(e.value) or "gzip" in str(e.value))
+        assert "\n" not in e.value.one_line()
+    _assert_no_outputs(tmp_path)
+
+
+def test_e3_constant_image(tmp_path):
+    img = make_phantom()
+    const = sitk.Image(img.GetSize(), sitk.sitkFloat32) + 5.0
+    const.CopyInformation(img)
+    f, c = write(img, tmp_path / "f.nii.gz"), write(const, tmp_path / "c.nii.gz")
+    with pytest.raises(InputError, match="zero intensity variance"):
+        run_register(RegisterInputs(f, c, str(tmp_path / "p_")), _cfg())
+    _assert_no_outputs(tmp_path)
+
+
+def test_e7_2d_4d_vector_inputs(tmp_path):
+    img = make_phantom()
+    f = write(img, tmp_path / "f.nii.gz")
+    arr = sitk.GetArrayFromImage(img)
+    four = write(sitk.JoinSeries([img, img]), tmp_path / "four.nii.gz")
+    two = write(sitk.GetImageFromArray(arr[5]), tmp_path / "two.nii.gz")
+    vec = write(sitk.Compose(img, img, img), tmp_path / "vec.nii.gz")
+    for path, words in ((four, "4D"), (two, "2D"), (vec, "vector")):
+        with pytest.raises(InputError, match=words) as e:
+            run_register(RegisterInputs(f, path, str(tmp_path / "p_")), _cfg())
+        assert str(path) in str(e.value)
+    _assert_no_outputs(tmp_path)
+
+
+def test_e5_empty_mask(tmp_path):
+    img = make_phantom()
+    f = write(img, tmp_path / "f.nii.gz")
+    empty = sitk.Image(img.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(img)
+    m = write(empty, tmp_path / "mask.nii.gz")
+    with pytest.raises(GeometryError, match="0 voxels"):
+        run_register(RegisterInputs(f, f, str(tmp_path / "p_"), fixed_mask=m), _cfg())
+    _assert_no_outputs(tmp_path)
+
+
+def test_e6_no_overlap_without_affine_init(tmp_path):
+    f = write(make_phantom(), tmp_path / "f.nii.gz")
+    far = write(make_phantom(centre=(1000.0, 0.0, 0.0)), tmp_path / "far.nii.gz")
+    with pytest.raises(GeometryError, match="mm apart"):
+        run_register(RegisterInputs(f, far, str(tmp_path / "p_")), _cfg(affine={"enabled": False}))
+    _assert_no_outputs(tmp_path)
