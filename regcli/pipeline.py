@@ -343,7 +343,7 @@ def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, landmarks, t
         detj = jacobian_determinant(reg.field) * float(np.linalg.det(reg.affine.linear))
         mask = (fixed_labels.data > 0) if fixed_labels is not None and fixed_labels.grid.allclose(fixed.grid) else None
         out["jacobian"] = jacobian_stats(detj, mask)
-        out["pct_nonpos_jac"] = out["jacobian"]["pct_nonpos"]
+        out["pct_nonpos_jac"] = out["jacobian"]["pct_nonpos_jac"]
         out["sdlogj"] = out["jacobian"]["sdlogj"]
         if reg.inverse_error is not None:
             out["inverse_consistency_mm"] = reg.inverse_error

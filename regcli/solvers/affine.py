@@ -45,7 +45,7 @@ from regcli.spaces.image import Image
 from regcli.transforms.affine import AffineTransform
 
 # (fraction of the level's iterations, factor on the learning rate) for the rounds of one level
-LR_ROUNDS: tuple[tuple[float, float], ...] = ((0.5, 1.0), (0.3, 0.3), (0.2, 0.1))
+LR_ROUNDS: tuple[tuple[float, float], ...] = ((0.4, 1.0), (0.3, 0.3), (0.2, 0.1), (0.1, 0.03))
 
 
 @dataclass
@@ -176,24 +176,23 @@ def _mask_level(mask: Optional[Image], spacing: float, role: str, device) -> Opt
     return downsample(m, spacing).data.clamp(0.0, 1.0).to(device)
 
 
-def _progress_adapter(progress: Any, stage: str) -> Optional[Callable[[int, int, float], None]]:
-    """Solver callback ``(i, n, loss)`` forwarding to ``progress``: either a ``Progress`` object
-    (``start/update/finish``) or a callable ``progress(stage, i, n)``."""
+def _progress_adapter(progress: Any, stage: str, offset: int, total: int) -> Optional[Callable[[int, int, float], None]]:
+    """Solver callback ``(i, n, loss)`` of one round, reported as iteration ``offset + i`` of ``total`` to
+    ``progress``: either a ``Progress`` object (``start/update/finish``) or a callable ``progress(stage, i, n)``."""
     if progress is None:
         return None
     if hasattr(progress, "update") and hasattr(progress, "start"):
-        started = [False]
 
         def cb(i: int, n: int, loss: float) -> None:
-            if not started[0]:
-                progress.start(stage, n)
-                started[0] = True
-            progress.update(stage, i, f"loss {loss:.4g}")
-            if i >= n:
+            k = offset + i
+            if k == 1:
+                progress.start(stage, total)
+            progress.update(stage, k, f"loss {loss:.4g}")
+            if k >= total:
                 progress.finish(stage)
 
         return cb
-    return lambda i, n, loss: progress(stage, i, n)
+    return lambda i, n, loss: progress(stage, offset + i, total)
 
 
 def _similarity_params(cfg: AffineConfig, grid: Grid) -> dict:
@@ -255,7 +254,7 @@ class _Runner:
                 model_params={"center": self.fixed_com, "radius_mm": self.radius_mm},
                 similarity_params=_similarity_params(cfg, level.grid),
                 stage=f"affine stage ({key})",
-                progress=_progress_adapter(self.progress, f"affine {key}") if r == 0 else None,
+                progress=_progress_adapter(self.progress, f"affine {key}", done, iterations),
             )
             res = solver.run(level.problem(), init=current)
             for h in res.history:

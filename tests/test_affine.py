@@ -1,0 +1,298 @@
+"""The affine stage (RELIABILITY rows G1-G4, E6, E8) and the rigid/affine transform models.
+
+The phantoms are rendered from a smooth world-space function (the conftest phantom's body and blobs, with
+its L marker drawn as soft tubes), so that the *same physical object* sampled on different grids differs
+only by sampling, not by aliasing of a binary marker: the sub-voxel tolerances below measure the
+registration, not the rendering.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import DIRECTIONS, SPACINGS, centred_origin, render
+from regcli.config import AffineConfig
+from regcli.errors import GeometryError
+from regcli.solvers.affine import AffineStageResult, center_of_mass, run_affine_stage
+from regcli.solvers.instance import InstanceOptimization, Problem
+from regcli.solvers.models import MODELS, rotation_matrix, rotation_vector
+from regcli.spaces.grid import Grid
+from regcli.spaces.image import Image
+from regcli.transforms.affine import AffineTransform
+
+CENTRE = np.array([1.5, -2.0, 3.0])  # where make_phantom puts the grid centre (world mm)
+FAST = dict(levels_mm=(4.0, 2.0), iterations=(60, 40))
+
+
+def smooth_phantom(p: np.ndarray) -> np.ndarray:
+    """Smooth version of ``conftest.phantom_value`` at world points p (..., 3): same body, blobs and
+    L-shaped marker in the (+x, +y, +z) octant, the marker made of soft tubes (about 1.2 mm radius)."""
+    x, y, z = p[..., 0], p[..., 1], p[..., 2]
+    body = 1.0 / (1.0 + np.exp(((x / 17.0) ** 2 + (y / 14.0) ** 2 + (z / 12.0) ** 2 - 1.0) * 12.0))
+    v = 0.3 * body
+    blobs = [((-6, -4, 2), (4.0, 3.0, 3.5), 0.5), ((5, 3, -3), (3.0, 4.5, 3.0), 0.35),
+             ((0, 6, 4), (2.5, 2.5, 2.5), -0.2), ((-4, 5, -4), (3.5, 2.0, 2.5), 0.25),
+             ((7, -6, 3), (2.0, 3.0, 2.0), 0.3)]
+    for (cx, cy, cz), (sx, sy, sz), a in blobs:
+        v = v + a * body * np.exp(-(((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2 + ((z - cz) / sz) ** 2))
+
+    def soft(t, lo, hi, w=0.6):
+        return 1.0 / (1.0 + np.exp(-(t - lo) / w)) / (1.0 + np.exp((t - hi) / w))
+
+    bar1 = soft(y, 6.8, 9.2) * soft(z, 4.8, 7.2) * soft(x, 4.0, 12.0)
+    bar2 = soft(x, 9.8, 12.2) * soft(z, 4.8, 7.2) * soft(y, 2.0, 8.0)
+    v = v + 0.6 * np.maximum(bar1, bar2)
+    return v.astype(np.float32)
+
+
+def phantom(direction="LPS", spacing="iso", transform=None, centre=CENTRE, fn=smooth_phantom,
+            extent=(48.0, 44.0, 40.0)) -> Image:
+    """The smooth phantom on a grid like ``conftest.make_phantom``; ``transform`` maps grid points to
+    phantom points (so the rendered object is moved by its inverse)."""
+    D = DIRECTIONS[direction] if isinstance(direction, str) else np.asarray(direction)
+    sp = SPACINGS[spacing] if isinstance(spacing, str) else tuple(spacing)
+    axis_world = np.argmax(np.abs(D), axis=0)
+    size = [int(round(extent[a] / s)) for a, s in zip(axis_world, sp)]
+    origin = centred_origin(size, sp, D, centre)
+    img = render(size, sp, origin, D, fn=fn, transform=transform)
+    return Image(torch.from_numpy(sitk.GetArrayFromImage(img)), Grid.from_sitk(img), f"phantom-{direction}")
+
+
+def cfg(**kw) -> AffineConfig:
+    return AffineConfig(**{**FAST, **kw})
+
+
+def linear_error(tx: AffineTransform, truth: AffineTransform) -> tuple[float, float, float]:
+    """(max |A - A_true|, rotation error in degrees, translation error in mm at the phantom centre)."""
+    ang, dist = tx.rotation_translation_error(truth, at=CENTRE)
+    return float(np.abs(tx.linear - truth.linear).max()), ang, dist
+
+
+# ------------------------------------------------------------------------------------------ models
+def test_rotation_exponential_map_round_trip():
+    for rv in ([0.0, 0.0, 0.0], [1e-9, 0, 0], [0.1, -0.2, 0.3], [0.0, 0.0, math.pi - 1e-3], [2.0, 1.0, -0.5]):
+        rv = np.asarray(rv, dtype=np.float64)
+        R = rotation_matrix(torch.as_tensor(rv)).numpy()
+        assert np.allclose(R @ R.T, np.eye(3), atol=1e-12) and np.linalg.det(R) == pytest.approx(1.0)
+        assert np.allclose(rotation_vector(R), rv, atol=1e-6)
+    # agrees with SimpleITK's versor (axis-angle) convention
+    axis, angle = np.array([0.3, 0.2, 0.93]) / np.linalg.norm([0.3, 0.2, 0.93]), math.radians(15)
+    ref = np.asarray(sitk.VersorTransform(tuple(axis), angle).GetMatrix()).reshape(3, 3)
+    assert np.allclose(rotation_matrix(torch.as_tensor(axis * angle)).numpy(), ref, atol=1e-12)
+    # gradient at zero is finite
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    rotation_matrix(w).sum().backward()
+    assert torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("name", ["rigid", "affine"])
+def test_linear_model_displacement_matches_transform(name):
+    grid = Grid((9, 7, 5), (1.0, 1.5, 3.0), (10.0, -20.0, 5.0), DIRECTIONS["oblique15"])
+    R = rotation_matrix(torch.tensor([0.1, -0.05, 0.2], dtype=torch.float64)).numpy()
+    A = R if name == "rigid" else R @ np.diag([1.1, 0.95, 1.02])
+    init = AffineTransform.from_linear(A, [2.0, -1.0, 0.5], center=[3.0, 4.0, 5.0])
+    model = MODELS.get(name)(grid, init=init, center=[-1.0, 2.0, 0.0])
+    disp = model()
+    assert disp.shape == (1, 3, *grid.shape) and disp.dtype == torch.float32
+    x = grid.world_coords()
+    want = (init.map_points(x) - x).permute(3, 0, 1, 2)[None]
+    assert torch.allclose(disp.double(), want, atol=1e-5)
+    assert np.allclose(model.transform().matrix, init.matrix, atol=1e-12)
+    groups = model.param_groups(0.01)
+    assert sum(p.numel() for g in groups for p in g["params"]) == (6 if name == "rigid" else 12)
+    assert max(g["lr"] for g in groups) == pytest.approx(0.01 * model.radius_mm)  # translation in mm
+    disp.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_shared_solver_runs_linear_models():
+    """The rigid model plugs into the shared InstanceOptimization solver (no private loop)."""
+    f = phantom()
+    m = phantom(transform=lambda p: p - np.array([1.0, 0.0, 0.0]))
+    prob = Problem(f.data, m.data, f.grid)
+    solver = InstanceOptimization(model="rigid", similarity="mse", regularizer="none", iterations=60, lr=0.02,
+                                  model_params={"center": CENTRE, "radius_mm": 15.0})
+    res = solver.run(prob, init=AffineTransform.identity())
+    t = res.model.transform().offset
+    assert t[0] == pytest.approx(1.0, abs=0.15)
+
+
+# ------------------------------------------------------------------------------------------ G1
+@pytest.mark.parametrize("stages", [("rigid",), ("rigid", "affine")])
+def test_G1_self_registration_is_identity(stages):
+    f = phantom()
+    res = run_affine_stage(f, f, cfg(stages=stages))
+    assert isinstance(res, AffineStageResult)
+    a_err, _, t_err = linear_error(res.transform, AffineTransform.identity())
+    assert a_err < 1e-3
+    assert t_err < 0.05
+    keys = [k for k in res.history if k != "init"]
+    assert keys == [f"{s}/{lv:g}mm" for s in stages for lv in FAST["levels_mm"]]
+    assert res.seconds > 0
+
+
+# ------------------------------------------------------------------------------------------ G2
+@pytest.mark.parametrize("layout,spacing,tol_a,tol_t", [("RAS", "iso", 1e-3, 0.05), ("PIL", "iso", 1e-3, 0.05),
+                                                        ("oblique15", "iso", 3e-3, 0.1),
+                                                        ("oblique15", "aniso", 5e-3, 0.15)])
+def test_G2_same_physical_object_other_voxel_layout(layout, spacing, tol_a, tol_t):
+    """Same object, different array layout: the result is the identity in world space.
+
+    RAS/PIL sample the same world points as LPS (an exact relayout); the oblique grids sample other
+    points (and 3 mm slices), so the tolerance there covers resampling, not geometry errors (a layout
+    bug gives errors of many mm or a flip)."""
+    f = phantom("LPS")
+    m = phantom(layout, spacing)
+    res = run_affine_stage(f, m, cfg())
+    a_err, _, t_err = linear_error(res.transform, AffineTransform.identity())
+    assert a_err < tol_a
+    assert t_err < tol_t
+
+
+# ------------------------------------------------------------------------------------------ G3
+@pytest.mark.parametrize("stages", [("rigid",), ("rigid", "affine")])
+def test_G3_known_translation_direction_and_sign(stages):
+    """The object in ``moving`` sits at +t (LPS): moving(x) = object(x - t). A fixed point p shows the same
+    anatomy as the moving point p + t, so the recovered fixed -> moving transform is p -> p + t."""
+    t_true = np.array([3.2, -1.5, 2.0])
+    f = phantom()
+    m = phantom(transform=lambda p: p - t_true)
+    res = run_affine_stage(f, m, cfg(stages=stages, init="none"))
+    t_est = res.transform.map_points(torch.as_tensor(CENTRE)).numpy() - CENTRE
+    assert np.linalg.norm(t_est - t_true) < 0.1
+    assert np.all(np.sign(t_est) == np.sign(t_true))
+    assert np.all(np.abs(t_est - t_true) < 0.06)
+    # the transform maps moving anatomy back: sampling moving at T(p) reproduces fixed
+    from regcli.resample import warp
+
+    w = warp(m, res.transform, f.grid)
+    inside = f.data > 0.05
+    ncc = np.corrcoef(w.data[inside].numpy(), f.data[inside].numpy())[0, 1]
+    assert ncc > 0.999
+
+
+# ------------------------------------------------------------------------------------------ G4
+@pytest.mark.parametrize("stages", [("rigid",), ("rigid", "affine")])
+def test_G4_rotation_about_off_centre_point_anisotropic_moving(stages):
+    """10 deg about the LPS z axis through c = (6, -4, 2) mm; moving sampled at (0.9, 0.9, 3.0) mm."""
+    c = np.array([6.0, -4.0, 2.0])
+    R = rotation_matrix(torch.tensor([0.0, 0.0, math.radians(10.0)], dtype=torch.float64)).numpy()
+    truth = AffineTransform.from_linear(R, np.zeros(3), c)  # fixed point -> moving point
+    inv = truth.inverse()
+    f = phantom("LPS", "iso")
+    m = phantom("LPS", "aniso", transform=lambda p: p @ inv.linear.T + inv.offset)
+    res = run_affine_stage(f, m, cfg(stages=stages))
+    a_err, ang, t_err = linear_error(res.transform, truth)
+    assert ang < 0.3
+    assert t_err < 0.2
+    # the rotation is about +z (right-handed, LPS), not -z
+    rv = rotation_vector(np.linalg.svd(res.transform.linear)[0] @ np.linalg.svd(res.transform.linear)[2])
+    assert math.degrees(rv[2]) == pytest.approx(10.0, abs=0.3)
+
+
+def test_moments_init_recovers_large_rotation():
+    """A 25 deg rotation about x plus a 12 mm shift is outside an identity start's capture range; the
+    moments initialisation (centre of mass + rotation search) brings it in."""
+    R = rotation_matrix(torch.tensor([math.radians(25.0), 0.0, 0.0], dtype=torch.float64)).numpy()
+    truth = AffineTransform.from_linear(R, [12.0, -6.0, 4.0], CENTRE)
+    inv = truth.inverse()
+    f = phantom()
+    m = phantom(transform=lambda p: p @ inv.linear.T + inv.offset, centre=CENTRE + np.array([12.0, -6.0, 4.0]))
+    res = run_affine_stage(f, m, cfg(stages=("rigid",)))
+    _, ang, t_err = linear_error(res.transform, truth)
+    assert ang < 0.5 and t_err < 0.3
+
+
+# ------------------------------------------------------------------------------------------ init modes
+def test_init_modes():
+    f = phantom()
+    shift = np.array([5.0, 3.0, -4.0])
+    m = phantom(transform=lambda p: p - shift)  # object moved by +shift, grid unchanged
+    geo = run_affine_stage(f, m, cfg(init="geometry", iterations=(0, 0))).init
+    assert np.allclose(geo.matrix, np.eye(4))  # same grid: image centres coincide
+    com = run_affine_stage(f, m, cfg(init="center", iterations=(0, 0))).init
+    assert np.allclose(com.offset, shift, atol=0.3)
+    none = run_affine_stage(f, m, cfg(init="none", iterations=(0, 0)))
+    assert np.allclose(none.transform.matrix, np.eye(4))
+    c = center_of_mass(f.data, f.grid)
+    assert np.linalg.norm(c - CENTRE) < 3.0
+
+
+# ------------------------------------------------------------------------------------------ masks
+def test_masks_weight_the_metric():
+    """Moving has a bright distractor outside the fixed mask; with the mask the result is unchanged."""
+    t_true = np.array([2.0, 1.0, -1.0])
+    f = phantom()
+    m = phantom(transform=lambda p: p - t_true)
+    data = m.data.clone()
+    data[:, :, :8] = 1.0  # a bright slab at x < -14 mm in moving (its grid is LPS, origin x = -22 mm)
+    m = m.with_data(data)
+    x_world = f.grid.world_coords()[..., 0]
+    fm = Image(((f.data > 0.05) & (x_world > -4.0)).to(torch.uint8), f.grid, "mask")
+    res = run_affine_stage(f, m, cfg(stages=("rigid",), init="none"), fixed_mask=fm)
+    t_est = res.transform.map_points(torch.as_tensor(CENTRE)).numpy() - CENTRE
+    assert np.linalg.norm(t_est - t_true) < 0.3
+    empty = Image(torch.zeros_like(fm.data), f.grid, "empty-mask")
+    with pytest.raises(GeometryError, match="0 voxels"):
+        run_affine_stage(f, m, cfg(), fixed_mask=empty)
+
+
+# ------------------------------------------------------------------------------------------ E6
+@pytest.mark.parametrize("init", ["none", "geometry"])
+def test_E6_no_overlap_is_refused_with_distance(init):
+    f = phantom()
+    m = phantom(centre=CENTRE + np.array([1000.0, 0.0, 0.0]))
+    with pytest.raises(GeometryError, match=r"1000\.0 mm apart") as e:
+        run_affine_stage(f, m, cfg(init=init))
+    assert e.value.exit_code == 4
+
+
+def test_E6_moments_init_aligns_far_apart_images_when_requested():
+    off = np.array([1000.0, 0.0, 0.0])
+    f = phantom()
+    m = phantom(centre=CENTRE + off, transform=lambda p: p - off)  # the object moved with its grid
+    res = run_affine_stage(f, m, cfg(init="center", stages=("rigid",)))
+    t_est = res.transform.map_points(torch.as_tensor(CENTRE)).numpy() - CENTRE
+    assert np.linalg.norm(t_est - off) < 0.1
+
+
+# ------------------------------------------------------------------------------------------ E8
+def test_E8_ct_like_negative_intensities_with_mi():
+    """Hounsfield-like values (air -1000, tissue about 0..600) with MI: works and recovers a shift."""
+    t_true = np.array([2.5, -1.0, 1.5])
+
+    def ct(p):
+        return (smooth_phantom(p) * 2000.0 - 1000.0).astype(np.float32)
+
+    f = phantom(fn=ct)
+    m = phantom(fn=ct, transform=lambda p: p - t_true)
+    assert float(f.data.min()) < -900
+    res = run_affine_stage(f, m, cfg(metric="mi", stages=("rigid",), init="none"))
+    t_est = res.transform.map_points(torch.as_tensor(CENTRE)).numpy() - CENTRE
+    assert np.linalg.norm(t_est - t_true) < 0.2
+    assert all(np.isfinite(h["loss"]) for v in res.history.values() for h in v if "loss" in h)
+
+
+def test_mi_across_contrasts():
+    """MI aligns an intensity-inverted moving image (a different 'contrast')."""
+    t_true = np.array([-2.0, 1.5, 1.0])
+    f = phantom()
+    m = phantom(transform=lambda p: p - t_true)
+    m = m.with_data(1.0 - m.data)
+    res = run_affine_stage(f, m, cfg(metric="mi", stages=("rigid",), init="none"))
+    t_est = res.transform.map_points(torch.as_tensor(CENTRE)).numpy() - CENTRE
+    assert np.linalg.norm(t_est - t_true) < 0.3
+
+
+def test_progress_callbacks():
+    calls = []
+    f = phantom()
+    run_affine_stage(f, f, cfg(stages=("rigid",), init="none"), progress=lambda s, i, n: calls.append((s, i, n)))
+    stages = {c[0] for c in calls}
+    assert any("rigid" in s for s in stages)
+    assert all(1 <= i <= n for _, i, n in calls)
