@@ -33,9 +33,11 @@ class AffineConfig(_Frozen):
         "lncc", description="lncc for the same contrast, mi (mutual information) across contrasts"
     )
     levels_mm: tuple[float, ...] = Field((8.0, 4.0), description="pyramid voxel sizes, coarse to fine")
-    iterations: tuple[int, ...] = Field((150, 80), description="iterations per pyramid level")
+    iterations: tuple[int, ...] = Field((40, 20), description="iterations per pyramid level (per stage)")
     learning_rate: float = Field(0.02, gt=0, description="Adam step (per-parameter scales in mm and radians)")
-    lncc_radius_mm: float = Field(9.0, gt=0, description="half-width of the LNCC window in mm")
+    lncc_radius_mm: float = Field(
+        5.0, gt=0, description="half-width of the LNCC window in mm (at least one voxel of each level)"
+    )
     mi_bins: int = Field(32, ge=8, le=256)
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from regcli.methods.convexadam import (
     DeformableResult, convexadam, index_to_world_vectors, padded_grid, pooled_grid,
 )
 from regcli.regularizers import diffusion
+from regcli.resample import resample_to_grid, upsample_field
 from regcli.solvers.convex import (
     TIE_BREAK, cost_volume, coupled_convex, convex_displacement, displacement_set, symmetrise,
 )
@@ -64,6 +65,16 @@ def jacobian_det(disp: torch.Tensor, grid: Grid) -> np.ndarray:
 
 
 FAST = {"instance": {"iterations": 60}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny (~10^4 IO voxels): a second OpenMP thread only adds synchronisation, and on a
+    busy 2-core machine it made each registration 20-50x slower. Thread-count agreement is tested apart."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def config(**over) -> RegisterConfig:
@@ -145,13 +156,20 @@ def test_diffusion_in_mm_equals_published_voxel_penalty():
 
 
 # ----------------------------------------------------------------------------------------- the method
-def test_identity_for_an_image_registered_to_itself():
-    """RELIABILITY G1 for the warp: max |u| < 0.1 mm and mean < 0.02 mm in the mask."""
+@pytest.mark.parametrize("working_mm", [None, 2.0])
+def test_identity_for_an_image_registered_to_itself(working_mm):
+    """RELIABILITY G1 for the warp: max |u| < 0.1 mm and mean < 0.02 mm in the mask (published defaults).
+
+    Also on the default 2 mm working grid, with the field upsampled to the image grid as the pipeline does.
+    """
     f = make_phantom("oblique15", "iso")
     img = as_image(f)
-    res = convexadam(img, img, config())
-    mag = res.field.disp.norm(dim=0).numpy()
+    work = img if working_mm is None else resample_to_grid(img, img.grid.with_spacing(working_mm))
+    res = convexadam(work, work, RegisterConfig())  # 80 Adam iterations
+    disp = upsample_field(res.field.disp, work.grid, img.grid)
+    mag = disp.norm(dim=0).numpy()
     mask = phantom_mask(f)
+    # measured: max 0.02-0.03 mm, mean 0.008-0.009 mm
     assert mag[mask].max() < 0.1 and mag[mask].mean() < 0.02, (mag[mask].max(), mag[mask].mean())
 
 
@@ -170,7 +188,8 @@ def test_recovers_a_smooth_sin_displacement(direction):
     detj = jacobian_det(res.field.disp, res.field.grid)
     assert (detj <= 0).mean() < 1e-4  # no folding
     assert set(res.timings) >= {"features", "convex", "instance", "total"}
-    assert len(res.history["instance"]) == 60 and res.history["instance"][-1]["loss"] < res.history["instance"][0]["loss"]
+    io = res.history["instance"]
+    assert len(io) == 60 and io[-1]["loss"] < io[0]["loss"]
 
 
 @pytest.mark.parametrize("direction,spacing", [("oblique15", "iso"), ("RAS", (1.2, 1.0, 1.5)),

@@ -13,6 +13,15 @@ from regcli.features.mind import box_filter, mind_ssc, ssc_pairs
 from conftest import make_phantom
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small volumes: a second OpenMP thread only adds synchronisation (and stalls on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _phantom_tensor(size=(36, 34, 32)) -> torch.Tensor:
     img = make_phantom("LPS", "iso", size=size)
     return torch.from_numpy(sitk.GetArrayFromImage(img).astype(np.float32))[None, None]

@@ -160,3 +160,25 @@ def test_ncc_sign_and_range():
     assert float(ncc(f, -f)) == pytest.approx(1.0, abs=1e-5)
     assert -1.0 <= float(ncc(f, smooth_volume(4))) <= 1.0
     assert math.isfinite(float(ncc(f, torch.zeros_like(f))))
+
+
+# ------------------------------------------------------------------ the "bending" regulariser (flow.py)
+def test_bending_energy_is_spacing_aware_and_zero_for_affine():
+    """T5-style: the same smooth deformation on 1 mm and 2 mm grids has the same bending energy (per mm);
+    an affine displacement has none."""
+    from regcli.regularizers import make_regularizer
+
+    bending = make_regularizer("bending")
+    vals = []
+    for h in (1.0, 2.0):
+        n = int(48 / h)
+        x = torch.arange(n, dtype=torch.float64) * h
+        z, y, xx = torch.meshgrid(x, x, x, indexing="ij")
+        u = torch.stack((2 * torch.sin(xx / 8) * torch.cos(y / 10), torch.cos(z / 7), torch.sin(z / 9)))[None]
+        vals.append(float(bending(u, (h, h, h))))
+        aff = torch.stack((0.1 * xx + 0.2 * y - 0.3 * z + 1, 0.05 * z, -0.1 * y))[None]
+        assert float(bending(aff, (h, h, h))) < 1e-20
+    assert vals[1] == pytest.approx(vals[0], rel=0.05)
+    u = torch.zeros(1, 3, 8, 9, 10, requires_grad=True)
+    bending(u, (1.0, 2.0, 3.0)).backward()
+    assert torch.isfinite(u.grad).all()

@@ -124,7 +124,8 @@ def _block_average(data: torch.Tensor, factors_zyx: Sequence[int], sizes_zyx: Se
     return F.avg_pool3d(data, tuple(int(f) for f in factors_zyx), stride=tuple(int(f) for f in factors_zyx))
 
 
-def downsample(image: Image, spacing_mm: float | Sequence[float]) -> Image:
+def downsample(image: Image, spacing_mm: float | Sequence[float],
+               smooth_for_mm: float | Sequence[float] | None = None) -> Image:
     """Anti-aliased resampling of ``image`` onto ``image.grid.with_spacing(spacing_mm)``.
 
     Blocks of ``floor(target / source)`` voxels are averaged, then a Gaussian brings the total smoothing
@@ -133,12 +134,16 @@ def downsample(image: Image, spacing_mm: float | Sequence[float]) -> Image:
     Args:
         image: scalar (Z, Y, X) or multi-channel (C, Z, Y, X) image (integer data are cast to float32).
         spacing_mm: target voxel size in mm (a number for isotropic, or (x, y, z)).
+        smooth_for_mm: smooth as for this (coarser) voxel size instead, while sampling at ``spacing_mm``:
+            an oversampled image, e.g. to interpolate a moving image more accurately than its level.
     Returns:
         float32 image on ``image.grid.with_spacing(spacing_mm)``.
     """
     target = image.grid.with_spacing(spacing_mm)
     src_sp = np.asarray(image.grid.spacing, dtype=np.float64)
     tgt_sp = np.asarray(target.spacing, dtype=np.float64)
+    smooth_sp = tgt_sp if smooth_for_mm is None else np.broadcast_to(
+        np.asarray(smooth_for_mm, dtype=np.float64), (3,))
     data = image.data if torch.is_floating_point(image.data) else image.data.to(torch.float32)
     data = data.to(torch.float32)
     x = data.reshape(-1, 1, *data.shape[-3:])
@@ -149,7 +154,7 @@ def downsample(image: Image, spacing_mm: float | Sequence[float]) -> Image:
         x = _block_average(x, f[::-1].tolist(), list(grid.shape))
     # remaining smoothing (variances add: block average of f voxels has variance s^2 (f^2 - 1) / 12)
     var_box = (src_sp ** 2) * (f.astype(np.float64) ** 2 - 1.0) / 12.0
-    var_tgt = np.array([antialias_sigma_mm(s, t) ** 2 for s, t in zip(src_sp, tgt_sp)])
+    var_tgt = np.array([antialias_sigma_mm(s, t) ** 2 for s, t in zip(src_sp, smooth_sp)])
     sigma_vox = np.sqrt(np.maximum(var_tgt - var_box, 0.0)) / np.asarray(grid.spacing)
     if (sigma_vox >= 0.1).any():
         x = gaussian_smooth(x, sigma_vox.tolist())

@@ -17,16 +17,18 @@ multiple of a pooling factor are padded at their high-index end (edge values) an
 ignored by the similarity (zero weight) and cropped by the final resampling.
 
 Parameter units follow the published method (so its defaults carry over): ``mind_radius``,
-``mind_dilation``, ``grid_sp`` and ``grid_sp_adam`` are working-grid voxels, ``disp_hw`` coarse voxels, the
-coupling weights multiply squared coarse voxels, and the IO ``learning_rate`` is in IO-grid voxels per Adam
-step (it is converted to mm here: Adam's step size has the units of its parameters). The diffusion
-regulariser of :mod:`regcli.regularizers.flow` on mm fields divided by the IO spacing equals the published
-voxel-unit penalty, so ``reg_weight`` (lambda) carries over unchanged.
+``mind_dilation``, ``grid_sp`` and ``grid_sp_adam`` are working-grid voxels, ``disp_hw`` coarse voxels, and the
+coupling weights multiply squared coarse voxels. The diffusion regulariser of :mod:`regcli.regularizers.flow`
+on mm fields divided by the IO spacing equals the published voxel-unit penalty, so ``reg_weight`` (lambda)
+carries over unchanged. One exception: the IO ``learning_rate`` is Adam's step in **mm** (as everywhere in
+regcli), where the published code steps one IO voxel (4 mm on the default 2 mm working grid). Adam moves every
+parameter by about ``lr`` at its first significant gradient, even at an exact optimum; with 1 mm the drift of
+an image registered to itself is ~4x smaller (RELIABILITY G1 holds at 80 iterations), and Dice on the
+neurite brain pair is unchanged (0.6651/0.6693 vs 0.6666/0.6701 for the two directions).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -153,7 +155,8 @@ def _mask_on(mask: Optional[Image], grid: Grid, role: str) -> Optional[torch.Ten
         m = m[0]
     m = (m > 0).to(torch.float32) if m.max() > 1 else m.clamp(0, 1)
     if float(m.sum()) <= 0:
-        raise GeometryError(f"{role} mask has 0 voxels inside the working grid" + (f" ({mask.name})" if mask.name else ""))
+        name = f" ({mask.name})" if mask.name else ""
+        raise GeometryError(f"{role} mask has 0 voxels inside the working grid{name}")
     return m
 
 
@@ -243,7 +246,6 @@ def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opt
         if mmask is not None:
             w_moving = _pool(mmask.to(dev)[None, None], grid, k, "constant")[0][0, 0]
     if icfg.enabled and icfg.iterations > 0:
-        voxel_mm = float(np.prod(io_grid.spacing)) ** (1.0 / 3.0)
         n_it = icfg.iterations
 
         def io_progress(i: int, n: int, loss: float) -> None:
@@ -251,7 +253,7 @@ def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opt
 
         solver = InstanceOptimization(
             model=icfg.model, similarity=icfg.similarity, optimizer=icfg.optimizer, regularizer=icfg.regularizer,
-            reg_weight=icfg.reg_weight, iterations=n_it, lr=icfg.learning_rate * voxel_mm,
+            reg_weight=icfg.reg_weight, iterations=n_it, lr=icfg.learning_rate,
             model_params={"smoothing_passes": icfg.smoothing_passes}, stage="convexadam instance optimisation",
             progress=io_progress,
         )
@@ -275,6 +277,5 @@ def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opt
     timings["upsample"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     if not torch.isfinite(disp).all():
-
         raise ConvergenceError("convexadam produced a non-finite displacement field")
     return DeformableResult(DisplacementField(disp.contiguous(), grid), history, timings)

@@ -14,7 +14,9 @@ and the coupled-convex scheme alternates, for increasing coupling weights ``w``:
     s      = box(d*)                                          (the smooth field couples neighbours)
 
 starting from ``s = box(argmin_d cost)``. Forward and backward fields can be made inverse consistent by
-:func:`symmetrise`.
+:func:`symmetrise`. Differences from the published code: edges are replicated (not zero-padded) in the
+box filters and beyond the grid, and the first argmin breaks ties towards the zero shift (``TIE_BREAK``),
+so flat regions (background) start from no motion instead of the first shift of the set.
 
 Units: displacements in this module are in **coarse-grid voxels** with components ``(x, y, z)`` in
 index order (as everywhere in regcli), except :func:`symmetrise`, which works on world-mm fields on a
@@ -35,7 +37,8 @@ from regcli.resample import FieldWarper
 from regcli.spaces.grid import Grid
 
 DEFAULT_CHUNK_BYTES = 64 << 20
-TIE_BREAK = 1e-5  # cost per squared coarse voxel added to the first (uncoupled) argmin: equal costs pick the smallest shift
+# cost per squared coarse voxel added to the first (uncoupled) argmin, so equal costs pick the smallest shift
+TIE_BREAK = 1e-5
 
 
 def displacement_set(disp_hw: int, device=None) -> torch.Tensor:
