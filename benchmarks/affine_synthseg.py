@@ -7,8 +7,10 @@
     python benchmarks/affine_synthseg.py --json out.json
 
 The timing covers ``run_affine_stage`` on the images as read (1 mm, full field of view), not the reading
-of files nor the label warping used for the evaluation. The moving labels are warped onto the fixed grid
-with nearest-neighbour interpolation through the recovered fixed -> moving transform.
+of files nor the label warping used for the evaluation, nor the one-off import that torch's first
+``Adam()`` does (about 1 s, paid before the loop). ``OMP_WAIT_POLICY=PASSIVE`` is set (see ``main``).
+The moving labels are warped onto the fixed grid with nearest-neighbour interpolation through the
+recovered fixed -> moving transform.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def main() -> int:
     args = ap.parse_args()
 
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))
+    # idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads make 2-thread runs
+    # of these small tensors 5-8x slower than 1 thread (must be set before torch starts OpenMP)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -80,13 +85,17 @@ def main() -> int:
     from regcli.resample import warp
     from regcli.solvers.affine import run_affine_stage
 
+    # the first torch.optim.Adam() of a process imports torch._dynamo (about 1 s, more on a busy machine);
+    # pay it here so the per-pair times are steady-state (the CLI pays it once per run)
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
     cfg = AffineConfig(**parse_set(args.set))
     rows = list(csv.DictReader(open(args.data / "pairs.csv")))
     sel = args.pairs if args.pairs else range(len(rows))
     print(f"# AffineConfig: {cfg.model_dump()}", file=sys.stderr)
     print(f"# threads: {args.threads}; 'sec' is wall time, 'cpu' the process CPU time of the stage", file=sys.stderr)
     results = []
-    header = f"{'pair':<24} {'before':>7} {'regcli':>7} {'sec':>6} {'cpu':>6}" + (f" {'ants':>7} {'sec':>6}" if args.ants else "")
+    header = f"{'pair':<24} {'before':>7} {'regcli':>7} {'sec':>6} {'cpu':>6}"
+    header += f" {'ants':>7} {'sec':>6}" if args.ants else ""
     print(header)
     for i in sel:
         r = rows[i]
@@ -124,6 +133,7 @@ def main() -> int:
             line += f" {row['ants']:7.3f} {row['ants_seconds']:6.2f}"
         print(line, flush=True)
         results.append(row)
+
     def mean(k):
         v = [x[k] for x in results if k in x]
         return sum(v) / len(v) if v else float("nan")

@@ -109,18 +109,13 @@ def check_overlap(fixed: Image, moving: Image) -> None:
 
 
 def _smooth_for(image: Image, target_spacing: float) -> Image:
-    """Gaussian anti-aliasing before resampling ``image`` to a coarser isotropic spacing."""
-    import SimpleITK as sitk
+    """Gaussian anti-aliasing of ``image`` before it is resampled to ``target_spacing`` mm voxels."""
+    from regcli.features.intensity import antialias_sigma_mm, gaussian_smooth
 
-    ratio = np.asarray(target_spacing) / np.asarray(image.grid.spacing)
-    if np.all(ratio <= 1.0 + 1e-6):
+    sigma_vox = [antialias_sigma_mm(s, target_spacing) / s for s in image.grid.spacing]
+    if max(sigma_vox) < 0.1:
         return image
-    sigma = [float(0.5 * max(target_spacing - s, 0.0)) for s in image.grid.spacing]  # mm, ~half the gap
-    if max(sigma) <= 0:
-        return image
-    img = sitk.SmoothingRecursiveGaussian(image.to_sitk(), sigma)
-    data = torch.from_numpy(sitk.GetArrayFromImage(img).astype(np.float32))
-    return image.with_data(data.to(image.data.device))
+    return image.with_data(gaussian_smooth(image.data, sigma_vox))
 
 
 def _stage_progress(progress: Optional[Progress]):

@@ -109,15 +109,13 @@ def antialias_sigma_mm(source_spacing: float, target_spacing: float) -> float:
 
 
 def _block_average(data: torch.Tensor, factors_zyx: Sequence[int], sizes_zyx: Sequence[int]) -> torch.Tensor:
-    """Average non-overlapping blocks of (N, C, Z, Y, X) data; each axis is first padded (edge values)
-    or cropped to ``size * factor`` voxels so the blocks tile the field of view."""
+    """Average non-overlapping blocks of (N, C, Z, Y, X) data; each axis is first padded with edge values
+    to ``size * factor`` voxels (``size = ceil(n / factor)``) so the blocks cover the whole field of view."""
     pad = [0] * 6
     for a, (f, m) in enumerate(zip(factors_zyx, sizes_zyx)):
         n = data.shape[2 + a]
         need = f * m
-        if need < n:
-            data = data.narrow(2 + a, 0, need)
-        elif need > n:
+        if need > n:
             pad[2 * (2 - a) + 1] = need - n
     if any(pad):
         data = F.pad(data, pad, mode="replicate")
@@ -150,7 +148,10 @@ def downsample(image: Image, spacing_mm: float | Sequence[float],
     f = np.maximum(np.floor(tgt_sp / src_sp + 1e-6), 1).astype(int)  # (x, y, z)
     grid = image.grid
     if (f > 1).any():
-        grid = image.grid.with_spacing(tuple(src_sp * f))
+        # blocks of f voxels: same first corner and direction, ceil(n / f) blocks (never loses field of view)
+        g = image.grid.with_spacing(tuple(src_sp * f))
+        n_blocks = np.ceil(np.asarray(image.grid.size) / f).astype(int)
+        grid = Grid(tuple(n_blocks), g.spacing, g.origin, g.direction)
         x = _block_average(x, f[::-1].tolist(), list(grid.shape))
     # remaining smoothing (variances add: block average of f voxels has variance s^2 (f^2 - 1) / 12)
     var_box = (src_sp ** 2) * (f.astype(np.float64) ** 2 - 1.0) / 12.0

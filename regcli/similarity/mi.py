@@ -7,6 +7,7 @@ differentiated), so any intensity range works, negative CT values included; ther
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -40,9 +41,29 @@ def _value_range(x: torch.Tensor, weights: Optional[torch.Tensor]) -> tuple[torc
     return lo, hi
 
 
+def _support(kernel: Kernel, sigma_bins: float) -> tuple[int, int]:
+    """(first, last) bin offsets from ``floor(u)`` that can get weight; also the bin padding needed."""
+    if kernel == "bspline":
+        return -1, 2  # cubic B-spline: |d| < 2
+    r = max(1, int(math.ceil(3.0 * sigma_bins)))
+    return -r, r
+
+
+def _bin_coordinate(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int, pad: int) -> torch.Tensor:
+    """Continuous bin coordinate in ``[pad, bins - 1 - pad]`` of intensities ``x`` (clamped to [lo, hi])."""
+    span = torch.clamp(hi - lo, min=torch.finfo(x.dtype).eps * (1.0 + lo.abs()))
+    return (torch.clamp(x, lo, hi) - lo) / span * (bins - 1 - 2.0 * pad) + pad
+
+
+def _kernel(d: torch.Tensor, kernel: Kernel, sigma_bins: float) -> torch.Tensor:
+    if kernel == "bspline":
+        return _cubic_bspline(d)
+    return torch.exp(-0.5 * (d / sigma_bins) ** 2)
+
+
 def parzen_weights(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int, kernel: Kernel = "gaussian",
                    sigma_bins: float = 0.5) -> torch.Tensor:
-    """Soft bin memberships of intensities.
+    """Soft bin memberships of intensities (dense form; :func:`joint_histogram` uses the sparse twin).
 
     Args:
         x: (N, V) intensities (any units).
@@ -52,23 +73,36 @@ def parzen_weights(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: in
     Returns:
         (N, V, B) weights, each row summing to 1.
     """
-    pad = 2.0 if kernel == "bspline" else max(1.0, 2.0 * sigma_bins)
-    span = torch.clamp(hi - lo, min=torch.finfo(x.dtype).eps * (1.0 + lo.abs()))
-    u = (torch.clamp(x, lo, hi) - lo) / span * (bins - 1 - 2.0 * pad) + pad  # bin coordinate in [pad, B-1-pad]
+    first, last = _support(kernel, sigma_bins)
+    u = _bin_coordinate(x, lo, hi, bins, max(-first, last))
     centres = torch.arange(bins, dtype=x.dtype, device=x.device)
-    d = u[..., None] - centres
-    if kernel == "bspline":
-        w = _cubic_bspline(d)
-    else:
-        w = torch.exp(-0.5 * (d / sigma_bins) ** 2)
+    w = _kernel(u[..., None] - centres, kernel, sigma_bins)
     return w / (w.sum(-1, keepdim=True) + 1e-12)
+
+
+def _sparse_parzen(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int, kernel: Kernel,
+                   sigma_bins: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-zero part of :func:`parzen_weights`: bin indices (N, V, K) int64 and weights (N, V, K)
+    summing to 1, for the K bins around each sample (K = 4 for the B-spline, 2 ceil(3 sigma) + 1 for
+    the Gaussian). Weights are continuous in ``x``; the bin window moves with ``floor``."""
+    first, last = _support(kernel, sigma_bins)
+    pad = max(-first, last)
+    if bins < 2 * pad + 2:
+        raise ConfigError(f"MI needs at least {2 * pad + 2} bins for this kernel, got {bins}")
+    u = _bin_coordinate(x, lo, hi, bins, pad)
+    base = torch.floor(u.detach())
+    offs = torch.arange(first, last + 1, dtype=u.dtype, device=u.device)
+    idx = base[..., None] + offs  # (N, V, K), all within [0, bins - 1] thanks to the padding
+    w = _kernel(u[..., None] - idx, kernel, sigma_bins)
+    w = w / (w.sum(-1, keepdim=True) + 1e-12)
+    return idx.clamp_(0, bins - 1).to(torch.int64), w
 
 
 def joint_histogram(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None,
                     bins: int = 32, kernel: Kernel = "gaussian", sigma_bins: float = 0.5,
                     fixed_range: Optional[tuple[float, float]] = None,
                     warped_range: Optional[tuple[float, float]] = None, stride: int = 1) -> torch.Tensor:
-    """Joint probability table of two images.
+    """Joint probability table of two images (Parzen windows, accumulated sparsely with ``scatter_add``).
 
     Args:
         fixed, warped: (N, C, Z, Y, X) intensities on the same grid (C is folded into N).
@@ -88,15 +122,17 @@ def joint_histogram(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[to
         torch.full_like(f[:, :1], fixed_range[0]), torch.full_like(f[:, :1], fixed_range[1]))
     lo_w, hi_w = _value_range(w, m) if warped_range is None else (
         torch.full_like(w[:, :1], warped_range[0]), torch.full_like(w[:, :1], warped_range[1]))
-    pf = parzen_weights(f, lo_f, hi_f, bins, kernel, sigma_bins)
-    pw = parzen_weights(w, lo_w, hi_w, bins, kernel, sigma_bins)
+    i_f, p_f = _sparse_parzen(f, lo_f, hi_f, bins, kernel, sigma_bins)
+    i_w, p_w = _sparse_parzen(w, lo_w, hi_w, bins, kernel, sigma_bins)
     if m is not None:
-        pf = pf * m[..., None]
-        total = m.sum(-1)[:, None, None]
+        p_f = p_f * m[..., None]
+        total = m.sum(-1)[:, None]
     else:
-        total = torch.full((n * c, 1, 1), float(f.shape[1]), dtype=f.dtype, device=f.device)
-    joint = pf.transpose(1, 2) @ pw
-    return joint / (total + 1e-12)
+        total = torch.full((n * c, 1), float(f.shape[1]), dtype=f.dtype, device=f.device)
+    cell = (i_f[..., :, None] * bins + i_w[..., None, :]).reshape(n * c, -1)  # (N, V*K*K)
+    vals = (p_f[..., :, None] * p_w[..., None, :]).reshape(n * c, -1)
+    joint = torch.zeros((n * c, bins * bins), dtype=vals.dtype, device=vals.device).scatter_add(1, cell, vals)
+    return (joint / (total + 1e-12)).reshape(n * c, bins, bins)
 
 
 def _entropy(p: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
