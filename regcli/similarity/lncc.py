@@ -15,6 +15,9 @@ from regcli.errors import ConfigError
 from regcli.similarity.base import SIMILARITIES, masked_mean
 
 
+_MODE = "fixed"
+
+
 def window_from_radius(radius_mm: float, spacing: Sequence[float]) -> tuple[int, int, int]:
     """Odd box window ``(kz, ky, kx)`` in voxels covering ``radius_mm`` on each side of the centre.
 
@@ -40,20 +43,28 @@ def _as_window(window: int | Sequence[int]) -> tuple[int, int, int]:
 def _box_mean_axis(x: torch.Tensor, dim: int, k: int) -> torch.Tensor:
     """Mean over a centred window of ``k`` voxels along ``dim`` (only in-image voxels are averaged).
 
-    Cumulative sums make the cost independent of ``k``; the output has the input's shape.
+    Small windows (up to 9 voxels) add shifted copies, exact to float32 round-off; larger ones use
+    cumulative sums in float64 (in float32 the difference of two long running sums loses the small
+    local variances that LNCC divides by). The output has the input's shape and dtype.
     """
     n = x.shape[dim]
-    r = k // 2
-    if r == 0 or n == 1:
+    r = min(k // 2, n - 1)
+    if r <= 0:
         return x
-    r = min(r, n - 1)
     k = 2 * r + 1
     pad = [0] * (2 * x.dim())
     # F.pad lists (left, right) from the last dim backwards
-    pad[2 * (x.dim() - 1 - dim)] = r + 1
+    pad[2 * (x.dim() - 1 - dim)] = r
     pad[2 * (x.dim() - 1 - dim) + 1] = r
-    c = torch.nn.functional.pad(x, pad).cumsum(dim)
-    s = c.narrow(dim, k, n) - c.narrow(dim, 0, n)
+    if k <= 9:
+        xp = torch.nn.functional.pad(x, pad)
+        s = xp.narrow(dim, 0, n)
+        for j in range(1, k):
+            s = s + xp.narrow(dim, j, n)
+    else:
+        pad[2 * (x.dim() - 1 - dim)] = r + 1
+        c = torch.nn.functional.pad(x.to(torch.float64), pad).cumsum(dim)
+        s = (c.narrow(dim, k, n) - c.narrow(dim, 0, n)).to(x.dtype)
     i = torch.arange(n, device=x.device, dtype=x.dtype)
     count = torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1
     shape = [1] * x.dim()
@@ -78,10 +89,11 @@ def lncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[int], e
     Args:
         fixed, warped: (N, C, Z, Y, X) float tensors on the same grid.
         window: box window (kz, ky, kx) in voxels.
-        eps: local variance threshold (intensity units squared): where either image's local variance
-            is not above it (flat regions), ``cc = 0``; elsewhere ``cc`` is exact (an eps added to the
-            denominator instead would bias the optimum away from perfect alignment). The default suits
-            images normalised to [0, 1] (a local standard deviation of 0.3 % of the range).
+        eps: local variance floor (intensity units squared): where the fixed image's local variance is
+            not above it (flat regions), ``cc = 0``; the warped image's variance is floored at it. Where
+            both are above it ``cc`` is exact (an eps added to the denominator instead would bias the
+            optimum away from perfect alignment). The default suits images normalised to [0, 1] (a
+            local standard deviation of 0.3 % of the range).
         squared: ANTs' ``cc^2`` (sign-agnostic) when True, otherwise the signed ``cc`` in [-1, 1].
     Returns:
         (N, C, Z, Y, X) correlation map, dimensionless.
@@ -97,13 +109,23 @@ def lncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[int], e
     cross = mfw - mf * mw
     vf = mff - mf * mf
     vw = mww - mw * mw
-    valid = (vf > eps) & (vw > eps)
+    # Voxels where the *fixed* image is locally flat carry no information: cc = 0 there, a set that does
+    # not change with the transform. The warped variance is floored at eps instead of thresholded, so cc
+    # is continuous in the transform (a hard threshold on it would let the optimiser gain by pushing
+    # voxels across the threshold, which moves the optimum off a perfect alignment).
     one = torch.ones((), dtype=vf.dtype, device=vf.device)
-    denom = torch.where(valid, vf * vw, one)
-    if squared:
-        cc = cross * cross / denom
+    if _MODE == "both":
+        valid = (vf > eps) & (vw > eps)
+        denom = torch.where(valid, vf * vw, one)
     else:
-        cc = cross / torch.sqrt(denom)
+        valid = vf > eps
+        denom = torch.where(valid, vf * torch.clamp(vw, min=eps), one)
+    # |cc| <= 1 (Cauchy-Schwarz); float32 round-off in the variances can push it over, which the
+    # optimiser would otherwise exploit near the variance floor
+    if squared:
+        cc = torch.clamp(cross * cross / denom, max=1.0)
+    else:
+        cc = torch.clamp(cross / torch.sqrt(denom), min=-1.0, max=1.0)
     return torch.where(valid, cc, torch.zeros((), dtype=cc.dtype, device=cc.device))
 
 

@@ -180,18 +180,25 @@ def _check_scalar(image: Image, role: str) -> None:
             raise InputError(f"{role} image '{image.name}' has {bad} NaN/Inf voxels")
 
 
-def _level_image(image: Image, level_mm: float, resample: bool) -> Image:
-    """``image`` smoothed for ``level_mm`` voxels and sampled on a lattice ``OVERSAMPLING`` times finer
-    (never finer than its own voxels). The moving image stays on that lattice, so sampling it through the
-    transform adds little interpolation blur; the fixed image (``resample=True``) is then interpolated
-    onto its level grid ``fixed.grid.with_spacing(level_mm)``, which gives it the same (average)
-    interpolation blur, so identical images stay identical at every level."""
+def _level_image(image: Image, level_mm: float, value_range: tuple[float, float], resample: bool) -> Image:
+    """``image`` smoothed for ``level_mm`` voxels, sampled on a lattice ``OVERSAMPLING`` times finer
+    (never finer than its own voxels) and mapped to [0, 1] by ``value_range`` (clipped).
+
+    The moving image stays on that lattice, so sampling it through the transform adds little
+    interpolation blur; the fixed image (``resample=True``) is then interpolated onto its level grid
+    ``fixed.grid.with_spacing(level_mm)`` exactly as the solver samples the moving image (same
+    coordinates, edge padding, after the same clipping), so an image registered to itself matches bit
+    for bit at the identity and the identity is the metric's exact optimum."""
     fine_mm = max(level_mm / OVERSAMPLING, min(image.grid.spacing))
     fine = downsample(image, fine_mm, level_mm)
+    fine = fine.with_data(rescale(fine.data, *value_range))
     if not resample:
         return fine
     target = image.grid.with_spacing(level_mm)
-    return fine if fine.grid.allclose(target, rtol=1e-6) else resample_to_grid(fine, target)
+    if fine.grid.allclose(target, rtol=1e-6):
+        return fine
+    data = FieldWarper(fine.grid, target, fine.data.device).warp(fine.data[None], None, "bilinear", "border")
+    return Image(data[0], target, image.name, dict(image.meta))
 
 
 def effective_level(level_mm: float, fixed: Grid, moving: Grid) -> float:
@@ -200,6 +207,14 @@ def effective_level(level_mm: float, fixed: Grid, moving: Grid) -> float:
     normal; a level finer than that mixes sharp in-plane detail with blurred through-plane detail, and
     that mismatch biases the optimum (about 2 deg of tilt on a 3 mm-slice phantom at a 2 mm level)."""
     return max(float(level_mm), max(fixed.spacing), max(moving.spacing))
+
+
+def _intensity_range(image: Image, level_mm: float, mask: Optional[Image]) -> tuple[float, float]:
+    """Robust (0.5, 99.5) percentile range of ``image`` anti-aliased for ``level_mm`` on
+    ``image.grid.with_spacing(level_mm)``, inside ``mask`` when given."""
+    smooth = downsample(image, level_mm)
+    weights = _mask_level(mask, level_mm, smooth.grid, "", smooth.data.device) if mask is not None else None
+    return percentile_range(smooth.data, 0.5, 99.5, weights)
 
 
 def _mask_level(mask: Optional[Image], spacing: float, target: Grid, role: str, device) -> Optional[torch.Tensor]:
@@ -260,20 +275,19 @@ class _Runner:
         self.fixed_center = fixed.grid.center_world()
         self.moving_center = moving.grid.center_world()
         spacings = sorted({effective_level(lv, fixed.grid, moving.grid) for lv in cfg.levels_mm})
-        finest = spacings[0]
-        f_levels = {lv: _level_image(fixed, lv, True) for lv in spacings}
-        m_levels = {lv: _level_image(moving, lv, False) for lv in spacings}
+        # one intensity scaling per image, from the image smoothed to the finest level on its own
+        # with_spacing grid (inside its mask when given): the same data give the same scaling, so
+        # identical images stay identical (even for MSE), and voxel noise does not set the range
+        f_range = _intensity_range(fixed, spacings[0], fixed_mask)
+        m_range = _intensity_range(moving, spacings[0], moving_mask)
+        f_levels = {lv: _level_image(fixed, lv, f_range, True) for lv in spacings}
+        m_levels = {lv: _level_image(moving, lv, m_range, False) for lv in spacings}
         fm = {lv: _mask_level(fixed_mask, lv, f_levels[lv].grid, "fixed", self.device) for lv in spacings}
         mm = {lv: _mask_level(moving_mask, lv, m_levels[lv].grid, "moving", self.device) for lv in spacings}
-        # one intensity scaling per image, from its finest level (inside its mask when given)
-        f_lo, f_hi = percentile_range(f_levels[finest].data, 0.5, 99.5, fm[finest])
-        m_lo, m_hi = percentile_range(m_levels[finest].data, 0.5, 99.5, mm[finest])
         self.levels: list[_Level] = []  # one per entry of cfg.levels_mm (same order)
         for lv in (effective_level(v, fixed.grid, moving.grid) for v in cfg.levels_mm):
             self.levels.append(_Level(
-                lv,
-                rescale(f_levels[lv].data, f_lo, f_hi)[None].to(self.device),
-                rescale(m_levels[lv].data, m_lo, m_hi)[None].to(self.device),
+                lv, f_levels[lv].data[None].to(self.device), m_levels[lv].data[None].to(self.device),
                 f_levels[lv].grid, m_levels[lv].grid, fm[lv], mm[lv],
             ))
         coarse = self.levels[int(np.argmax(cfg.levels_mm))]
@@ -288,9 +302,16 @@ class _Runner:
     # ----------------------------------------------------------------- solver runs
     def solve(self, model: str, level: _Level, init: AffineTransform, iterations: int, key: str,
               lr_scale: float = 1.0) -> tuple[AffineTransform, float]:
-        """Run the shared solver on one level in rounds of decreasing step; returns (transform, last loss)."""
+        """Run the shared solver on one level in rounds of decreasing step (:data:`LR_ROUNDS`).
+
+        Each round starts from the best transform so far and its result is kept only if it scores
+        better at this level (a backtracking safeguard: a level never returns a worse transform than it
+        was given, so an exact start, e.g. an image registered to itself, stays exact instead of
+        inheriting the last Adam steps' jitter). Returns (best transform, its loss at this level).
+        """
         cfg = self.cfg
-        current, last = init, math.inf
+        best, best_loss = init, self.score(level, [init])[0]
+        current = init
         records = self.history.setdefault(key, [])
         done = 0
         for r, (frac, factor) in enumerate(LR_ROUNDS):
@@ -309,11 +330,15 @@ class _Runner:
             res = solver.run(level.problem(), init=current)
             for h in res.history:
                 records.append({**h, "iteration": h["iteration"] + done, "round": r, "lr": lr})
-            current = res.model.transform()
-            last = res.history[-1]["loss"] if res.history else last
             done += n
-        self._check(current, key)
-        return current, last
+            current = res.model.transform()
+            loss = self.score(level, [current])[0]
+            if not math.isfinite(loss):
+                raise ConvergenceError(f"affine stage ({key}) diverged in round {r + 1}: the loss is {loss}")
+            if _improves(loss, best_loss) or not BACKTRACK:
+                best, best_loss = current, loss
+        self._check(best, key)
+        return best, best_loss
 
     def _check(self, tx: AffineTransform, key: str) -> None:
         A = tx.linear
@@ -379,7 +404,7 @@ class _Runner:
         for k, i in enumerate(order[:INIT_REFINE]):
             tx, loss = self.solve("rigid", coarse, cands[int(i)], INIT_REFINE_ITERATIONS, f"init/candidate{k}")
             records.append({"candidate": int(i), "refined_loss": loss})
-            if loss < best_loss:
+            if _improves(loss, best_loss):
                 best, best_loss = tx, loss
         return best
 
@@ -398,6 +423,11 @@ class _Runner:
         return current, init
 
 
+def _improves(loss: float, best: float) -> bool:
+    """``loss`` is better than ``best`` by more than float32 round-off (relative 1e-6)."""
+    return loss < best - 1e-6 * max(1.0, abs(best))
+
+
 def _rotvec(R: np.ndarray) -> np.ndarray:
     from regcli.solvers.models import rotation_vector
 
@@ -405,6 +435,7 @@ def _rotvec(R: np.ndarray) -> np.ndarray:
     return rotation_vector(U @ Vt)
 
 
+BACKTRACK = True
 # level images are smoothed for the level but sampled on a lattice this many times finer (see _level_image)
 OVERSAMPLING = 2.0
 # voxels used by MI per evaluation (a regular stride through the level image)

