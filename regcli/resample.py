@@ -152,7 +152,7 @@ def warp(
         )
         pts = apply_affine(M_ref, torch.stack((xx, yy, zz), dim=-1))
         if transform is not None:
-            pts = transform.map_points(pts)
+            pts = _map_reference_points(transform, pts, ref, z0, z1)
         coords = image.grid.world_to_norm_points(pts).to(torch.float32)[None]
         if interp == "label":
             parts.append(_label_interp(data, coords, image.grid, int(default)))
@@ -163,6 +163,23 @@ def warp(
             parts.append(out if not is_int else torch.round(out).to(data.dtype))
     cat_dim = 0 if data.dim() == 3 else 1
     return Image(torch.cat(parts, dim=cat_dim), ref, image.name, dict(image.meta))
+
+
+def _map_reference_points(transform, pts: torch.Tensor, ref: Grid, z0: int, z1: int) -> torch.Tensor:
+    """``transform.map_points(pts)`` for the voxel centres of slab [z0, z1) of ``ref``.
+
+    When the transform (or the first transform of a list) is a displacement field on ``ref`` itself, its
+    value at a voxel centre is the stored vector: it is read, not interpolated (same result, no sampling).
+    """
+    parts = getattr(transform, "transforms", None)
+    first = parts[0] if parts else transform
+    disp = getattr(first, "disp", None)
+    if disp is None or getattr(first, "grid", None) is None or not first.grid.allclose(ref, 1e-6):
+        return transform.map_points(pts)
+    pts = pts + disp[:, z0:z1].permute(1, 2, 3, 0).to(torch.float64).to(pts.device)
+    for t in (parts[1:] if parts else []):
+        pts = t.map_points(pts)
+    return pts
 
 
 def resample_to_grid(image: Image, reference: Grid, interp: Interp = "linear", default: float = 0.0) -> Image:

@@ -33,7 +33,7 @@ def inverse_consistency_error(forward: DisplacementField, inverse: DisplacementF
     }
 
 
-def invert_displacement(field: DisplacementField, iterations: int = 40, tol_mm: float = 1e-3,
+def invert_displacement(field: DisplacementField, iterations: int = 40, tol_mm: float = 1e-2,
                         grid=None) -> tuple[DisplacementField, dict]:
     """Invert ``phi(x) = x + u(x)`` on ``grid`` (default: the field's own grid).
 
