@@ -158,24 +158,25 @@ def test_G1_self_registration_is_identity(stages):
     res = run_affine_stage(f, f, cfg(stages=stages))
     assert isinstance(res, AffineStageResult)
     a_err, _, t_err = linear_error(res.transform, AffineTransform.identity())
-    assert a_err < 1e-3
-    assert t_err < 0.05
+    assert a_err < 1e-4  # RELIABILITY: 1e-3; measured 0 (a level never returns worse than its start)
+    assert t_err < 0.01  # RELIABILITY: 0.05 mm; measured 0.0002 mm (centre-of-mass round-off)
     keys = [k for k in res.history if not k.startswith("init")]
     assert keys == [f"{s}/{lv:g}mm" for s in stages for lv in FAST["levels_mm"]]
     assert res.seconds > 0
 
 
 # ------------------------------------------------------------------------------------------ G2
-@pytest.mark.parametrize("layout,spacing,tol_a,tol_t", [("RAS", "iso", 1e-3, 0.05), ("PIL", "iso", 1e-3, 0.05),
-                                                        ("oblique15", "iso", 5e-3, 0.05),
-                                                        ("oblique15", "aniso", 0.03, 0.15)])
+@pytest.mark.parametrize("layout,spacing,tol_a,tol_t", [("RAS", "iso", 1e-4, 0.01), ("PIL", "iso", 1e-4, 0.01),
+                                                        ("oblique15", "iso", 4e-3, 0.03),
+                                                        ("oblique15", "aniso", 0.02, 0.06)])
 def test_G2_same_physical_object_other_voxel_layout(layout, spacing, tol_a, tol_t):
     """Same object, different array layout: the result is the identity in world space.
 
     RAS/PIL sample the same world points as LPS (an exact relayout); the oblique grids sample other
     points, and the anisotropic one has 3 mm oblique slices (so its finest level is 3 mm, 16 voxels
-    across this phantom). Measured: oblique iso |A - I| 0.003, 0.01 mm; oblique 3 mm slices |A - I| 0.016
-    (0.9 deg), 0.06 mm. A layout bug gives errors of 15 deg, many mm, or a flip."""
+    across this phantom). Measured: RAS/PIL exact; oblique iso |A - I| 0.0017 (0.06 deg), 0.009 mm;
+    oblique 3 mm slices |A - I| 0.008 (0.4 deg), 0.024 mm. A layout bug gives errors of 15 deg, many mm,
+    or a flip."""
     f = phantom("LPS")
     m = phantom(layout, spacing)
     res = run_affine_stage(f, m, cfg())
@@ -194,9 +195,9 @@ def test_G3_known_translation_direction_and_sign(stages):
     m = phantom(transform=lambda p: p - t_true)
     res = run_affine_stage(f, m, cfg(stages=stages, init="none"))
     t_est = res.transform.map_points(torch.as_tensor(CENTRE)).numpy() - CENTRE
-    assert np.linalg.norm(t_est - t_true) < 0.1
+    assert np.linalg.norm(t_est - t_true) < 0.06  # RELIABILITY: 0.2 mm; measured 0.007 (rigid), 0.026 (affine)
     assert np.all(np.sign(t_est) == np.sign(t_true))
-    assert np.all(np.abs(t_est - t_true) < 0.06)
+    assert np.all(np.abs(t_est - t_true) < 0.05)
     # the transform maps moving anatomy back: sampling moving at T(p) reproduces fixed
     from regcli.resample import warp
 
@@ -207,15 +208,12 @@ def test_G3_known_translation_direction_and_sign(stages):
 
 
 # ------------------------------------------------------------------------------------------ G4
-@pytest.mark.parametrize("stages,tol_deg", [(("rigid",), 0.3), (("rigid", "affine"), 0.8)])
+@pytest.mark.parametrize("stages,tol_deg", [(("rigid",), 0.4), (("rigid", "affine"), 0.4)])
 def test_G4_rotation_about_off_centre_point_anisotropic_moving(stages, tol_deg):
     """10 deg about the LPS z axis through c = (6, -4, 2) mm; moving sampled at (0.9, 0.9, 3.0) mm.
 
-    Measured: rigid 0.08 deg / 0.04 mm. The affine stage fits 12 parameters at the 3 mm level (the
-    slice thickness): 0.45-0.56 deg / 0.06 mm, because the metric's own optimum there has a 0.7 %
-    through-plane shrink (the 3 mm slice profile blurs the object's top and bottom); the loss at the
-    result is lower than at the truth, so this is the data, not the optimiser. RELIABILITY's 0.5 deg is
-    met by the rigid stage, the model that matches a rigid motion."""
+    RELIABILITY: 0.5 deg, 0.5 mm. Measured: rigid 0.19 deg / 0.022 mm, affine 0.16 deg / 0.018 mm (the
+    finest level is the 3 mm slice thickness, see ``effective_level``)."""
     c = np.array([6.0, -4.0, 2.0])
     R = rotation_matrix(torch.tensor([0.0, 0.0, math.radians(10.0)], dtype=torch.float64)).numpy()
     truth = AffineTransform.from_linear(R, np.zeros(3), c)  # fixed point -> moving point
@@ -225,7 +223,7 @@ def test_G4_rotation_about_off_centre_point_anisotropic_moving(stages, tol_deg):
     res = run_affine_stage(f, m, cfg(stages=stages))
     a_err, ang, t_err = linear_error(res.transform, truth)
     assert ang < tol_deg
-    assert t_err < 0.2
+    assert t_err < 0.1
     # the rotation is about +z (right-handed, LPS), not -z
     U, _, Vt = np.linalg.svd(res.transform.linear)
     rv = rotation_vector(U @ Vt)
