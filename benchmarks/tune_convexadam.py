@@ -1,6 +1,7 @@
 """Quick tuning of ConvexAdam parameters on a few synthseg pairs (mean Dice over labels present in both).
 
   python benchmarks/tune_convexadam.py '{"base": {}, "ws1.5": {"working_spacing_mm": 1.5}}' ["3,4;11,12;13,14"]
+"""
 
 import os, sys, time, json
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
