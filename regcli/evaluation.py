@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from regcli.io.images import check_readable_file
 from regcli.errors import ConfigError, InputError, RegcliError
 
 REQUIRED_COLUMNS = ("fixed_image", "moving_image")
@@ -74,21 +75,11 @@ class Pair:
 
 
 # ------------------------------------------------------------------------------------------------ manifest
-def _check_file(path: Path, where: str) -> Path:
-    if not path.exists():
-        raise InputError(f"{where}: '{path}' does not exist")
-    if path.is_dir():
-        raise InputError(f"{where}: '{path}' is a directory, not a file")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{where}: '{path}' is not readable")
-    return path
-
-
 def check_pair(pair: Pair, where: str = "") -> Pair:
     """Refuse a pair with missing files or a labels/landmarks column given for one side only."""
     where = where or f"pair '{pair.name}'"
     for col, p in pair.files().items():
-        _check_file(Path(p), f"{where}, {col}")
+        check_readable_file(Path(p), f"{where}, {col}")
     for a, b in (("fixed_labels", "moving_labels"), ("fixed_landmarks", "moving_landmarks")):
         if (getattr(pair, a) is None) != (getattr(pair, b) is None):
             raise InputError(f"{where}: {a} and {b} must be given together")
@@ -108,7 +99,7 @@ def read_manifest(path: str | os.PathLike) -> list[Pair]:
             line and column).
     """
     path = Path(path)
-    _check_file(path, "pair manifest")
+    check_readable_file(path, "pair manifest")
     base = path.parent
     try:
         with open(path, newline="") as f:
