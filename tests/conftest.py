@@ -27,6 +27,19 @@ DIRECTIONS = {
 SPACINGS = {"iso": (1.0, 1.0, 1.0), "aniso": (0.9, 0.9, 3.0)}
 
 
+def body_and_blobs(p: np.ndarray) -> np.ndarray:
+    """The phantom without its marker: a soft ellipsoidal body with blobs of different brightness."""
+    x, y, z = p[..., 0], p[..., 1], p[..., 2]
+    body = 1.0 / (1.0 + np.exp(np.clip(((x / 17.0) ** 2 + (y / 14.0) ** 2 + (z / 12.0) ** 2 - 1.0) * 12.0, -50, 50)))
+    v = 0.3 * body
+    blobs = [((-6, -4, 2), (4.0, 3.0, 3.5), 0.5), ((5, 3, -3), (3.0, 4.5, 3.0), 0.35),
+             ((0, 6, 4), (2.5, 2.5, 2.5), -0.2), ((-4, 5, -4), (3.5, 2.0, 2.5), 0.25),
+             ((7, -6, 3), (2.0, 3.0, 2.0), 0.3)]
+    for (cx, cy, cz), (sx, sy, sz), a in blobs:
+        v = v + a * body * np.exp(-(((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2 + ((z - cz) / sz) ** 2))
+    return v
+
+
 def phantom_value(p: np.ndarray) -> np.ndarray:
     """Intensity of the phantom at world LPS points p (..., 3), object centred at (0, 0, 0) mm.
 
@@ -34,13 +47,7 @@ def phantom_value(p: np.ndarray) -> np.ndarray:
     bright marker in the (+x, +y, +z) octant. Background 0, range about [0, 1].
     """
     x, y, z = p[..., 0], p[..., 1], p[..., 2]
-    body = 1.0 / (1.0 + np.exp(((x / 17.0) ** 2 + (y / 14.0) ** 2 + (z / 12.0) ** 2 - 1.0) * 12.0))
-    v = 0.3 * body
-    blobs = [((-6, -4, 2), (4.0, 3.0, 3.5), 0.5), ((5, 3, -3), (3.0, 4.5, 3.0), 0.35),
-             ((0, 6, 4), (2.5, 2.5, 2.5), -0.2), ((-4, 5, -4), (3.5, 2.0, 2.5), 0.25),
-             ((7, -6, 3), (2.0, 3.0, 2.0), 0.3)]
-    for (cx, cy, cz), (sx, sy, sz), a in blobs:
-        v = v + a * body * np.exp(-(((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2 + ((z - cz) / sz) ** 2))
+    v = body_and_blobs(p)
     # asymmetric L marker: a bar along x and a shorter bar along y, at the (+x, +y, +z) corner of the body
     bar1 = (np.abs(y - 8) < 1.2) & (np.abs(z - 6) < 1.2) & (x > 4) & (x < 12)
     bar2 = (np.abs(x - 11) < 1.2) & (np.abs(z - 6) < 1.2) & (y > 2) & (y < 8)

@@ -32,14 +32,10 @@ FAST = dict(levels_mm=(4.0, 2.0), iterations=(60, 40))
 def smooth_phantom(p: np.ndarray) -> np.ndarray:
     """Smooth version of ``conftest.phantom_value`` at world points p (..., 3): same body, blobs and
     L-shaped marker in the (+x, +y, +z) octant, the marker made of soft tubes (about 1.2 mm radius)."""
+    from conftest import body_and_blobs
+
     x, y, z = p[..., 0], p[..., 1], p[..., 2]
-    body = 1.0 / (1.0 + np.exp(np.clip(((x / 17.0) ** 2 + (y / 14.0) ** 2 + (z / 12.0) ** 2 - 1.0) * 12.0, -50, 50)))
-    v = 0.3 * body
-    blobs = [((-6, -4, 2), (4.0, 3.0, 3.5), 0.5), ((5, 3, -3), (3.0, 4.5, 3.0), 0.35),
-             ((0, 6, 4), (2.5, 2.5, 2.5), -0.2), ((-4, 5, -4), (3.5, 2.0, 2.5), 0.25),
-             ((7, -6, 3), (2.0, 3.0, 2.0), 0.3)]
-    for (cx, cy, cz), (sx, sy, sz), a in blobs:
-        v = v + a * body * np.exp(-(((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2 + ((z - cz) / sz) ** 2))
+    v = body_and_blobs(p)
 
     def soft(t, lo, hi, w=0.6):
         return 1.0 / (1.0 + np.exp(np.clip(-(t - lo) / w, -50, 50))) / (1.0 + np.exp(np.clip((t - hi) / w, -50, 50)))

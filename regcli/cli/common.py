@@ -26,6 +26,8 @@ from typing import Any, Optional
 import typer
 from typing import Annotated
 
+from regcli.progress import NullProgress
+
 LOGGER_NAME = "regcli"
 
 # --------------------------------------------------------------------------------------------- options
@@ -210,22 +212,13 @@ def log() -> logging.Logger:
 
 
 # --------------------------------------------------------------------------------------------- progress
-class NullProgressContext:
-    """Progress that shows nothing (``--quiet``)."""
+class NullProgressContext(NullProgress):
+    """Progress that shows nothing (``--quiet``), usable as a context manager."""
 
     def __enter__(self) -> "NullProgressContext":
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
-
-    def start(self, stage: str, total: int) -> None:
-        pass
-
-    def update(self, stage: str, completed: int, info: str = "") -> None:
-        pass
-
-    def finish(self, stage: str) -> None:
         pass
 
 
