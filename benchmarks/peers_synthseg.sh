@@ -99,6 +99,8 @@ out = sys.argv[1]
 rows, per_method = [], {}
 for rj in sorted(glob.glob(os.path.join(out, "*", "results.json"))):
     pair = os.path.basename(os.path.dirname(rj))
+    if pair.startswith("_"):   # scratch runs (e.g. _idle_retime) are not part of the table
+        continue
     res = json.load(open(rj))
     base = res.get("baseline_identity") or {}
     for m, r in res.get("methods", {}).items():
@@ -107,7 +109,8 @@ for rj in sorted(glob.glob(os.path.join(out, "*", "results.json"))):
                "dice_initial": base.get("dice_mean"), "dice": mt.get("dice_mean"), "hd95": mt.get("hd95_mean"),
                "pct_nonpos_jac": mt.get("pct_nonpos_jac"),
                "pct_nonpos_jac_in_mask": (mt.get("jacobian") or {}).get("in_mask", {}).get("pct_nonpos_jac"),
-               "sdlogj": mt.get("sdlogj"), "reg_s": r.get("reg_s"), "peak_rss_mb": r.get("peak_rss_mb"),
+               "sdlogj": mt.get("sdlogj"), "reg_s": r.get("reg_s"), "reg_cpu_s": r.get("reg_cpu_s"),
+               "peak_rss_mb": r.get("peak_rss_mb"),
                "load1_before": r.get("loadavg1_before"), "load1_after": r.get("loadavg1_after"),
                "labels": "vxm 30" if pair.startswith("neurite") else "32"}
         rows.append(row)
@@ -117,27 +120,29 @@ for rj in sorted(glob.glob(os.path.join(out, "*", "results.json"))):
 def f(x, nd=3):
     return "-" if x is None else ("%.*f" % (nd, x))
 
-lines = ["| pair | method | Dice before | mean Dice | HD95 mm | % det J <= 0 | SDlogJ | reg s | peak MB | load1 before/after |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+lines = ["| pair | method | Dice before | mean Dice | HD95 mm | % det J <= 0 | SDlogJ | reg s | CPU s | peak MB | load1 before/after |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
 for r in rows:
-    lines.append("| %s | %s%s | %s | %s | %s | %s | %s | %s | %s | %s/%s |" % (
+    lines.append("| %s | %s%s | %s | %s | %s | %s | %s | %s | %s | %s | %s/%s |" % (
         r["pair"], r["method"], "" if r["status"] == "ok" else " (%s)" % r["status"], f(r["dice_initial"]),
         f(r["dice"]), f(r["hd95"], 2), f(r["pct_nonpos_jac"], 4), f(r["sdlogj"], 4), f(r["reg_s"], 1),
-        f(r["peak_rss_mb"], 0), f(r["load1_before"], 1), f(r["load1_after"], 1)))
+        f(r["reg_cpu_s"], 1), f(r["peak_rss_mb"], 0), f(r["load1_before"], 1), f(r["load1_after"], 1)))
 summ = {}
-lines += ["", "| method (synthseg pairs) | n pairs | mean Dice | sd | HD95 mm | % det J <= 0 | SDlogJ | reg s | peak MB |",
-          "|---|---|---|---|---|---|---|---|---|"]
+lines += ["", "| method (synthseg pairs) | n pairs | Dice before | mean Dice | sd | HD95 mm | % det J <= 0 | SDlogJ | reg s (median) | CPU s (median) | peak MB (max) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
 for m, rs in per_method.items():
     g = lambda k: [r[k] for r in rs if r[k] is not None]
     summ[m] = {"n_pairs": len(rs), "dice_mean": float(np.mean(g("dice"))), "dice_sd": float(np.std(g("dice"))),
                "hd95_mean": float(np.mean(g("hd95"))), "pct_nonpos_jac_mean": float(np.mean(g("pct_nonpos_jac"))),
                "sdlogj_mean": float(np.mean(g("sdlogj"))), "reg_s_mean": float(np.mean(g("reg_s"))),
+               "reg_s_median": float(np.median(g("reg_s"))), "reg_cpu_s_median": float(np.median(g("reg_cpu_s"))),
                "peak_rss_mb_max": float(np.max(g("peak_rss_mb"))),
                "dice_initial_mean": float(np.mean(g("dice_initial")))}
     s = summ[m]
-    lines.append("| %s | %d | %s | %s | %s | %s | %s | %s | %s |" % (
-        m, s["n_pairs"], f(s["dice_mean"]), f(s["dice_sd"]), f(s["hd95_mean"], 2), f(s["pct_nonpos_jac_mean"], 4),
-        f(s["sdlogj_mean"], 4), f(s["reg_s_mean"], 1), f(s["peak_rss_mb_max"], 0)))
+    lines.append("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        m, s["n_pairs"], f(s["dice_initial_mean"]), f(s["dice_mean"]), f(s["dice_sd"]), f(s["hd95_mean"], 2),
+        f(s["pct_nonpos_jac_mean"], 4), f(s["sdlogj_mean"], 4), f(s["reg_s_median"], 1), f(s["reg_cpu_s_median"], 1),
+        f(s["peak_rss_mb_max"], 0)))
 txt = "\n".join(lines) + "\n"
 open(os.path.join(out, "summary.md"), "w").write(txt)
 json.dump({"rows": rows, "synthseg_means": summ}, open(os.path.join(out, "summary.json"), "w"), indent=1)
