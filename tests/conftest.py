@@ -145,3 +145,17 @@ def has_antspyx() -> bool:
     except Exception:
         return False
     return True
+
+
+def bench_metrics():
+    """The bench scorer (shared/bench/metrics.py), imported under a private name; skip when absent."""
+    path = SHARED / "bench" / "metrics.py"
+    if not path.exists():
+        pytest.skip(f"bench scorer not available: {path}")
+    pytest.importorskip("nibabel")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_metrics", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

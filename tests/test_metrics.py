@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import SHARED, make_phantom, phantom_labels, shared_file
+from conftest import SHARED, make_phantom, phantom_labels, shared_file, bench_metrics
 from regcli.errors import GeometryError
 from regcli.reports.metrics import (
     assd_per_label,
@@ -25,15 +25,7 @@ from regcli.spaces import Grid, Image
 
 
 def _bench():
-    """The bench scorer (shared/bench/metrics.py), imported under a private name; skip when absent."""
-    path = SHARED / "bench" / "metrics.py"
-    if not path.exists():
-        pytest.skip(f"bench scorer not available: {path}")
-    pytest.importorskip("nibabel")
-    spec = importlib.util.spec_from_file_location("_bench_metrics", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_metrics()
 
 
 def _labels_image(img: sitk.Image, name: str = "labels") -> Image:

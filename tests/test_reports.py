@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import DIRECTIONS, SHARED, SPACINGS, make_phantom, phantom_labels
+from conftest import DIRECTIONS, SHARED, SPACINGS, make_phantom, phantom_labels, bench_metrics
 from regcli.errors import InputError
 from regcli.reports.jacobian import jacobian_determinant, jacobian_image, jacobian_matrix, jacobian_stats
 from regcli.reports.landmarks import PointSet, read_points_csv, tre, write_points_csv
@@ -31,14 +31,7 @@ from regcli.transforms import AffineTransform, CompositeTransform, DisplacementF
 
 
 def _bench():
-    path = SHARED / "bench" / "metrics.py"
-    if not path.exists():
-        pytest.skip(f"bench scorer not available: {path}")
-    pytest.importorskip("nibabel")
-    spec = importlib.util.spec_from_file_location("_bench_metrics", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_metrics()
 
 
 def _grid(direction="oblique15", spacing="aniso", size=(14, 12, 9), origin=(4.0, -7.0, 11.0)) -> Grid:
