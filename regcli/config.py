@@ -67,10 +67,17 @@ class InstanceConfig(_Frozen):
     optimizer: str = Field("adam", description="optimizer (registry name)")
     regularizer: str = Field("diffusion", description="regulariser (registry name)")
     reg_weight: float = Field(1.25, ge=0, description="regulariser weight (ConvexAdam's lambda)")
-    iterations: int = Field(80, ge=0)
+    iterations: int = Field(80, ge=0, description="Adam iterations on the IO grid")
     learning_rate: float = Field(1.0, gt=0)
     grid_sp_adam: int = Field(2, ge=1, description="IO grid spacing (working-grid voxels)")
     smoothing_passes: int = Field(3, ge=0, description="3x3x3 box-filter passes on the IO field")
+    refine_iterations: int = Field(10, ge=0, description="then Adam iterations on the working grid itself, "
+                                   "with finer MIND features (0: the published method)")
+    refine_learning_rate: float = Field(1.0, gt=0, description="Adam step (mm) of the refinement")
+    refine_gradient_floor: float = Field(0.2, ge=0, description="Adam eps of the refinement per voxel: where "
+                                         "the similarity gradient is weaker the field barely moves")
+    refine_mind_dilation: int = Field(1, ge=1, description="MIND-SSC neighbour distance of the refinement "
+                                      "features (working-grid voxels)")
 
 
 class RegisterConfig(_Frozen):

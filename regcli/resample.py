@@ -230,6 +230,17 @@ class FieldWarper:
         # a (V, 3) @ (3, 3) product: the batched (N, Z, Y, X, 3) form takes a much slower path on CPU
         return self.base + (d.reshape(-1, 3) @ self.vec.T).reshape(d.shape)
 
+    def coords_at(self, disp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Normalized source coordinates (1, 1, 1, P, 3) of ``x + disp(x)`` for the target voxels ``index``.
+
+        Args:
+            disp: (1, 3, Z, Y, X) or (3, Z, Y, X) float32, world LPS mm, on the target grid.
+            index: (P,) int64 flat indices of target voxels (Z, Y, X order).
+        """
+        d = disp.reshape(3, -1).index_select(1, index).T  # (P, 3)
+        base = self.base.reshape(-1, 3).index_select(0, index)
+        return (base + d @ self.vec.T)[None, None, None]
+
     def warp(self, data: torch.Tensor, disp: Optional[torch.Tensor], mode: str = "bilinear",
              padding: Literal["zeros", "border", "itk"] = "border", default: float = 0.0) -> torch.Tensor:
         """Sample source ``data`` (C,Z,Y,X)/(N,C,Z,Y,X) at ``x + disp(x)`` for every target voxel."""

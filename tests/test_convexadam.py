@@ -226,8 +226,10 @@ def test_masks_progress_and_convex_only():
                      progress=lambda stage, i, n: calls.append((stage, i, n)))
     assert torch.isfinite(res.field.disp).all()
     stages = [c[0] for c in calls]
-    assert stages.index("MIND-SSC features") < stages.index("coupled convex") < stages.index("instance optimisation")
-    assert calls[-1][1:] == (60, 60)
+    assert (stages.index("MIND-SSC features") < stages.index("coupled convex") < stages.index("instance optimisation")
+            < stages.index("refinement"))
+    assert (60, 60) in [c[1:] for c in calls if c[0] == "instance optimisation"]
+    assert calls[-1] == ("refinement", 10, 10)
     only = convexadam(fi, mi, config(instance={"enabled": False}, convex={"inverse_consistency": False}))
     assert "instance" not in only.history and "inverse_consistency" not in only.history
     with pytest.raises(GeometryError):
@@ -239,3 +241,59 @@ def test_refuses_different_grids():
     b = as_image(make_phantom("RAS", "iso"))
     with pytest.raises(GeometryError):
         convexadam(a, b, config())
+
+
+# ----------------------------------------------------------------------------------------- speed-ups, exact
+def test_box_smooth_backward_is_its_adjoint():
+    """The hand-written backward (the same smoothing: self-adjoint) against finite differences, edges included."""
+    for shape in [(1, 3, 5, 6, 4), (1, 3, 2, 1, 3)]:
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: box_smooth(t, 3), (x,))
+
+
+def test_mind_support_and_dilate():
+    from regcli.features.mind import mind_ssc
+    from regcli.methods.convexadam import dilate, mind_support
+
+    g = Grid((20, 18, 16), (2.0, 2.0, 3.0), (0, 0, 0), tuple(np.eye(3).ravel()))
+    img = torch.zeros(g.shape)
+    img[6:10, 7:11, 8:12] = 1.0  # a cube in a flat background
+    feat = mind_ssc(img[None, None], 1, 2)
+    sup = mind_support(feat, g)
+    flat = ~sup
+    assert sup.any() and flat.any()
+    assert torch.all(feat[0][:, flat] == 1.0)  # MIND of a flat region is exactly 1 in every channel
+    one = torch.zeros(g.shape, dtype=torch.bool)
+    one[8, 9, 10] = True
+    grown = dilate(one, g, 4.0)  # 4 mm: 2 voxels in x and y (2 mm), 2 in z (3 mm, rounded up)
+    assert int(grown.sum()) == 5 * 5 * 5
+    assert bool(grown[6, 7, 8]) and not bool(grown[8, 9, 7])
+
+
+def test_similarity_on_its_support_equals_the_dense_solve():
+    """Problem.support restricts a voxel-wise similarity to where it can vary: same result as the dense solve."""
+    from regcli.solvers.instance import InstanceOptimization, Problem
+
+    from regcli.features.mind import mind_ssc
+    from regcli.methods.convexadam import dilate, mind_support
+
+    g = Grid((28, 26, 24), (1.5, 1.5, 1.5), (0, 0, 0), tuple(np.eye(3).ravel()))
+    zz, yy, xx = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in g.shape), indexing="ij")
+
+    def blob(c):  # a textured ball in a flat background
+        r2 = (xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2
+        return (r2 < 36).float() * (1.0 + 0.5 * torch.sin(xx / 1.7) * torch.cos(yy / 2.3))
+
+    ff = mind_ssc(blob((13.0, 12.0, 11.0))[None, None], 1, 2)
+    fm = mind_ssc(blob((14.0, 11.5, 11.5))[None, None], 1, 2)
+    support = dilate(mind_support(ff, g) | mind_support(fm, g), g, 3.0)
+    assert 0.05 < float(support.float().mean()) < 0.6
+    weights = torch.rand(g.shape, generator=torch.Generator().manual_seed(0))
+    for w in (None, weights):
+        solver = InstanceOptimization(reg_weight=1.25, iterations=15, lr=0.5, model_params={"smoothing_passes": 1})
+        dense = solver.run(Problem(ff[0], fm[0], g, fixed_mask=w))
+        sparse = solver.run(Problem(ff[0], fm[0], g, fixed_mask=w, support=support))
+        assert float(dense.disp.abs().max()) > 0.5  # it did move
+        assert torch.allclose(dense.disp, sparse.disp, atol=1e-4), (dense.disp - sparse.disp).abs().max()
+        assert abs(dense.history[0]["similarity"] - sparse.history[0]["similarity"]) < 1e-6 * max(
+            1.0, abs(dense.history[0]["similarity"]))

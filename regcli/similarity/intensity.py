@@ -19,6 +19,12 @@ def feature_ssd(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.
     return masked_mean((fixed - warped).pow(2).sum(dim=1, keepdim=True), mask)
 
 
+# voxel-wise: the value is a (weighted) mean of per-voxel terms, so it may be evaluated on a subset of
+# voxels (see ``Problem.support`` in :mod:`regcli.solvers.instance`)
+mse.pointwise = True  # type: ignore[attr-defined]
+feature_ssd.pointwise = True  # type: ignore[attr-defined]
+
+
 @SIMILARITIES.register("mse")
 def _make_mse(**_: object):
     return mse

@@ -39,6 +39,11 @@ class Problem:
         moving_grid: grid of ``moving`` (defaults to ``grid``).
         fixed_mask: optional (Z, Y, X) weights on ``grid``.
         moving_mask: optional (Z', Y', X') weights on ``moving_grid`` (warped along with the image).
+        support: optional (Z, Y, X) bool on ``grid``: the voxels where the similarity can vary. The caller
+            guarantees that elsewhere the per-voxel term of a voxel-wise similarity is zero and has zero
+            gradient for the displacements the solve can reach (e.g. flat background in both images). Such
+            similarities (``pointwise`` ones) are then evaluated on the support only and scaled to the
+            value on the whole grid; others ignore it.
     """
 
     fixed: torch.Tensor
@@ -47,6 +52,7 @@ class Problem:
     moving_grid: Optional[Grid] = None
     fixed_mask: Optional[torch.Tensor] = None
     moving_mask: Optional[torch.Tensor] = None
+    support: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.moving_grid is None:
@@ -78,6 +84,7 @@ class InstanceOptimization:
     model_params: dict = field(default_factory=dict)
     similarity_params: dict = field(default_factory=dict)
     regularizer_params: dict = field(default_factory=dict)
+    optimizer_params: dict = field(default_factory=dict)
     stage: str = "instance optimisation"
     progress: Optional[Callable[[int, int, float], None]] = None
     rel_tol: float = 0.0  # stop early when the loss changes less than this (relative) over 10 iterations
@@ -94,19 +101,22 @@ class InstanceOptimization:
         sim = self.similarity if callable(self.similarity) else make_similarity(self.similarity, **self.similarity_params)
         reg = make_regularizer(self.regularizer, **self.regularizer_params)
         groups = model.param_groups(self.lr) if hasattr(model, "param_groups") else model.parameters()
-        opt = OPTIMIZERS.get(self.optimizer)(groups, self.lr)
+        opt = OPTIMIZERS.get(self.optimizer)(groups, self.lr, **self.optimizer_params)
         warper = FieldWarper(problem.moving_grid, problem.grid, dev)
         fixed = problem.fixed[None]
         moving = problem.moving[None]
         fmask = problem.fixed_mask[None, None] if problem.fixed_mask is not None else None
         mmask = problem.moving_mask[None, None] if problem.moving_mask is not None else None
+        index, scale = None, 1.0
+        if problem.support is not None and getattr(sim, "pointwise", False) and mmask is None:
+            index, scale, fixed, fmask = _restrict(problem.support, fixed, fmask)
         spacing = problem.grid.spacing
         history: list[dict] = []
         converged = True
         for it in range(self.iterations):
             opt.zero_grad(set_to_none=True)
             disp = model()
-            coords = warper.coords(disp)
+            coords = warper.coords(disp) if index is None else warper.coords_at(disp, index)
             from regcli.resample import grid_sample  # local: keeps the import graph flat
 
             warped = grid_sample(moving, coords, "bilinear", "border")
@@ -114,7 +124,7 @@ class InstanceOptimization:
             if mmask is not None:
                 wm = grid_sample(mmask, coords, "bilinear", "zeros")
                 mask = wm if mask is None else mask * wm
-            s = sim(fixed, warped, mask)
+            s = sim(fixed, warped, mask) * scale
             r = reg(disp, spacing) if self.reg_weight > 0 else disp.sum() * 0.0
             loss = s + self.reg_weight * r
             lv = float(loss.detach())
@@ -135,3 +145,23 @@ class InstanceOptimization:
         if not torch.isfinite(final).all():
             raise ConvergenceError(f"{self.stage} produced a non-finite transform")
         return Result(model, final, history, converged, time.perf_counter() - t0)
+
+
+def _restrict(support: torch.Tensor, fixed: torch.Tensor, fmask: Optional[torch.Tensor]):
+    """Gather the support voxels of (1, C, Z, Y, X) ``fixed`` (and the fixed mask) as (1, C, 1, 1, P).
+
+    Returns the flat voxel indices, the factor that turns the mean over the support into the mean over the
+    whole grid (the off-support terms are zero), and the gathered data and mask.
+    """
+    index = support.reshape(-1).nonzero().squeeze(1).to(fixed.device)
+    if index.numel() == 0:
+        raise ValueError("the similarity support is empty")
+    c = fixed.shape[1]
+    fixed_s = fixed.reshape(c, -1).index_select(1, index).reshape(1, c, 1, 1, -1)
+    if fmask is None:
+        return index, index.numel() / support.numel(), fixed_s, None
+    w = fmask.reshape(-1)
+    w_s = w.index_select(0, index)
+    total = float(w.sum())
+    scale = float(w_s.sum()) / total if total > 0 else 1.0
+    return index, scale, fixed_s, w_s.reshape(1, 1, 1, 1, -1)

@@ -20,14 +20,37 @@ from regcli.spaces.grid import Grid
 MODELS: Registry[type] = Registry("transform model")
 
 
+class _BoxSmooth(torch.autograd.Function):
+    """``passes`` 3x3x3 box filters with edge replication, differentiated without recording the graph.
+
+    A radius-1 box filter with edge replication is a symmetric matrix along each axis (the edge voxel
+    weighs itself 2/3 and its neighbour 1/3 both ways), and the per-axis filters commute, so the whole
+    smoothing is self-adjoint: its backward is the same smoothing of the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, disp: torch.Tensor, passes: int) -> torch.Tensor:
+        ctx.passes = passes
+        for _ in range(passes):
+            disp = box_filter(disp, 1)
+        return disp
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        for _ in range(ctx.passes):
+            grad = box_filter(grad, 1)
+        return grad, None
+
+
 def box_smooth(disp: torch.Tensor, passes: int) -> torch.Tensor:
     """``passes`` 3x3x3 box filters (replicate padding), i.e. a B-spline-like smoothing of (N,3,Z,Y,X).
 
-    Computed separably as sums of shifted slices: about 4x faster than ``avg_pool3d`` forward+backward on CPU.
+    Computed separably as sums of shifted slices, with a hand-written (self-adjoint) backward: about 4x
+    faster than ``avg_pool3d`` forward+backward on CPU, and 2x faster than autograd through the slices.
     """
-    for _ in range(passes):
-        disp = box_filter(disp, 1)
-    return disp
+    if passes <= 0:
+        return disp
+    return _BoxSmooth.apply(disp, int(passes))
 
 
 @MODELS.register("displacement")

@@ -1,4 +1,4 @@
-"""Optimizers by name. Each factory takes (param_groups_or_params, lr) and returns a torch optimizer."""
+"""Optimizers by name. Each factory takes (param_groups_or_params, lr, **params) and returns a torch optimizer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ OPTIMIZERS: Registry = Registry("optimizer")
 
 
 @OPTIMIZERS.register("adam")
-def _adam(params, lr: float):
-    return torch.optim.Adam(params, lr=lr)
+def _adam(params, lr: float, eps: float = 1e-8):
+    """Adam. ``eps`` is the gradient floor: parameters whose gradient RMS is well below it barely move."""
+    return torch.optim.Adam(params, lr=lr, eps=eps)
 
 
 @OPTIMIZERS.register("sgd")
