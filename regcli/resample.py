@@ -93,6 +93,64 @@ def sample_at_world(
     return out.reshape(out.shape[0], *shape)
 
 
+def axis_aligned_map(source: Grid, reference: Grid, tol: float = 1e-9) -> Optional[np.ndarray]:
+    """Per-axis ``(scale, offset)`` (3, 2) when every reference index axis maps onto one source index axis
+    (same axis, same sense or not): continuous source index ``c_k = scale_k * i_k + offset_k``. None otherwise.
+
+    True for a grid and any :meth:`Grid.with_spacing` of it, and for crops and pooled grids, so resampling
+    between them separates into three 1D interpolations.
+    """
+    M = source.world_to_index() @ reference.index_to_world()
+    A = M[:3, :3]
+    if np.abs(A - np.diag(np.diag(A))).max() > tol * max(1.0, np.abs(A).max()):
+        return None
+    return np.stack((np.diag(A), M[:3, 3]), axis=1)
+
+
+def _linear_1d(x: torch.Tensor, dim: int, scale: float, offset: float, n_out: int, itk: bool
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Linear interpolation of ``x`` along ``dim`` at source indices ``scale * i + offset`` (i < n_out).
+
+    Coordinates are clamped to the source (edge values repeated). With ``itk`` also returns the (n_out,)
+    mask of positions within half a voxel of the source (ITK's buffer).
+    """
+    n = x.shape[dim]
+    c = torch.arange(n_out, dtype=torch.float64, device=x.device) * scale + offset
+    inside = ((c >= -0.5) & (c <= n - 0.5)) if itk else None
+    c = c.clamp(0.0, n - 1.0)
+    i0 = c.floor().clamp(max=max(n - 2, 0))
+    f = (c - i0).to(x.dtype)
+    i0 = i0.to(torch.int64)
+    i1 = (i0 + 1).clamp(max=n - 1)
+    shape = [1] * x.dim()
+    shape[dim] = n_out
+    return torch.lerp(x.index_select(dim, i0), x.index_select(dim, i1), f.view(shape)), inside
+
+
+def resample_separable(data: torch.Tensor, source: Grid, reference: Grid, padding: Literal["border", "itk"],
+                       default: float = 0.0) -> Optional[torch.Tensor]:
+    """Trilinear resampling of (C?, Z, Y, X) float data between axis-aligned grids as three 1D passes.
+
+    Same values as ``grid_sample`` on the composed coordinates (to float rounding), several times faster
+    on CPU. Returns None when the grids are not axis-aligned (see :func:`axis_aligned_map`).
+    """
+    amap = axis_aligned_map(source, reference)
+    if amap is None or not torch.is_floating_point(data):
+        return None
+    x = data
+    masks = []
+    off = x.dim() - 3
+    for axis, dim in ((0, off + 2), (1, off + 1), (2, off)):  # x, y, z index axes -> tensor dims
+        x, inside = _linear_1d(x, dim, float(amap[axis, 0]), float(amap[axis, 1]), reference.size[axis],
+                               padding == "itk")
+        masks.append(inside)
+    if padding == "itk":
+        mx, my, mz = masks
+        inside = mz[:, None, None] & my[None, :, None] & mx[None, None, :]
+        x = torch.where(inside, x, torch.as_tensor(default, dtype=x.dtype, device=x.device))
+    return x
+
+
 def _label_interp(data: torch.Tensor, coords: torch.Tensor, source: Grid, default: int) -> torch.Tensor:
     """ANTs 'GenericLabel'-style: linear interpolation of each label's indicator, then argmax."""
     labels = torch.unique(data)
@@ -136,6 +194,10 @@ def warp(
     ref = reference or image.grid
     data = image.data
     is_int = not torch.is_floating_point(data)
+    if transform is None and interp == "linear" and not is_int:
+        out = resample_separable(data, image.grid, ref, "itk", default)
+        if out is not None:
+            return Image(out, ref, image.name, dict(image.meta))
     if interp == "linear" and is_int:
         data = data.to(torch.float32)
     zs, ys, xs = ref.shape
@@ -258,6 +320,9 @@ def resample_field(disp: torch.Tensor, field_grid: Grid, reference: Grid, chunk:
 
 def upsample_field(disp: torch.Tensor, field_grid: Grid, reference: Grid) -> torch.Tensor:
     """Like :func:`resample_field` but with edge values beyond the field grid (for coarse grids)."""
+    out = resample_separable(disp, field_grid, reference, "border")
+    if out is not None:
+        return out
     coords = field_grid.world_to_norm_points(reference.world_coords(torch.float64, disp.device)).to(torch.float32)
     return grid_sample(disp, coords[None], "bilinear", "border")
 
