@@ -19,6 +19,7 @@ from regcli.errors import InputError
 from regcli.resample import resample_to_grid
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image
+from regcli.features.filters import conv1d_replicate
 
 
 # ----------------------------------------------------------------------------------------- normalisation
@@ -80,21 +81,15 @@ def gaussian_smooth(data: torch.Tensor, sigma_vox: Sequence[float], truncate: fl
         Smoothed tensor of the same shape and dtype.
     """
     shape = data.shape
-    x = data.reshape(-1, 1, *shape[-3:])
+    x = data.reshape(-1, *shape[-3:])
     sx, sy, sz = (float(s) for s in sigma_vox)
-    for dim, s in ((2, sz), (3, sy), (4, sx)):
+    for dim, s in ((1, sz), (2, sy), (3, sx)):
         if s < 0.05 or x.shape[dim] < 2:
             continue
-        k = gaussian_kernel1d(s, truncate, x.dtype, x.device)
+        k = gaussian_kernel1d(s, truncate, torch.float64)
         r = min(len(k) // 2, x.shape[dim] - 1)
         k = k[len(k) // 2 - r: len(k) // 2 + r + 1]
-        k = k / k.sum()
-        view = [1, 1, 1, 1, 1]
-        view[dim] = len(k)
-        pad = [0] * 6
-        pad[2 * (4 - dim)] = r
-        pad[2 * (4 - dim) + 1] = r
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), k.view(view))
+        x = conv1d_replicate(x, k / k.sum(), dim)
     return x.reshape(shape)
 
 
