@@ -19,7 +19,7 @@ from regcli.config import RegisterConfig
 from regcli.errors import GeometryError
 from regcli.io.atomic import OutputSet
 from regcli.progress import Progress, log
-from regcli.resample import resample_to_grid, upsample_field, warp
+from regcli.resample import resample_to_grid, upsample_field, warp, warp_many
 from regcli.runtime import Runtime, setup_runtime
 from regcli.spaces import Grid, Image
 from regcli.transforms import AffineTransform, CompositeTransform, DisplacementField, invert_displacement
@@ -211,7 +211,7 @@ def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool
     Order: check outputs can be written (before any computation), read and validate inputs, register,
     write every output to temporary files, then publish them all together.
     """
-    from regcli.io.images import read_image, read_labels, read_mask, smallest_label_dtype, write_image
+    from regcli.io.images import read_image, read_labels, read_mask, write_image
     from regcli.io.transforms import write_affine, write_displacement
     from regcli.reports.report import build_report, report_json
 
@@ -242,22 +242,32 @@ def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool
     transform = reg.transform
 
     t0 = time.perf_counter()
-    warped = warp(moving, transform, fixed.grid, "linear") if (config.write_warped or config.html_report) else None
+    items = []
+    if config.write_warped or config.html_report:
+        items.append((moving, "linear"))
+    if fixed_labels is not None and moving_labels is not None:
+        items.append((moving_labels, "nearest"))
+    done = warp_many(items, transform, fixed.grid)  # one set of mapped points for both
+    warped = done.pop(0) if (config.write_warped or config.html_report) else None
+    warped_labels = done.pop(0) if done else None
     reg.timings["warp"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    metrics, warped_labels, detj = _metrics(fixed, reg, fixed_labels, moving_labels, landmarks, transform)
+    metrics, detj = _metrics(fixed, reg, fixed_labels, moving_labels, warped_labels, landmarks, transform)
     reg.timings["metrics"] = time.perf_counter() - t0
 
     try:
         outs.stage(paths["affine"], lambda tmp: write_affine(reg.affine, tmp))
+        images = []
         if "warp" in paths:
-            outs.stage(paths["warp"], lambda tmp: write_displacement(reg.field, tmp))
+            images.append((paths["warp"], lambda tmp: write_displacement(reg.field, tmp)))
         if "inverse_warp" in paths:
-            outs.stage(paths["inverse_warp"], lambda tmp: write_displacement(reg.inverse_field, tmp))
+            images.append((paths["inverse_warp"], lambda tmp: write_displacement(reg.inverse_field, tmp)))
         if "warped" in paths:
-            dtype = "float32"
-            outs.stage(paths["warped"], lambda tmp: write_image(warped, tmp, dtype))
+            images.append((paths["warped"], lambda tmp: write_image(warped, tmp, "float32")))
+        t0 = time.perf_counter()
+        outs.stage_many(images, workers=max(1, runtime.threads))
+        reg.timings["write"] = time.perf_counter() - t0
         if "html" in paths:
             t0 = time.perf_counter()
             figure_names = _stage_html(outs, paths["html"], inputs, fixed, moving, warped, fixed_labels,
@@ -313,15 +323,14 @@ def _read_landmarks(inputs: RegisterInputs):
     return fx, mv
 
 
-def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, landmarks, transform):
-    """Dice/HD95 (labels), Jacobian stats (deformable), TRE (landmarks), inverse consistency."""
+def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, warped_labels, landmarks, transform):
+    """Dice/HD95 (labels; ``warped_labels`` = moving labels on the fixed grid), Jacobian stats (deformable),
+    TRE (landmarks), inverse consistency."""
     from regcli.reports import metrics as M
     from regcli.reports.jacobian import jacobian_determinant, jacobian_stats
 
     out: dict = {}
-    warped_labels = None
-    if fixed_labels is not None and moving_labels is not None:
-        warped_labels = warp(moving_labels, transform, fixed.grid, "nearest")
+    if warped_labels is not None:
         fl = fixed_labels if fixed_labels.grid.allclose(fixed.grid) else resample_to_grid(fixed_labels, fixed.grid, "nearest")
         # labels present in both maps (as `regcli evaluate` scores them): one lost by warping counts as 0
         labels = sorted((set(torch.unique(fl.data).tolist()) & set(torch.unique(moving_labels.data).tolist())) - {0})
@@ -348,7 +357,7 @@ def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, landmarks, t
 
         fx, mv = landmarks
         out["tre"] = tre(fx, mv, transform)
-    return out, warped_labels, detj
+    return out, detj
 
 
 def _nanmean(values) -> float:

@@ -127,22 +127,34 @@ def _linear_1d(x: torch.Tensor, dim: int, scale: float, offset: float, n_out: in
     return torch.lerp(x.index_select(dim, i0), x.index_select(dim, i1), f.view(shape)), inside
 
 
-def resample_separable(data: torch.Tensor, source: Grid, reference: Grid, padding: Literal["border", "itk"],
-                       default: float = 0.0) -> Optional[torch.Tensor]:
-    """Trilinear resampling of (C?, Z, Y, X) float data between axis-aligned grids as three 1D passes.
+def _nearest_1d(x: torch.Tensor, dim: int, scale: float, offset: float, n_out: int, itk: bool
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Nearest-neighbour resampling along ``dim`` (rounding as ``grid_sample``'s nearest mode)."""
+    n = x.shape[dim]
+    c = torch.arange(n_out, dtype=torch.float64, device=x.device) * scale + offset
+    inside = ((c >= -0.5) & (c <= n - 0.5)) if itk else None
+    i = torch.round(c.to(torch.float32)).clamp(0, n - 1).to(torch.int64)
+    return x.index_select(dim, i), inside
 
-    Same values as ``grid_sample`` on the composed coordinates (to float rounding), several times faster
-    on CPU. Returns None when the grids are not axis-aligned (see :func:`axis_aligned_map`).
+
+def resample_separable(data: torch.Tensor, source: Grid, reference: Grid, padding: Literal["border", "itk"],
+                       default: float = 0.0, mode: str = "linear") -> Optional[torch.Tensor]:
+    """Resampling of (C?, Z, Y, X) data between axis-aligned grids as three 1D passes.
+
+    ``mode`` "linear" (float data) or "nearest" (any dtype). Same values as ``grid_sample`` on the composed
+    coordinates (to float rounding), several times faster on CPU. Returns None when the grids are not
+    axis-aligned (see :func:`axis_aligned_map`).
     """
     amap = axis_aligned_map(source, reference)
-    if amap is None or not torch.is_floating_point(data):
+    if amap is None or (mode == "linear" and not torch.is_floating_point(data)):
         return None
+    one_d = _linear_1d if mode == "linear" else _nearest_1d
     x = data
     masks = []
     off = x.dim() - 3
     for axis, dim in ((0, off + 2), (1, off + 1), (2, off)):  # x, y, z index axes -> tensor dims
-        x, inside = _linear_1d(x, dim, float(amap[axis, 0]), float(amap[axis, 1]), reference.size[axis],
-                               padding == "itk")
+        x, inside = one_d(x, dim, float(amap[axis, 0]), float(amap[axis, 1]), reference.size[axis],
+                          padding == "itk")
         masks.append(inside)
     if padding == "itk":
         mx, my, mz = masks
@@ -191,40 +203,68 @@ def warp(
     Returns:
         Image on ``reference``; integer dtype is kept for "nearest"/"label".
     """
-    ref = reference or image.grid
-    data = image.data
-    is_int = not torch.is_floating_point(data)
-    if transform is None and interp == "linear" and not is_int:
-        out = resample_separable(data, image.grid, ref, "itk", default)
-        if out is not None:
-            return Image(out, ref, image.name, dict(image.meta))
-    if interp == "linear" and is_int:
-        data = data.to(torch.float32)
+    return warp_many([(image, interp)], transform, reference or image.grid, default, chunk)[0]
+
+
+def warp_many(items: list[tuple[Image, Interp]], transform, reference: Grid, default: float = 0.0,
+              chunk: int = DEFAULT_CHUNK) -> list[Image]:
+    """:func:`warp` of several images through the same transform: the mapped points are computed once
+    (per slab) and shared, e.g. by the warped image and the warped label map of one registration."""
+    out: list[Optional[Image]] = [None] * len(items)
+    todo = []
+    for k, (image, interp) in enumerate(items):
+        is_int = not torch.is_floating_point(image.data)
+        if transform is None and (interp == "nearest" or (interp == "linear" and not is_int)):
+            data = resample_separable(image.data, image.grid, reference, "itk", default, interp)
+            if data is not None:
+                out[k] = Image(data, reference, image.name, dict(image.meta))
+                continue
+        todo.append(k)
+    if not todo:
+        return out  # type: ignore[return-value]
+    ref = reference
+    device = items[todo[0]][0].data.device
     zs, ys, xs = ref.shape
     slab = max(1, chunk // max(1, ys * xs))
     M_ref = ref.index_to_world()
-    parts = []
+    parts: dict[int, list[torch.Tensor]] = {k: [] for k in todo}
     for z0 in range(0, zs, slab):
         z1 = min(zs, z0 + slab)
         zz, yy, xx = torch.meshgrid(
-            torch.arange(z0, z1, dtype=torch.float64, device=data.device),
-            torch.arange(ys, dtype=torch.float64, device=data.device),
-            torch.arange(xs, dtype=torch.float64, device=data.device),
+            torch.arange(z0, z1, dtype=torch.float64, device=device),
+            torch.arange(ys, dtype=torch.float64, device=device),
+            torch.arange(xs, dtype=torch.float64, device=device),
             indexing="ij",
         )
         pts = apply_affine(M_ref, torch.stack((xx, yy, zz), dim=-1))
         if transform is not None:
             pts = _map_reference_points(transform, pts, ref, z0, z1)
-        coords = image.grid.world_to_norm_points(pts).to(torch.float32)[None]
-        if interp == "label":
-            parts.append(_label_interp(data, coords, image.grid, int(default)))
-        else:
-            mode = _MODES[interp]
-            src = data if torch.is_floating_point(data) else data.to(torch.float32)
-            out = grid_sample(src, coords, mode, "itk", image.grid, default)
-            parts.append(out if not is_int else torch.round(out).to(data.dtype))
-    cat_dim = 0 if data.dim() == 3 else 1
-    return Image(torch.cat(parts, dim=cat_dim), ref, image.name, dict(image.meta))
+        coords_by_grid: list[tuple[Grid, torch.Tensor]] = []
+        for k in todo:
+            image, interp = items[k]
+            coords = next((c for g, c in coords_by_grid if g == image.grid), None)
+            if coords is None:
+                coords = image.grid.world_to_norm_points(pts).to(torch.float32)[None]
+                coords_by_grid.append((image.grid, coords))
+            parts[k].append(_sample(image, coords, interp, default))
+    for k in todo:
+        image = items[k][0]
+        cat_dim = 0 if image.data.dim() == 3 else 1
+        out[k] = Image(torch.cat(parts[k], dim=cat_dim), ref, image.name, dict(image.meta))
+    return out  # type: ignore[return-value]
+
+
+def _sample(image: Image, coords: torch.Tensor, interp: Interp, default: float) -> torch.Tensor:
+    data = image.data
+    if interp == "label":
+        return _label_interp(data, coords, image.grid, int(default))
+    is_int = not torch.is_floating_point(data)
+    src = data if not is_int else data.to(torch.float32)
+    res = grid_sample(src, coords, _MODES[interp], "itk", image.grid, default)
+    if not is_int:
+        return res
+    # integer data: rounded; "nearest" keeps the dtype, "linear" gives rounded float32
+    return torch.round(res).to(data.dtype) if interp == "nearest" else torch.round(res)
 
 
 def _map_reference_points(transform, pts: torch.Tensor, ref: Grid, z0: int, z1: int) -> torch.Tensor:

@@ -46,6 +46,24 @@ def test_outputset_commit_publishes_together(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "y.nii.gz"]
 
 
+def test_stage_many_writes_in_parallel_all_or_nothing(tmp_path):
+    outs = OutputSet()
+    paths = [outs.claim(tmp_path / f"f{i}.nii.gz") for i in range(3)]
+    outs.stage_many([(p, lambda t, i=i: t.write_text(str(i))) for i, p in enumerate(paths)], workers=2)
+    outs.commit()
+    assert [p.read_text() for p in paths] == ["0", "1", "2"]
+
+    outs = OutputSet(overwrite=True)
+    new = outs.claim(tmp_path / "g.nii.gz")
+    outs.stage(new, lambda t: t.write_text("g"))
+    with pytest.raises(ZeroDivisionError):
+        outs.stage_many([(paths[0], lambda t: t.write_text("new")), (paths[1], lambda t: (t.write_text("x"), 1 / 0)),
+                         (paths[2], lambda t: t.write_text("new"))], workers=3)
+    outs.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0.nii.gz", "f1.nii.gz", "f2.nii.gz"]
+    assert [p.read_text() for p in paths] == ["0", "1", "2"]
+
+
 def test_claim_refuses_existing_without_overwrite(tmp_path):
     (tmp_path / "a.txt").write_text("keep")
     with pytest.raises(OutputError, match="exists"):
