@@ -76,6 +76,10 @@ class InstanceConfig(_Frozen):
     refine_learning_rate: float = Field(1.0, gt=0, description="Adam step (mm) of the refinement")
     refine_gradient_floor: float = Field(0.2, ge=0, description="Adam eps of the refinement per voxel: where "
                                          "the similarity gradient is weaker the field barely moves")
+    refine_reg_weight: Optional[float] = Field(1.5, ge=0, description="regulariser weight of the refinement "
+                                               "(None: reg_weight)")
+    refine_smoothing_passes: Optional[int] = Field(None, ge=0, description="box-filter passes of the refinement "
+                                                   "field (default: smoothing_passes)")
     refine_mind_dilation: int = Field(1, ge=1, description="MIND-SSC neighbour distance of the refinement "
                                       "features (working-grid voxels)")
 
@@ -93,7 +97,7 @@ class RegisterConfig(_Frozen):
     seed: int = 0
     deterministic: bool = False
     inverse_warp: bool = Field(True, description="also write the inverse displacement field")
-    inverse_iterations: int = Field(40, ge=1)
+    inverse_iterations: int = Field(20, ge=1, description="fixed-point iterations of the inverse field (at most)")
     write_warped: bool = True
     html_report: bool = True
 

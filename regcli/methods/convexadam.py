@@ -181,7 +181,8 @@ def dilate(mask: torch.Tensor, grid: Grid, margin_mm: float) -> torch.Tensor:
 def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: int, init: torch.Tensor,
                     init_grid: Grid, fmask: Optional[torch.Tensor], mmask: Optional[torch.Tensor], icfg,
                     iterations: int, lr: float, stage: str, report: ProgressFn, dev,
-                    gradient_floor: float = 0.0) -> tuple[torch.Tensor, Grid, list[dict]]:
+                    gradient_floor: float = 0.0, reg_weight: Optional[float] = None,
+                    smoothing_passes: Optional[int] = None) -> tuple[torch.Tensor, Grid, list[dict]]:
     """One level of instance optimisation: features (1, C, Z, Y, X) on ``grid`` average-pooled by ``k``, a
     free-form displacement on the pooled grid initialised with ``init`` (3, ...) mm on ``init_grid``.
 
@@ -211,8 +212,9 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
         del warped
     solver = InstanceOptimization(
         model=icfg.model, similarity=icfg.similarity, optimizer=icfg.optimizer, regularizer=icfg.regularizer,
-        reg_weight=icfg.reg_weight, iterations=iterations, lr=lr,
-        model_params={"smoothing_passes": icfg.smoothing_passes}, stage=f"convexadam {stage}",
+        reg_weight=icfg.reg_weight if reg_weight is None else reg_weight, iterations=iterations, lr=lr,
+        model_params={"smoothing_passes": icfg.smoothing_passes if smoothing_passes is None else smoothing_passes},
+        stage=f"convexadam {stage}",
         optimizer_params={"eps": gradient_floor / io_grid.num_voxels} if gradient_floor > 0 and icfg.optimizer == "adam"
         else {},
         progress=lambda i, n, loss: report(stage, i, n),
@@ -309,7 +311,8 @@ def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opt
             feat_m = mind_ssc(mdata[None, None], ccfg.mind_radius, icfg.refine_mind_dilation)
         disp_io, io_grid, history["refine"] = _instance_level(
             feat_f, feat_m, grid, 1, disp_io, io_grid, fmask, mmask, icfg, icfg.refine_iterations,
-            icfg.refine_learning_rate, STAGE_REFINE, report, dev, icfg.refine_gradient_floor)
+            icfg.refine_learning_rate, STAGE_REFINE, report, dev, icfg.refine_gradient_floor,
+            icfg.refine_reg_weight, icfg.refine_smoothing_passes)
         del feat_f, feat_m
         timings["refine"] = time.perf_counter() - t
 
