@@ -70,6 +70,8 @@ class InstanceConfig(_Frozen):
     iterations: int = Field(80, ge=0, description="Adam iterations on the IO grid")
     learning_rate: float = Field(1.0, gt=0)
     grid_sp_adam: int = Field(2, ge=1, description="IO grid spacing (working-grid voxels)")
+    gradient_floor: float = Field(0.0, ge=0, description="Adam eps per voxel on the IO grid (0: Adam's own "
+                                  "1e-8, as published); see refine_gradient_floor")
     smoothing_passes: int = Field(3, ge=0, description="3x3x3 box-filter passes on the IO field")
     refine_iterations: int = Field(10, ge=0, description="then Adam iterations on the working grid itself, "
                                    "with finer MIND features (0: the published method)")

@@ -297,7 +297,8 @@ def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opt
     t = time.perf_counter()
     disp_io, io_grid, hist = _instance_level(
         feat_f, feat_m, grid, icfg.grid_sp_adam, fwd, coarse, fmask, mmask, icfg,
-        icfg.iterations if icfg.enabled else 0, icfg.learning_rate, STAGE_INSTANCE, report, dev)
+        icfg.iterations if icfg.enabled else 0, icfg.learning_rate, STAGE_INSTANCE, report, dev,
+        icfg.gradient_floor)
     if hist:
         history["instance"] = hist
     del feat_f, feat_m
