@@ -18,7 +18,8 @@ structure that disappears after warping counts as Dice 0 instead of being droppe
 
 Why a fresh ``python -m regcli register`` process per pair: the peak resident set size (``ru_maxrss``) of a
 process only ever grows, so in one process the peak of pair 5 would include pairs 1-4 (and tracemalloc does
-not see torch/ITK allocations). ``os.wait4`` gives the exact peak of each child process. It also isolates
+not see torch/ITK allocations). Each child reports its own peak (``VmHWM``, which starts afresh at
+``exec``; ``ru_maxrss`` would carry over the parent's high-water mark). It also isolates
 pairs: a crash or out-of-memory kill of one pair becomes a "failed" row instead of killing the table. The
 price is the interpreter and torch start-up per pair (about 1-2 s), which is reported apart (``wall_seconds``).
 """
@@ -304,7 +305,9 @@ def register_subprocess(pair: Pair, prefix: str, method: str, config: Optional[P
     """Run ``python -m regcli register`` for one pair in a fresh process and measure its peak memory.
 
     The child's stdout holds the report (``--json``); its stderr's last line is the error on failure.
-    ``os.wait4`` returns the child's own resource usage, so ``peak_rss_mb`` is that process's peak.
+    ``os.wait4``'s ``ru_maxrss`` is only an upper bound of the child's peak on Linux (it inherits the
+    parent's high-water mark across fork and exec); the child's report carries the exact figure
+    (``VmHWM``), which :func:`evaluate_pairs` prefers.
     """
     cmd = [sys.executable, "-m", "regcli", "register", str(pair.fixed), str(pair.moving), "-o", prefix,
            "--method", method, "--json", "--quiet"]
@@ -482,8 +485,8 @@ def evaluate_pairs(
                 run = register_fn(pair, prefix, method, config=config, extra_args=extra_args, overwrite=overwrite)
                 row["wall_seconds"] = run.wall_seconds
                 row.update(_from_report(run.report))
-                if run.peak_rss_mb is not None:
-                    row["peak_rss_mb"] = run.peak_rss_mb
+                if run.peak_rss_mb is not None and "peak_rss_mb" not in row:
+                    row["peak_rss_mb"] = run.peak_rss_mb  # the report's own figure is exact; this one is a bound
                 if run.returncode != 0:
                     raise _PairFailed(run.error, run.returncode)
             files = transform_files(prefix)

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -446,3 +447,15 @@ def test_display_orientation_does_not_depend_on_the_voxel_layout():
     z, y, x = np.unravel_index(np.argmax(vol), vol.shape)
     assert x > vol.shape[2] / 2 and y > vol.shape[1] / 2 and z > vol.shape[0] / 2
     assert _VIEWS["axial"][3] == ("R", "L", "A", "P")  # +x (L) on the right of the screen: radiological
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux-only")
+def test_peak_memory_is_the_process_own_not_its_parents():
+    """ru_maxrss carries a parent's high-water mark across fork+exec; the reported peak must not."""
+    import subprocess
+
+    ballast = np.ones(800 * 2**20, dtype=np.uint8)  # the parent touches 800 MiB
+    code = "from regcli.reports.report import peak_rss_mb; print(peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 700, out.stdout
+    del ballast

@@ -98,7 +98,19 @@ class StageTimer:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (``getrusage``; never decreases)."""
+    """Peak resident set size of this process so far, in MiB (never decreases).
+
+    On Linux this is ``VmHWM`` from ``/proc/self/status``: ``getrusage``'s ``ru_maxrss`` survives ``fork`` and
+    ``exec``, so a process started by a large parent (``regcli evaluate`` holding two label maps) would
+    report the parent's peak as its own. Elsewhere ``getrusage``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     if resource is None:  # pragma: no cover
         return float("nan")
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
