@@ -359,9 +359,11 @@ def _fig_loss(history: Mapping[str, list], dpi: int) -> Optional[bytes]:
             ax2.set_ylim(-0.05, 1.05)
             ax2.set_ylabel("scaled terms", fontsize=9)
             ax2.grid(alpha=0.3)
-            ax2.legend(fontsize=7.5, loc="best")
+            ax2.legend(fontsize=7.5, loc="upper right")
             ax2.set_xlabel("iteration")
-    fig.tight_layout()
+    # fixed margins: tight_layout measured every tick label of ~20 axes (0.9 s of a 5 s report)
+    h = fig.get_figheight()
+    fig.subplots_adjust(left=0.07, right=0.985, top=1 - 0.35 / h, bottom=0.55 / h, hspace=0.55, wspace=0.28)
     return _png(fig, dpi)
 
 
