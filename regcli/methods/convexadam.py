@@ -11,10 +11,13 @@ Learn2Reg 2021". The stages, on the isotropic working grid that fixed and moving
    grid of ``grid_sp_adam`` working voxels (features pooled the same way), initialised with step 2.
 4. Refinement (regcli's addition, ``refine_iterations`` > 0): a few more Adam iterations with the
    displacement and the similarity on the working grid itself, on MIND-SSC features of dilation
-   ``refine_mind_dilation`` (1 by default, i.e. finer than step 1's). On the three hardest synthseg pairs
-   (``benchmarks/tune_convexadam.py``) 80 coarse iterations give mean Dice 0.662; 40 coarse + 5 refinement
-   iterations 0.683 in less time (0.677 with the refinement on the dilation-2 features). With
-   ``refine_iterations=0`` and ``iterations=80`` the method is the published one.
+   ``refine_mind_dilation`` (1 by default, i.e. finer than step 1's), with Adam's eps set to a per-voxel
+   gradient floor so that an exact match stays still (RELIABILITY G1). On the three hardest synthseg pairs
+   (``benchmarks/tune_convexadam.py``) the published IO gives mean Dice 0.662 and the refinement 0.680
+   (docs/benchmarks.md has the tuning table). With ``refine_iterations=0`` the method is the published one.
+
+Both IO levels evaluate the similarity only on its *support* (:func:`mind_support`, dilated): MIND-SSC is
+exactly 1 in every channel where the image is locally constant, so flat background adds nothing.
 5. Trilinear upsampling of the result to the working grid (when the last level is coarser).
 
 Units: every field that leaves a helper is world LPS mm on a :class:`Grid`; the discrete stage works in

@@ -108,7 +108,8 @@ class InstanceOptimization:
         fmask = problem.fixed_mask[None, None] if problem.fixed_mask is not None else None
         mmask = problem.moving_mask[None, None] if problem.moving_mask is not None else None
         index, scale = None, 1.0
-        if problem.support is not None and getattr(sim, "pointwise", False) and mmask is None:
+        if (problem.support is not None and getattr(sim, "pointwise", False) and mmask is None
+                and bool(problem.support.any())):
             index, scale, fixed, fmask = _restrict(problem.support, fixed, fmask)
         spacing = problem.grid.spacing
         history: list[dict] = []
@@ -154,8 +155,6 @@ def _restrict(support: torch.Tensor, fixed: torch.Tensor, fmask: Optional[torch.
     whole grid (the off-support terms are zero), and the gathered data and mask.
     """
     index = support.reshape(-1).nonzero().squeeze(1).to(fixed.device)
-    if index.numel() == 0:
-        raise ValueError("the similarity support is empty")
     c = fixed.shape[1]
     fixed_s = fixed.reshape(c, -1).index_select(1, index).reshape(1, c, 1, 1, -1)
     if fmask is None:
