@@ -216,6 +216,18 @@ class Grid:
         origin = corner[:3] + self.direction_matrix @ (0.5 * sp)
         return Grid(tuple(new_n), tuple(sp), tuple(origin), self.direction)
 
+    def subsampled(self, factor: int) -> "Grid":
+        """The grid of every ``factor``-th voxel, starting at voxel 0: voxel ``i`` of the result is voxel
+        ``factor * i`` of this grid (what a stride-``factor`` convolution with "same" padding outputs).
+
+        Size ``ceil(n / factor)`` per axis, spacing ``factor`` times larger, same origin and direction.
+        """
+        f = int(factor)
+        if f < 1:
+            raise ValueError(f"subsampling factor must be >= 1, got {factor}")
+        size = tuple(-(-n // f) for n in self.size)
+        return Grid(size, tuple(s * f for s in self.spacing), self.origin, self.direction)
+
     def with_size(self, size: Sequence[int]) -> "Grid":
         """Same field of view and direction with ``size`` voxels (spacing adapts)."""
         size = np.asarray(size, dtype=np.float64)
