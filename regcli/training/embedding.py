@@ -1,0 +1,243 @@
+"""Self-supervised training of the anatomical embedding network (:mod:`regcli.models.embedding`).
+
+Recipe (after Yan et al.'s SAM, written for regcli's physical-space conventions):
+
+1. Each training volume is resampled to the network's isotropic spacing and intensity-normalised once.
+2. A *pair of views* is cut from one volume: two cubes of ``crop`` voxels whose centres lie at most
+   ``max_shift_mm`` apart (so they overlap), each at its own random scale (voxel size ``spacing * s`` with
+   ``s`` in ``scale_range``) and with its own intensity augmentation (gamma, contrast, offset, noise).
+   Both views are resampled from the same volume, so a world point has a known position in each: the
+   correspondences are exact, whatever the scales.
+3. The network embeds both views. ``points`` world points are drawn in the overlap, on the volume's
+   foreground; their embeddings in view A and in view B are sampled (trilinear) from the global and the
+   local maps.
+4. Pixel-wise InfoNCE per head, symmetric (A→B and B→A): the positive of a point is the same point in the
+   other view; every other drawn point is a negative, except those closer than ``exclude_mm`` (too close
+   to be told apart at that head's resolution). Only the ``hard_negatives`` most similar negatives of each
+   point enter the softmax, as in SAM. Loss = global + local.
+
+Everything is seeded (``seed``) so a run is reproducible on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from regcli.features.intensity import downsample
+from regcli.models.embedding import EmbeddingConfig, EmbeddingNet, normalise_intensity
+from regcli.resample import resample_to_grid, sample_at_world
+from regcli.spaces.grid import Grid
+from regcli.spaces.image import Image
+
+
+class EmbeddingTrainConfig(BaseModel):
+    """Training recipe (stored in the trained model's ``config.json`` under ``"training"``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    iterations: int = Field(2000, ge=1)
+    batch_pairs: int = Field(2, ge=1, description="view pairs per step")
+    crop: int = Field(48, ge=16, description="view size in voxels (cube)")
+    max_shift_mm: float = Field(40.0, ge=0, description="largest distance between the two view centres")
+    scale_range: tuple[float, float] = (0.8, 1.25)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    noise_max: float = Field(0.05, ge=0, description="largest std of added Gaussian noise (normalised units)")
+    points: int = Field(256, ge=8, description="world points drawn per view pair")
+    temperature: float = Field(0.2, gt=0)
+    hard_negatives: int = Field(64, ge=1)
+    exclude_mm: tuple[float, float] = Field((16.0, 4.0), description="no negatives closer than this (global, local)")
+    learning_rate: float = Field(1e-3, gt=0)
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------- views
+@dataclass
+class View:
+    image: torch.Tensor  # (1, crop, crop, crop) float32, augmented normalised intensities
+    grid: Grid
+
+
+def prepare_volume(image: Image, spacing_mm: float, percentiles: tuple[float, float]) -> Image:
+    """Resample a scalar image to isotropic ``spacing_mm`` (anti-aliased) and normalise its intensities."""
+    data = image.data if image.data.dim() == 3 else image.data[0]
+    res = downsample(Image(data.to(torch.float32), image.grid), spacing_mm)
+    return Image(normalise_intensity(res.data, percentiles), res.grid, image.name)
+
+
+def _foreground_points(vol: Image, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` random world points (n, 3) float64 LPS mm at voxels above the volume's background."""
+    fg = torch.nonzero(vol.data > vol.data.min() + 0.05).numpy()
+    if len(fg) == 0:
+        fg = torch.nonzero(torch.ones_like(vol.data, dtype=torch.bool)).numpy()
+    pick = fg[rng.integers(0, len(fg), n)][:, ::-1].astype(np.float64)  # (z,y,x) -> (x,y,z)
+    pick += rng.uniform(-0.5, 0.5, pick.shape)
+    return (vol.grid.index_to_world() @ np.c_[pick, np.ones(n)].T).T[:, :3]
+
+
+def _view_grid(vol: Grid, centre: np.ndarray, crop: int, spacing: float) -> Grid:
+    d = np.asarray(vol.direction, dtype=np.float64).reshape(3, 3)
+    origin = centre - d @ np.full(3, spacing * (crop - 1) / 2.0)
+    return Grid((crop, crop, crop), (spacing,) * 3, tuple(origin), vol.direction)
+
+
+def _augment(x: torch.Tensor, cfg: EmbeddingTrainConfig, rng: np.random.Generator) -> torch.Tensor:
+    """Random gamma (on [0, 1]-clipped values), contrast and offset, then Gaussian noise."""
+    gamma = float(np.exp(rng.uniform(np.log(cfg.gamma_range[0]), np.log(cfg.gamma_range[1]))))
+    y = x.clamp(0, 1).pow(gamma) + (x - x.clamp(0, 1))  # keep the clipped tails linear
+    y = y * float(rng.uniform(0.8, 1.2)) + float(rng.uniform(-0.1, 0.1))
+    sigma = float(rng.uniform(0, cfg.noise_max))
+    if sigma > 0:
+        g = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
+        y = y + sigma * torch.randn(y.shape, generator=g)
+    return y
+
+
+def make_view_pair(vol: Image, cfg: EmbeddingTrainConfig, spacing: float, rng: np.random.Generator
+                   ) -> tuple[View, View, np.ndarray]:
+    """Two overlapping augmented views of ``vol`` and ``cfg.points`` world points (P, 3) inside both."""
+    for _ in range(20):
+        ca = _foreground_points(vol, rng, 1)[0]
+        shift = rng.normal(size=3)
+        shift *= rng.uniform(0, cfg.max_shift_mm) / max(np.linalg.norm(shift), 1e-9)
+        cb = ca + shift
+        ga = _view_grid(vol.grid, ca, cfg.crop, spacing * float(rng.uniform(*cfg.scale_range)))
+        gb = _view_grid(vol.grid, cb, cfg.crop, spacing * float(rng.uniform(*cfg.scale_range)))
+        # candidates uniform in view A (4 voxels from its faces), kept if inside B and on the foreground
+        idx = rng.uniform(4, cfg.crop - 5, size=(cfg.points * 8, 3))
+        cand = (ga.index_to_world() @ np.c_[idx, np.ones(len(idx))].T).T[:, :3]
+        keep = _inside(gb, cand, margin=4) & _on_foreground(vol, cand)
+        if keep.sum() >= cfg.points:
+            pts = cand[keep][: cfg.points]
+            break
+    else:
+        raise ValueError(f"could not place two overlapping views in '{vol.name}' (volume too small for crop "
+                         f"{cfg.crop} at {spacing} mm?)")
+    views = []
+    for g in (ga, gb):
+        data = resample_to_grid(vol, g, "linear", float(vol.data.min())).data
+        views.append(View(_augment(data, cfg, rng)[None], g))
+    return views[0], views[1], pts
+
+
+def _on_foreground(vol: Image, pts: np.ndarray) -> np.ndarray:
+    vals = sample_at_world(vol.data, vol.grid, torch.as_tensor(pts), "nearest", "itk", float(vol.data.min()))
+    return (vals > vol.data.min() + 0.05).numpy()
+
+
+def _inside(grid: Grid, pts: np.ndarray, margin: float) -> np.ndarray:
+    idx = (grid.world_to_index() @ np.c_[pts, np.ones(len(pts))].T).T[:, :3]
+    n = np.asarray(grid.size, dtype=np.float64)
+    return np.all((idx >= margin) & (idx <= n - 1 - margin), axis=1)
+
+
+# ------------------------------------------------------------------------------------------- loss
+def info_nce(q: torch.Tensor, k: torch.Tensor, pts: torch.Tensor, temperature: float, exclude_mm: float,
+             hard_negatives: int) -> torch.Tensor:
+    """Symmetric InfoNCE of unit vectors q, k (P, D) at the same world points ``pts`` (P, 3) mm.
+
+    Negatives closer than ``exclude_mm`` to the anchor are left out; only the ``hard_negatives`` most
+    similar remaining negatives of each anchor enter its softmax.
+    """
+    sim = q @ k.T / temperature  # (P, P)
+    far = torch.cdist(pts, pts) >= exclude_mm
+    eye = torch.eye(len(pts), dtype=torch.bool, device=q.device)
+    losses = []
+    for s in (sim, sim.T):
+        neg = s.masked_fill(~far | eye, float("-inf"))
+        m = min(hard_negatives, len(pts) - 1)
+        top = neg.topk(m, dim=1).values
+        logits = torch.cat((s.diagonal()[:, None], top), dim=1)
+        losses.append(F.cross_entropy(logits, torch.zeros(len(pts), dtype=torch.long, device=q.device)))
+    return 0.5 * (losses[0] + losses[1])
+
+
+def _sample_heads(net_out: tuple[torch.Tensor, torch.Tensor], i: int, grid: Grid, pts: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    g, loc = net_out
+    qg = sample_at_world(g[i], grid.subsampled(8), pts, padding="border").T
+    ql = sample_at_world(loc[i], grid.subsampled(2), pts, padding="border").T
+    return F.normalize(qg, dim=1), F.normalize(ql, dim=1)
+
+
+# ------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainResult:
+    net: EmbeddingNet
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
+                    net_cfg: Optional[EmbeddingConfig] = None, net: Optional[EmbeddingNet] = None,
+                    progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainResult:
+    """Train (or continue training) an embedding network on ``volumes`` (already prepared with
+    :func:`prepare_volume`, i.e. on isotropic grids of the network's spacing). Returns the net and the loss
+    history (per step: ``loss``, ``global``, ``local``)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    net = net or EmbeddingNet(net_cfg)
+    spacing = net.cfg.spacing_mm
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations, eta_min=cfg.learning_rate * 0.05)
+    history: list[dict] = []
+    net.train()
+    for it in range(cfg.iterations):
+        pairs = [make_view_pair(volumes[int(rng.integers(0, len(volumes)))], cfg, spacing, rng)
+                 for _ in range(cfg.batch_pairs)]
+        x = torch.stack([v.image for a, b, _ in pairs for v in (a, b)])  # (2B, 1, S, S, S)
+        out = net(x)
+        lg = ll = x.new_zeros(())
+        for j, (a, b, pts_np) in enumerate(pairs):
+            pts = torch.as_tensor(pts_np, dtype=torch.float64)
+            qa = _sample_heads(out, 2 * j, a.grid, pts)
+            qb = _sample_heads(out, 2 * j + 1, b.grid, pts)
+            p32 = pts.to(torch.float32)
+            lg = lg + info_nce(qa[0], qb[0], p32, cfg.temperature, cfg.exclude_mm[0], cfg.hard_negatives)
+            ll = ll + info_nce(qa[1], qb[1], p32, cfg.temperature, cfg.exclude_mm[1], cfg.hard_negatives)
+        loss = (lg + ll) / len(pairs)
+        if not math.isfinite(float(loss.detach())):
+            from regcli.errors import ConvergenceError
+
+            raise ConvergenceError(f"embedding training diverged at step {it + 1}: loss {float(loss.detach())}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        rec = {"iteration": it + 1, "loss": float(loss.detach()), "global": float(lg.detach()) / len(pairs),
+               "local": float(ll.detach()) / len(pairs), "lr": sched.get_last_lr()[0]}
+        history.append(rec)
+        if progress is not None:
+            progress(it + 1, cfg.iterations, rec)
+    net.eval()
+    return TrainResult(net, history, time.perf_counter() - t0)
+
+
+def match_accuracy(net: EmbeddingNet, vol: Image, cfg: EmbeddingTrainConfig, pairs: int = 4, seed: int = 123,
+                   head: str = "local", tolerance_mm: float = 6.0) -> float:
+    """Fraction of drawn points whose nearest neighbour (cosine) among the drawn points of the other view is
+    within ``tolerance_mm`` of the right point: a quick, label-free measure of embedding quality."""
+    rng = np.random.default_rng(seed)
+    hits = total = 0
+    net.eval()
+    with torch.no_grad():
+        for _ in range(pairs):
+            a, b, pts_np = make_view_pair(vol, cfg, net.cfg.spacing_mm, rng)
+            out = net(torch.stack((a.image, b.image)))
+            pts = torch.as_tensor(pts_np, dtype=torch.float64)
+            k = 0 if head == "global" else 1
+            qa = _sample_heads(out, 0, a.grid, pts)[k]
+            qb = _sample_heads(out, 1, b.grid, pts)[k]
+            nn_idx = (qa @ qb.T).argmax(dim=1)
+            err = (pts[nn_idx] - pts).norm(dim=1)
+            hits += int((err <= tolerance_mm).sum())
+            total += len(pts)
+    return hits / max(total, 1)
