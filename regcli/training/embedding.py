@@ -50,6 +50,9 @@ class EmbeddingTrainConfig(BaseModel):
     scale_range: tuple[float, float] = (0.8, 1.25)
     gamma_range: tuple[float, float] = (0.7, 1.5)
     noise_max: float = Field(0.05, ge=0, description="largest std of added Gaussian noise (normalised units)")
+    remap_prob: float = Field(0.3, ge=0, le=1, description="probability of a random intensity remap per view "
+                              "(a piecewise-linear, possibly non-monotone curve: synthetic contrasts)")
+    remap_knots: int = Field(5, ge=2)
     points: int = Field(256, ge=8, description="world points drawn per view pair")
     temperature: float = Field(0.2, gt=0)
     hard_negatives: int = Field(64, ge=1)
@@ -92,6 +95,13 @@ def _augment(x: torch.Tensor, cfg: EmbeddingTrainConfig, rng: np.random.Generato
     """Random gamma (on [0, 1]-clipped values), contrast and offset, then Gaussian noise."""
     gamma = float(np.exp(rng.uniform(np.log(cfg.gamma_range[0]), np.log(cfg.gamma_range[1]))))
     y = x.clamp(0, 1).pow(gamma) + (x - x.clamp(0, 1))  # keep the clipped tails linear
+    if rng.uniform() < cfg.remap_prob:
+        # synthetic contrast: a random piecewise-linear curve through remap_knots points of [0, 1]
+        xs = torch.linspace(0, 1, cfg.remap_knots)
+        ys = torch.as_tensor(rng.uniform(0, 1, cfg.remap_knots), dtype=torch.float32)
+        t = y.clamp(0, 1) * (cfg.remap_knots - 1)
+        i0 = t.floor().clamp(max=cfg.remap_knots - 2).long()
+        y = torch.lerp(ys[i0], ys[i0 + 1], t - xs[i0] * (cfg.remap_knots - 1))
     y = y * float(rng.uniform(0.8, 1.2)) + float(rng.uniform(-0.1, 0.1))
     sigma = float(rng.uniform(0, cfg.noise_max))
     if sigma > 0:

@@ -1,0 +1,60 @@
+"""`regcli train embedding`: job files, outputs, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import SimpleITK as sitk
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_phantom
+from regcli.cli.app import app
+from regcli.errors import ConfigError
+from regcli.models.embedding import EmbeddingConfig, EmbeddingNet
+from regcli.training.jobs import load_job
+
+JOB = """
+data:
+  - glob: imgs/*.nii.gz
+net: {widths: [4, 8, 8, 12], global_dim: 8, local_dim: 8, context_dilations: [1, 2], spacing_mm: 1.5}
+train: {iterations: 3, batch_pairs: 1, crop: 20, points: 32, max_shift_mm: 8.0, hard_negatives: 16,
+        exclude_mm: [8.0, 3.0]}
+checkpoint_every: 2
+"""
+
+
+def _setup(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for i, d in enumerate(("LPS", "oblique15")):
+        sitk.WriteImage(make_phantom(d, "iso", size=(44, 40, 36)), str(tmp_path / "imgs" / f"p{i}.nii.gz"))
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB)
+    return job
+
+
+def test_train_embedding_writes_a_loadable_checkpoint(tmp_path):
+    job = _setup(tmp_path)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", "embedding", "--config", str(job), "-o", str(out), "--json",
+                                   "--iterations", "4", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["iterations"] == 4 and summary["volumes"] == 2
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    net = EmbeddingNet(EmbeddingConfig.model_validate(ck["config"]))
+    net.load_state_dict(ck["state_dict"])
+    hist = json.loads((out / "history.json").read_text())["history"]
+    assert [h["iteration"] for h in hist] == [1, 2, 3, 4]
+    assert json.loads((out / "job.json").read_text())["train"]["iterations"] == 4
+
+
+def test_job_errors_are_one_line(tmp_path):
+    job = _setup(tmp_path)
+    with pytest.raises(ConfigError, match="invalid training job"):
+        load_job(job, {"train": {"iterations": 0}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(JOB.replace("imgs/*.nii.gz", "nothing/*.nii.gz"))
+    res = CliRunner().invoke(app, ["train", "embedding", "--config", str(bad), "-o", str(tmp_path / "r")])
+    assert res.exit_code == 3 and "matches no file" in res.output
