@@ -23,6 +23,8 @@ from regcli import __version__
 from regcli.cli import apply as apply_cmd
 from regcli.cli import config_cmd, evaluate as evaluate_cmd, info as info_cmd, jacobian as jacobian_cmd
 from regcli.cli import register as register_cmd
+from regcli.cli import train as train_cmd
+from regcli.cli import weights as weights_cmd
 from regcli.cli.common import examples
 from regcli.errors import EXIT_INTERRUPTED, RegcliError
 
@@ -149,6 +151,8 @@ app.command("jacobian", epilog=jacobian_cmd.EXAMPLES)(jacobian_cmd.jacobian)
 app.command("evaluate", epilog=evaluate_cmd.EXAMPLES)(evaluate_cmd.evaluate)
 app.command("info", epilog=info_cmd.EXAMPLES)(info_cmd.info)
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(weights_cmd.app, name="weights")
+app.add_typer(train_cmd.app, name="train")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

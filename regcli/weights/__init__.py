@@ -1,0 +1,154 @@
+"""Model weights: folders laid out as Hub model repositories, a registry of names, loading with no network.
+
+**Layout.** A model is a folder with three files, exactly like a Hugging Face Hub model repository:
+
+* ``config.json``: architecture and its constructor arguments, preprocessing, training recipe, ``version``,
+  and ``sha256`` (hex sha256 of ``model.safetensors``, written by :func:`save_model_folder`);
+* ``model.safetensors``: the tensors (never pickles);
+* ``README.md``: the model card (training data, intended use, metrics measured with regcli).
+
+Shipped models live in ``weights/<name>/`` at the top of the repository (or ``$REGCLI_WEIGHTS_DIR``), next
+to ``weights/registry.json``, which maps short names to a Hub ``repo_id``, a pinned ``revision`` (a commit)
+and the ``sha256`` of ``model.safetensors``.
+
+**Resolution order** of a spec (:func:`resolve`):
+
+1. an existing local path: a model folder, or a ``.safetensors`` file whose folder has ``config.json``;
+2. ``hub:org/name@revision`` (revision defaults to ``main``, with a warning: only a 40-hex commit is
+   reproducible): downloaded with ``huggingface_hub.snapshot_download`` into the Hugging Face cache
+   (``HF_HOME``), from ``HF_ENDPOINT``; with ``HF_HUB_OFFLINE=1`` only the cache is used. A commit that
+   is already cached is used without any network call;
+3. a registry name: ``weights/<name>/`` when shipped, else its ``repo_id@revision`` as in 2.
+
+Anything else is a one-line :class:`~regcli.errors.WeightsError` (exit code 8) naming the spec and the known
+names.
+
+**Integrity.** For registry names the sha256 of ``model.safetensors`` must equal the registry's; for any
+folder whose ``config.json`` has ``"sha256"``, it must equal that too; and the file must parse as
+safetensors. A mismatch is refused: ``weights file '<path>' is corrupted: sha256 <got> does not match the
+pinned <want>``.
+
+Example::
+
+    from regcli.weights import resolve, load_state_dict
+    model = resolve("hub:org/name@0123456789abcdef0123456789abcdef01234567")
+    tensors = load_state_dict(model)          # {name: torch.Tensor}
+    net = build(model.config["architecture"], **model.config["arguments"]); net.load_state_dict(tensors)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from regcli.errors import OutputError, WeightsError
+from regcli.weights._core import (
+    CARD_FILE, CONFIG_FILE, MODEL_FILES, WEIGHTS_FILE, ModelRef, ResolvedModel, load_registry, load_state_dict,
+    offline_mode, registry_path, resolve, safetensors_summary, save_model_folder, sha256_file, shipped_folder,
+    verify_folder, weights_dir,
+)
+
+__all__ = [
+    "CARD_FILE", "CONFIG_FILE", "MODEL_FILES", "WEIGHTS_FILE", "ModelRef", "ResolvedModel", "list_models",
+    "load_registry", "load_state_dict", "offline_mode", "pull", "push", "registry_path", "resolve",
+    "safetensors_summary", "save_model_folder", "sha256_file", "shipped_folder", "verify_folder", "weights_dir",
+]
+
+
+def list_models() -> list[dict]:
+    """Registry entries with where they are available locally (no network).
+
+    Returns:
+        One dict per registry name: ``name``, ``repo_id``, ``revision``, ``sha256``, ``description``,
+        ``shipped`` (bool), ``shipped_path`` (str or None), ``cached`` (bool: in the Hugging Face cache).
+    """
+    from regcli.weights import _hub
+
+    out = []
+    for name, ref in sorted(load_registry().items()):
+        shipped = shipped_folder(name)
+        out.append({
+            "name": name, "repo_id": ref.repo_id, "revision": ref.revision, "sha256": ref.sha256,
+            "description": ref.description, "shipped": shipped is not None,
+            "shipped_path": str(shipped) if shipped is not None else None,
+            "cached": _hub.is_cached(ref.repo_id, ref.revision),
+        })
+    return out
+
+
+def pull(spec: str, to: Optional[str | os.PathLike] = None, *, force: bool = False, overwrite: bool = False,
+         progress: bool = False) -> tuple[ResolvedModel, Optional[Path]]:
+    """Download (or verify what is already there) and optionally copy the model folder to ``to``.
+
+    Without ``to`` the files stay in the Hugging Face cache, where a later :func:`resolve` (even with
+    ``HF_HUB_OFFLINE=1``) finds them. With ``to`` the three files are copied into that folder (created if
+    its parent exists), each through a temporary name.
+
+    Returns:
+        (the resolved and verified model, the copy's folder or None).
+
+    Raises:
+        WeightsError: as :func:`resolve`. OutputError: ``to`` has model files and ``overwrite`` is False.
+    """
+    from regcli.io.atomic import atomic_path
+
+    resolved = resolve(spec, force=force, progress=progress)
+    if to is None:
+        return resolved, None
+    dest = Path(to).expanduser()
+    if dest.exists() and not dest.is_dir():
+        raise OutputError(f"'{dest}' exists and is not a folder")
+    if not dest.parent.is_dir():
+        raise OutputError(f"output directory '{dest.parent}' does not exist")
+    if not overwrite:
+        present = [n for n in MODEL_FILES if (dest / n).exists()]
+        if present:
+            raise OutputError(f"'{dest}' already has {', '.join(present)}; pass --overwrite to replace them")
+    try:
+        dest.mkdir(exist_ok=True)
+        sources = [(resolved.weights_file, WEIGHTS_FILE), (resolved.folder / CONFIG_FILE, CONFIG_FILE)]
+        if resolved.readme is not None:
+            sources.append((resolved.readme, CARD_FILE))
+        for src, name in sources:
+            with atomic_path(dest / name) as tmp:
+                shutil.copyfile(src, tmp)  # follows the cache's symlinks
+    except OSError as e:
+        raise OutputError(f"cannot copy the model into '{dest}': {e.strerror or e}") from e
+    if sha256_file(dest / WEIGHTS_FILE) != resolved.sha256:
+        raise WeightsError(f"copy '{dest / WEIGHTS_FILE}' does not match its source; the disk may be full")
+    return resolved, dest
+
+
+def push(folder: str | os.PathLike, repo_id: str, *, revision: Optional[str] = None, private: bool = False,
+         token: Optional[str] = None) -> dict:
+    """Verify a model folder and upload it to the Hub; return what a registry entry should pin.
+
+    The folder must hold ``config.json`` with ``"sha256"`` matching ``model.safetensors`` (as written by
+    :func:`save_model_folder`) and a ``README.md`` model card.
+
+    Returns:
+        ``{"repo_id", "revision" (the new commit sha), "sha256", "branch", "endpoint"}``.
+
+    Raises:
+        WeightsError: bad layout or checksum (before any network use), or any Hub failure.
+    """
+    from regcli.weights import _core, _hub
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise WeightsError(f"'{folder}' is not a model folder")
+    if not _core._REPO_ID.match(repo_id):
+        raise WeightsError(f"'{repo_id}' is not a Hub repository id of the form org/name")
+    missing = [n for n in MODEL_FILES if not (folder / n).is_file()]
+    if missing:
+        raise WeightsError(f"model folder '{folder}' lacks {', '.join(missing)}; a pushed model needs "
+                           f"{', '.join(MODEL_FILES)} (see weights/README.md)")
+    config, sha, _ = verify_folder(folder)
+    if not config.get("sha256"):
+        raise WeightsError(f"'{folder / CONFIG_FILE}' has no \"sha256\" of {WEIGHTS_FILE}; write the folder with "
+                           f"regcli.weights.save_model_folder or add \"sha256\": \"{sha}\"")
+    commit = _hub.push(folder, repo_id, revision=revision, private=private, token=token)
+    return {"repo_id": repo_id, "revision": commit, "sha256": sha, "branch": revision or "main",
+            "endpoint": _hub.endpoint()}

@@ -1,0 +1,157 @@
+"""The huggingface_hub side: download into (or read from) the Hugging Face cache, and upload.
+
+huggingface_hub reads ``HF_ENDPOINT``, ``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` once, when it is
+first imported. regcli reads them again at each call and passes ``endpoint``, ``cache_dir`` and
+``local_files_only`` explicitly, so a setting made after import (a test, a notebook) is honoured. Caching,
+revision pinning and the cache layout are huggingface_hub's own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from regcli.errors import WeightsError
+from regcli.weights._core import MODEL_FILES, WEIGHTS_FILE, is_commit
+
+
+def endpoint() -> str:
+    """The Hub URL: ``$HF_ENDPOINT`` now, else huggingface_hub's default."""
+    env = os.environ.get("HF_ENDPOINT", "").strip()
+    if env:
+        return env.rstrip("/")
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def cache_dir() -> str:
+    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else huggingface_hub's default."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        env = os.environ.get(var, "").strip()
+        if env:
+            return os.path.expanduser(os.path.expandvars(env))
+    home = os.environ.get("HF_HOME", "").strip()
+    if home:
+        return os.path.join(os.path.expanduser(os.path.expandvars(home)), "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _silent_tqdm():
+    from tqdm.auto import tqdm
+
+    class _Silent(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return _Silent
+
+
+def _what_to_do(spec: str) -> str:
+    return (f"run `regcli weights pull {spec}` on a machine with network access (then copy its Hugging Face "
+            f"cache, HF_HOME), or set HF_ENDPOINT to a reachable Hub mirror")
+
+
+def snapshot(repo_id: str, revision: str, *, spec: str, offline: bool, force: bool = False,
+             progress: bool = False) -> tuple[Path, str]:
+    """The snapshot folder of ``repo_id@revision`` in the Hugging Face cache, downloading it when needed.
+
+    A commit revision already in the cache is used without any network call (a commit never changes).
+
+    Returns:
+        (folder, source) with source ``"cache"`` (no network) or ``"hub"``.
+
+    Raises:
+        WeightsError: offline with nothing cached, Hub unreachable, repository or revision not found.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import (  # re-exported there by every huggingface_hub >= 0.23
+        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    url = endpoint()
+    cache = cache_dir()
+    kwargs = dict(repo_id=repo_id, revision=revision, allow_patterns=list(MODEL_FILES), cache_dir=cache,
+                  endpoint=url)
+    if not progress:
+        kwargs["tqdm_class"] = _silent_tqdm()
+    if not force and (offline or is_commit(revision)):
+        try:
+            return Path(snapshot_download(**kwargs, local_files_only=True)), "cache"
+        except LocalEntryNotFoundError as e:
+            if offline:
+                raise WeightsError(f"cannot load '{spec}' offline (HF_HUB_OFFLINE=1): {repo_id}@{revision} is not "
+                                   f"in the Hugging Face cache '{cache}'; {_what_to_do(spec)}") from e
+    if offline:  # force with offline
+        raise WeightsError(f"cannot download '{spec}' again: offline mode (HF_HUB_OFFLINE=1) is on")
+    try:
+        folder = snapshot_download(**kwargs, force_download=force)
+    except GatedRepoError as e:
+        raise WeightsError(f"Hub repository '{repo_id}' on {url} is gated: accept its terms on the Hub and log "
+                           f"in (`hf auth login`) or set HF_TOKEN") from e
+    except RepositoryNotFoundError as e:
+        raise WeightsError(f"Hub repository '{repo_id}' not found on {url} (or it is private: log in with "
+                           f"`hf auth login` or set HF_TOKEN)") from e
+    except RevisionNotFoundError as e:
+        raise WeightsError(f"revision '{revision}' not found in Hub repository '{repo_id}' on {url}") from e
+    except LocalEntryNotFoundError as e:
+        raise WeightsError(f"cannot download '{spec}': the Hub at {url} cannot be reached and {repo_id}@{revision} "
+                           f"is not in the Hugging Face cache '{cache}'; {_what_to_do(spec)}") from e
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", "?")
+        raise WeightsError(f"cannot download '{spec}' from {url}: HTTP {status}; check HF_ENDPOINT and your "
+                           f"network") from e
+    except (OSError, ValueError) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise WeightsError(f"cannot download '{spec}' from {url}: {type(e).__name__}: {msg}") from e
+    except Exception as e:  # noqa: BLE001 - httpx errors and the like: still one line
+        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "huggingface_hub", "httpcore"):
+            raise
+        msg = " ".join(str(e).split())[:200]
+        raise WeightsError(f"cannot download '{spec}' from {url}: {type(e).__name__}: {msg}") from e
+    return Path(folder), "hub"
+
+
+def is_cached(repo_id: str, revision: str) -> bool:
+    """Whether ``model.safetensors`` of ``repo_id@revision`` is in the Hugging Face cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, WEIGHTS_FILE, cache_dir=cache_dir(), revision=revision)
+    return isinstance(found, str) and os.path.isfile(found)
+
+
+def push(folder: Path, repo_id: str, *, revision: Optional[str] = None, private: bool = False,
+         token: Optional[str] = None, commit_message: Optional[str] = None) -> str:
+    """Upload the three model files of ``folder`` to ``repo_id`` (created if missing); return the commit sha.
+
+    Args:
+        folder: a verified model folder.
+        repo_id: ``org/name`` on the Hub.
+        revision: branch to commit to (created from the default branch if missing); default ``main``.
+        private: create the repository private (only when it does not exist yet).
+        token: Hub token (default: huggingface_hub's login / ``HF_TOKEN``).
+
+    Raises:
+        WeightsError: any Hub error (authentication, permissions, network), as one line.
+    """
+    from huggingface_hub import HfApi
+
+    url = endpoint()
+    api = HfApi(endpoint=url, token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                 revision=revision or None, allow_patterns=list(MODEL_FILES),
+                                 commit_message=commit_message or f"Upload regcli model from {folder.name}")
+    except Exception as e:  # noqa: BLE001 - every Hub failure becomes one WeightsError line
+        msg = " ".join(str(e).split())[:240]
+        raise WeightsError(f"cannot push '{folder}' to {repo_id} on {url}: {type(e).__name__}: {msg}") from e
+    oid = getattr(info, "oid", None)
+    if not oid:
+        raise WeightsError(f"pushed '{folder}' to {repo_id} but the Hub returned no commit id")
+    return str(oid)
