@@ -86,14 +86,38 @@ class InstanceConfig(_Frozen):
                                       "features (working-grid voxels)")
 
 
+class SamConvexConfig(_Frozen):
+    """SAMConvex (Li et al. 2023): anatomical-embedding correlation pyramid + coupled convex, then IO."""
+
+    weights: str = Field("sam-embedding", description="embedding model: a folder, hub:org/name@commit, or a "
+                         "registry name (regcli weights list)")
+    levels: tuple[int, ...] = Field((4, 2, 1), description="pyramid levels as factors of the working grid")
+    search_radius: tuple[int, ...] = Field((2, 3, 3), description="search half-width per level (level voxels)")
+    coupling_weights: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    io_iterations: int = Field(50, ge=0, description="instance optimisation in embedding space (0: none)")
+    io_learning_rate: float = Field(1.0, gt=0, description="Adam step in mm")
+    io_reg_weight: float = Field(1.25, ge=0)
+    io_gradient_floor: float = Field(0.2, ge=0, description="Adam eps per voxel (see instance.gradient_floor)")
+    smoothing_passes: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _levels(self) -> "SamConvexConfig":
+        if len(self.levels) != len(self.search_radius):
+            raise ValueError("samconvex.levels and samconvex.search_radius must have the same length")
+        if any(f < 1 for f in self.levels) or any(r < 1 for r in self.search_radius):
+            raise ValueError("samconvex levels and search radii must be >= 1")
+        return self
+
+
 class RegisterConfig(_Frozen):
     """Everything ``regcli register`` needs besides the file names."""
 
-    method: Literal["convexadam", "affine", "rigid"] = "convexadam"
+    method: Literal["convexadam", "samconvex", "affine", "rigid"] = "convexadam"
     working_spacing_mm: float = Field(2.0, gt=0, description="isotropic spacing of the deformable working grid")
     affine: AffineConfig = AffineConfig()
     convex: ConvexConfig = ConvexConfig()
     instance: InstanceConfig = InstanceConfig()
+    samconvex: SamConvexConfig = SamConvexConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
     seed: int = 0
@@ -105,11 +129,12 @@ class RegisterConfig(_Frozen):
 
     @property
     def deformable(self) -> bool:
-        return self.method == "convexadam"
+        return self.method in ("convexadam", "samconvex")
 
 
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "convexadam": {},
+    "samconvex": {},
     "affine": {"affine": {"stages": ("rigid", "affine")}},
     "rigid": {"affine": {"stages": ("rigid",)}},
 }

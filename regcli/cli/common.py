@@ -320,6 +320,7 @@ _CFG = "Configuration (flags override --config)"
 
 class Method(str, Enum):
     convexadam = "convexadam"
+    samconvex = "samconvex"
     affine = "affine"
     rigid = "rigid"
 
@@ -347,7 +348,8 @@ ConfigFileOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="YAML file with RegisterConfig options (see `regcli config schema`); flags override it.",
     metavar="YAML", show_default=False, rich_help_panel=_CFG, **_IN)]
 MethodOpt = Annotated[Optional[Method], typer.Option(
-    "--method", "-m", help="Preset: convexadam (affine + deformable, default), affine, or rigid.",
+    "--method", "-m", help="Preset: convexadam (affine + deformable, default), samconvex (affine + learned "
+    "anatomical embeddings), affine, or rigid.",
     case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
 DeviceOpt = Annotated[Optional[Device], typer.Option(
     "--device", help="auto (CUDA when available), cpu or cuda. Default auto.", case_sensitive=False,

@@ -15,6 +15,7 @@ from regcli.registry import Registry
 
 METHODS: Registry[str] = Registry("method")
 METHODS.register("convexadam")("regcli.methods.convexadam:convexadam")
+METHODS.register("samconvex")("regcli.methods.samconvex:samconvex")
 
 
 def get_method(name: str) -> Callable:

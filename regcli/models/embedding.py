@@ -11,8 +11,8 @@ Geometry: each stride-2 convolution (kernel 3, padding 1) outputs at input voxel
 lives on ``grid.subsampled(8)`` and the local map on ``grid.subsampled(2)`` of the input grid
 (:meth:`regcli.spaces.grid.Grid.subsampled`). :func:`embed` returns both as :class:`Image` objects with those
 grids, and :meth:`Embedding.combined` resamples the global map onto the local grid (trilinear, edge values
-repeated) and concatenates them, global channels first; every vector of the combined map is unit-length in
-each half, so the dot product of two combined vectors is in [-2, 2].
+repeated) and concatenates them, global channels first, each half scaled by 1/sqrt(2) so every combined vector has unit
+length.
 
 The input is expected on an isotropic grid of ``EmbeddingConfig.spacing_mm`` (the method resamples to it)
 and is normalised here: intensities are mapped linearly so that the ``percentiles`` of the image (over
@@ -127,12 +127,14 @@ class Embedding:
 
     def combined(self) -> Image:
         """(global_dim + local_dim, ...) on the local grid: the global map resampled there (trilinear, edges
-        repeated) and concatenated before the local one."""
+        repeated) and concatenated before the local one, both halves weighted equally and the whole vector
+        unit length (so the SSD of two combined vectors is 2 - 2 x their correlation)."""
         from regcli.resample import upsample_field
 
         g = upsample_field(self.global_.data, self.global_.grid, self.local.grid)
         g = F.normalize(g, dim=0)  # interpolation shortens unit vectors
-        return Image(torch.cat((g, self.local.data), 0), self.local.grid, self.local.name)
+        both = torch.cat((g, self.local.data), 0) * (0.5 ** 0.5)
+        return Image(both, self.local.grid, self.local.name)
 
 
 def embed(image: Image, net: EmbeddingNet, device=None) -> Embedding:
@@ -156,3 +158,48 @@ def embed(image: Image, net: EmbeddingNet, device=None) -> Embedding:
     net.train(was_training)
     grid = image.grid
     return Embedding(Image(g[0], grid.subsampled(8), image.name), Image(loc[0], grid.subsampled(2), image.name))
+
+
+# ----------------------------------------------------------------------------------------- weights
+ARCHITECTURE = "regcli-sam-embedding"
+
+
+def save_embedding_model(net: EmbeddingNet, folder, model_card: str, training: Optional[dict] = None,
+                         version: str = "0", overwrite: bool = False):
+    """Write ``net`` as a Hub-layout model folder (``config.json``, ``model.safetensors``, ``README.md``).
+
+    ``config.json`` holds ``architecture``, ``net`` (the :class:`EmbeddingConfig`), ``preprocessing``,
+    ``training`` (the recipe) and ``version``; :func:`regcli.weights.save_model_folder` adds the sha256.
+    """
+    from regcli.weights import save_model_folder
+
+    config = {
+        "architecture": ARCHITECTURE,
+        "version": version,
+        "net": net.cfg.model_dump(mode="json"),
+        "preprocessing": {"spacing_mm": net.cfg.spacing_mm, "intensity_percentiles": list(net.cfg.percentiles),
+                          "input": "scalar image resampled to an isotropic grid of spacing_mm"},
+        "training": training or {},
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    return save_model_folder(folder, state, config, model_card, overwrite=overwrite)
+
+
+def load_embedding(spec: str, device=None) -> EmbeddingNet:
+    """Resolve ``spec`` (folder, ``hub:org/name@commit`` or registry name; see :mod:`regcli.weights`), check
+    it, and build the network in eval mode."""
+    from regcli.errors import WeightsError
+    from regcli.weights import load_state_dict, resolve
+
+    model = resolve(spec)
+    if model.config.get("architecture") != ARCHITECTURE:
+        raise WeightsError(f"model '{spec}' is a '{model.config.get('architecture')}', not an anatomical embedding "
+                           f"('{ARCHITECTURE}')")
+    try:
+        cfg = EmbeddingConfig.model_validate(model.config.get("net", {}))
+        net = EmbeddingNet(cfg)
+        net.load_state_dict(load_state_dict(model))
+    except Exception as e:  # noqa: BLE001 - any mismatch between config and tensors is a weights problem
+        raise WeightsError(f"model '{spec}' ({model.folder}) does not load: {' '.join(str(e).split())[:300]}") from None
+    net.eval()
+    return net.to(device) if device is not None else net

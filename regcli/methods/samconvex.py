@@ -1,0 +1,178 @@
+"""SAMConvex: anatomical-embedding correlation pyramid, coupled-convex optimisation, then IO in embedding space.
+
+Li et al., "SAMConvex: Fast discrete optimization for CT registration using self-supervised anatomical
+embedding and correlation pyramid", MICCAI 2023, written for regcli's physical-space conventions. On the
+isotropic working grid that fixed and moving already share (the affine stage came first):
+
+1. The fixed image is embedded once (:func:`regcli.models.embedding.embed`; global and local maps combined
+   on ``grid.subsampled(2)``).
+2. For each pyramid level ``f`` (``samconvex.levels``, factors of the working grid, coarse to fine) with
+   search half-width ``r``: the moving image is warped by the field composed so far and embedded; both
+   embeddings are brought to the level grid ``grid.subsampled(f)`` (every other voxel of a box-smoothed map
+   for ``f = 4``, the map itself for ``f = 2``, trilinear upsampling for ``f = 1``); the SSD cost volume of
+   the unit-length embeddings (``2 - 2 <a, b>``, i.e. the correlation) over the ``(2r+1)^3`` shifts is
+   solved with the coupled-convex scheme of the core engine; the level's field is composed with the field so
+   far: ``u(x) = u_l(x) + u_prev(x + u_l(x))``.
+3. Instance optimisation in embedding space: the shared solver with the feature SSD between the fixed
+   embedding and the embedding of the *unwarped* moving image, sampled at ``x + u(x)``, on the embedding
+   grid, initialised with step 2 (Adam with a gradient floor, diffusion regulariser).
+
+All fields are world LPS mm on the working grid when they leave a step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from regcli.config import RegisterConfig
+from regcli.errors import ConvergenceError, GeometryError
+from regcli.features.filters import box_filter
+from regcli.methods.convexadam import DeformableResult, _mask_on, _scalar, index_to_world_vectors
+from regcli.models.embedding import EmbeddingNet, embed, load_embedding
+from regcli.resample import FieldWarper, upsample_field
+from regcli.solvers.convex import convex_displacement
+from regcli.solvers.instance import InstanceOptimization, Problem
+from regcli.spaces.grid import Grid
+from regcli.spaces.image import Image
+from regcli.transforms.displacement import DisplacementField
+
+ProgressFn = Callable[[str, int, int], None]
+STAGE_EMBED = "anatomical embedding"
+STAGE_PYRAMID = "correlation pyramid"
+STAGE_IO = "embedding instance optimisation"
+
+_NET_CACHE: dict[str, EmbeddingNet] = {}
+
+
+def _net(spec: str) -> EmbeddingNet:
+    if spec not in _NET_CACHE:
+        _NET_CACHE.clear()
+        _NET_CACHE[spec] = load_embedding(spec)
+    return _NET_CACHE[spec]
+
+
+def level_features(emb: Image, grid: Grid, factor: int) -> tuple[torch.Tensor, Grid]:
+    """The (C, ...) embedding ``emb`` (on ``grid.subsampled(2)``) on the level grid ``grid.subsampled(factor)``.
+
+    factor 2: as it is; 4, 8, ...: box-smoothed and every ``factor // 2``-th voxel; 1: trilinear upsampling.
+    Unit length along channels is restored after smoothing or interpolation.
+    """
+    level = grid.subsampled(factor)
+    data = emb.data
+    if factor == 2:
+        return data, level
+    if factor == 1:
+        up = upsample_field(data, emb.grid, level)
+        return F.normalize(up, dim=0), level
+    if factor % 2:
+        raise ValueError(f"samconvex level factors must be 1 or even, got {factor}")
+    step = factor // 2
+    sm = data
+    for _ in range(max(1, step // 2)):
+        sm = box_filter(sm, 1)
+    sub = sm[:, ::step, ::step, ::step]
+    return F.normalize(sub, dim=0), level
+
+
+def compose(u_level: torch.Tensor, u_prev: Optional[torch.Tensor], grid: Grid, warper: FieldWarper) -> torch.Tensor:
+    """``u(x) = u_level(x) + u_prev(x + u_level(x))`` for (3, Z, Y, X) mm fields on ``grid``."""
+    if u_prev is None:
+        return u_level
+    return u_level + warper.warp(u_prev, u_level, "bilinear", "border")
+
+
+def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Optional[Image] = None,
+              moving_mask: Optional[Image] = None, progress: Optional[ProgressFn] = None,
+              device=None) -> DeformableResult:
+    """Deformable registration of ``moving`` to ``fixed`` (both on the same working grid) with SAMConvex.
+
+    Returns the field (3, Z, Y, X) float32 world LPS mm on ``fixed.grid`` (fixed point x -> moving x + u(x)).
+    """
+    t_start = time.perf_counter()
+    grid = fixed.grid
+    if not grid.allclose(moving.grid):
+        raise GeometryError("samconvex needs fixed and moving on the same working grid: fixed is "
+                            f"{grid.describe()}, moving is {moving.grid.describe()}")
+    scfg = cfg.samconvex
+    out_device = fixed.data.device
+    dev = torch.device(device) if device is not None else out_device
+    timings: dict[str, float] = {}
+    history: dict[str, list[dict]] = {}
+
+    def report(stage: str, i: int, n: int) -> None:
+        if progress is not None:
+            progress(stage, i, n)
+
+    t = time.perf_counter()
+    net = _net(scfg.weights).to(dev)
+    if abs(net.cfg.spacing_mm - min(grid.spacing)) > 0.25 * net.cfg.spacing_mm:
+        import logging
+
+        logging.getLogger("regcli").warning(
+            "samconvex: the working grid (%.3g mm) differs from the embedding's training spacing (%.3g mm); "
+            "set working_spacing_mm to %.3g", min(grid.spacing), net.cfg.spacing_mm, net.cfg.spacing_mm)
+    fdata = _scalar(fixed, "fixed").to(dev)
+    mdata = _scalar(moving, "moving").to(dev)
+    fmask = _mask_on(fixed_mask, grid, "fixed")
+    report(STAGE_EMBED, 0, 1)
+    with torch.no_grad():
+        emb_f = embed(Image(fdata, grid), net).combined()
+    report(STAGE_EMBED, 1, 1)
+    timings["embed_fixed"] = time.perf_counter() - t
+
+    # 2. correlation pyramid -------------------------------------------------------------------------
+    t = time.perf_counter()
+    warper = FieldWarper(grid, grid, dev)
+    u: Optional[torch.Tensor] = None
+    n_lv = len(scfg.levels)
+    with torch.no_grad():
+        for k, (factor, radius) in enumerate(zip(scfg.levels, scfg.search_radius)):
+            report(STAGE_PYRAMID, k, n_lv)
+            warped = mdata if u is None else warper.warp(mdata, u, "bilinear", "border")
+            emb_m = embed(Image(warped, grid), net).combined()
+            ff, level = level_features(emb_f, grid, factor)
+            fm, _ = level_features(emb_m, grid, factor)
+            hist: list[dict] = []
+            disp_vox = convex_displacement(ff, fm, radius, scfg.coupling_weights, history=hist)
+            u_level = upsample_field(index_to_world_vectors(disp_vox, level), level, grid)
+            u = compose(u_level, u, grid, warper)
+            history[f"level{factor}"] = hist
+            timings[f"level{factor}"] = time.perf_counter() - t
+    report(STAGE_PYRAMID, n_lv, n_lv)
+    if u is None:
+        u = torch.zeros((3, *grid.shape), device=dev)
+    timings["pyramid"] = time.perf_counter() - t
+
+    # 3. instance optimisation in embedding space ------------------------------------------------------
+    if scfg.io_iterations > 0:
+        t = time.perf_counter()
+        with torch.no_grad():
+            emb_m0 = embed(Image(mdata, grid), net).combined()
+            eg = emb_f.grid
+            init = upsample_field(u, grid, eg)
+            w_fixed = None
+            if fmask is not None:
+                w_fixed = upsample_field(fmask[None].to(dev), grid, eg)[0]
+        solver = InstanceOptimization(
+            model="displacement", similarity="feature_ssd", optimizer="adam", regularizer="diffusion",
+            reg_weight=scfg.io_reg_weight, iterations=scfg.io_iterations, lr=scfg.io_learning_rate,
+            model_params={"smoothing_passes": scfg.smoothing_passes}, stage="samconvex instance optimisation",
+            optimizer_params={"eps": scfg.io_gradient_floor / eg.num_voxels} if scfg.io_gradient_floor > 0 else {},
+            progress=lambda i, n, loss: report(STAGE_IO, i, n),
+        )
+        report(STAGE_IO, 0, scfg.io_iterations)
+        res = solver.run(Problem(emb_f.data, emb_m0.data, eg, eg, w_fixed), init=init)
+        history["instance"] = res.history
+        with torch.no_grad():
+            u = upsample_field(res.disp, eg, grid)
+        timings["instance"] = time.perf_counter() - t
+
+    u = u.to(out_device)
+    timings["total"] = time.perf_counter() - t_start
+    if not torch.isfinite(u).all():
+        raise ConvergenceError("samconvex produced a non-finite displacement field")
+    return DeformableResult(DisplacementField(u.contiguous(), grid), history, timings)
