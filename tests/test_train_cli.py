@@ -48,6 +48,11 @@ def test_train_embedding_writes_a_loadable_checkpoint(tmp_path):
     hist = json.loads((out / "history.json").read_text())["history"]
     assert [h["iteration"] for h in hist] == [1, 2, 3, 4]
     assert json.loads((out / "job.json").read_text())["train"]["iterations"] == 4
+    from regcli.models.embedding import load_embedding
+
+    loaded = load_embedding(str(out / "model"))  # the Hub-layout folder, checksum verified
+    assert torch.equal(loaded.state_dict()["global_head.weight"], net.state_dict()["global_head.weight"])
+    assert "Training data" in (out / "model" / "README.md").read_text()
 
 
 def test_job_errors_are_one_line(tmp_path):

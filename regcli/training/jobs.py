@@ -112,5 +112,23 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     res = train_embedding(vols, job.train, net=net, progress=step)
     save()
     last = history[-min(len(history), 50):]
-    return {"volumes": len(vols), "iterations": len(history), "seconds": round(res.seconds, 1),
-            "final_loss_mean50": sum(h["loss"] for h in last) / len(last), "outdir": str(out)}
+    summary = {"volumes": len(vols), "iterations": len(history), "seconds": round(res.seconds, 1),
+               "final_loss_mean50": sum(h["loss"] for h in last) / len(last), "outdir": str(out)}
+    write_model(net, job, summary, out / "model")
+    return summary
+
+
+def write_model(net: EmbeddingNet, job: EmbeddingJob, summary: dict, folder: Path) -> Path:
+    """The trained network as a Hub-layout model folder, with a model card stating data and recipe."""
+    from regcli.models.embedding import save_embedding_model
+
+    data = "\n".join(f"- `{src.glob}`" for src in job.data)
+    card = (f"# regcli anatomical embedding\n\nSelf-supervised (pixel-wise InfoNCE on augmented view pairs, "
+            f"images only, no labels), trained with `regcli train embedding`.\n\n## Training data\n\n{data}\n\n"
+            f"## Recipe\n\n```json\n{job.model_dump_json(indent=2)}\n```\n\n## Run\n\n"
+            f"{summary['iterations']} steps on {summary['volumes']} volumes in {summary['seconds']} s; mean loss of "
+            f"the last 50 steps {summary['final_loss_mean50']:.3f}.\n\n## Intended use\n\nFeatures for "
+            f"`regcli register --method samconvex` on images resampled to {job.net.spacing_mm} mm. Measure "
+            f"registration quality with `regcli evaluate` before relying on it.\n")
+    training = {"job": job.model_dump(mode="json"), "summary": summary}
+    return save_embedding_model(net, folder, card, training=training, overwrite=True)
