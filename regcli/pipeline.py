@@ -151,6 +151,11 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     history: dict[str, list] = {}
     cb = _stage_progress(progress)
 
+    if config.deformable:  # e.g. model weights: fail before any computation
+        from regcli.methods import preflight
+
+        preflight(config.method, config)
+
     # --------------------------------------------------------------- affine stage
     t0 = time.perf_counter()
     if config.affine.enabled:

@@ -105,3 +105,19 @@ def test_samconvex_with_the_real_network_runs(model_dir):
     cfg = build_config(None, {"method": "samconvex", "samconvex": {"weights": str(model_dir), "io_iterations": 3}})
     res = samconvex(fixed, fixed, cfg)
     assert torch.isfinite(res.field.disp).all() and res.field.grid == fixed.grid
+
+
+def test_missing_weights_fail_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from regcli.cli.app import app
+
+    f = tmp_path / "f.nii.gz"
+    sitk.WriteImage(make_phantom("LPS", (2.0, 2.0, 2.0)), str(f))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("samconvex: {weights: no-such-model}\n")
+    res = CliRunner().invoke(app, ["register", str(f), str(f), "-o", str(tmp_path / "out_"), "--method", "samconvex",
+                                   "--config", str(cfg), "--quiet"])
+    assert res.exit_code == 8 and "no-such-model" in res.output
+    assert "affine" not in res.output  # nothing ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "f.nii.gz"]

@@ -21,3 +21,12 @@ METHODS.register("samconvex")("regcli.methods.samconvex:samconvex")
 def get_method(name: str) -> Callable:
     module, func = METHODS.get(name).split(":")
     return getattr(importlib.import_module(module), func)
+
+
+def preflight(name: str, config) -> None:
+    """Let a method check what it needs (e.g. model weights) before any computation starts: its module's
+    ``preflight(config)``, when it defines one."""
+    module = importlib.import_module(METHODS.get(name).split(":")[0])
+    check = getattr(module, "preflight", None)
+    if check is not None:
+        check(config)

@@ -55,6 +55,11 @@ def _net(spec: str) -> EmbeddingNet:
     return _NET_CACHE[spec]
 
 
+def preflight(cfg: RegisterConfig) -> None:
+    """Resolve, verify and load the embedding model before the registration starts (one-line WeightsError)."""
+    _net(cfg.samconvex.weights)
+
+
 def level_features(emb: Image, grid: Grid, factor: int) -> tuple[torch.Tensor, Grid]:
     """The (C, ...) embedding ``emb`` (on ``grid.subsampled(2)``) on the level grid ``grid.subsampled(factor)``.
 
