@@ -164,3 +164,20 @@ def bench_metrics():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# ----------------------------------------------------------------------------- CLI helpers (shared by CLI tests)
+def invoke(*args, env=None):
+    """Run the regcli CLI in-process (typer's CliRunner); arguments are str()-ed."""
+    from typer.testing import CliRunner
+
+    from regcli.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def one_line(text: str) -> str:
+    """The only non-empty line of ``text`` (fails the test when there are more)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{text}"
+    return lines[0]

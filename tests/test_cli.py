@@ -19,26 +19,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from typer.testing import CliRunner
 
-from conftest import make_phantom, phantom_labels
-from regcli.cli.app import app
+from conftest import invoke, make_phantom, one_line, phantom_labels
 from regcli.io.transforms import write_affine, write_displacement
 from regcli.spaces import Grid
 from regcli.transforms import AffineTransform, DisplacementField
 
 ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
 
 
-def invoke(*args, env=None):
-    return runner.invoke(app, [str(a) for a in args], env=env)
-
-
-def one_line(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{text}"
-    return lines[0]
 
 
 def pipeline_missing() -> str | None:

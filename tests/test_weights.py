@@ -22,16 +22,14 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from regcli.cli.app import app
+from conftest import invoke, one_line
 from regcli.errors import OutputError, WeightsError
 from regcli.weights import (
     MODEL_FILES, load_registry, load_state_dict, pull, push, resolve, save_model_folder, sha256_file,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
 
 
 # ------------------------------------------------------------------------------------------------ loopback Hub
@@ -212,14 +210,6 @@ def published(env, tmp_path):
     return {"hub": env, "commit": commit, "sha": sha, "tensors": tensors, "src": src}
 
 
-def invoke(*args, env=None):
-    return runner.invoke(app, [str(a) for a in args], env=env)
-
-
-def one_line(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{text}"
-    return lines[0]
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:
