@@ -468,6 +468,10 @@ def test_save_model_folder_records_sha_and_refuses_overwrite(tmp_path):
     with pytest.raises(OutputError, match="already has"):
         make_model(tmp_path / "m")
     assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith(".regcli-tmp")]
+    mask = os.umask(0)
+    os.umask(mask)
+    # safetensors writes 0600; a shipped model must be readable like any other file
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_push_validates_before_any_network(tmp_path, monkeypatch):

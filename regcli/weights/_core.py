@@ -414,6 +414,10 @@ def save_model_folder(folder: str | os.PathLike, state_dict: dict, config: dict,
     tensors = {str(k): v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        # safetensors creates the file 0600; give it the mode any new file gets (readable when shipped)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
     cfg = dict(config)
     cfg["sha256"] = sha256_file(folder / WEIGHTS_FILE)
     try:
