@@ -63,3 +63,23 @@ def test_job_errors_are_one_line(tmp_path):
     bad.write_text(JOB.replace("imgs/*.nii.gz", "nothing/*.nii.gz"))
     res = CliRunner().invoke(app, ["train", "embedding", "--config", str(bad), "-o", str(tmp_path / "r")])
     assert res.exit_code == 3 and "matches no file" in res.output
+
+
+def test_a_job_can_start_from_an_earlier_run(tmp_path):
+    job = _setup(tmp_path)
+    first = tmp_path / "run1"
+    assert CliRunner().invoke(app, ["train", "embedding", "--config", str(job), "-o", str(first), "--iterations",
+                                    "2", "--quiet"]).exit_code == 0
+    follow = tmp_path / "job2.yaml"
+    follow.write_text(JOB + "init: run1/checkpoint.pt\n")
+    j = load_job(follow, {"train": {"iterations": 1, "learning_rate": 1e-9}})
+    from regcli.training.jobs import run_embedding_job
+
+    run_embedding_job(j, tmp_path / "run2")
+    a = torch.load(first / "checkpoint.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "run2" / "checkpoint.pt", weights_only=True)["state_dict"]
+    assert torch.allclose(a["global_head.weight"], b["global_head.weight"], atol=1e-6)  # continued, not re-initialised
+    bad = tmp_path / "job3.yaml"
+    bad.write_text(JOB.replace("global_dim: 8", "global_dim: 6") + "init: run1/checkpoint.pt\n")
+    with pytest.raises(ConfigError, match="another network configuration"):
+        run_embedding_job(load_job(bad), tmp_path / "run3")

@@ -45,6 +45,8 @@ class EmbeddingJob(BaseModel):
     net: EmbeddingConfig = EmbeddingConfig()
     train: EmbeddingTrainConfig = EmbeddingTrainConfig()
     checkpoint_every: int = Field(250, ge=1)
+    init: Optional[str] = Field(None, description="start from these weights: a model folder (any regcli weights "
+                                "spec) or a checkpoint.pt of an earlier run with the same net (relative to the job file)")
 
 
 def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob:
@@ -57,6 +59,8 @@ def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob
     for src in data.get("data", []):  # globs are relative to the job file
         if isinstance(src, dict) and "glob" in src and not Path(src["glob"]).is_absolute():
             src["glob"] = str(base / src["glob"])
+    if isinstance(data.get("init"), str) and not data["init"].startswith("hub:") and (base / data["init"]).exists():
+        data["init"] = str(base / data["init"])
     try:
         return EmbeddingJob.model_validate(data)
     except ValidationError as e:
@@ -96,6 +100,9 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     log(f"{len(vols)} training volumes at {job.net.spacing_mm} mm")
     torch.manual_seed(job.train.seed)
     net = EmbeddingNet(job.net)
+    if job.init:
+        net.load_state_dict(_initial_weights(job.init, job.net))
+        log(f"starting from '{job.init}'")
     history: list[dict] = []
 
     def save() -> None:
@@ -116,6 +123,21 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
                "final_loss_mean50": sum(h["loss"] for h in last) / len(last), "outdir": str(out)}
     write_model(net, job, summary, out / "model")
     return summary
+
+
+def _initial_weights(spec: str, net_cfg: EmbeddingConfig) -> dict:
+    """State dict from a ``checkpoint.pt`` of an earlier run, or from any weights spec (model folder, hub:...)."""
+    if spec.endswith(".pt") and Path(spec).is_file():
+        ck = torch.load(spec, weights_only=True)
+        if EmbeddingConfig.model_validate(ck["config"]) != net_cfg:
+            raise ConfigError(f"checkpoint '{spec}' was trained with another network configuration than the job's")
+        return ck["state_dict"]
+    from regcli.models.embedding import load_embedding
+
+    net = load_embedding(spec)
+    if net.cfg != net_cfg:
+        raise ConfigError(f"model '{spec}' has another network configuration than the job's")
+    return net.state_dict()
 
 
 def write_model(net: EmbeddingNet, job: EmbeddingJob, summary: dict, folder: Path) -> Path:
