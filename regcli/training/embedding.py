@@ -128,8 +128,10 @@ def make_view_pair(vol: Image, cfg: EmbeddingTrainConfig, spacing: float, rng: n
             pts = cand[keep][: cfg.points]
             break
     else:
-        raise ValueError(f"could not place two overlapping views in '{vol.name}' (volume too small for crop "
-                         f"{cfg.crop} at {spacing} mm?)")
+        from regcli.errors import InputError
+
+        raise InputError(f"could not place two overlapping views in '{vol.name}': too little foreground for crop "
+                         f"{cfg.crop} at {spacing} mm")
     views = []
     for g in (ga, gb):
         data = resample_to_grid(vol, g, "linear", float(vol.data.min())).data
