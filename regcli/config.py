@@ -91,6 +91,10 @@ class SamConvexConfig(_Frozen):
 
     weights: str = Field("sam-embedding", description="embedding model: a folder, hub:org/name@commit, or a "
                          "registry name (regcli weights list)")
+    local_features: Literal["embedding", "mind"] = Field(
+        "embedding", description="fine half of the features: the network's local head, or MIND-SSC (the learned "
+        "global head is kept either way)")
+    global_weight: float = Field(1.0, ge=0, description="weight of the global half against the local half")
     levels: tuple[int, ...] = Field((4, 2, 1), description="pyramid levels as factors of the working grid")
     search_radius: tuple[int, ...] = Field((2, 3, 3), description="search half-width per level (level voxels)")
     coupling_weights: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)

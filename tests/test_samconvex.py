@@ -121,3 +121,19 @@ def test_missing_weights_fail_before_any_work(tmp_path):
     assert res.exit_code == 8 and "no-such-model" in res.output
     assert "affine" not in res.output  # nothing ran
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "f.nii.gz"]
+
+
+def test_hybrid_features_mind_local_half(model_dir):
+    from regcli.methods.samconvex import features
+
+    fixed, _ = _img()
+    net = load_embedding(str(model_dir))
+    cfg = build_config(None, {"samconvex": {"weights": str(model_dir), "local_features": "mind", "global_weight": 2.0}})
+    feat = features(fixed, net, cfg.samconvex)
+    assert feat.grid == fixed.grid.subsampled(2) and feat.data.shape[0] == SMALL.global_dim + 12
+    n = feat.data.norm(dim=0)
+    # unit length, except where the image is flat: MIND (centred) is 0 there and only the global half remains
+    assert float(n.max()) == pytest.approx(1.0, abs=1e-4) and float(n.min()) >= 0.8 ** 0.5 - 1e-4
+    # the global half carries global_weight^2 / (1 + global_weight^2) of the squared length
+    g2 = feat.data[:SMALL.global_dim].pow(2).sum(0)
+    assert torch.allclose(g2, torch.full_like(g2, 0.8), atol=1e-4)

@@ -4,8 +4,9 @@ Li et al., "SAMConvex: Fast discrete optimization for CT registration using self
 embedding and correlation pyramid", MICCAI 2023, written for regcli's physical-space conventions. On the
 isotropic working grid that fixed and moving already share (the affine stage came first):
 
-1. The fixed image is embedded once (:func:`regcli.models.embedding.embed`; global and local maps combined
-   on ``grid.subsampled(2)``).
+1. The fixed image's features are computed once (:func:`features`: the network's global map, resampled onto
+   ``grid.subsampled(2)``, with either the network's local map or MIND-SSC as the fine half,
+   ``samconvex.local_features``).
 2. For each pyramid level ``f`` (``samconvex.levels``, factors of the working grid, coarse to fine) with
    search half-width ``r``: the moving image is warped by the field composed so far and embedded; both
    embeddings are brought to the level grid ``grid.subsampled(f)`` (every other voxel of a box-smoothed map
@@ -58,6 +59,25 @@ def _net(spec: str) -> EmbeddingNet:
 def preflight(cfg: RegisterConfig) -> None:
     """Resolve, verify and load the embedding model before the registration starts (one-line WeightsError)."""
     _net(cfg.samconvex.weights)
+
+
+def features(image: Image, net: EmbeddingNet, scfg) -> Image:
+    """The method's features of an image on ``image.grid.subsampled(2)``: the global embedding (resampled
+    there) and a local half (the network's local head, or MIND-SSC with radius 1 / dilation 2, centred and
+    unit length, taken at every other voxel), weighted ``global_weight : 1``; unit length overall (except
+    where the image is flat: centred MIND is 0 there, so only the global half remains)."""
+    e = embed(image, net)
+    g = F.normalize(upsample_field(e.global_.data, e.global_.grid, e.local.grid), dim=0)
+    if scfg.local_features == "mind":
+        from regcli.features.mind import mind_ssc
+
+        m = mind_ssc(image.data[None, None], 1, 2)[0]
+        loc = F.normalize(m - m.mean(0, keepdim=True), dim=0)[:, ::2, ::2, ::2]
+    else:
+        loc = e.local.data
+    w = float(scfg.global_weight)
+    both = torch.cat((g * w, loc), 0) / (1.0 + w * w) ** 0.5
+    return Image(both.contiguous(), e.local.grid, image.name)
 
 
 def level_features(emb: Image, grid: Grid, factor: int) -> tuple[torch.Tensor, Grid]:
@@ -125,7 +145,7 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
     fmask = _mask_on(fixed_mask, grid, "fixed")
     report(STAGE_EMBED, 0, 1)
     with torch.no_grad():
-        emb_f = embed(Image(fdata, grid), net).combined()
+        emb_f = features(Image(fdata, grid), net, scfg)
     report(STAGE_EMBED, 1, 1)
     timings["embed_fixed"] = time.perf_counter() - t
 
@@ -138,7 +158,7 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
         for k, (factor, radius) in enumerate(zip(scfg.levels, scfg.search_radius)):
             report(STAGE_PYRAMID, k, n_lv)
             warped = mdata if u is None else warper.warp(mdata, u, "bilinear", "border")
-            emb_m = embed(Image(warped, grid), net).combined()
+            emb_m = features(Image(warped, grid), net, scfg)
             ff, level = level_features(emb_f, grid, factor)
             fm, _ = level_features(emb_m, grid, factor)
             hist: list[dict] = []
@@ -156,7 +176,7 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
     if scfg.io_iterations > 0:
         t = time.perf_counter()
         with torch.no_grad():
-            emb_m0 = embed(Image(mdata, grid), net).combined()
+            emb_m0 = features(Image(mdata, grid), net, scfg)
             eg = emb_f.grid
             init = upsample_field(u, grid, eg)
             w_fixed = None
