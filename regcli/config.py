@@ -103,6 +103,8 @@ class SamConvexConfig(_Frozen):
     io_reg_weight: float = Field(1.25, ge=0)
     io_gradient_floor: float = Field(0.2, ge=0, description="Adam eps per voxel (see instance.gradient_floor)")
     smoothing_passes: int = Field(3, ge=0)
+    refine_iterations: int = Field(0, ge=0, description="then ConvexAdam's working-grid refinement (MIND-SSC, "
+                                   "instance.refine_* settings); 0: none")
 
     @model_validator(mode="after")
     def _levels(self) -> "SamConvexConfig":

@@ -137,3 +137,13 @@ def test_hybrid_features_mind_local_half(model_dir):
     # the global half carries global_weight^2 / (1 + global_weight^2) of the squared length
     g2 = feat.data[:SMALL.global_dim].pow(2).sum(0)
     assert torch.allclose(g2, torch.full_like(g2, 0.8), atol=1e-4)
+
+
+def test_optional_working_grid_refinement(model_dir):
+    fixed, _ = _img()
+    moving, _ = _img(transform=lambda p: p + np.array([1.0, 0.0, 0.0]))
+    cfg = build_config(None, {"samconvex": {"weights": str(model_dir), "io_iterations": 2, "levels": [4],
+                                            "search_radius": [1], "refine_iterations": 3}})
+    res = samconvex(fixed, moving, cfg)
+    assert len(res.history["refine"]) == 3 and "refine" in res.timings
+    assert res.field.grid == fixed.grid and torch.isfinite(res.field.disp).all()

@@ -196,6 +196,22 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
             u = upsample_field(res.disp, eg, grid)
         timings["instance"] = time.perf_counter() - t
 
+    # 4. optional: ConvexAdam's refinement on the working grid (MIND-SSC, Adam with a gradient floor) ------
+    if scfg.refine_iterations > 0:
+        from regcli.features.mind import mind_ssc
+        from regcli.methods.convexadam import STAGE_REFINE, _instance_level
+
+        t = time.perf_counter()
+        icfg = cfg.instance
+        with torch.no_grad():
+            mf = mind_ssc(fdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
+            mm = mind_ssc(mdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
+        u, _, history["refine"] = _instance_level(
+            mf, mm, grid, 1, u, grid, fmask, None, icfg, scfg.refine_iterations, icfg.refine_learning_rate,
+            STAGE_REFINE, report, dev, icfg.refine_gradient_floor, icfg.refine_reg_weight,
+            icfg.refine_smoothing_passes)
+        timings["refine"] = time.perf_counter() - t
+
     u = u.to(out_device)
     timings["total"] = time.perf_counter() - t_start
     if not torch.isfinite(u).all():
