@@ -222,5 +222,5 @@ def results_table(ev):
     t.add_column("status")
     for r in ev.rows:
         t.add_row(r["pair"], *[fmt_float(r.get(k), d) for k, _, d in cols],
-                  "ok" if r.get("status") == "ok" else f"[red]failed[/red]")
+                  "ok" if r.get("status") == "ok" else "[red]failed[/red]")
     return t
