@@ -227,6 +227,24 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
     return result.disp, io_grid, result.history
 
 
+def refine_on_working_grid(fdata: torch.Tensor, mdata: torch.Tensor, grid: Grid, init: torch.Tensor,
+                           init_grid: Grid, fmask: Optional[torch.Tensor], mmask: Optional[torch.Tensor],
+                           cfg: RegisterConfig, iterations: int, report: ProgressFn, dev
+                           ) -> tuple[torch.Tensor, list[dict]]:
+    """The refinement step (``instance.refine_*``): Adam with the gradient floor on the working grid itself,
+    on MIND-SSC of dilation ``refine_mind_dilation`` of the (Z, Y, X) fixed and moving data on ``grid``,
+    starting from ``init`` (3, ...) mm on ``init_grid``. Returns the field (3, ...) mm on ``grid`` and the
+    loss history. Also used after other methods' own stages (SAMConvex)."""
+    icfg = cfg.instance
+    with torch.no_grad():
+        feat_f = mind_ssc(fdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
+        feat_m = mind_ssc(mdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
+    disp, _, hist = _instance_level(
+        feat_f, feat_m, grid, 1, init, init_grid, fmask, mmask, icfg, iterations, icfg.refine_learning_rate,
+        STAGE_REFINE, report, dev, icfg.refine_gradient_floor, icfg.refine_reg_weight, icfg.refine_smoothing_passes)
+    return disp, hist
+
+
 def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Optional[Image] = None,
                moving_mask: Optional[Image] = None, progress: Optional[ProgressFn] = None,
                device=None) -> DeformableResult:
@@ -310,14 +328,9 @@ def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opt
     # 4. refinement on the working grid with finer features ----------------------------------------
     if icfg.enabled and icfg.refine_iterations > 0:
         t = time.perf_counter()
-        with torch.no_grad():
-            feat_f = mind_ssc(fdata[None, None], ccfg.mind_radius, icfg.refine_mind_dilation)
-            feat_m = mind_ssc(mdata[None, None], ccfg.mind_radius, icfg.refine_mind_dilation)
-        disp_io, io_grid, history["refine"] = _instance_level(
-            feat_f, feat_m, grid, 1, disp_io, io_grid, fmask, mmask, icfg, icfg.refine_iterations,
-            icfg.refine_learning_rate, STAGE_REFINE, report, dev, icfg.refine_gradient_floor,
-            icfg.refine_reg_weight, icfg.refine_smoothing_passes)
-        del feat_f, feat_m
+        disp_io, history["refine"] = refine_on_working_grid(fdata, mdata, grid, disp_io, io_grid, fmask, mmask, cfg,
+                                                            icfg.refine_iterations, report, dev)
+        io_grid = grid
         timings["refine"] = time.perf_counter() - t
 
     # 5. back to the working grid --------------------------------------------------------------------

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from regcli.config import RegisterConfig
 from regcli.errors import ConvergenceError, GeometryError
 from regcli.features.filters import box_filter
-from regcli.methods.convexadam import DeformableResult, _mask_on, _scalar, index_to_world_vectors
+from regcli.methods.convexadam import (
+    DeformableResult, _mask_on, _scalar, index_to_world_vectors, refine_on_working_grid,
+)
 from regcli.models.embedding import EmbeddingNet, embed, load_embedding
 from regcli.resample import FieldWarper, upsample_field
 from regcli.solvers.convex import convex_displacement
@@ -198,18 +200,9 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
 
     # 4. optional: ConvexAdam's refinement on the working grid (MIND-SSC, Adam with a gradient floor) ------
     if scfg.refine_iterations > 0:
-        from regcli.features.mind import mind_ssc
-        from regcli.methods.convexadam import STAGE_REFINE, _instance_level
-
         t = time.perf_counter()
-        icfg = cfg.instance
-        with torch.no_grad():
-            mf = mind_ssc(fdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
-            mm = mind_ssc(mdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
-        u, _, history["refine"] = _instance_level(
-            mf, mm, grid, 1, u, grid, fmask, None, icfg, scfg.refine_iterations, icfg.refine_learning_rate,
-            STAGE_REFINE, report, dev, icfg.refine_gradient_floor, icfg.refine_reg_weight,
-            icfg.refine_smoothing_passes)
+        u, history["refine"] = refine_on_working_grid(fdata, mdata, grid, u, grid, fmask, None, cfg,
+                                                      scfg.refine_iterations, report, dev)
         timings["refine"] = time.perf_counter() - t
 
     u = u.to(out_device)
