@@ -68,18 +68,13 @@ def features(image: Image, net: EmbeddingNet, scfg) -> Image:
     there) and a local half (the network's local head, or MIND-SSC with radius 1 / dilation 2, centred and
     unit length, taken at every other voxel), weighted ``global_weight : 1``; unit length overall (except
     where the image is flat: centred MIND is 0 there, so only the global half remains)."""
-    e = embed(image, net)
-    g = F.normalize(upsample_field(e.global_.data, e.global_.grid, e.local.grid), dim=0)
+    loc = None
     if scfg.local_features == "mind":
         from regcli.features.mind import mind_ssc
 
         m = mind_ssc(image.data[None, None], 1, 2)[0]
         loc = F.normalize(m - m.mean(0, keepdim=True), dim=0)[:, ::2, ::2, ::2]
-    else:
-        loc = e.local.data
-    w = float(scfg.global_weight)
-    both = torch.cat((g * w, loc), 0) / (1.0 + w * w) ** 0.5
-    return Image(both.contiguous(), e.local.grid, image.name)
+    return embed(image, net).combined(loc, scfg.global_weight)
 
 
 def level_features(emb: Image, grid: Grid, factor: int) -> tuple[torch.Tensor, Grid]:

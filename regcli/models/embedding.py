@@ -125,16 +125,24 @@ class Embedding:
     global_: Image  # (global_dim, Z/8, Y/8, X/8) on grid.subsampled(8)
     local: Image  # (local_dim, Z/2, Y/2, X/2) on grid.subsampled(2)
 
-    def combined(self) -> Image:
-        """(global_dim + local_dim, ...) on the local grid: the global map resampled there (trilinear, edges
-        repeated) and concatenated before the local one, both halves weighted equally and the whole vector
-        unit length (so the SSD of two combined vectors is 2 - 2 x their correlation)."""
+    def combined(self, local: Optional[torch.Tensor] = None, global_weight: float = 1.0) -> Image:
+        """(global_dim + local channels, ...) on the local grid: the global map resampled there (trilinear,
+        edges repeated, unit length again) and concatenated before the local one, weighted
+        ``global_weight : 1`` and scaled so that two unit halves give a unit vector (the SSD of two combined
+        vectors is then 2 - 2 x their correlation).
+
+        Args:
+            local: another fine map (C, ...) on the local grid to use instead of the local head's.
+            global_weight: weight of the global half.
+        """
         from regcli.resample import upsample_field
 
         g = upsample_field(self.global_.data, self.global_.grid, self.local.grid)
         g = F.normalize(g, dim=0)  # interpolation shortens unit vectors
-        both = torch.cat((g, self.local.data), 0) * (0.5 ** 0.5)
-        return Image(both, self.local.grid, self.local.name)
+        loc = self.local.data if local is None else local
+        w = float(global_weight)
+        both = torch.cat((g * w, loc), 0) / (1.0 + w * w) ** 0.5
+        return Image(both.contiguous(), self.local.grid, self.local.name)
 
 
 def embed(image: Image, net: EmbeddingNet, device=None) -> Embedding:
