@@ -143,8 +143,11 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
     report(STAGE_EMBED, 0, 1)
     with torch.no_grad():
         emb_f = features(Image(fdata, grid), net, scfg)
+        timings["embed_fixed"] = time.perf_counter() - t
+        t = time.perf_counter()
+        emb_m0 = features(Image(mdata, grid), net, scfg)  # the unwarped moving image: first level and IO
     report(STAGE_EMBED, 1, 1)
-    timings["embed_fixed"] = time.perf_counter() - t
+    timings["embed_moving"] = time.perf_counter() - t
 
     # 2. correlation pyramid -------------------------------------------------------------------------
     t = time.perf_counter()
@@ -154,8 +157,10 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
     with torch.no_grad():
         for k, (factor, radius) in enumerate(zip(scfg.levels, scfg.search_radius)):
             report(STAGE_PYRAMID, k, n_lv)
-            warped = mdata if u is None else warper.warp(mdata, u, "bilinear", "border")
-            emb_m = features(Image(warped, grid), net, scfg)
+            if u is None:
+                emb_m = emb_m0
+            else:
+                emb_m = features(Image(warper.warp(mdata, u, "bilinear", "border"), grid), net, scfg)
             ff, level = level_features(emb_f, grid, factor)
             fm, _ = level_features(emb_m, grid, factor)
             hist: list[dict] = []
@@ -173,7 +178,6 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
     if scfg.io_iterations > 0:
         t = time.perf_counter()
         with torch.no_grad():
-            emb_m0 = features(Image(mdata, grid), net, scfg)
             eg = emb_f.grid
             init = upsample_field(u, grid, eg)
             w_fixed = None
