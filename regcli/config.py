@@ -171,7 +171,8 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def _format_validation(err: ValidationError, source: str) -> str:
+def validation_details(err: ValidationError) -> str:
+    """A pydantic error as one line: ``key.path: problem; ...`` (unknown keys read "unknown option")."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(root)"
@@ -179,7 +180,11 @@ def _format_validation(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown option"
         parts.append(f"{loc}: {msg}")
-    return f"invalid configuration ({source}): " + "; ".join(parts)
+    return "; ".join(parts)
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    return f"invalid configuration ({source}): " + validation_details(err)
 
 
 def build_config(yaml_path: str | Path | None = None, overrides: dict | None = None,

@@ -52,7 +52,7 @@ class EmbeddingJob(BaseModel):
 def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob:
     from pydantic import ValidationError
 
-    from regcli.config import deep_merge, load_yaml
+    from regcli.config import deep_merge, load_yaml, validation_details
 
     data = deep_merge(load_yaml(path), overrides or {})
     base = Path(path).resolve().parent
@@ -64,8 +64,7 @@ def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob
     try:
         return EmbeddingJob.model_validate(data)
     except ValidationError as e:
-        msg = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise ConfigError(f"invalid training job '{path}': {msg}") from None
+        raise ConfigError(f"invalid training job '{path}': {validation_details(e)}") from None
 
 
 def load_volumes(job: EmbeddingJob, log: Callable[[str], None] = lambda s: None):
