@@ -66,4 +66,10 @@ class DisplacementField:
         return DisplacementField(self.disp.to(device), self.grid)
 
     def magnitude(self) -> torch.Tensor:
-        return torch.linalg.vector_norm(self.disp, dim=0)
+        """(Z, Y, X) length of the displacement, mm."""
+        return vector_length(self.disp)
+
+
+def vector_length(d: torch.Tensor) -> torch.Tensor:
+    """Length of (3, ...) vectors (``linalg.vector_norm`` over the leading dimension is ~10x slower on CPU)."""
+    return (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt_()
