@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def _replicate_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """``x`` with its first and last slice along ``dim`` repeated ``r`` times on each side."""
+    n = x.shape[dim]
+    first, last = x.narrow(dim, 0, 1), x.narrow(dim, n - 1, 1)
+    return torch.cat([first] * r + [x] + [last] * r, dim=dim)
+
+
 def _box_1d(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
     """Mean over ``2*radius+1`` voxels along tensor dimension ``dim``, edges replicated (same size out).
 
@@ -13,8 +20,7 @@ def _box_1d(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
     if radius <= 0:
         return x
     n = x.shape[dim]
-    first, last = x.narrow(dim, 0, 1), x.narrow(dim, n - 1, 1)
-    xp = torch.cat([first] * radius + [x] + [last] * radius, dim=dim)
+    xp = _replicate_pad(x, radius, dim)
     acc = xp.narrow(dim, 0, n).clone()
     for k in range(1, 2 * radius + 1):
         acc += xp.narrow(dim, k, n)
@@ -32,8 +38,7 @@ def conv1d_replicate(x: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.T
     w = [float(v) for v in kernel]
     if r == 0:
         return x * w[0]
-    first, last = x.narrow(dim, 0, 1), x.narrow(dim, n - 1, 1)
-    xp = torch.cat([first] * r + [x] + [last] * r, dim=dim)
+    xp = _replicate_pad(x, r, dim)
     acc = xp.narrow(dim, 0, n) * w[0]
     for k in range(1, 2 * r + 1):
         acc.add_(xp.narrow(dim, k, n), alpha=w[k])
