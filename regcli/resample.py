@@ -107,6 +107,14 @@ def axis_aligned_map(source: Grid, reference: Grid, tol: float = 1e-9) -> Option
     return np.stack((np.diag(A), M[:3, 3]), axis=1)
 
 
+def _source_positions(n: int, n_out: int, scale: float, offset: float, itk: bool, device
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Continuous source indices ``scale * i + offset`` (n_out,) float64 along one axis of ``n`` voxels, and
+    with ``itk`` the mask of those within half a voxel of the source (ITK's buffer)."""
+    c = torch.arange(n_out, dtype=torch.float64, device=device) * scale + offset
+    return c, (((c >= -0.5) & (c <= n - 0.5)) if itk else None)
+
+
 def _linear_1d(x: torch.Tensor, dim: int, scale: float, offset: float, n_out: int, itk: bool
                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Linear interpolation of ``x`` along ``dim`` at source indices ``scale * i + offset`` (i < n_out).
@@ -115,8 +123,7 @@ def _linear_1d(x: torch.Tensor, dim: int, scale: float, offset: float, n_out: in
     mask of positions within half a voxel of the source (ITK's buffer).
     """
     n = x.shape[dim]
-    c = torch.arange(n_out, dtype=torch.float64, device=x.device) * scale + offset
-    inside = ((c >= -0.5) & (c <= n - 0.5)) if itk else None
+    c, inside = _source_positions(n, n_out, scale, offset, itk, x.device)
     c = c.clamp(0.0, n - 1.0)
     i0 = c.floor().clamp(max=max(n - 2, 0))
     f = (c - i0).to(x.dtype)
@@ -131,8 +138,7 @@ def _nearest_1d(x: torch.Tensor, dim: int, scale: float, offset: float, n_out: i
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Nearest-neighbour resampling along ``dim`` (rounding as ``grid_sample``'s nearest mode)."""
     n = x.shape[dim]
-    c = torch.arange(n_out, dtype=torch.float64, device=x.device) * scale + offset
-    inside = ((c >= -0.5) & (c <= n - 0.5)) if itk else None
+    c, inside = _source_positions(n, n_out, scale, offset, itk, x.device)
     i = torch.round(c.to(torch.float32)).clamp(0, n - 1).to(torch.int64)
     return x.index_select(dim, i), inside
 
