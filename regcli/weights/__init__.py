@@ -46,8 +46,8 @@ from typing import Optional
 from regcli.errors import OutputError, WeightsError
 from regcli.weights._core import (
     CARD_FILE, CONFIG_FILE, MODEL_FILES, WEIGHTS_FILE, ModelRef, ResolvedModel, load_registry, load_state_dict,
-    offline_mode, registry_path, resolve, safetensors_summary, save_model_folder, sha256_file, shipped_folder,
-    verify_folder, weights_dir,
+    offline_mode, refuse_existing_model_files, registry_path, resolve, safetensors_summary, save_model_folder,
+    sha256_file, shipped_folder, verify_folder, weights_dir,
 )
 
 __all__ = [
@@ -103,9 +103,7 @@ def pull(spec: str, to: Optional[str | os.PathLike] = None, *, force: bool = Fal
     if not dest.parent.is_dir():
         raise OutputError(f"output directory '{dest.parent}' does not exist")
     if not overwrite:
-        present = [n for n in MODEL_FILES if (dest / n).exists()]
-        if present:
-            raise OutputError(f"'{dest}' already has {', '.join(present)}; pass --overwrite to replace them")
+        refuse_existing_model_files(dest, f"'{dest}'", "pass --overwrite to replace them")
     try:
         dest.mkdir(exist_ok=True)
         sources = [(resolved.weights_file, WEIGHTS_FILE), (resolved.folder / CONFIG_FILE, CONFIG_FILE)]

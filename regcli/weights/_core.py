@@ -378,6 +378,13 @@ def load_state_dict(resolved: ResolvedModel, device: str = "cpu") -> dict[str, A
         raise WeightsError(f"cannot load weights file '{resolved.weights_file}': {msg}") from e
 
 
+def refuse_existing_model_files(folder: Path, label: str, hint: str) -> None:
+    """OutputError ``<label> already has <files>; <hint>`` when ``folder`` holds any of the model files."""
+    present = [n for n in MODEL_FILES if (folder / n).exists()]
+    if present:
+        raise OutputError(f"{label} already has {', '.join(present)}; {hint}")
+
+
 def save_model_folder(folder: str | os.PathLike, state_dict: dict, config: dict, model_card: str,
                       overwrite: bool = False) -> Path:
     """Write a model folder: ``model.safetensors``, then ``config.json`` (with its ``"sha256"``), then README.md.
@@ -404,9 +411,7 @@ def save_model_folder(folder: str | os.PathLike, state_dict: dict, config: dict,
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"model folder '{folder}' is a file")
     if not overwrite:
-        present = [n for n in MODEL_FILES if (folder / n).exists()]
-        if present:
-            raise OutputError(f"model folder '{folder}' already has {', '.join(present)}; pass overwrite=True")
+        refuse_existing_model_files(folder, f"model folder '{folder}'", "pass overwrite=True")
     try:
         folder.mkdir(exist_ok=True)
     except OSError as e:
