@@ -82,7 +82,7 @@ def _foreground_points(vol: Image, rng: np.random.Generator, n: int) -> np.ndarr
         fg = torch.nonzero(torch.ones_like(vol.data, dtype=torch.bool)).numpy()
     pick = fg[rng.integers(0, len(fg), n)][:, ::-1].astype(np.float64)  # (z,y,x) -> (x,y,z)
     pick += rng.uniform(-0.5, 0.5, pick.shape)
-    return (vol.grid.index_to_world() @ np.c_[pick, np.ones(n)].T).T[:, :3]
+    return vol.grid.index_to_world_points(torch.from_numpy(pick)).numpy()
 
 
 def _view_grid(vol: Grid, centre: np.ndarray, crop: int, spacing: float) -> Grid:
@@ -122,7 +122,7 @@ def make_view_pair(vol: Image, cfg: EmbeddingTrainConfig, spacing: float, rng: n
         gb = _view_grid(vol.grid, cb, cfg.crop, spacing * float(rng.uniform(*cfg.scale_range)))
         # candidates uniform in view A (4 voxels from its faces), kept if inside B and on the foreground
         idx = rng.uniform(4, cfg.crop - 5, size=(cfg.points * 8, 3))
-        cand = (ga.index_to_world() @ np.c_[idx, np.ones(len(idx))].T).T[:, :3]
+        cand = ga.index_to_world_points(torch.from_numpy(idx)).numpy()
         keep = _inside(gb, cand, margin=4) & _on_foreground(vol, cand)
         if keep.sum() >= cfg.points:
             pts = cand[keep][: cfg.points]
@@ -145,7 +145,7 @@ def _on_foreground(vol: Image, pts: np.ndarray) -> np.ndarray:
 
 
 def _inside(grid: Grid, pts: np.ndarray, margin: float) -> np.ndarray:
-    idx = (grid.world_to_index() @ np.c_[pts, np.ones(len(pts))].T).T[:, :3]
+    idx = grid.world_to_index_points(torch.from_numpy(pts)).numpy()
     n = np.asarray(grid.size, dtype=np.float64)
     return np.all((idx >= margin) & (idx <= n - 1 - margin), axis=1)
 
