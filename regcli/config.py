@@ -91,11 +91,15 @@ class SamConvexConfig(_Frozen):
 
     weights: str = Field("sam-embedding", description="embedding model: a folder, hub:org/name@commit, or a "
                          "registry name (regcli weights list)")
-    local_features: Literal["embedding", "mind"] = Field(
-        "embedding", description="fine half of the features: the network's local head, or MIND-SSC (the learned "
-        "global head is kept either way)")
-    global_weight: float = Field(1.0, ge=0, description="weight of the global half against the local half")
-    levels: tuple[int, ...] = Field((4, 2, 1), description="pyramid levels as factors of the working grid")
+    local_features: Literal["embedding", "mind", "both"] = Field(
+        "mind", description="fine half of the features: MIND-SSC (default: measured better than the shipped "
+        "network's local head on brain MRI and CT, docs/benchmarks.md), the network's local head (the paper's "
+        "choice), or both; the learned global head is used either way")
+    global_weight: float = Field(0.25, ge=0, description="weight of the global half against the local half")
+    global_channels: int = Field(4, ge=0, description="keep the global half's first k principal components (of "
+                                 "the fixed image's embedding) instead of all its channels; 0: all")
+    levels: tuple[int, ...] = Field((8, 4, 2), description="pyramid levels as factors of the working grid (2: the "
+                                    "embedding grid, 1/2 of the working grid, as the paper's finest level)")
     search_radius: tuple[int, ...] = Field((2, 3, 3), description="search half-width per level (level voxels)")
     coupling_weights: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     io_iterations: int = Field(50, ge=0, description="instance optimisation in embedding space (0: none)")
@@ -103,7 +107,7 @@ class SamConvexConfig(_Frozen):
     io_reg_weight: float = Field(1.25, ge=0)
     io_gradient_floor: float = Field(0.2, ge=0, description="Adam eps per voxel (see instance.gradient_floor)")
     smoothing_passes: int = Field(3, ge=0)
-    refine_iterations: int = Field(0, ge=0, description="then ConvexAdam's working-grid refinement (MIND-SSC, "
+    refine_iterations: int = Field(10, ge=0, description="then ConvexAdam's working-grid refinement (MIND-SSC, "
                                    "instance.refine_* settings); 0: none")
 
     @model_validator(mode="after")

@@ -58,6 +58,7 @@ class Registration:
     timings: dict = dc_field(default_factory=dict)
     history: dict = dc_field(default_factory=dict)
     inverse_error: Optional[dict] = None
+    models: list = dc_field(default_factory=list)  # provenance of learned models used (report.json "extra")
 
     @property
     def transform(self) -> CompositeTransform:
@@ -151,10 +152,11 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     history: dict[str, list] = {}
     cb = _stage_progress(progress)
 
+    models: list[dict] = []
     if config.deformable:  # e.g. model weights: fail before any computation
         from regcli.methods import preflight
 
-        preflight(config.method, config)
+        models = preflight(config.method, config)
 
     # --------------------------------------------------------------- affine stage
     t0 = time.perf_counter()
@@ -169,7 +171,7 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
         affine = AffineTransform.identity()
     timings["affine"] = time.perf_counter() - t0
     log.info("affine stage: %.2f s", timings["affine"])
-    reg = Registration(affine=affine, timings=timings, history=history)
+    reg = Registration(affine=affine, timings=timings, history=history, models=models)
     if not config.deformable:
         return reg
 
@@ -409,6 +411,8 @@ def _extra(reg: Registration, runtime: Runtime) -> dict:
     }
     if reg.working_grid is not None:
         extra["working_grid"] = _grid_info(reg.working_grid)
+    if reg.models:
+        extra["models"] = reg.models
     return extra
 
 

@@ -242,6 +242,27 @@ def test_moments_init_recovers_large_rotation():
     assert any("score" in r for r in res.history["init"])
 
 
+def test_small_field_of_view_uses_levels_that_fit():
+    """An 18 mm field of view (a prostate volume at 0.5 mm): the default 8 and 4 mm levels would hold 2-4
+    voxels; ``effective_level`` shrinks the pyramid so its coarsest level holds MIN_LEVEL_VOXELS (3.6 and 1.8 mm
+    here), which recovers a 6 deg / 1.5 mm motion."""
+    from regcli.solvers.affine import MIN_LEVEL_VOXELS, effective_level
+
+    small = lambda q: textured_phantom(q * 2.5)  # noqa: E731 - the phantom shrunk 2.5x (about 14 mm across)
+    R = rotation_matrix(torch.tensor([0.0, 0.0, math.radians(6.0)], dtype=torch.float64)).numpy()
+    truth = AffineTransform.from_linear(R, np.array([1.0, -0.8, 0.6]), np.zeros(3))
+    inv = truth.inverse()
+    extent = (18.0, 18.0, 18.0)
+    f = phantom(spacing=(0.5, 0.5, 0.5), centre=np.zeros(3), fn=small, extent=extent)
+    m = phantom(spacing=(0.5, 0.5, 0.5), centre=np.zeros(3), fn=small, extent=extent,
+                transform=lambda p: p @ inv.linear.T + inv.offset)
+    assert effective_level(8.0, f.grid, m.grid, 8.0) == pytest.approx(18.0 / MIN_LEVEL_VOXELS)
+    assert effective_level(4.0, f.grid, m.grid, 8.0) == pytest.approx(9.0 / MIN_LEVEL_VOXELS)
+    res = run_affine_stage(f, m, AffineConfig(stages=("rigid",), init="geometry"))
+    ang, dist = res.transform.rotation_translation_error(truth, at=np.zeros(3))
+    assert ang < 1.0 and dist < 0.2
+
+
 # ------------------------------------------------------------------------------------------ init modes
 def test_init_modes():
     f = phantom()

@@ -128,15 +128,43 @@ def test_hybrid_features_mind_local_half(model_dir):
 
     fixed, _ = _img()
     net = load_embedding(str(model_dir))
-    cfg = build_config(None, {"samconvex": {"weights": str(model_dir), "local_features": "mind", "global_weight": 2.0}})
-    feat = features(fixed, net, cfg.samconvex)
-    assert feat.grid == fixed.grid.subsampled(2) and feat.data.shape[0] == SMALL.global_dim + 12
+    cfg = build_config(None, {"samconvex": {"weights": str(model_dir), "local_features": "mind", "global_weight": 2.0,
+                                            "global_channels": 0}})
+    feat, basis = features(fixed, net, cfg.samconvex)
+    assert basis is None and feat.grid == fixed.grid.subsampled(2) and feat.data.shape[0] == SMALL.global_dim + 12
     n = feat.data.norm(dim=0)
     # unit length, except where the image is flat: MIND (centred) is 0 there and only the global half remains
     assert float(n.max()) == pytest.approx(1.0, abs=1e-4) and float(n.min()) >= 0.8 ** 0.5 - 1e-4
     # the global half carries global_weight^2 / (1 + global_weight^2) of the squared length
     g2 = feat.data[:SMALL.global_dim].pow(2).sum(0)
     assert torch.allclose(g2, torch.full_like(g2, 0.8), atol=1e-4)
+
+
+def test_global_half_principal_components_keep_differences(model_dir):
+    """global_channels=k: the global half in the coordinates of its k principal directions (the fixed image's
+    basis, reused for the moving image): a projection, so no fixed-moving SSD grows, and dropping one direction
+    of little variance changes them little."""
+    from regcli.methods.samconvex import features
+
+    fixed, _ = _img()
+    moving, _ = _img(transform=lambda p: p + np.array([2.0, -1.0, 0.5]))
+    net = load_embedding(str(model_dir))
+    c = SMALL.global_dim
+    full = build_config(None, {"samconvex": {"weights": str(model_dir), "global_weight": 1.0,
+                                             "global_channels": 0}}).samconvex
+    ff, _ = features(fixed, net, full)
+    fm, _ = features(moving, net, full)
+    ssd = (ff.data[:c] - fm.data[:c]).pow(2).sum(0)
+    for k in (c - 1, 3):
+        cfg = full.model_copy(update={"global_channels": k})
+        pf, basis = features(fixed, net, cfg)
+        pm, basis_m = features(moving, net, cfg, basis)
+        assert basis_m is basis and pf.data.shape[0] == k + (ff.data.shape[0] - c)
+        assert torch.equal(pf.data[k:], ff.data[c:])  # the local half is untouched
+        ssd_k = (pf.data[:k] - pm.data[:k]).pow(2).sum(0)
+        assert float((ssd_k - ssd).max()) < 1e-5  # a projection never increases a difference
+        if k == c - 1:  # what the last direction carries is little: the SSDs barely change
+            assert float((ssd - ssd_k).mean()) < 0.05 * float(ssd.mean())
 
 
 def test_optional_working_grid_refinement(model_dir):

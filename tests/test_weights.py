@@ -26,7 +26,7 @@ import torch
 from conftest import invoke, one_line
 from regcli.errors import OutputError, WeightsError
 from regcli.weights import (
-    MODEL_FILES, load_registry, load_state_dict, pull, push, resolve, save_model_folder, sha256_file,
+    MODEL_FILES, list_models, load_registry, load_state_dict, pull, push, resolve, save_model_folder, sha256_file,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,6 +348,26 @@ def test_shipped_folder_beats_download(published, tmp_path):
         resolve("tiny")
 
 
+def test_unpublished_entry_is_served_by_its_shipped_folder_only(env, tmp_path):
+    """A registry entry with repo_id and revision null: a model shipped in weights/NAME/ that is not on the Hub."""
+    shipped = tmp_path / "weights" / "local-only"
+    make_model(shipped)
+    sha = sha256_file(shipped / "model.safetensors")
+    write_registry(tmp_path / "weights", **{"local-only": {"repo_id": None, "revision": None, "sha256": sha}})
+    r = resolve("local-only")
+    assert r.source == "shipped" and r.repo_id is None and r.revision is None and r.sha256 == sha
+    listed = {m["name"]: m for m in list_models()}
+    assert listed["local-only"]["shipped"] and not listed["local-only"]["cached"]
+    for n in MODEL_FILES:
+        (shipped / n).unlink()
+    with pytest.raises(WeightsError, match="not published on the Hub and its shipped folder"):
+        resolve("local-only")
+    assert env.requests == []  # nothing was asked of the Hub
+    write_registry(tmp_path / "weights", half={"repo_id": "org/x", "revision": None, "sha256": sha})
+    with pytest.raises(WeightsError, match="missing revision"):
+        load_registry()
+
+
 def test_unknown_name_lists_known_names(published):
     with pytest.raises(WeightsError) as e:
         resolve("nosuchmodel")
@@ -390,8 +410,55 @@ def test_malformed_registry_is_a_weights_error(env, tmp_path):
 
 
 def test_repository_registry_file_is_valid():
-    """The committed weights/registry.json parses (it may be empty)."""
-    assert isinstance(load_registry(ROOT / "weights" / "registry.json"), dict)
+    """The committed weights/registry.json parses, and every shipped model in weights/ passes its checks
+    (registry sha256, config.json sha256, safetensors header), builds its network and stays under 20 MB."""
+    registry = load_registry(ROOT / "weights" / "registry.json")
+    assert isinstance(registry, dict)
+    for name in registry:
+        folder = ROOT / "weights" / name
+        if not folder.is_dir():
+            continue
+        assert sum(p.stat().st_size for p in folder.iterdir()) < 20 * 2**20
+        model = resolve(str(folder))
+        assert model.sha256 == registry[name].sha256 and (folder / "README.md").is_file()
+        if model.config["architecture"] == "regcli-sam-embedding":
+            from regcli.models.embedding import embedding_from
+
+            embedding_from(model)
+
+
+def test_shipped_embedding_pulled_from_loopback_hub_then_offline_samconvex(env, tmp_path):
+    """The whole path a user without the shipped folder takes: the registry names a Hub repo pinned at a
+    commit; `regcli weights pull` fills the cache; then, offline, `regcli register --method samconvex` finds
+    the model there by name, checks it and records where it came from in report.json."""
+    from conftest import make_phantom, write
+
+    shipped = ROOT / "weights" / "sam-embedding"
+    if not (shipped / "model.safetensors").is_file():
+        pytest.skip("no shipped sam-embedding model in weights/")
+    commit = env.add("regcli/sam-embedding", shipped)
+    sha = sha256_file(shipped / "model.safetensors")
+    write_registry(tmp_path / "weights", **{"sam-embedding": {"repo_id": "regcli/sam-embedding", "revision": commit,
+                                                              "sha256": sha}})
+    run_env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "regcli", "weights", "pull", "sam-embedding", "--json"], env=run_env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["source"] == "hub"
+    env.stop()
+    f = write(make_phantom("LPS", "iso"), tmp_path / "f.nii.gz")
+    m = write(make_phantom("RAS", "aniso", centre=(3.0, -1.0, 2.0)), tmp_path / "m.nii.gz")
+    (tmp_path / "out").mkdir()
+    run_env.update({"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"})  # nothing listens there
+    r = subprocess.run([sys.executable, "-m", "regcli", "register", str(f), str(m), "-o", str(tmp_path / "out" / "p_"),
+                        "--method", "samconvex", "--threads", "2", "--json", "--no-html"], env=run_env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    (model,) = report["extra"]["models"]
+    assert model["source"] == "cache" and model["sha256"] == sha and model["revision"] == commit
+    assert model["spec"] == "sam-embedding" and report["config"]["method"] == "samconvex"
+    assert (tmp_path / "out" / "p_1Warp.nii.gz").is_file()
 
 
 # ------------------------------------------------------------------------------------------------ 4. revision pinning

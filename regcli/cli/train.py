@@ -21,6 +21,9 @@ def embedding(
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUTDIR", show_default=False,
                                          help="Folder for checkpoint.pt, history.json and job.json.")],
     iterations: Annotated[Optional[int], typer.Option(help="Override train.iterations.", min=1)] = None,
+    stop_after: Annotated[Optional[int], typer.Option(help="Override train.stop_after: end after this many steps "
+                                                      "(the learning-rate schedule still spans the iterations).",
+                                                      min=1)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override train.seed.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.", min=1)] = None,
     json_out: JsonOpt = False,
@@ -43,11 +46,13 @@ def embedding(
     over: dict = {"train": {}}
     if iterations is not None:
         over["train"]["iterations"] = iterations
+    if stop_after is not None:
+        over["train"]["stop_after"] = stop_after
     if seed is not None:
         over["train"]["seed"] = seed
     job = load_job(config, over)
     with ui.progress() as progress:
-        progress.start("training", job.train.iterations)
+        progress.start("training", min(job.train.iterations, job.train.stop_after or job.train.iterations))
 
         def step(i: int, n: int, rec: dict) -> None:
             progress.update("training", i, f"loss {rec['loss']:.3f}")

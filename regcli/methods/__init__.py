@@ -23,10 +23,10 @@ def get_method(name: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
-def preflight(name: str, config) -> None:
+def preflight(name: str, config) -> list[dict]:
     """Let a method check what it needs (e.g. model weights) before any computation starts: its module's
-    ``preflight(config)``, when it defines one."""
+    ``preflight(config)``, when it defines one. Returns what that reports about the models it will use (for
+    report.json: spec, source, folder, sha256, ...), or [] for a method without models."""
     module = importlib.import_module(METHODS.get(name).split(":")[0])
     check = getattr(module, "preflight", None)
-    if check is not None:
-        check(config)
+    return list(check(config) or []) if check is not None else []

@@ -35,7 +35,7 @@ from regcli.features.filters import box_filter
 from regcli.methods.convexadam import (
     DeformableResult, _mask_on, _scalar, index_to_world_vectors, refine_on_working_grid,
 )
-from regcli.models.embedding import EmbeddingNet, embed, load_embedding
+from regcli.models.embedding import EmbeddingNet, embed, embedding_from
 from regcli.resample import FieldWarper, upsample_field
 from regcli.solvers.convex import convex_displacement
 from regcli.solvers.instance import InstanceOptimization, Problem
@@ -48,33 +48,72 @@ STAGE_EMBED = "anatomical embedding"
 STAGE_PYRAMID = "correlation pyramid"
 STAGE_IO = "embedding instance optimisation"
 
-_NET_CACHE: dict[str, EmbeddingNet] = {}
+_NET_CACHE: dict[str, tuple[EmbeddingNet, dict]] = {}
 
 
-def _net(spec: str) -> EmbeddingNet:
+def _load(spec: str) -> tuple[EmbeddingNet, dict]:
+    """The network for ``spec`` and where it came from; resolved and verified once per process and spec."""
     if spec not in _NET_CACHE:
+        from regcli.weights import resolve
+
         _NET_CACHE.clear()
-        _NET_CACHE[spec] = load_embedding(spec)
+        model = resolve(spec)
+        net = embedding_from(model)
+        info = {"role": "anatomical embedding", "spec": spec, "source": model.source, "folder": str(model.folder),
+                "sha256": model.sha256, "repo_id": model.repo_id, "revision": model.revision,
+                "architecture": model.config.get("architecture"), "version": model.config.get("version")}
+        _NET_CACHE[spec] = (net, info)
     return _NET_CACHE[spec]
 
 
-def preflight(cfg: RegisterConfig) -> None:
-    """Resolve, verify and load the embedding model before the registration starts (one-line WeightsError)."""
-    _net(cfg.samconvex.weights)
+def _net(spec: str) -> EmbeddingNet:
+    return _load(spec)[0]
 
 
-def features(image: Image, net: EmbeddingNet, scfg) -> Image:
-    """The method's features of an image on ``image.grid.subsampled(2)``: the global embedding (resampled
-    there) and a local half (the network's local head, or MIND-SSC with radius 1 / dilation 2, centred and
-    unit length, taken at every other voxel), weighted ``global_weight : 1``; unit length overall (except
-    where the image is flat: centred MIND is 0 there, so only the global half remains)."""
+def preflight(cfg: RegisterConfig) -> list[dict]:
+    """Resolve, verify and load the embedding model before the registration starts (one-line WeightsError);
+    returns its provenance for the report (spec, source, folder, sha256, repo_id, revision, version)."""
+    return [_load(cfg.samconvex.weights)[1]]
+
+
+def features(image: Image, net: EmbeddingNet, scfg, basis: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+             ) -> tuple[Image, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """The method's features of an image on ``image.grid.subsampled(2)``, and the projection they used.
+
+    The global embedding (resampled there) and a local half (MIND-SSC with radius 1 / dilation 2, centred,
+    box-smoothed and taken at every other voxel; or the network's local head; or both), weighted
+    ``global_weight : 1`` so that the two unit halves give a unit vector (centred MIND is 0 where the image is
+    flat, so only the global half remains there).
+
+    With ``samconvex.global_channels`` = k > 0 the global half is replaced by its coordinates along its k
+    principal directions: ``basis`` = (mean (C,), directions (C, k)) computed from this image when not given
+    (pass the fixed image's basis for the moving image, so both live in the same coordinates). Differences,
+    hence the SSD costs, are kept up to the discarded variance, and the cost volume and the instance
+    optimisation handle k instead of ``global_dim`` channels.
+    """
+    emb = embed(image, net)
     loc = None
-    if scfg.local_features == "mind":
+    if scfg.local_features in ("mind", "both"):
         from regcli.features.mind import mind_ssc
 
         m = mind_ssc(image.data[None, None], 1, 2)[0]
-        loc = F.normalize(m - m.mean(0, keepdim=True), dim=0)[:, ::2, ::2, ::2]
-    return embed(image, net).combined(loc, scfg.global_weight)
+        m = box_filter(m - m.mean(0, keepdim=True), 1)[:, ::2, ::2, ::2]  # anti-aliased, centred on voxel 2i
+        loc = F.normalize(m, dim=0)
+        if scfg.local_features == "both":
+            loc = torch.cat((loc, emb.local.data), 0) / 2 ** 0.5
+    both = emb.combined(loc, scfg.global_weight)
+    k, c = scfg.global_channels, emb.global_.data.shape[0]
+    if not 0 < k < c:
+        return both, None
+    glob = both.data[:c].reshape(c, -1)
+    if basis is None:
+        mean = glob.mean(1)
+        centred = glob - mean[:, None]
+        _, vecs = torch.linalg.eigh(centred @ centred.T / centred.shape[1])  # ascending eigenvalues
+        basis = (mean, vecs[:, -k:].flip(1).contiguous())
+    mean, dirs = basis
+    reduced = (dirs.T @ (glob - mean[:, None])).reshape(k, *both.data.shape[1:])
+    return Image(torch.cat((reduced, both.data[c:]), 0).contiguous(), both.grid, both.name), basis
 
 
 def level_features(emb: Image, grid: Grid, factor: int) -> tuple[torch.Tensor, Grid]:
@@ -142,10 +181,10 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
     fmask = _mask_on(fixed_mask, grid, "fixed")
     report(STAGE_EMBED, 0, 1)
     with torch.no_grad():
-        emb_f = features(Image(fdata, grid), net, scfg)
+        emb_f, basis = features(Image(fdata, grid), net, scfg)
         timings["embed_fixed"] = time.perf_counter() - t
         t = time.perf_counter()
-        emb_m0 = features(Image(mdata, grid), net, scfg)  # the unwarped moving image: first level and IO
+        emb_m0, _ = features(Image(mdata, grid), net, scfg, basis)  # unwarped moving: first level and IO
     report(STAGE_EMBED, 1, 1)
     timings["embed_moving"] = time.perf_counter() - t
 
@@ -160,7 +199,7 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
             if u is None:
                 emb_m = emb_m0
             else:
-                emb_m = features(Image(warper.warp(mdata, u, "bilinear", "border"), grid), net, scfg)
+                emb_m, _ = features(Image(warper.warp(mdata, u, "bilinear", "border"), grid), net, scfg, basis)
             ff, level = level_features(emb_f, grid, factor)
             fm, _ = level_features(emb_m, grid, factor)
             hist: list[dict] = []

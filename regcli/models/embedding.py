@@ -196,18 +196,27 @@ def save_embedding_model(net: EmbeddingNet, folder, model_card: str, training: O
 def load_embedding(spec: str, device=None) -> EmbeddingNet:
     """Resolve ``spec`` (folder, ``hub:org/name@commit`` or registry name; see :mod:`regcli.weights`), check
     it, and build the network in eval mode."""
-    from regcli.errors import WeightsError
-    from regcli.weights import load_state_dict, resolve
+    from regcli.weights import resolve
 
-    model = resolve(spec)
+    return embedding_from(resolve(spec), device)
+
+
+def embedding_from(model, device=None) -> EmbeddingNet:
+    """Build the network (eval mode) from an already resolved and verified
+    :class:`regcli.weights.ResolvedModel`; a model of another architecture, or whose tensors do not fit its
+    configuration, is a one-line WeightsError."""
+    from regcli.errors import WeightsError
+    from regcli.weights import load_state_dict
+
     if model.config.get("architecture") != ARCHITECTURE:
-        raise WeightsError(f"model '{spec}' is a '{model.config.get('architecture')}', not an anatomical embedding "
-                           f"('{ARCHITECTURE}')")
+        raise WeightsError(f"model '{model.spec}' is a '{model.config.get('architecture')}', not an anatomical "
+                           f"embedding ('{ARCHITECTURE}')")
     try:
         cfg = EmbeddingConfig.model_validate(model.config.get("net", {}))
         net = EmbeddingNet(cfg)
         net.load_state_dict(load_state_dict(model))
     except Exception as e:  # noqa: BLE001 - any mismatch between config and tensors is a weights problem
-        raise WeightsError(f"model '{spec}' ({model.folder}) does not load: {' '.join(str(e).split())[:300]}") from None
+        raise WeightsError(f"model '{model.spec}' ({model.folder}) does not load: "
+                           f"{' '.join(str(e).split())[:300]}") from None
     net.eval()
     return net.to(device) if device is not None else net

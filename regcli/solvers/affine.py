@@ -201,12 +201,24 @@ def _level_image(image: Image, level_mm: float, value_range: tuple[float, float]
     return Image(data[0], target, image.name, dict(image.meta))
 
 
-def effective_level(level_mm: float, fixed: Grid, moving: Grid) -> float:
-    """The voxel size (mm) a pyramid level really uses: ``level_mm``, but never finer than the largest
-    voxel size of either image. Thick slices (e.g. 3 mm) hold no detail finer than that along their
-    normal; a level finer than that mixes sharp in-plane detail with blurred through-plane detail, and
-    that mismatch biases the optimum (about 2 deg of tilt on a 3 mm-slice phantom at a 2 mm level)."""
-    return max(float(level_mm), max(fixed.spacing), max(moving.spacing))
+MIN_LEVEL_VOXELS = 5  # a pyramid level keeps at least this many voxels across the smaller field of view
+
+
+def effective_level(level_mm: float, fixed: Grid, moving: Grid, coarsest_mm: Optional[float] = None) -> float:
+    """The voxel size (mm) a pyramid level really uses.
+
+    ``level_mm``, but (1) when the coarsest level of the pyramid (``coarsest_mm``, default ``level_mm``) would
+    hold fewer than ``MIN_LEVEL_VOXELS`` voxels across the smallest field of view of either image, every level
+    shrinks by the same factor (an 8 mm level on an 18 mm prostate volume would hold 2 voxels and nothing to
+    align; the pyramid's ratios are kept so the finest level still resolves rotations); and (2) never finer
+    than the largest voxel size of either image. Thick slices (e.g. 3 mm) hold no detail finer than that
+    along their normal; a level finer than that mixes sharp in-plane detail with blurred through-plane
+    detail, and that mismatch biases the optimum (about 2 deg of tilt on a 3 mm-slice phantom at a 2 mm
+    level). (2) wins over (1)."""
+    fov = min(min(n * sp for n, sp in zip(g.size, g.spacing)) for g in (fixed, moving))
+    coarsest = max(float(level_mm), float(coarsest_mm or level_mm))
+    scale = min(1.0, fov / (MIN_LEVEL_VOXELS * coarsest))
+    return max(float(level_mm) * scale, max(fixed.spacing), max(moving.spacing))
 
 
 def _intensity_range(image: Image, level_mm: float, mask: Optional[Image], role: str) -> tuple[float, float]:
@@ -281,7 +293,8 @@ class _Runner:
         self.device = torch.device(device) if device is not None else fixed.data.device
         self.fixed_center = fixed.grid.center_world()
         self.moving_center = moving.grid.center_world()
-        spacings = sorted({effective_level(lv, fixed.grid, moving.grid) for lv in cfg.levels_mm})
+        coarsest = max(cfg.levels_mm)
+        spacings = sorted({effective_level(lv, fixed.grid, moving.grid, coarsest) for lv in cfg.levels_mm})
         # one intensity scaling per image, from the image smoothed to the finest level on its own
         # with_spacing grid (inside its mask when given): the same data give the same scaling, so
         # identical images stay identical (even for MSE), and voxel noise does not set the range
@@ -292,7 +305,7 @@ class _Runner:
         fm = {lv: _mask_level(fixed_mask, lv, f_levels[lv].grid, "fixed", self.device) for lv in spacings}
         mm = {lv: _mask_level(moving_mask, lv, m_levels[lv].grid, "moving", self.device) for lv in spacings}
         self.levels: list[_Level] = []  # one per entry of cfg.levels_mm (same order)
-        for lv in (effective_level(v, fixed.grid, moving.grid) for v in cfg.levels_mm):
+        for lv in (effective_level(v, fixed.grid, moving.grid, coarsest) for v in cfg.levels_mm):
             self.levels.append(_Level(
                 lv, f_levels[lv].data[None].to(self.device), m_levels[lv].data[None].to(self.device),
                 f_levels[lv].grid, m_levels[lv].grid, fm[lv], mm[lv],

@@ -43,7 +43,9 @@ class EmbeddingTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    iterations: int = Field(2000, ge=1)
+    iterations: int = Field(2000, ge=1, description="length of the learning-rate schedule (cosine decay)")
+    stop_after: Optional[int] = Field(None, ge=1, description="end after this many steps, the schedule still "
+                                      "spanning `iterations` (a run cut short on purpose, reproducibly)")
     batch_pairs: int = Field(2, ge=1, description="view pairs per step")
     crop: int = Field(48, ge=16, description="view size in voxels (cube)")
     max_shift_mm: float = Field(40.0, ge=0, description="largest distance between the two view centres")
@@ -202,7 +204,8 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations, eta_min=cfg.learning_rate * 0.05)
     history: list[dict] = []
     net.train()
-    for it in range(cfg.iterations):
+    steps = min(cfg.iterations, cfg.stop_after or cfg.iterations)
+    for it in range(steps):
         pairs = [make_view_pair(volumes[int(rng.integers(0, len(volumes)))], cfg, spacing, rng)
                  for _ in range(cfg.batch_pairs)]
         x = torch.stack([v.image for a, b, _ in pairs for v in (a, b)])  # (2B, 1, S, S, S)
@@ -228,7 +231,7 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
                "local": float(ll.detach()) / len(pairs), "lr": sched.get_last_lr()[0]}
         history.append(rec)
         if progress is not None:
-            progress(it + 1, cfg.iterations, rec)
+            progress(it + 1, steps, rec)
     net.eval()
     return TrainResult(net, history, time.perf_counter() - t0)
 

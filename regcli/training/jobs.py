@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -139,11 +140,11 @@ def _initial_weights(spec: str, net_cfg: EmbeddingConfig) -> dict:
     return net.state_dict()
 
 
-def write_model(net: EmbeddingNet, job: EmbeddingJob, summary: dict, folder: Path) -> Path:
+def write_model(net: EmbeddingNet, job: EmbeddingJob, summary: dict, folder: Path, version: str = "0") -> Path:
     """The trained network as a Hub-layout model folder, with a model card stating data and recipe."""
     from regcli.models.embedding import save_embedding_model
 
-    data = "\n".join(f"- `{src.glob}`" for src in job.data)
+    data = "\n".join(f"- `{os.path.normpath(src.glob)}`" for src in job.data)
     card = (f"# regcli anatomical embedding\n\nSelf-supervised (pixel-wise InfoNCE on augmented view pairs, "
             f"images only, no labels), trained with `regcli train embedding`.\n\n## Training data\n\n{data}\n\n"
             f"## Recipe\n\n```json\n{job.model_dump_json(indent=2)}\n```\n\n## Run\n\n"
@@ -152,4 +153,4 @@ def write_model(net: EmbeddingNet, job: EmbeddingJob, summary: dict, folder: Pat
             f"`regcli register --method samconvex` on images resampled to {job.net.spacing_mm} mm. Measure "
             f"registration quality with `regcli evaluate` before relying on it.\n")
     training = {"job": job.model_dump(mode="json"), "summary": summary}
-    return save_embedding_model(net, folder, card, training=training, overwrite=True)
+    return save_embedding_model(net, folder, card, training=training, version=version, overwrite=True)

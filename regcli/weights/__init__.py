@@ -73,7 +73,7 @@ def list_models() -> list[dict]:
             "name": name, "repo_id": ref.repo_id, "revision": ref.revision, "sha256": ref.sha256,
             "description": ref.description, "shipped": shipped is not None,
             "shipped_path": str(shipped) if shipped is not None else None,
-            "cached": _hub.is_cached(ref.repo_id, ref.revision),
+            "cached": ref.repo_id is not None and _hub.is_cached(ref.repo_id, ref.revision),
         })
     return out
 

@@ -38,15 +38,16 @@ class ModelRef:
 
     Attributes:
         name: the short name users type (``regcli weights info NAME``).
-        repo_id: Hub repository ``org/name``.
-        revision: a 40-hex commit (reproducible) or a tag/branch (not reproducible; discouraged).
+        repo_id: Hub repository ``org/name`` (None: shipped in ``weights/<name>/`` only, not on the Hub).
+        revision: a 40-hex commit (reproducible) or a tag/branch (not reproducible; discouraged); None when
+            the model is not published (yet): then only the shipped folder can serve the name.
         sha256: hex sha256 of ``model.safetensors`` at that revision; a mismatch is refused.
         description: one line for ``regcli weights list``.
     """
 
     name: str
-    repo_id: str
-    revision: str
+    repo_id: Optional[str]
+    revision: Optional[str]
     sha256: str
     description: str = ""
 
@@ -103,7 +104,9 @@ def load_registry(path: str | os.PathLike | None = None) -> dict[str, ModelRef]:
     """Read the registry of model names (``weights/registry.json`` by default).
 
     Format: ``{"models": {"NAME": {"repo_id": "org/name", "revision": "<40-hex commit>", "sha256": "<64-hex>",
-    "description": "..."}}}``. A missing file is an empty registry; a malformed one is a WeightsError.
+    "description": "..."}}}``. ``repo_id`` and ``revision`` may both be null for a model that is shipped in
+    ``weights/NAME/`` but not published on the Hub. A missing file is an empty registry; a malformed one is a
+    WeightsError.
     """
     path = Path(path) if path is not None else registry_path()
     if not path.exists():
@@ -122,15 +125,17 @@ def load_registry(path: str | os.PathLike | None = None) -> dict[str, ModelRef]:
             raise WeightsError(f"{where}: names may only hold letters, digits, '.', '_' and '-'")
         if not isinstance(entry, dict):
             raise WeightsError(f"{where}: must be an object with repo_id, revision and sha256")
-        missing = [k for k in ("repo_id", "revision", "sha256") if not entry.get(k)]
+        published = entry.get("repo_id") is not None or entry.get("revision") is not None
+        missing = [k for k in (("repo_id", "revision", "sha256") if published else ("sha256",)) if not entry.get(k)]
         if missing:
             raise WeightsError(f"{where}: missing {', '.join(missing)}")
-        if not _REPO_ID.match(str(entry["repo_id"])):
+        if published and not _REPO_ID.match(str(entry["repo_id"])):
             raise WeightsError(f"{where}: repo_id '{entry['repo_id']}' is not of the form org/name")
         sha = str(entry["sha256"]).lower()
         if not _SHA256.match(sha):
             raise WeightsError(f"{where}: sha256 must be 64 hex digits")
-        out[name] = ModelRef(name=name, repo_id=str(entry["repo_id"]), revision=str(entry["revision"]),
+        out[name] = ModelRef(name=name, repo_id=str(entry["repo_id"]) if published else None,
+                             revision=str(entry["revision"]) if published else None,
                              sha256=sha, description=str(entry.get("description", "")))
     return out
 
@@ -357,6 +362,9 @@ def resolve(spec: str, *, offline: Optional[bool] = None, force: bool = False,
         return ResolvedModel(spec=spec, folder=shipped, config=config, sha256=sha, source="shipped",
                              weights_file=shipped / WEIGHTS_FILE, repo_id=ref.repo_id, revision=ref.revision,
                              name=ref.name, checks=checks)
+    if ref.repo_id is None or ref.revision is None:
+        raise WeightsError(f"model '{spec}' is not published on the Hub and its shipped folder "
+                           f"'{weights_dir() / ref.name}' is missing: reinstall regcli from a full checkout")
     _warn_unpinned(spec, ref.revision)
     return _from_hub(spec, ref.repo_id, ref.revision, offline=offline, expected_sha256=ref.sha256,
                      expected_from=where, name=ref.name, force=force, progress=progress)
