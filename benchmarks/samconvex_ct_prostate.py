@@ -205,6 +205,8 @@ def main() -> None:
     ap.add_argument("--prostate-cases", default="0-9")
     ap.add_argument("--prostate-spacing", type=float, default=0.8,
                     help="working_spacing_mm for prostate (0: keep the variant's)")
+    ap.add_argument("--prostate-set", default="{}",
+                    help='JSON overrides for every variant on prostate, e.g. \'{"affine": {"metric": "mi"}}\' (MR-US)')
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -214,7 +216,11 @@ def main() -> None:
     out = {"args": vars(a), "datasets": {}}
     for ds in a.datasets.split(","):
         pairs, caption = {"ct": ct_pairs, "prostate": prostate_pairs}[ds](a)
-        extra = {"working_spacing_mm": a.prostate_spacing} if ds == "prostate" and a.prostate_spacing > 0 else {}
+        extra = {}
+        if ds == "prostate":
+            extra = json.loads(a.prostate_set)
+            if a.prostate_spacing > 0:
+                extra["working_spacing_mm"] = a.prostate_spacing
         rows = {}
         for name, over in variants.items():
             cfg = build_config(None, deep_merge(deep_merge(base, over), extra))

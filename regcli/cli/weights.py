@@ -104,8 +104,8 @@ def list_(json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOp
     for col in ("name", "repo", "revision", "shipped", "cached", "description"):
         t.add_column(col)
     for m in models:
-        t.add_row(esc(m["name"]), esc(m["repo_id"] or "(not on the Hub)"), (m["revision"] or "-")[:12], "yes" if m["shipped"] else "no",
-                  "yes" if m["cached"] else "no", esc(m["description"]))
+        t.add_row(esc(m["name"]), esc(m["repo_id"] or "(not on the Hub)"), (m["revision"] or "-")[:12],
+                  "yes" if m["shipped"] else "no", "yes" if m["cached"] else "no", esc(m["description"]))
     if not models:
         ui.info(f"No models in the registry '{registry_path()}'.")
     ui.result(data, t if models else None)

@@ -4,19 +4,23 @@ Li et al., "SAMConvex: Fast discrete optimization for CT registration using self
 embedding and correlation pyramid", MICCAI 2023, written for regcli's physical-space conventions. On the
 isotropic working grid that fixed and moving already share (the affine stage came first):
 
-1. The fixed image's features are computed once (:func:`features`: the network's global map, resampled onto
-   ``grid.subsampled(2)``, with either the network's local map or MIND-SSC as the fine half,
-   ``samconvex.local_features``).
-2. For each pyramid level ``f`` (``samconvex.levels``, factors of the working grid, coarse to fine) with
-   search half-width ``r``: the moving image is warped by the field composed so far and embedded; both
-   embeddings are brought to the level grid ``grid.subsampled(f)`` (every other voxel of a box-smoothed map
-   for ``f = 4``, the map itself for ``f = 2``, trilinear upsampling for ``f = 1``); the SSD cost volume of
-   the unit-length embeddings (``2 - 2 <a, b>``, i.e. the correlation) over the ``(2r+1)^3`` shifts is
-   solved with the coupled-convex scheme of the core engine; the level's field is composed with the field so
-   far: ``u(x) = u_l(x) + u_prev(x + u_l(x))``.
+1. The fixed image's features are computed once (:func:`features`) on the embedding grid
+   ``grid.subsampled(2)`` (4 mm on the default 2 mm working grid): the network's global map resampled there,
+   optionally reduced to its principal components (``samconvex.global_channels``), and a fine half
+   (``samconvex.local_features``: MIND-SSC by default, the network's local map as in the paper, or both).
+2. For each pyramid level ``f`` (``samconvex.levels``, factors of the working grid, coarse to fine; the
+   default 8, 4, 2 are the paper's 1/4, 1/2 and 1 of the embedding resolution: 16, 8 and 4 mm) with search
+   half-width ``r`` (2, 3, 3): the moving image is warped by the field composed so far and embedded; both
+   embeddings are brought to the level grid ``grid.subsampled(f)`` (box-smoothed and strided for ``f > 2``);
+   the SSD cost volume of the unit-length features (``2 - 2 <a, b>``, i.e. the correlation) over the
+   ``(2r+1)^3`` shifts is solved with the coupled-convex scheme of the core engine; the level's field is
+   composed with the field so far: ``u(x) = u_l(x) + u_prev(x + u_l(x))``. The paper embeds downsampled
+   images for its coarse levels; regcli pools the embedding of the working-grid image instead, because the
+   network was trained at one spacing.
 3. Instance optimisation in embedding space: the shared solver with the feature SSD between the fixed
-   embedding and the embedding of the *unwarped* moving image, sampled at ``x + u(x)``, on the embedding
-   grid, initialised with step 2 (Adam with a gradient floor, diffusion regulariser).
+   features and those of the *unwarped* moving image, sampled at ``x + u(x)``, on the embedding grid,
+   initialised with step 2 (Adam with a gradient floor, diffusion regulariser).
+4. ``samconvex.refine_iterations`` (10) Adam iterations of ConvexAdam's working-grid refinement (MIND-SSC).
 
 All fields are world LPS mm on the working grid when they leave a step.
 """
