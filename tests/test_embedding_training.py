@@ -70,3 +70,18 @@ def test_training_lowers_the_loss_and_improves_matching():
     assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5])
     after = match_accuracy(res.net, vol, cfg, pairs=3, tolerance_mm=4.5)
     assert after > before, (before, after)
+
+
+def test_stop_after_is_the_same_run_cut_short():
+    """``stop_after`` ends a run early on the full run's schedule: the steps it takes are bit-identical (loss and
+    learning rate) to the first steps of the uncut run, so a recipe stopped on purpose reproduces exactly."""
+    vol = _volume()
+    base = dict(iterations=8, batch_pairs=1, crop=16, points=32, max_shift_mm=8.0, hard_negatives=16,
+                exclude_mm=(8.0, 3.0), seed=4)
+    torch.manual_seed(0)
+    full = train_embedding([vol], EmbeddingTrainConfig(**base), net=EmbeddingNet(SMALL))
+    torch.manual_seed(0)
+    cut = train_embedding([vol], EmbeddingTrainConfig(**base, stop_after=3), net=EmbeddingNet(SMALL))
+    assert len(full.history) == 8 and len(cut.history) == 3
+    assert cut.history == full.history[:3]
+    assert cut.history[-1]["lr"] > full.history[-1]["lr"]  # still early on the 8-step cosine schedule

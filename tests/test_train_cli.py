@@ -54,6 +54,15 @@ def test_train_embedding_writes_a_loadable_checkpoint(tmp_path):
     assert torch.equal(loaded.state_dict()["global_head.weight"], net.state_dict()["global_head.weight"])
     assert "Training data" in (out / "model" / "README.md").read_text()
 
+    # --stop-after: the same job ended early (its schedule still spans the 4 iterations), recorded in job.json
+    cut = tmp_path / "cut"
+    res = CliRunner().invoke(app, ["train", "embedding", "--config", str(job), "-o", str(cut), "--json",
+                                   "--iterations", "4", "--stop-after", "2", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["iterations"] == 2
+    assert json.loads((cut / "history.json").read_text())["history"] == hist[:2]
+    assert json.loads((cut / "job.json").read_text())["train"]["stop_after"] == 2
+
 
 def test_job_errors_are_one_line(tmp_path):
     job = _setup(tmp_path)
