@@ -85,3 +85,19 @@ def test_stop_after_is_the_same_run_cut_short():
     assert len(full.history) == 8 and len(cut.history) == 3
     assert cut.history == full.history[:3]
     assert cut.history[-1]["lr"] > full.history[-1]["lr"]  # still early on the 8-step cosine schedule
+
+
+def test_volume_sampler_by_source_balances_sources():
+    """sampling "source": a source of one volume is drawn as often as a source of 20; "volume" keeps the
+    single rng.integers draw per pick of the first recipes (their runs stay reproducible)."""
+    from regcli.training.embedding import volume_sampler
+
+    groups = [0] * 20 + [1] * 2 + [2]
+    draw = volume_sampler(23, "source", groups, np.random.default_rng(0))
+    picks = np.array([draw() for _ in range(6000)])
+    per_source = np.bincount(np.asarray(groups)[picks], minlength=3) / len(picks)
+    assert np.allclose(per_source, 1 / 3, atol=0.03)
+    assert set(picks[np.asarray(groups)[picks] == 0]) == set(range(20))  # every volume of a source is used
+    old = volume_sampler(23, "volume", None, np.random.default_rng(5))
+    ref = np.random.default_rng(5)
+    assert [old() for _ in range(50)] == [int(ref.integers(0, 23)) for _ in range(50)]

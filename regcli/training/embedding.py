@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +60,9 @@ class EmbeddingTrainConfig(BaseModel):
     hard_negatives: int = Field(64, ge=1)
     exclude_mm: tuple[float, float] = Field((16.0, 4.0), description="no negatives closer than this (global, local)")
     learning_rate: float = Field(1e-3, gt=0)
+    sampling: Literal["volume", "source"] = Field(
+        "volume", description="how a view pair picks its volume: uniformly over volumes, or first a data source "
+        "(job glob) uniformly, then a volume in it (a source with one volume is seen as often as one with 20)")
     seed: int = 0
 
 
@@ -189,12 +192,33 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def volume_sampler(n_volumes: int, sampling: str, groups: Optional[Sequence[int]],
+                   rng: np.random.Generator) -> Callable[[], int]:
+    """A function that draws the index of a training volume: uniformly (``"volume"``: one ``rng.integers``
+    call per draw, the sequence of the first recipes), or a data source uniformly and then one of its volumes
+    (``"source"``; ``groups[i]`` is volume i's source, default: one source per volume)."""
+    if sampling == "volume":
+        return lambda: int(rng.integers(0, n_volumes))
+    src = list(groups) if groups is not None else list(range(n_volumes))
+    if len(src) != n_volumes:
+        raise ValueError(f"groups has {len(src)} entries for {n_volumes} volumes")
+    by_source = [[i for i, g in enumerate(src) if g == k] for k in sorted(set(src))]
+
+    def draw() -> int:
+        members = by_source[int(rng.integers(0, len(by_source)))]
+        return members[int(rng.integers(0, len(members)))]
+
+    return draw
+
+
 def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
                     net_cfg: Optional[EmbeddingConfig] = None, net: Optional[EmbeddingNet] = None,
-                    progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainResult:
+                    progress: Optional[Callable[[int, int, dict], None]] = None,
+                    groups: Optional[Sequence[int]] = None) -> TrainResult:
     """Train (or continue training) an embedding network on ``volumes`` (already prepared with
-    :func:`prepare_volume`, i.e. on isotropic grids of the network's spacing). Returns the net and the loss
-    history (per step: ``loss``, ``global``, ``local``)."""
+    :func:`prepare_volume`, i.e. on isotropic grids of the network's spacing). ``groups`` gives each volume's
+    data source, for ``cfg.sampling == "source"`` (default: one source per volume). Returns the net and the
+    loss history (per step: ``loss``, ``global``, ``local``)."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -205,9 +229,9 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
     history: list[dict] = []
     net.train()
     steps = min(cfg.iterations, cfg.stop_after or cfg.iterations)
+    pick = volume_sampler(len(volumes), cfg.sampling, groups, rng)
     for it in range(steps):
-        pairs = [make_view_pair(volumes[int(rng.integers(0, len(volumes)))], cfg, spacing, rng)
-                 for _ in range(cfg.batch_pairs)]
+        pairs = [make_view_pair(volumes[pick()], cfg, spacing, rng) for _ in range(cfg.batch_pairs)]
         x = torch.stack([v.image for a, b, _ in pairs for v in (a, b)])  # (2B, 1, S, S, S)
         out = net(x)
         lg = ll = x.new_zeros(())

@@ -68,12 +68,13 @@ def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob
         raise ConfigError(f"invalid training job '{path}': {validation_details(e)}") from None
 
 
-def load_volumes(job: EmbeddingJob, log: Callable[[str], None] = lambda s: None):
-    """Read and prepare every image the job's globs match (sorted, deterministic order)."""
+def load_volumes(job: EmbeddingJob, log: Callable[[str], None] = lambda s: None, groups: Optional[list] = None):
+    """Read and prepare every image the job's globs match (sorted, deterministic order). ``groups``, when
+    given, receives the index of the data source (glob) of every returned volume."""
     from regcli.io.images import read_image
 
     vols = []
-    for src in job.data:
+    for k, src in enumerate(job.data):
         files = sorted(glob.glob(src.glob))
         if not files:
             raise InputError(f"training data glob '{src.glob}' matches no file")
@@ -84,6 +85,8 @@ def load_volumes(job: EmbeddingJob, log: Callable[[str], None] = lambda s: None)
                 log(f"skipping '{f}': {vol.grid.size} voxels at {job.net.spacing_mm} mm is too small")
                 continue
             vols.append(vol)
+            if groups is not None:
+                groups.append(k)
     if not vols:
         raise InputError("no training volume is large enough for the network's spacing")
     return vols
@@ -96,7 +99,8 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.json").write_text(job.model_dump_json(indent=2))
     t0 = time.perf_counter()
-    vols = load_volumes(job, log)
+    groups: list[int] = []
+    vols = load_volumes(job, log, groups)
     log(f"{len(vols)} training volumes at {job.net.spacing_mm} mm")
     torch.manual_seed(job.train.seed)
     net = EmbeddingNet(job.net)
@@ -116,7 +120,7 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
         if i % job.checkpoint_every == 0 or i == n:
             save()
 
-    res = train_embedding(vols, job.train, net=net, progress=step)
+    res = train_embedding(vols, job.train, net=net, progress=step, groups=groups)
     save()
     last = history[-min(len(history), 50):]
     summary = {"volumes": len(vols), "iterations": len(history), "seconds": round(res.seconds, 1),
