@@ -604,3 +604,41 @@ def test_weights_help_lists_subcommands():
     assert res.exit_code == 0
     for sub in ("list", "info", "pull", "push"):
         assert sub in res.stdout
+
+
+def test_wheel_carries_the_shipped_models(tmp_path):
+    """A non-editable install has no checkout around it: the wheel must carry weights/ (as regcli/_weights),
+    and the installed package must find its shipped models there."""
+    import shutil
+
+    pytest.importorskip("setuptools")  # the build backend, used without isolation (no download)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "regcli", src / "regcli", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "weights", src / "weights")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "dist")], cwd=src, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "No module named pip" in r.stderr:
+        pytest.skip("pip is not available in this interpreter")
+    assert r.returncode == 0, r.stderr
+    import zipfile
+
+    (wheel,) = (tmp_path / "dist").glob("regcli-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    shipped = sorted(p.name for p in (ROOT / "weights").iterdir() if (p / "model.safetensors").is_file())
+    for name in shipped:
+        assert (site / "regcli" / "_weights" / name / "model.safetensors").read_bytes() == \
+            (ROOT / "weights" / name / "model.safetensors").read_bytes()
+    env = {k: v for k, v in os.environ.items() if k != "REGCLI_WEIGHTS_DIR"}
+    env["PYTHONPATH"] = str(site)
+    code = ("import json, regcli.weights as w; print(json.dumps([str(w.weights_dir())] + "
+            "[w.resolve(n).source for n in sorted(w.load_registry())]))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    where, *sources = json.loads(r.stdout)
+    assert where == str(site / "regcli" / "_weights") and all(s == "shipped" for s in sources)

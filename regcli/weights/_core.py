@@ -89,11 +89,17 @@ class ResolvedModel:
 
 # --------------------------------------------------------------------------------------------- registry
 def weights_dir() -> Path:
-    """The folder of shipped models and ``registry.json``: ``$REGCLI_WEIGHTS_DIR`` or ``<repo>/weights``."""
+    """The folder of shipped models and ``registry.json``: ``$REGCLI_WEIGHTS_DIR``, else ``regcli/_weights``
+    (in a source checkout a link to the top-level ``weights/``; in an installed wheel, the copy that packaging
+    made of it), else ``<checkout>/weights``."""
     env = os.environ.get("REGCLI_WEIGHTS_DIR", "").strip()
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2] / "weights"
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "_weights", package.parent / "weights"):
+        if candidate.is_dir():
+            return candidate
+    return package.parent / "weights"
 
 
 def registry_path() -> Path:
