@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from regcli.errors import ConfigError
+from regcli.errors import ConfigError, folded
 
 
 class _Frozen(BaseModel):
@@ -169,7 +169,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"config file '{path}' is not valid YAML: {folded(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of options, got {type(data).__name__}")
     return data

@@ -22,6 +22,15 @@ code   class                  meaning
 
 from __future__ import annotations
 
+from typing import Optional
+
+
+def folded(text: object, limit: Optional[int] = None) -> str:
+    """``text`` (anything, e.g. a third-party exception) as one line: whitespace runs, newlines included,
+    become single spaces; cut to ``limit`` characters when given."""
+    line = " ".join(str(text).split())
+    return line if limit is None else line[:limit]
+
 
 class RegcliError(Exception):
     """Base class of all errors regcli reports to users."""
@@ -31,8 +40,7 @@ class RegcliError(Exception):
 
     def one_line(self) -> str:
         """The error as a single line ``Kind: message`` (newlines folded)."""
-        msg = " ".join(str(self).split())
-        return f"{self.kind}: {msg}"
+        return f"{self.kind}: {folded(self)}"
 
 
 class InputError(RegcliError):

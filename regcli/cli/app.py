@@ -26,7 +26,7 @@ from regcli.cli import register as register_cmd
 from regcli.cli import train as train_cmd
 from regcli.cli import weights as weights_cmd
 from regcli.cli.common import examples
-from regcli.errors import EXIT_INTERRUPTED, RegcliError
+from regcli.errors import EXIT_INTERRUPTED, RegcliError, folded
 
 
 def _exception_types() -> tuple[tuple, tuple]:
@@ -97,7 +97,7 @@ class RegcliGroup(TyperGroup):
                 traceback.print_exc(file=sys.stderr)
             if not standalone_mode:
                 raise
-            msg = " ".join(str(e).split())[:300]
+            msg = folded(e, 300)
             _say(f"Error: unexpected {type(e).__name__}: {msg} (this is a bug in regcli; rerun with "
                  "REGCLI_DEBUG=1 for the traceback and please report it)")
             sys.exit(1)

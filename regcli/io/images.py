@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from regcli.errors import GeometryError, InputError
+from regcli.errors import GeometryError, InputError, folded
 from regcli.spaces import Grid, Image
 
 IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".img", ".img.gz")
@@ -26,7 +26,7 @@ def _diagnose_unreadable(path: Path, err: Exception) -> str:
         return "file is empty"
     first = str(err).strip().splitlines()
     detail = next((ln for ln in first if "ERROR" in ln or "rror" in ln), first[-1] if first else "")
-    detail = " ".join(detail.split())[:200]
+    detail = folded(detail, 200)
     return f"not a readable image ({detail})" if detail else "not a readable image"
 
 

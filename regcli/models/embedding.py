@@ -205,7 +205,7 @@ def embedding_from(model, device=None) -> EmbeddingNet:
     """Build the network (eval mode) from an already resolved and verified
     :class:`regcli.weights.ResolvedModel`; a model of another architecture, or whose tensors do not fit its
     configuration, is a one-line WeightsError."""
-    from regcli.errors import WeightsError
+    from regcli.errors import WeightsError, folded
     from regcli.weights import load_state_dict
 
     if model.config.get("architecture") != ARCHITECTURE:
@@ -217,6 +217,6 @@ def embedding_from(model, device=None) -> EmbeddingNet:
         net.load_state_dict(load_state_dict(model))
     except Exception as e:  # noqa: BLE001 - any mismatch between config and tensors is a weights problem
         raise WeightsError(f"model '{model.spec}' ({model.folder}) does not load: "
-                           f"{' '.join(str(e).split())[:300]}") from None
+                           f"{folded(e, 300)}") from None
     net.eval()
     return net.to(device) if device is not None else net

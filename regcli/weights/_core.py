@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from regcli.errors import OutputError, WeightsError
+from regcli.errors import OutputError, WeightsError, folded
 
 log = logging.getLogger("regcli.weights")
 
@@ -201,7 +201,7 @@ def safetensors_summary(path: Path) -> dict:
                 numel += n
             meta = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError and OSError
-        msg = " ".join(str(e).split())[:200]
+        msg = folded(e, 200)
         raise WeightsError(f"weights file '{path}' is not a valid safetensors file: {msg}") from e
     return {"tensors": len(names), "parameters": numel, "names": names, "metadata": meta}
 
@@ -388,7 +388,7 @@ def load_state_dict(resolved: ResolvedModel, device: str = "cpu") -> dict[str, A
     try:
         return load_file(str(resolved.weights_file), device=device)
     except Exception as e:  # noqa: BLE001
-        msg = " ".join(str(e).split())[:200]
+        msg = folded(e, 200)
         raise WeightsError(f"cannot load weights file '{resolved.weights_file}': {msg}") from e
 
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from regcli.errors import WeightsError
+from regcli.errors import WeightsError, folded
 from regcli.weights._core import MODEL_FILES, WEIGHTS_FILE, is_commit
 
 
@@ -105,12 +105,12 @@ def snapshot(repo_id: str, revision: str, *, spec: str, offline: bool, force: bo
         raise WeightsError(f"cannot download '{spec}' from {url}: HTTP {status}; check HF_ENDPOINT and your "
                            f"network") from e
     except (OSError, ValueError) as e:
-        msg = " ".join(str(e).split())[:200]
+        msg = folded(e, 200)
         raise WeightsError(f"cannot download '{spec}' from {url}: {type(e).__name__}: {msg}") from e
     except Exception as e:  # noqa: BLE001 - httpx errors and the like: still one line
         if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "huggingface_hub", "httpcore"):
             raise
-        msg = " ".join(str(e).split())[:200]
+        msg = folded(e, 200)
         raise WeightsError(f"cannot download '{spec}' from {url}: {type(e).__name__}: {msg}") from e
     return Path(folder), "hub"
 
@@ -149,7 +149,7 @@ def push(folder: Path, repo_id: str, *, revision: Optional[str] = None, private:
                                  revision=revision or None, allow_patterns=list(MODEL_FILES),
                                  commit_message=commit_message or f"Upload regcli model from {folder.name}")
     except Exception as e:  # noqa: BLE001 - every Hub failure becomes one WeightsError line
-        msg = " ".join(str(e).split())[:240]
+        msg = folded(e, 240)
         raise WeightsError(f"cannot push '{folder}' to {repo_id} on {url}: {type(e).__name__}: {msg}") from e
     oid = getattr(info, "oid", None)
     if not oid:
