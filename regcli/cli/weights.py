@@ -44,21 +44,12 @@ PUSH_EXAMPLES = examples(
 def _summary(resolved, with_readme: int = 0) -> dict:
     from regcli.weights import safetensors_summary
 
-    cfg = resolved.config
     st = safetensors_summary(resolved.weights_file)
     out = {
-        "spec": resolved.spec,
-        "name": resolved.name,
-        "source": resolved.source,
-        "folder": str(resolved.folder),
+        **resolved.provenance(),
         "weights_file": str(resolved.weights_file),
-        "sha256": resolved.sha256,
         "size_bytes": resolved.weights_file.stat().st_size,
-        "repo_id": resolved.repo_id,
-        "revision": resolved.revision,
         "checks": list(resolved.checks),
-        "architecture": cfg.get("architecture"),
-        "version": cfg.get("version"),
         "tensors": st["tensors"],
         "parameters": st["parameters"],
     }
@@ -71,7 +62,7 @@ def _summary(resolved, with_readme: int = 0) -> dict:
                 text = ""
             lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()][:with_readme]
         out["readme"] = lines
-        out["config"] = cfg
+        out["config"] = resolved.config
     return out
 
 

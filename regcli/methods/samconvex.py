@@ -63,10 +63,7 @@ def _load(spec: str) -> tuple[EmbeddingNet, dict]:
         _NET_CACHE.clear()
         model = resolve(spec)
         net = embedding_from(model)
-        info = {"role": "anatomical embedding", "spec": spec, "source": model.source, "folder": str(model.folder),
-                "sha256": model.sha256, "repo_id": model.repo_id, "revision": model.revision,
-                "architecture": model.config.get("architecture"), "version": model.config.get("version")}
-        _NET_CACHE[spec] = (net, info)
+        _NET_CACHE[spec] = (net, {"role": "anatomical embedding", **model.provenance()})
     return _NET_CACHE[spec]
 
 
@@ -76,7 +73,7 @@ def _net(spec: str) -> EmbeddingNet:
 
 def preflight(cfg: RegisterConfig) -> list[dict]:
     """Resolve, verify and load the embedding model before the registration starts (one-line WeightsError);
-    returns its provenance for the report (spec, source, folder, sha256, repo_id, revision, version)."""
+    returns its provenance for the report (:meth:`regcli.weights.ResolvedModel.provenance`)."""
     return [_load(cfg.samconvex.weights)[1]]
 
 

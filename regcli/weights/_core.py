@@ -86,6 +86,13 @@ class ResolvedModel:
         p = self.folder / CARD_FILE
         return p if p.is_file() else None
 
+    def provenance(self) -> dict[str, Any]:
+        """Which model this is and where it came from, JSON-safe: ``spec``, ``name``, ``source``, ``folder``,
+        ``sha256``, ``repo_id``, ``revision``, ``architecture``, ``version`` (for reports and ``weights info``)."""
+        return {"spec": self.spec, "name": self.name, "source": self.source, "folder": str(self.folder),
+                "sha256": self.sha256, "repo_id": self.repo_id, "revision": self.revision,
+                "architecture": self.config.get("architecture"), "version": self.config.get("version")}
+
 
 # --------------------------------------------------------------------------------------------- registry
 def weights_dir() -> Path:
