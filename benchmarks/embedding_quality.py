@@ -32,9 +32,9 @@ if spec == "random":
     torch.manual_seed(0)
     net = EmbeddingNet(EmbeddingConfig())
 else:
-    ck = torch.load(spec, weights_only=True)
-    net = EmbeddingNet(EmbeddingConfig.model_validate(ck["config"]))
-    net.load_state_dict(ck["state_dict"])
+    from regcli.training.jobs import load_checkpoint
+
+    net = load_checkpoint(spec)
 cfg = EmbeddingTrainConfig(crop=48, points=256, remap_prob=0.0)
 print(f"| volume | local ≤ 6 mm | global ≤ 16 mm |  ({spec})")
 print("|---|---|---|")

@@ -129,13 +129,22 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     return summary
 
 
+def load_checkpoint(path: str | Path) -> EmbeddingNet:
+    """The network stored in a run's ``checkpoint.pt`` (``{"config", "state_dict"}``, see
+    :func:`run_embedding_job`), in eval mode."""
+    ck = torch.load(path, weights_only=True)
+    net = EmbeddingNet(EmbeddingConfig.model_validate(ck["config"]))
+    net.load_state_dict(ck["state_dict"])
+    return net.eval()
+
+
 def _initial_weights(spec: str, net_cfg: EmbeddingConfig) -> dict:
     """State dict from a ``checkpoint.pt`` of an earlier run, or from any weights spec (model folder, hub:...)."""
     if spec.endswith(".pt") and Path(spec).is_file():
-        ck = torch.load(spec, weights_only=True)
-        if EmbeddingConfig.model_validate(ck["config"]) != net_cfg:
+        net = load_checkpoint(spec)
+        if net.cfg != net_cfg:
             raise ConfigError(f"checkpoint '{spec}' was trained with another network configuration than the job's")
-        return ck["state_dict"]
+        return net.state_dict()
     from regcli.models.embedding import load_embedding
 
     net = load_embedding(spec)
