@@ -67,10 +67,6 @@ def _load(spec: str) -> tuple[EmbeddingNet, dict]:
     return _NET_CACHE[spec]
 
 
-def _net(spec: str) -> EmbeddingNet:
-    return _load(spec)[0]
-
-
 def preflight(cfg: RegisterConfig) -> list[dict]:
     """Resolve, verify and load the embedding model before the registration starts (one-line WeightsError);
     returns its provenance for the report (:meth:`regcli.weights.ResolvedModel.provenance`)."""
@@ -170,7 +166,7 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
             progress(stage, i, n)
 
     t = time.perf_counter()
-    net = _net(scfg.weights).to(dev)
+    net = _load(scfg.weights)[0].to(dev)
     if abs(net.cfg.spacing_mm - min(grid.spacing)) > 0.25 * net.cfg.spacing_mm:
         import logging
 

@@ -68,12 +68,12 @@ def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob
         raise ConfigError(f"invalid training job '{path}': {validation_details(e)}") from None
 
 
-def load_volumes(job: EmbeddingJob, log: Callable[[str], None] = lambda s: None, groups: Optional[list] = None):
-    """Read and prepare every image the job's globs match (sorted, deterministic order). ``groups``, when
-    given, receives the index of the data source (glob) of every returned volume."""
+def load_volumes(job: EmbeddingJob, log: Callable[[str], None] = lambda s: None) -> tuple[list, list[int]]:
+    """Read and prepare every image the job's globs match (sorted, deterministic order). Returns the volumes
+    and, for each, the index of its data source (glob) in the job."""
     from regcli.io.images import read_image
 
-    vols = []
+    vols, groups = [], []
     for k, src in enumerate(job.data):
         files = sorted(glob.glob(src.glob))
         if not files:
@@ -85,11 +85,10 @@ def load_volumes(job: EmbeddingJob, log: Callable[[str], None] = lambda s: None,
                 log(f"skipping '{f}': {vol.grid.size} voxels at {job.net.spacing_mm} mm is too small")
                 continue
             vols.append(vol)
-            if groups is not None:
-                groups.append(k)
+            groups.append(k)
     if not vols:
         raise InputError("no training volume is large enough for the network's spacing")
-    return vols
+    return vols, groups
 
 
 def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
@@ -99,8 +98,7 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.json").write_text(job.model_dump_json(indent=2))
     t0 = time.perf_counter()
-    groups: list[int] = []
-    vols = load_volumes(job, log, groups)
+    vols, groups = load_volumes(job, log)
     log(f"{len(vols)} training volumes at {job.net.spacing_mm} mm")
     torch.manual_seed(job.train.seed)
     net = EmbeddingNet(job.net)
