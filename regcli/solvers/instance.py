@@ -44,6 +44,9 @@ class Problem:
             gradient for the displacements the solve can reach (e.g. flat background in both images). Such
             similarities (``pointwise`` ones) are then evaluated on the support only and scaled to the
             value on the whole grid; others ignore it.
+        prompts: extra objective terms (:mod:`regcli.solvers.prompts`): objects with ``name``, ``weight`` and
+            ``loss(disp, grid) -> scalar tensor`` for the displacement (1, 3, Z, Y, X) mm on ``grid``; the
+            solver adds ``weight * loss`` (label maps, landmarks given at test time).
     """
 
     fixed: torch.Tensor
@@ -53,6 +56,7 @@ class Problem:
     fixed_mask: Optional[torch.Tensor] = None
     moving_mask: Optional[torch.Tensor] = None
     support: Optional[torch.Tensor] = None
+    prompts: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.moving_grid is None:
@@ -112,14 +116,16 @@ class InstanceOptimization:
                 and bool(problem.support.any())):
             index, scale, fixed, fmask = _restrict(problem.support, fixed, fmask)
         spacing = problem.grid.spacing
+        grid_sample = _grid_sample()
         history: list[dict] = []
         converged = True
-        for it in range(self.iterations):
+        last: dict = {}
+
+        def closure() -> torch.Tensor:
+            """Loss at the current parameters, with its gradient accumulated (optimizers may call it again)."""
             opt.zero_grad(set_to_none=True)
             disp = model()
             coords = warper.coords(disp) if index is None else warper.coords_at(disp, index)
-            from regcli.resample import grid_sample  # local: keeps the import graph flat
-
             warped = grid_sample(moving, coords, "bilinear", "border")
             mask = fmask
             if mmask is not None:
@@ -128,13 +134,31 @@ class InstanceOptimization:
             s = sim(fixed, warped, mask) * scale
             r = reg(disp, spacing) if self.reg_weight > 0 else disp.sum() * 0.0
             loss = s + self.reg_weight * r
+            terms = {}
+            for prompt in problem.prompts:
+                value = prompt.loss(disp, problem.grid)
+                terms[prompt.name] = value
+                loss = loss + prompt.weight * value
             lv = float(loss.detach())
             if not math.isfinite(lv):
-                raise ConvergenceError(f"{self.stage} diverged at iteration {it + 1}: loss is {lv}")
-            history.append({"iteration": it + 1, "loss": lv, "similarity": float(s.detach()),
-                            "regularizer": float(r.detach())})
+                raise ConvergenceError(f"{self.stage} diverged at iteration {len(history) + 1}: loss is {lv}")
+            last.clear()
+            last.update({"loss": lv, "similarity": float(s.detach()), "regularizer": float(r.detach()),
+                         **{k: float(v.detach()) for k, v in terms.items()}})
             loss.backward()
-            opt.step()
+            return loss
+
+        for it in range(self.iterations):
+            if getattr(opt, "needs_closure", False):
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+            after = getattr(model, "after_step", None)
+            if after is not None:
+                after()
+            lv = last["loss"]
+            history.append({"iteration": it + 1, **last})
             if self.progress is not None:
                 self.progress(it + 1, self.iterations, lv)
             if self.rel_tol > 0 and it >= 20:
@@ -146,6 +170,12 @@ class InstanceOptimization:
         if not torch.isfinite(final).all():
             raise ConvergenceError(f"{self.stage} produced a non-finite transform")
         return Result(model, final, history, converged, time.perf_counter() - t0)
+
+
+def _grid_sample():
+    from regcli.resample import grid_sample  # local: keeps the import graph flat
+
+    return grid_sample
 
 
 def _restrict(support: torch.Tensor, fixed: torch.Tensor, fmask: Optional[torch.Tensor]):
