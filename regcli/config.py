@@ -58,17 +58,33 @@ class ConvexConfig(_Frozen):
     inverse_consistency: bool = Field(True, description="symmetrise forward/backward coarse fields")
 
 
+TRANSFORMS = ("freeform", "svf", "greedy", "bspline", "affine", "rigid")
+OPTIMIZERS = ("adam", "sgd", "lbfgs")
+
+
 class InstanceConfig(_Frozen):
-    """Instance optimisation (IO): one shared solver, everything chosen by name."""
+    """Instance optimisation (IO): one shared solver, everything chosen by name.
+
+    ``transform`` and ``optimizer`` apply to the IO stage of every method (convexadam, samconvex, dio): the
+    test-time swap. The transform options below are read by the model that uses them only.
+    """
 
     enabled: bool = True
-    model: str = Field("displacement", description="transform model (registry name)")
+    transform: Literal[TRANSFORMS] = Field(  # type: ignore[valid-type]
+        "freeform", description="transform model of the IO stage: freeform (a displacement per voxel), svf "
+        "(stationary velocity field, diffeomorphic), greedy (compositive diffeomorphic updates, SyN-style), "
+        "bspline (cubic B-spline control points), affine, rigid")
     similarity: str = Field("feature_ssd", description="similarity (registry name)")
-    optimizer: str = Field("adam", description="optimizer (registry name)")
+    optimizer: Literal[OPTIMIZERS] = Field("adam", description="adam, sgd (Nesterov), or lbfgs (strong-Wolfe "  # type: ignore[valid-type]
+                                           "line search; the learning rate sets only its first trial step)")
     regularizer: str = Field("diffusion", description="regulariser (registry name)")
     reg_weight: float = Field(1.25, ge=0, description="regulariser weight (ConvexAdam's lambda)")
     iterations: int = Field(80, ge=0, description="Adam iterations on the IO grid")
     learning_rate: float = Field(1.0, gt=0)
+    svf_steps: int = Field(7, ge=0, le=16, description="svf: scaling-and-squaring steps")
+    greedy_update_sigma_mm: float = Field(2.0, ge=0, description="greedy: Gaussian sigma of each update (mm)")
+    greedy_total_sigma_mm: float = Field(1.0, ge=0, description="greedy: Gaussian sigma of the total field (mm)")
+    bspline_spacing_mm: float = Field(8.0, gt=0, description="bspline: control-point spacing (mm)")
     grid_sp_adam: int = Field(2, ge=1, description="IO grid spacing (working-grid voxels)")
     gradient_floor: float = Field(0.0, ge=0, description="Adam eps per voxel on the IO grid (0: Adam's own "
                                   "1e-8, as published); see refine_gradient_floor")
@@ -119,15 +135,56 @@ class SamConvexConfig(_Frozen):
         return self
 
 
+class PromptConfig(_Frozen):
+    """Test-time prompts: label maps and landmarks given with the images become terms of the IO objective."""
+
+    labels: Optional[tuple[int, ...] | Literal["all"]] = Field(
+        None, description="label ids of --fixed-labels/--moving-labels whose soft Dice joins the IO objective "
+        "('all': every label in both maps; None: labels are only scored)")
+    label_weight: float = Field(1.0, ge=0, description="weight of (1 - mean soft Dice)")
+    landmarks: bool = Field(False, description="add the mean squared distance (mm^2) between the mapped fixed "
+                            "landmarks and the moving landmarks to the IO objective")
+    landmark_weight: float = Field(0.01, ge=0, description="weight of the landmark term, per mm^2")
+
+
+class DioConfig(_Frozen):
+    """DIO (Jena et al.): learned feature images registered by the shared IO solver, coarse to fine.
+
+    The transform model and optimizer are ``instance.transform`` / ``instance.optimizer`` (swappable at test time).
+    """
+
+    weights: str = Field("dio-features", description="feature network: a folder, hub:org/name@commit, or a "
+                         "registry name (regcli weights list)")
+    features: Literal["network", "intensity"] = Field(
+        "network", description="network: the learned features; intensity: the normalised image itself (the "
+        "baseline with the same solver)")
+    levels: tuple[int, ...] = Field((4, 2, 1), description="solver levels, factors of the working grid, coarse "
+                                    "to fine (each uses the network's features of that level)")
+    iterations: tuple[int, ...] = Field((80, 40, 20), description="solver iterations per level")
+    learning_rates: tuple[float, ...] = Field((1.0, 1.0, 0.5), description="Adam/SGD step per level, mm")
+    reg_weight: float = Field(1.0, ge=0, description="diffusion regulariser weight")
+    smoothing_passes: int = Field(1, ge=0, description="freeform/svf: 3x3x3 box passes on the parameters")
+
+    @model_validator(mode="after")
+    def _levels(self) -> "DioConfig":
+        if not (len(self.levels) == len(self.iterations) == len(self.learning_rates)):
+            raise ValueError("dio.levels, dio.iterations and dio.learning_rates must have the same length")
+        if any(f < 1 for f in self.levels) or list(self.levels) != sorted(self.levels, reverse=True):
+            raise ValueError("dio.levels must be >= 1 and go coarse to fine (decreasing)")
+        return self
+
+
 class RegisterConfig(_Frozen):
     """Everything ``regcli register`` needs besides the file names."""
 
-    method: Literal["convexadam", "samconvex", "affine", "rigid"] = "convexadam"
+    method: Literal["convexadam", "samconvex", "dio", "affine", "rigid"] = "convexadam"
     working_spacing_mm: float = Field(2.0, gt=0, description="isotropic spacing of the deformable working grid")
     affine: AffineConfig = AffineConfig()
     convex: ConvexConfig = ConvexConfig()
     instance: InstanceConfig = InstanceConfig()
     samconvex: SamConvexConfig = SamConvexConfig()
+    dio: DioConfig = DioConfig()
+    prompts: PromptConfig = PromptConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
     seed: int = 0
@@ -139,12 +196,13 @@ class RegisterConfig(_Frozen):
 
     @property
     def deformable(self) -> bool:
-        return self.method in ("convexadam", "samconvex")
+        return self.method in ("convexadam", "samconvex", "dio")
 
 
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "convexadam": {},
     "samconvex": {},
+    "dio": {},
     "affine": {"affine": {"stages": ("rigid", "affine")}},
     "rigid": {"affine": {"stages": ("rigid",)}},
 }

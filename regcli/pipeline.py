@@ -138,14 +138,18 @@ def _stage_progress(progress: Optional[Progress]):
 
 def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_mask: Optional[Image] = None,
                     moving_mask: Optional[Image] = None, progress: Optional[Progress] = None,
-                    runtime: Optional[Runtime] = None) -> Registration:
+                    runtime: Optional[Runtime] = None, fixed_labels: Optional[Image] = None,
+                    moving_labels: Optional[Image] = None, landmarks=None) -> Registration:
     """Register ``moving`` to ``fixed`` (in memory). Results live on the fixed grid.
 
     Args:
         fixed, moving: scalar float32 images on any grids (size, spacing, origin, direction may differ).
         config: validated configuration (method preset and stage parameters).
         fixed_mask, moving_mask: optional {0, 1} masks on the fixed/moving grids.
+        fixed_labels, moving_labels, landmarks: label maps (on their images' grids) and ``(fixed, moving)``
+            landmark point sets (LPS mm); used by the deformable stage only where ``config.prompts`` asks for them.
     """
+    check_prompts(config, fixed_labels, moving_labels, landmarks)
     runtime = runtime or setup_runtime(config.device, config.threads, config.seed, config.deterministic)
     dev = runtime.device
     timings: dict[str, float] = {}
@@ -189,8 +193,19 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     from regcli.methods import get_method
 
     t0 = time.perf_counter()
+    kwargs = {}
+    if config.prompts.labels is not None or config.prompts.landmarks:
+        from regcli.solvers.prompts import stage_prompts
+
+        pc = config.prompts
+        kwargs["prompts"] = stage_prompts(
+            fixed_labels if pc.labels is not None else None, moving_labels if pc.labels is not None else None,
+            None if pc.labels in (None, "all") else list(pc.labels),
+            landmarks[0].points if pc.landmarks else None, landmarks[1].points if pc.landmarks else None,
+            affine, pc.label_weight, pc.landmark_weight, grid=work)
     method = get_method(config.method)
-    dres = method(fixed_w, moving_w, config, fixed_mask=fmask_w, moving_mask=mmask_w, progress=cb, device=dev)
+    dres = method(fixed_w, moving_w, config, fixed_mask=fmask_w, moving_mask=mmask_w, progress=cb, device=dev,
+                  **kwargs)
     timings["deformable"] = time.perf_counter() - t0
     for k, v in dres.timings.items():
         timings[f"deformable/{k}"] = v
@@ -244,7 +259,8 @@ def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool
     landmarks = _read_landmarks(inputs)
     t_read = time.perf_counter() - t0
 
-    reg = register_images(fixed, moving, config, fixed_mask, moving_mask, progress, runtime)
+    reg = register_images(fixed, moving, config, fixed_mask, moving_mask, progress, runtime, fixed_labels,
+                          moving_labels, landmarks)
     reg.timings = {"read": t_read, **reg.timings}
     transform = reg.transform
 
@@ -261,6 +277,10 @@ def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool
 
     t0 = time.perf_counter()
     metrics, detj = _metrics(fixed, reg, fixed_labels, moving_labels, warped_labels, landmarks, transform)
+    if config.prompts.labels is not None and "dice_per_label" in metrics:
+        metrics.update(prompted_dice(metrics["dice_per_label"], config.prompts.labels))
+    if config.prompts.landmarks and "tre" in metrics:
+        metrics["tre"]["landmarks_were_prompts"] = True  # not an independent check then
     reg.timings["metrics"] = time.perf_counter() - t0
 
     try:
@@ -300,6 +320,21 @@ def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool
         outs.abort()
         raise
     return report
+
+
+def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks) -> None:
+    """Refuse prompts that lack their inputs, or that a linear method cannot use (one-line errors)."""
+    from regcli.errors import ConfigError, InputError
+
+    pc = config.prompts
+    if pc.labels is None and not pc.landmarks:
+        return
+    if not config.deformable:
+        raise ConfigError(f"prompts (--prompt-labels/--prompt-landmarks) need a deformable method, not '{config.method}'")
+    if pc.labels is not None and (fixed_labels is None or moving_labels is None):
+        raise InputError("--prompt-labels needs both --fixed-labels and --moving-labels")
+    if pc.landmarks and landmarks is None:
+        raise InputError("--prompt-landmarks needs both --fixed-landmarks and --moving-landmarks")
 
 
 def _mask_on(mask: Image, grid: Grid, role: str) -> Image:
@@ -365,6 +400,15 @@ def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, warped_label
         fx, mv = landmarks
         out["tre"] = tre(fx, mv, transform)
     return out, detj
+
+
+def prompted_dice(dice_per_label: dict, prompted) -> dict:
+    """Dice of the prompted labels and of the others, apart: a prompt's gain must not cost the rest."""
+    ids = set(int(k) for k in dice_per_label) if prompted == "all" else set(int(k) for k in prompted)
+    on = [v for k, v in dice_per_label.items() if int(k) in ids]
+    off = [v for k, v in dice_per_label.items() if int(k) not in ids]
+    return {"prompted_labels": sorted(ids & set(int(k) for k in dice_per_label)),
+            "dice_prompted_mean": _nanmean(on), "dice_unprompted_mean": _nanmean(off)}
 
 
 def _nanmean(values) -> float:

@@ -321,8 +321,13 @@ _CFG = "Configuration (flags override --config)"
 class Method(str, Enum):
     convexadam = "convexadam"
     samconvex = "samconvex"
+    dio = "dio"
     affine = "affine"
     rigid = "rigid"
+
+
+Transform = Enum("Transform", {t: t for t in ("freeform", "svf", "greedy", "bspline", "affine", "rigid")}, type=str)
+Optimizer = Enum("Optimizer", {t: t for t in ("adam", "sgd", "lbfgs")}, type=str)
 
 
 class Device(str, Enum):
@@ -349,7 +354,7 @@ ConfigFileOpt = Annotated[Optional[Path], typer.Option(
     metavar="YAML", show_default=False, rich_help_panel=_CFG, **_IN)]
 MethodOpt = Annotated[Optional[Method], typer.Option(
     "--method", "-m", help="Preset: convexadam (affine + deformable, default), samconvex (affine + learned "
-    "anatomical embeddings), affine, or rigid.",
+    "anatomical embeddings), dio (affine + learned feature images registered by the IO solver), affine, or rigid.",
     case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
 DeviceOpt = Annotated[Optional[Device], typer.Option(
     "--device", help="auto (CUDA when available), cpu or cuda. Default auto.", case_sensitive=False,
@@ -389,15 +394,52 @@ HtmlOpt = Annotated[Optional[bool], typer.Option(
     rich_help_panel=_CFG)]
 
 
+TransformOpt = Annotated[Optional[Transform], typer.Option(
+    "--transform", help="Transform model of the instance-optimisation stage, for every method: freeform "
+    "(default), svf (diffeomorphic, scaling and squaring), greedy (compositive diffeomorphic, SyN-style), bspline "
+    "(control points every instance.bspline_spacing_mm), affine, rigid.", case_sensitive=False,
+    show_default=False, rich_help_panel=_CFG)]
+OptimizerOpt = Annotated[Optional[Optimizer], typer.Option(
+    "--optimizer", help="Optimizer of the instance-optimisation stage: adam (default), sgd, lbfgs.",
+    case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
+PromptLabelsOpt = Annotated[Optional[str], typer.Option(
+    "--prompt-labels", metavar="IDS|all", help="Use these label ids of --fixed-labels/--moving-labels (comma "
+    "separated, or 'all') as a soft-Dice term of the instance optimisation (prompts.label_weight).",
+    show_default=False, rich_help_panel=_CFG)]
+PromptLandmarksOpt = Annotated[Optional[bool], typer.Option(
+    "--prompt-landmarks/--no-prompt-landmarks", help="Use --fixed-landmarks/--moving-landmarks as a "
+    "landmark-distance term of the instance optimisation (prompts.landmark_weight).", show_default=False,
+    rich_help_panel=_CFG)]
+
+
+def parse_label_ids(text: Optional[str]):
+    """``--prompt-labels`` value: None, ``"all"``, or a tuple of label ids (BadParameter otherwise)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.lower() == "all":
+        return "all"
+    try:
+        ids = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not 'all' or a comma-separated list of label ids",
+                                 param_hint="--prompt-labels") from None
+    if not ids or any(i <= 0 for i in ids):
+        raise typer.BadParameter(f"'{text}': label ids must be positive integers", param_hint="--prompt-labels")
+    return ids
+
+
 def _value(v: Any) -> Any:
     return v.value if isinstance(v, Enum) else v
 
 
 def config_overrides(method=None, device=None, threads=None, seed=None, deterministic=None,
                      working_spacing=None, affine_metric=None, affine_init=None, affine=None, iterations=None,
-                     inverse=None, html=None) -> dict:
+                     inverse=None, html=None, transform=None, optimizer=None, prompt_labels=None,
+                     prompt_landmarks=None) -> dict:
     """Nested override dict for :func:`regcli.config.build_config` (None = not given on the command line)."""
     return {
+        "prompts": {"labels": parse_label_ids(prompt_labels), "landmarks": prompt_landmarks},
         "method": _value(method),
         "device": _value(device),
         "threads": threads,
@@ -405,7 +447,7 @@ def config_overrides(method=None, device=None, threads=None, seed=None, determin
         "deterministic": deterministic,
         "working_spacing_mm": working_spacing,
         "affine": {"metric": _value(affine_metric), "init": _value(affine_init), "enabled": affine},
-        "instance": {"iterations": iterations},
+        "instance": {"iterations": iterations, "transform": _value(transform), "optimizer": _value(optimizer)},
         "inverse_warp": inverse,
         "html_report": html,
     }

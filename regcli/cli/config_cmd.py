@@ -5,7 +5,7 @@ import typer
 
 from regcli.cli.common import (
     AffineInitOpt, AffineMetricOpt, AffineOnOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, HtmlOpt,
-    InverseOpt, IterationsOpt, JsonOpt, MethodOpt, SeedOpt, ThreadsOpt, WorkingSpacingOpt, config_overrides,
+    InverseOpt, IterationsOpt, OptimizerOpt, PromptLabelsOpt, PromptLandmarksOpt, TransformOpt, JsonOpt, MethodOpt, SeedOpt, ThreadsOpt, WorkingSpacingOpt, config_overrides,
     examples,
 )
 
@@ -51,6 +51,10 @@ def show(
     affine_init: AffineInitOpt = None,
     affine: AffineOnOpt = None,
     iterations: IterationsOpt = None,
+    transform: TransformOpt = None,
+    optimizer: OptimizerOpt = None,
+    prompt_labels: PromptLabelsOpt = None,
+    prompt_landmarks: PromptLandmarksOpt = None,
     inverse: InverseOpt = None,
     html: HtmlOpt = None,
     json_out: JsonOpt = False,
@@ -63,7 +67,8 @@ def show(
     from regcli.config import build_config
 
     cfg = build_config(config, config_overrides(method, device, threads, seed, deterministic, working_spacing,
-                                                affine_metric, affine_init, affine, iterations, inverse, html))
+                                                affine_metric, affine_init, affine, iterations, inverse, html,
+                                                transform, optimizer, prompt_labels, prompt_landmarks))
     data = cfg.model_dump(mode="json")
     if json_out:
         emit_json(data)

@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from regcli.cli.common import (
-    ConfigFileOpt, DeterministicOpt, DeviceOpt, IterationsOpt, JsonOpt, MethodOpt, OverwriteOpt, QuietOpt,
-    SeedOpt, ThreadsOpt, VerboseOpt, WorkingSpacingOpt, AffineMetricOpt, config_overrides, examples,
+    ConfigFileOpt, DeterministicOpt, DeviceOpt, IterationsOpt, JsonOpt, MethodOpt, OptimizerOpt, OverwriteOpt, QuietOpt,
+    SeedOpt, ThreadsOpt, TransformOpt, VerboseOpt, WorkingSpacingOpt, AffineMetricOpt, config_overrides, examples,
     input_file_argument, input_file_option,
 )
 
@@ -72,6 +72,8 @@ def evaluate(
     working_spacing: WorkingSpacingOpt = None,
     affine_metric: AffineMetricOpt = None,
     iterations: IterationsOpt = None,
+    transform: TransformOpt = None,
+    optimizer: OptimizerOpt = None,
     label_interp: Annotated[LabelInterp, typer.Option(
         "--label-interp", case_sensitive=False,
         help="How moving labels are warped for scoring: nearest (default) or label (per-label linear).")]
@@ -111,9 +113,11 @@ def evaluate(
 
     overrides = config_overrides(method=method, device=device, threads=threads, seed=seed,
                                  deterministic=deterministic, working_spacing=working_spacing,
-                                 affine_metric=affine_metric, iterations=iterations)
+                                 affine_metric=affine_metric, iterations=iterations, transform=transform,
+                                 optimizer=optimizer)
     cfg = build_config(config, overrides)  # fail fast on a bad YAML or flag (exit 7)
-    extra = _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations)
+    extra = _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
+                           transform, optimizer)
 
     # outputs: checked before anything runs (O2, O3)
     if output.exists() and not output.is_dir():
@@ -162,12 +166,13 @@ def evaluate(
         raise typer.Exit(int(first.get("exit_code") or 1))
 
 
-def _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations) -> list:
+def _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
+                   transform=None, optimizer=None) -> list:
     """Flags passed on to each `regcli register` child (HTML reports off: evaluation does not need them)."""
     args = ["--no-html"]
     for flag, v in (("--device", device), ("--threads", threads), ("--seed", seed),
                     ("--working-spacing", working_spacing), ("--affine-metric", affine_metric),
-                    ("--iterations", iterations)):
+                    ("--iterations", iterations), ("--transform", transform), ("--optimizer", optimizer)):
         if v is not None:
             args += [flag, str(getattr(v, "value", v))]
     if deterministic is not None:

@@ -7,7 +7,7 @@ import typer
 
 from regcli.cli.common import (
     AffineInitOpt, AffineMetricOpt, AffineOnOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, HtmlOpt,
-    InverseOpt, IterationsOpt, JsonOpt, MethodOpt, OverwriteOpt, QuietOpt, SeedOpt, ThreadsOpt, VerboseOpt,
+    InverseOpt, IterationsOpt, OptimizerOpt, PromptLabelsOpt, PromptLandmarksOpt, TransformOpt, JsonOpt, MethodOpt, OverwriteOpt, QuietOpt, SeedOpt, ThreadsOpt, VerboseOpt,
     WorkingSpacingOpt, config_overrides, examples, input_file_argument, input_file_option,
 )
 
@@ -56,6 +56,10 @@ def register(
     affine_init: AffineInitOpt = None,
     affine: AffineOnOpt = None,
     iterations: IterationsOpt = None,
+    transform: TransformOpt = None,
+    optimizer: OptimizerOpt = None,
+    prompt_labels: PromptLabelsOpt = None,
+    prompt_landmarks: PromptLandmarksOpt = None,
     inverse: InverseOpt = None,
     html: HtmlOpt = None,
     json_out: JsonOpt = False,
@@ -75,7 +79,8 @@ def register(
 
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
     cfg = build_config(config, config_overrides(method, device, threads, seed, deterministic, working_spacing,
-                                                affine_metric, affine_init, affine, iterations, inverse, html))
+                                                affine_metric, affine_init, affine, iterations, inverse, html,
+                                                transform, optimizer, prompt_labels, prompt_landmarks))
     from regcli.pipeline import RegisterInputs, run_register
 
     inputs = RegisterInputs(

@@ -12,7 +12,8 @@ EXAMPLES = examples(
     "regcli train embedding --config job.yaml -o runs/try1 --iterations 200 --seed 3 --threads 2",
 )
 
-app = typer.Typer(help="Train learned components (the anatomical embedding of SAMConvex).", no_args_is_help=True)
+app = typer.Typer(help="Train learned components (the anatomical embedding of SAMConvex, the DIO feature network).",
+                  no_args_is_help=True)
 
 
 @app.command("embedding", epilog=EXAMPLES)
@@ -58,6 +59,70 @@ def embedding(
             progress.update("training", i, f"loss {rec['loss']:.3f}")
 
         summary = run_embedding_job(job, output, step, ui.info)
+        progress.finish("training")
+    ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes in "
+                       f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
+                       f"wrote {output}")
+
+
+DIO_EXAMPLES = examples(
+    "regcli train dio --config docs/recipes/dio_v0.yaml -o results/dio_v0 --threads 2",
+    "regcli train dio --config docs/recipes/dio_v0.yaml -o results/dio_v0 --resume",
+)
+
+
+@app.command("dio", epilog=DIO_EXAMPLES)
+def dio(
+    config: Annotated[Path, input_file_option("--config", help="Training job (YAML): labelled data globs, net, "
+                                              "train, and the solver (solver: {dio: ..., instance: ...}).")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUTDIR", show_default=False,
+                                         help="Folder for checkpoint.pt, history.json, job.json and model/.")],
+    iterations: Annotated[Optional[int], typer.Option(help="Override train.iterations.", min=1)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Override train.seed.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTDIR from its checkpoint.pt.")]
+    = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.", min=1)] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train the DIO feature network end to end through the registration solver (implicit differentiation).
+
+    Each step registers the features of a labelled pair with the solver (no graph kept), takes one solver step
+    at the optimum with the graph, and trains on the soft Dice of the warped labels (recipe: regcli.training.dio).
+    """
+    import torch
+
+    from regcli.cli.common import Ui
+    from regcli.training.dio import load_dio_job, run_dio_job
+
+    ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    over: dict = {"train": {}}
+    if iterations is not None:
+        over["train"]["iterations"] = iterations
+    if seed is not None:
+        over["train"]["seed"] = seed
+    job = load_dio_job(config, over)
+    with ui.progress() as progress:
+        started = set()
+
+        def prep(i: int, n: int) -> None:
+            if "preparing data" not in started:
+                started.add("preparing data")
+                progress.start("preparing data", n)
+            progress.update("preparing data", i)
+            if i >= n:
+                progress.finish("preparing data")
+
+        def step(i: int, n: int, rec: dict) -> None:
+            if "training" not in started:
+                started.add("training")
+                progress.start("training", n)
+            progress.update("training", i, f"loss {rec['loss']:.3f}")
+
+        summary = run_dio_job(job, output, step, ui.info, resume=resume, prepare_progress=prep)
         progress.finish("training")
     ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes in "
                        f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "

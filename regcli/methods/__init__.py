@@ -1,8 +1,8 @@
 """Deformable method presets, chosen by ``--method``.
 
 Each entry maps a method name to ``"module:function"``; the function has the signature
-``fn(fixed_w: Image, moving_w: Image, config, fixed_mask=None, moving_mask=None, progress=None, device=None)
--> DeformableResult`` where both images are already on the same isotropic working grid (moving
+``fn(fixed_w: Image, moving_w: Image, config, fixed_mask=None, moving_mask=None, progress=None, device=None,
+prompts=()) -> DeformableResult`` where both images are already on the same isotropic working grid (moving
 resampled through the affine stage). Imports are lazy so ``regcli --help`` stays fast.
 """
 
@@ -16,6 +16,7 @@ from regcli.registry import Registry
 METHODS: Registry[str] = Registry("method")
 METHODS.register("convexadam")("regcli.methods.convexadam:convexadam")
 METHODS.register("samconvex")("regcli.methods.samconvex:samconvex")
+METHODS.register("dio")("regcli.methods.dio:dio")
 
 
 def get_method(name: str) -> Callable:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,8 +52,8 @@ from regcli.errors import ConvergenceError, GeometryError, InputError
 from regcli.features.mind import mind_ssc
 from regcli.resample import FieldWarper, resample_to_grid, upsample_field
 from regcli.solvers.convex import convex_displacement, symmetrise
-from regcli.solvers.instance import InstanceOptimization, Problem
-from regcli.spaces.grid import Grid, apply_linear
+from regcli.solvers.instance import Problem, solver_from_config
+from regcli.spaces.grid import Grid, apply_linear, padded_grid, pooled_grid
 from regcli.spaces.image import Image
 from regcli.transforms.displacement import DisplacementField
 
@@ -82,27 +82,6 @@ class DeformableResult:
 
 
 # ---------------------------------------------------------------------------------------------- grid helpers
-def padded_grid(grid: Grid, factor: int) -> tuple[Grid, tuple[int, int, int]]:
-    """The grid extended at its high-index end to a multiple of ``factor`` voxels per axis.
-
-    Returns the padded grid (same origin, spacing, direction) and the padding (px, py, pz) in voxels.
-    """
-    pad = tuple((-n) % factor for n in grid.size)
-    size = tuple(n + p for n, p in zip(grid.size, pad))
-    return Grid(size, grid.spacing, grid.origin, grid.direction), pad
-
-
-def pooled_grid(grid: Grid, factor: int) -> Grid:
-    """Grid of ``avg_pool3d(data, factor, stride=factor)`` for data on ``grid`` (size divisible by factor).
-
-    Voxel ``i`` of the pooled grid is the centre of fine voxels ``factor*i .. factor*i + factor - 1``.
-    """
-    centre = np.append(np.full(3, (factor - 1) / 2.0), 1.0)
-    origin = (grid.index_to_world() @ centre)[:3]
-    size = tuple(n // factor for n in grid.size)
-    return Grid(size, tuple(s * factor for s in grid.spacing), tuple(origin), grid.direction)
-
-
 def _pad_high(data: torch.Tensor, pad_xyz: tuple[int, int, int], mode: str) -> torch.Tensor:
     """Pad (N, C, Z, Y, X) at the high-index end by (px, py, pz) voxels (``replicate`` or ``constant`` 0)."""
     px, py, pz = pad_xyz
@@ -185,12 +164,15 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
                     init_grid: Grid, fmask: Optional[torch.Tensor], mmask: Optional[torch.Tensor], icfg,
                     iterations: int, lr: float, stage: str, report: ProgressFn, dev,
                     gradient_floor: float = 0.0, reg_weight: Optional[float] = None,
-                    smoothing_passes: Optional[int] = None) -> tuple[torch.Tensor, Grid, list[dict]]:
+                    smoothing_passes: Optional[int] = None, prompts: Sequence = ()
+                    ) -> tuple[torch.Tensor, Grid, list[dict]]:
     """One level of instance optimisation: features (1, C, Z, Y, X) on ``grid`` average-pooled by ``k``, a
     free-form displacement on the pooled grid initialised with ``init`` (3, ...) mm on ``init_grid``.
 
     ``gradient_floor`` (> 0, Adam only) is Adam's ``eps`` per voxel: the similarity is a mean over the
     voxels, so a voxel's gradient is ``1/V`` of its own misfit gradient and ``eps = gradient_floor / V``.
+
+    ``prompts`` (:mod:`regcli.solvers.prompts`) join the objective.
 
     Returns the displacement (3, ...) mm on the pooled grid, that grid, and the loss history.
     """
@@ -213,23 +195,20 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
         support = mind_support(io_f, io_grid) | mind_support(warped, io_grid)
         support = dilate(support, io_grid, SUPPORT_MARGIN_MM)
         del warped
-    solver = InstanceOptimization(
-        model=icfg.model, similarity=icfg.similarity, optimizer=icfg.optimizer, regularizer=icfg.regularizer,
-        reg_weight=icfg.reg_weight if reg_weight is None else reg_weight, iterations=iterations, lr=lr,
-        model_params={"smoothing_passes": icfg.smoothing_passes if smoothing_passes is None else smoothing_passes},
-        stage=f"convexadam {stage}",
-        optimizer_params={"eps": gradient_floor / io_grid.num_voxels} if gradient_floor > 0 and icfg.optimizer == "adam"
-        else {},
-        progress=lambda i, n, loss: report(stage, i, n),
-    )
+    solver = solver_from_config(
+        icfg, iterations=iterations, lr=lr, reg_weight=icfg.reg_weight if reg_weight is None else reg_weight,
+        smoothing_passes=icfg.smoothing_passes if smoothing_passes is None else smoothing_passes,
+        gradient_floor=gradient_floor, num_voxels=io_grid.num_voxels, stage=f"convexadam {stage}",
+        progress=lambda i, n, loss: report(stage, i, n))
     report(stage, 0, iterations)
-    result = solver.run(Problem(io_f[0], io_m[0], io_grid, io_grid, w_fixed, w_moving, support), init=start)
+    result = solver.run(Problem(io_f[0], io_m[0], io_grid, io_grid, w_fixed, w_moving, support, list(prompts)),
+                        init=start)
     return result.disp, io_grid, result.history
 
 
 def refine_on_working_grid(fdata: torch.Tensor, mdata: torch.Tensor, grid: Grid, init: torch.Tensor,
                            init_grid: Grid, fmask: Optional[torch.Tensor], mmask: Optional[torch.Tensor],
-                           cfg: RegisterConfig, iterations: int, report: ProgressFn, dev
+                           cfg: RegisterConfig, iterations: int, report: ProgressFn, dev, prompts: Sequence = ()
                            ) -> tuple[torch.Tensor, list[dict]]:
     """The refinement step (``instance.refine_*``): Adam with the gradient floor on the working grid itself,
     on MIND-SSC of dilation ``refine_mind_dilation`` of the (Z, Y, X) fixed and moving data on ``grid``,
@@ -241,13 +220,14 @@ def refine_on_working_grid(fdata: torch.Tensor, mdata: torch.Tensor, grid: Grid,
         feat_m = mind_ssc(mdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
     disp, _, hist = _instance_level(
         feat_f, feat_m, grid, 1, init, init_grid, fmask, mmask, icfg, iterations, icfg.refine_learning_rate,
-        STAGE_REFINE, report, dev, icfg.refine_gradient_floor, icfg.refine_reg_weight, icfg.refine_smoothing_passes)
+        STAGE_REFINE, report, dev, icfg.refine_gradient_floor, icfg.refine_reg_weight, icfg.refine_smoothing_passes,
+        prompts)
     return disp, hist
 
 
 def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Optional[Image] = None,
                moving_mask: Optional[Image] = None, progress: Optional[ProgressFn] = None,
-               device=None) -> DeformableResult:
+               device=None, prompts: Sequence = ()) -> DeformableResult:
     """Deformable registration of ``moving`` to ``fixed`` with ConvexAdam.
 
     Args:
@@ -259,6 +239,7 @@ def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opt
             the instance-optimisation similarity.
         progress: optional ``progress(stage_name, i, n)`` callback.
         device: torch device to compute on (default: the device of ``fixed.data``).
+        prompts: test-time objective terms (:mod:`regcli.solvers.prompts`) added to both IO levels.
     Returns:
         :class:`DeformableResult` whose ``field`` is (3, Z, Y, X) float32 world LPS mm on ``fixed.grid``
         (``x -> x + u(x)`` maps fixed points to moving points), on the device of ``fixed.data``.
@@ -319,7 +300,7 @@ def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opt
     disp_io, io_grid, hist = _instance_level(
         feat_f, feat_m, grid, icfg.grid_sp_adam, fwd, coarse, fmask, mmask, icfg,
         icfg.iterations if icfg.enabled else 0, icfg.learning_rate, STAGE_INSTANCE, report, dev,
-        icfg.gradient_floor)
+        icfg.gradient_floor, prompts=prompts)
     if hist:
         history["instance"] = hist
     del feat_f, feat_m
@@ -329,7 +310,7 @@ def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opt
     if icfg.enabled and icfg.refine_iterations > 0:
         t = time.perf_counter()
         disp_io, history["refine"] = refine_on_working_grid(fdata, mdata, grid, disp_io, io_grid, fmask, mmask, cfg,
-                                                            icfg.refine_iterations, report, dev)
+                                                            icfg.refine_iterations, report, dev, prompts)
         io_grid = grid
         timings["refine"] = time.perf_counter() - t
 

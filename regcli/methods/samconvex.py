@@ -28,7 +28,7 @@ All fields are world LPS mm on the working grid when they leave a step.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ from regcli.methods.convexadam import (
 from regcli.models.embedding import EmbeddingNet, embed, embedding_from
 from regcli.resample import FieldWarper, upsample_field
 from regcli.solvers.convex import convex_displacement
-from regcli.solvers.instance import InstanceOptimization, Problem
+from regcli.solvers.instance import Problem, solver_from_config
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image
 from regcli.transforms.displacement import DisplacementField
@@ -145,8 +145,10 @@ def compose(u_level: torch.Tensor, u_prev: Optional[torch.Tensor], grid: Grid, w
 
 def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Optional[Image] = None,
               moving_mask: Optional[Image] = None, progress: Optional[ProgressFn] = None,
-              device=None) -> DeformableResult:
+              device=None, prompts: Sequence = ()) -> DeformableResult:
     """Deformable registration of ``moving`` to ``fixed`` (both on the same working grid) with SAMConvex.
+
+    ``prompts`` (:mod:`regcli.solvers.prompts`) join the objective of the instance optimisation and refinement.
 
     Returns the field (3, Z, Y, X) float32 world LPS mm on ``fixed.grid`` (fixed point x -> moving x + u(x)).
     """
@@ -219,15 +221,13 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
             w_fixed = None
             if fmask is not None:
                 w_fixed = upsample_field(fmask[None].to(dev), grid, eg)[0]
-        solver = InstanceOptimization(
-            model="displacement", similarity="feature_ssd", optimizer="adam", regularizer="diffusion",
-            reg_weight=scfg.io_reg_weight, iterations=scfg.io_iterations, lr=scfg.io_learning_rate,
-            model_params={"smoothing_passes": scfg.smoothing_passes}, stage="samconvex instance optimisation",
-            optimizer_params={"eps": scfg.io_gradient_floor / eg.num_voxels} if scfg.io_gradient_floor > 0 else {},
-            progress=lambda i, n, loss: report(STAGE_IO, i, n),
-        )
+        solver = solver_from_config(
+            cfg.instance, iterations=scfg.io_iterations, lr=scfg.io_learning_rate, reg_weight=scfg.io_reg_weight,
+            smoothing_passes=scfg.smoothing_passes, gradient_floor=scfg.io_gradient_floor, num_voxels=eg.num_voxels,
+            stage="samconvex instance optimisation", progress=lambda i, n, loss: report(STAGE_IO, i, n),
+            similarity="feature_ssd")
         report(STAGE_IO, 0, scfg.io_iterations)
-        res = solver.run(Problem(emb_f.data, emb_m0.data, eg, eg, w_fixed), init=init)
+        res = solver.run(Problem(emb_f.data, emb_m0.data, eg, eg, w_fixed, prompts=list(prompts)), init=init)
         history["instance"] = res.history
         with torch.no_grad():
             u = upsample_field(res.disp, eg, grid)
@@ -237,7 +237,7 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
     if scfg.refine_iterations > 0:
         t = time.perf_counter()
         u, history["refine"] = refine_on_working_grid(fdata, mdata, grid, u, grid, fmask, None, cfg,
-                                                      scfg.refine_iterations, report, dev)
+                                                      scfg.refine_iterations, report, dev, prompts)
         timings["refine"] = time.perf_counter() - t
 
     u = u.to(out_device)

@@ -2,7 +2,7 @@
 
 transform model × similarity × optimizer × regulariser, each chosen by name from its registry::
 
-    solver = InstanceOptimization(model="displacement", similarity="feature_ssd", optimizer="adam",
+    solver = InstanceOptimization(model="freeform", similarity="feature_ssd", optimizer="adam",
                                   regularizer="diffusion", reg_weight=1.25, iterations=80, lr=1.0)
     result = solver.run(problem, init=disp0)
 
@@ -78,7 +78,7 @@ class Result:
 
 @dataclass
 class InstanceOptimization:
-    model: str = "displacement"
+    model: str = "freeform"
     similarity: str | Callable = "feature_ssd"
     optimizer: str = "adam"
     regularizer: str = "diffusion"
@@ -97,15 +97,14 @@ class InstanceOptimization:
         cls = MODELS.get(self.model)
         return cls(problem.grid, init=init, device=problem.fixed.device, **self.model_params)
 
-    def run(self, problem: Problem, init: Any = None, model: Optional[torch.nn.Module] = None) -> Result:
-        t0 = time.perf_counter()
+    def objective(self, problem: Problem) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
+        """The function the solver minimises: ``f(disp) -> (loss, parts)`` for a displacement (1, 3, Z, Y, X) mm
+        on ``problem.grid``: similarity + reg_weight * regulariser + sum of weight * prompt, with ``parts`` the
+        float value of each term. Differentiable w.r.t. ``disp`` and the problem's data (implicit training
+        differentiates it w.r.t. the features)."""
         dev = problem.fixed.device
-        model = model or self.build_model(problem, init)
-        model.to(dev)
         sim = self.similarity if callable(self.similarity) else make_similarity(self.similarity, **self.similarity_params)
         reg = make_regularizer(self.regularizer, **self.regularizer_params)
-        groups = model.param_groups(self.lr) if hasattr(model, "param_groups") else model.parameters()
-        opt = OPTIMIZERS.get(self.optimizer)(groups, self.lr, **self.optimizer_params)
         warper = FieldWarper(problem.moving_grid, problem.grid, dev)
         fixed = problem.fixed[None]
         moving = problem.moving[None]
@@ -117,14 +116,8 @@ class InstanceOptimization:
             index, scale, fixed, fmask = _restrict(problem.support, fixed, fmask)
         spacing = problem.grid.spacing
         grid_sample = _grid_sample()
-        history: list[dict] = []
-        converged = True
-        last: dict = {}
 
-        def closure() -> torch.Tensor:
-            """Loss at the current parameters, with its gradient accumulated (optimizers may call it again)."""
-            opt.zero_grad(set_to_none=True)
-            disp = model()
+        def f(disp: torch.Tensor) -> tuple[torch.Tensor, dict]:
             coords = warper.coords(disp) if index is None else warper.coords_at(disp, index)
             warped = grid_sample(moving, coords, "bilinear", "border")
             mask = fmask
@@ -134,17 +127,36 @@ class InstanceOptimization:
             s = sim(fixed, warped, mask) * scale
             r = reg(disp, spacing) if self.reg_weight > 0 else disp.sum() * 0.0
             loss = s + self.reg_weight * r
-            terms = {}
+            parts = {"similarity": s, "regularizer": r}
             for prompt in problem.prompts:
                 value = prompt.loss(disp, problem.grid)
-                terms[prompt.name] = value
+                parts[prompt.name] = value
                 loss = loss + prompt.weight * value
+            return loss, parts
+
+        return f
+
+    def run(self, problem: Problem, init: Any = None, model: Optional[torch.nn.Module] = None) -> Result:
+        t0 = time.perf_counter()
+        dev = problem.fixed.device
+        model = model or self.build_model(problem, init)
+        model.to(dev)
+        groups = model.param_groups(self.lr) if hasattr(model, "param_groups") else model.parameters()
+        opt = OPTIMIZERS.get(self.optimizer)(groups, self.lr, **self.optimizer_params)
+        objective = self.objective(problem)
+        history: list[dict] = []
+        converged = True
+        last: dict = {}
+
+        def closure() -> torch.Tensor:
+            """Loss at the current parameters, with its gradient accumulated (optimizers may call it again)."""
+            opt.zero_grad(set_to_none=True)
+            loss, parts = objective(model())
             lv = float(loss.detach())
             if not math.isfinite(lv):
                 raise ConvergenceError(f"{self.stage} diverged at iteration {len(history) + 1}: loss is {lv}")
             last.clear()
-            last.update({"loss": lv, "similarity": float(s.detach()), "regularizer": float(r.detach()),
-                         **{k: float(v.detach()) for k, v in terms.items()}})
+            last.update({"loss": lv, **{k: float(v.detach()) for k, v in parts.items()}})
             loss.backward()
             return loss
 
@@ -194,3 +206,26 @@ def _restrict(support: torch.Tensor, fixed: torch.Tensor, fmask: Optional[torch.
     total = float(w.sum())
     scale = float(w_s.sum()) / total if total > 0 else 1.0
     return index, scale, fixed_s, w_s.reshape(1, 1, 1, 1, -1)
+
+
+def solver_from_config(icfg, *, iterations: int, lr: float, reg_weight: float, smoothing_passes: int = 0,
+                       gradient_floor: float = 0.0, num_voxels: int = 1, stage: str = "instance optimisation",
+                       progress: Optional[Callable[[int, int, float], None]] = None,
+                       similarity: str | Callable | None = None, regularizer: Optional[str] = None
+                       ) -> InstanceOptimization:
+    """The IO solver a method's stage uses: transform model and optimizer from ``icfg``
+    (:class:`regcli.config.InstanceConfig`, the test-time swap), the stage's own schedule. ``lr`` is a step in
+    mm for every model (linear models convert it at their radius).
+
+    ``gradient_floor`` (Adam only; > 0) is Adam's eps per voxel of a ``num_voxels`` grid: the similarity is a mean
+    over voxels, so a voxel's gradient is ``1/num_voxels`` of its own misfit gradient.
+    """
+    params = {"smoothing_passes": int(smoothing_passes), "svf_steps": icfg.svf_steps,
+              "greedy_update_sigma_mm": icfg.greedy_update_sigma_mm,
+              "greedy_total_sigma_mm": icfg.greedy_total_sigma_mm, "bspline_spacing_mm": icfg.bspline_spacing_mm,
+              "lr_mm": True}
+    opt_params = {"eps": gradient_floor / max(1, num_voxels)} if gradient_floor > 0 and icfg.optimizer == "adam" else {}
+    return InstanceOptimization(
+        model=icfg.transform, similarity=similarity or icfg.similarity, optimizer=icfg.optimizer,
+        regularizer=regularizer or icfg.regularizer, reg_weight=reg_weight, iterations=iterations, lr=lr,
+        model_params=params, optimizer_params=opt_params, stage=stage, progress=progress)

@@ -298,3 +298,24 @@ def sampling_grid(target: Grid, source: Grid, device=None) -> torch.Tensor:
 def points_to_sampling_grid(source: Grid, points_world: torch.Tensor) -> torch.Tensor:
     """``grid_sample`` coordinates in ``source`` for world points (Z, Y, X, 3) -> (1, Z, Y, X, 3) float32."""
     return source.world_to_norm_points(points_world).to(torch.float32)[None]
+
+
+def padded_grid(grid: Grid, factor: int) -> tuple[Grid, tuple[int, int, int]]:
+    """The grid extended at its high-index end to a multiple of ``factor`` voxels per axis.
+
+    Returns the padded grid (same origin, spacing, direction) and the padding (px, py, pz) in voxels.
+    """
+    pad = tuple((-n) % factor for n in grid.size)
+    size = tuple(n + p for n, p in zip(grid.size, pad))
+    return Grid(size, grid.spacing, grid.origin, grid.direction), pad
+
+
+def pooled_grid(grid: Grid, factor: int) -> Grid:
+    """Grid of ``avg_pool3d(data, factor, stride=factor)`` for data on ``grid`` (size divisible by factor).
+
+    Voxel ``i`` of the pooled grid is the centre of fine voxels ``factor*i .. factor*i + factor - 1``.
+    """
+    centre = np.append(np.full(3, (factor - 1) / 2.0), 1.0)
+    origin = (grid.index_to_world() @ centre)[:3]
+    size = tuple(n // factor for n in grid.size)
+    return Grid(size, tuple(s * factor for s in grid.spacing), tuple(origin), grid.direction)

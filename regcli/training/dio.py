@@ -1,0 +1,344 @@
+"""Implicit (Jacobian-free) training of the DIO feature network: ``regcli train dio --config job.yaml``.
+
+One training step, for a pair of label-annotated volumes (both affinely aligned to the job's template once, on
+its working grid):
+
+1. Optional synthetic contrast per image (a random intensity per label, noise and blur, as SynthMorph/SynthSeg
+   render label maps) so that the features learn anatomy, not one contrast; then the same random crop of both.
+2. The network maps each image to its feature images (levels of ``solver.dio.levels``), with the graph kept.
+3. The solver (:func:`regcli.methods.dio.solve`) registers *detached* features to convergence, coarse to fine,
+   exactly as at test time; none of its iterations is recorded.
+4. At every level, one solver step at the optimum is taken again with the features' graph
+   (:func:`regcli.methods.dio.jfb_step`): the gradient of the training loss reaches the network through that one
+   step only (Jacobian-free backpropagation), so memory does not depend on the number of solver iterations.
+5. Loss per level: ``1 - soft Dice`` of the moving label maps warped by that step against the fixed ones
+   (:class:`regcli.solvers.prompts.LabelPrompt`), plus ``image_weight * (-LNCC)`` of the images; the levels'
+   losses are averaged. Adam on the network.
+
+The output folder gets ``checkpoint.pt`` (network, optimizer, step and random state: ``--resume`` continues
+bit for bit), ``history.json`` (loss and Dice per step) and ``job.json``; at the end ``model/`` is a Hub-layout
+model folder with a model card.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from regcli.errors import ConfigError, InputError
+from regcli.spaces.grid import Grid
+from regcli.spaces.image import Image
+
+
+class LabelledSource(BaseModel):
+    """Images with label maps: ``glob`` matches the images; a label map's path is the image's path with
+    ``labels_replace[0]`` replaced by ``labels_replace[1]``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    glob: str
+    labels_replace: tuple[str, str] = ("_T1w", "_labels")
+
+
+class DioTrainConfig(BaseModel):
+    """Training recipe (stored in the trained model's ``config.json`` under ``"training"``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    iterations: int = Field(500, ge=1, description="training steps (one pair each)")
+    learning_rate: float = Field(1e-3, gt=0)
+    crop: tuple[int, int, int] = Field((64, 64, 64), description="crop of the working grid per step (Z, Y, X "
+                                       "voxels; clipped to the volume)")
+    synth_prob: float = Field(0.5, ge=0, le=1, description="probability of a synthetic contrast per image")
+    image_weight: float = Field(0.1, ge=0, description="weight of -LNCC of the images at each level")
+    lncc_radius_mm: float = Field(6.0, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class DioJob(BaseModel):
+    """What ``regcli train dio`` runs: data, network, training recipe, and the solver used while training
+    (``solver``: a :class:`regcli.config.RegisterConfig` override, usually ``dio`` and ``instance``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: list[LabelledSource] = Field(min_length=1)
+    net: dict = Field(default_factory=dict, description="regcli.models.dio.DioNetConfig fields")
+    train: DioTrainConfig = DioTrainConfig()
+    solver: dict = Field(default_factory=dict, description="RegisterConfig overrides for the training solver "
+                         "(usually dio and instance)")
+    checkpoint_every: int = Field(25, ge=1)
+    init: Optional[str] = Field(None, description="start from these weights (any regcli weights spec)")
+
+
+def load_dio_job(path: str | Path, overrides: Optional[dict] = None) -> DioJob:
+    from pydantic import ValidationError
+
+    from regcli.config import deep_merge, load_yaml, validation_details
+
+    data = deep_merge(load_yaml(path), overrides or {})
+    base = Path(path).resolve().parent
+    for src in data.get("data", []):  # globs are relative to the job file
+        if isinstance(src, dict) and "glob" in src and not Path(src["glob"]).is_absolute():
+            src["glob"] = str(base / src["glob"])
+    if isinstance(data.get("init"), str) and not data["init"].startswith("hub:") and (base / data["init"]).exists():
+        data["init"] = str(base / data["init"])
+    try:
+        job = DioJob.model_validate(data)
+        register_config(job)
+        net_config(job)
+    except ValidationError as e:
+        raise ConfigError(f"invalid training job '{path}': {validation_details(e)}") from None
+    return job
+
+
+def register_config(job: DioJob):
+    """The :class:`regcli.config.RegisterConfig` of the training solver (method dio, the job's overrides)."""
+    from regcli.config import build_config
+
+    return build_config(None, {"method": "dio", **job.solver})
+
+
+def net_config(job: DioJob):
+    from regcli.models.dio import DioNetConfig
+
+    return DioNetConfig.model_validate(job.net)
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class Subject:
+    image: torch.Tensor  # (Z, Y, X) float32, normalised intensities, on the template's working grid
+    labels: torch.Tensor  # (Z, Y, X) int64 label ids on the same grid
+    name: str
+
+
+def label_file(image_path: str, replace: tuple[str, str]) -> str:
+    if replace[0] not in os.path.basename(image_path):
+        raise InputError(f"training image '{image_path}': its name has no '{replace[0]}' to replace to find its "
+                         "label map (data[].labels_replace)")
+    head, tail = os.path.split(image_path)
+    return os.path.join(head, tail.replace(replace[0], replace[1]))
+
+
+def prepare_subjects(job: DioJob, spacing_mm: float, percentiles, log: Callable[[str], None] = lambda s: None,
+                     progress: Optional[Callable[[int, int], None]] = None) -> tuple[list[Subject], Grid]:
+    """Read every image and label map of the job, align each to the first image (regcli's affine stage) and
+    resample both onto that image's grid at ``spacing_mm`` (image: anti-aliased linear, then normalised as the
+    network's input; labels: nearest). Returns the subjects and the template grid."""
+    from regcli.config import AffineConfig
+    from regcli.io.images import read_image, read_labels
+    from regcli.models.embedding import normalise_intensity
+    from regcli.pipeline import _smooth_for
+    from regcli.resample import resample_to_grid, warp
+    from regcli.solvers.affine import run_affine_stage
+
+    files = []
+    for src in job.data:
+        found = sorted(glob.glob(src.glob))
+        if not found:
+            raise InputError(f"training data glob '{src.glob}' matches no file")
+        files += [(f, label_file(f, src.labels_replace)) for f in found]
+    if len(files) < 2:
+        raise InputError("DIO training needs at least two labelled images")
+    template = read_image(files[0][0], "training image")
+    work = template.grid.with_spacing(spacing_mm)
+    subjects = []
+    for k, (fi, fl) in enumerate(files):
+        img = read_image(fi, "training image")
+        lab = read_labels(fl, "training labels")
+        if k == 0:
+            affine = None
+        else:
+            affine = run_affine_stage(template, img, AffineConfig()).transform
+        smooth = _smooth_for(img, spacing_mm)
+        if affine is None:
+            im_w = resample_to_grid(smooth, work)
+            lb_w = resample_to_grid(lab, work, "nearest")
+        else:
+            im_w = warp(smooth, affine, work)
+            lb_w = warp(lab, affine, work, "nearest")
+        subjects.append(Subject(normalise_intensity(im_w.data, percentiles), lb_w.data.to(torch.int64),
+                                os.path.basename(fi)))
+        log(f"prepared {os.path.basename(fi)}")
+        if progress is not None:
+            progress(k + 1, len(files))
+    return subjects, work
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+def synth_contrast(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A new image of a (Z, Y, X) label map: one uniform random intensity in [0, 1] per label (background 0),
+    Gaussian noise (std up to 0.05) and a light blur (sigma 0.5 voxel), as SynthMorph renders label maps."""
+    from regcli.features.intensity import gaussian_smooth
+
+    ids = torch.unique(labels)
+    lut = torch.zeros(int(ids.max()) + 1)
+    lut[ids] = torch.rand(len(ids), generator=gen)
+    lut[0] = 0.0
+    img = lut[labels]
+    sigma = float(torch.rand((), generator=gen)) * 0.05
+    img = img + sigma * torch.randn(img.shape, generator=gen)
+    img = gaussian_smooth(img, [0.5, 0.5, 0.5])
+    return img.to(torch.float32)
+
+
+def crop_box(shape, crop, gen: torch.Generator) -> tuple[slice, slice, slice]:
+    out = []
+    for n, c in zip(shape, crop):
+        c = min(n, c)
+        start = int(torch.randint(0, n - c + 1, (), generator=gen))
+        out.append(slice(start, start + c))
+    return tuple(out)
+
+
+def crop_grid(grid: Grid, box) -> Grid:
+    """The grid of ``data[box]`` for (Z, Y, X) data on ``grid``."""
+    z, y, x = box
+    start = np.array([x.start, y.start, z.start, 1.0])
+    origin = (grid.index_to_world() @ start)[:3]
+    return Grid((x.stop - x.start, y.stop - y.start, z.stop - z.start), grid.spacing, tuple(origin), grid.direction)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, grid: Grid, radius_mm: float) -> torch.Tensor:
+    from regcli.similarity import make_similarity
+
+    return make_similarity("lncc", radius_mm=radius_mm, spacing=grid.spacing)(fixed, warped)
+
+
+def train_step(net, fixed: Image, moving: Image, fixed_labels: Image, moving_labels: Image, cfg, tcfg: DioTrainConfig
+               ) -> tuple[torch.Tensor, dict]:
+    """Loss of one pair (see the module docstring) with the graph to ``net``; and its parts as floats."""
+    from regcli.methods.dio import jfb_step, level_features, solve
+    from regcli.resample import FieldWarper
+    from regcli.solvers.prompts import LabelPrompt
+
+    ff = level_features(fixed, cfg, net=net, grad=True)
+    fm = level_features(moving, cfg, net=net, grad=True)
+    dfix = {lv: Image(im.data.detach(), im.grid) for lv, im in ff.items()}
+    dmov = {lv: Image(im.data.detach(), im.grid) for lv, im in fm.items()}
+    levels = solve(dfix, dmov, cfg)
+    dice = LabelPrompt(fixed_labels, moving_labels, None)
+    total = fixed.data.new_zeros(())
+    parts: dict = {}
+    for sol in levels:
+        u1 = jfb_step(sol, ff[sol.level], fm[sol.level], cfg)
+        d = dice.loss(u1, sol.grid)
+        loss = d
+        if tcfg.image_weight > 0:
+            from regcli.resample import resample_to_grid
+
+            fi = resample_to_grid(fixed, sol.grid).data[None, None] if not fixed.grid.allclose(sol.grid) \
+                else fixed.data[None, None]
+            wm = FieldWarper(moving.grid, sol.grid, u1.device).warp(moving.data[None, None], u1)
+            loss = loss + tcfg.image_weight * lncc_loss(fi, wm, sol.grid, tcfg.lncc_radius_mm)
+        total = total + loss / len(levels)
+        parts[f"dice{sol.level}"] = 1.0 - float(d.detach())
+    parts["loss"] = float(total.detach())
+    return total, parts
+
+
+def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[str], None] = lambda s: None,
+                resume: bool = False, prepare_progress=None) -> dict:
+    """Train and write ``outdir/{checkpoint.pt, history.json, job.json, model/}``; returns a summary dict."""
+    from regcli.models.dio import DioFeatureNet
+
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    ck_path = out / "checkpoint.pt"
+    if resume and not ck_path.is_file():
+        raise InputError(f"--resume: '{ck_path}' does not exist")
+    if not resume and ck_path.exists():
+        raise ConfigError(f"'{out}' already holds a run (checkpoint.pt); use --resume or another folder")
+    (out / "job.json").write_text(job.model_dump_json(indent=2))
+    cfg = register_config(job)
+    ncfg = net_config(job)
+    tcfg = job.train
+    t0 = time.perf_counter()
+    subjects, work = prepare_subjects(job, ncfg.spacing_mm, ncfg.percentiles, log, prepare_progress)
+    log(f"{len(subjects)} labelled volumes on a {work.size} grid at {ncfg.spacing_mm} mm")
+    torch.manual_seed(tcfg.seed)
+    net = DioFeatureNet(ncfg)
+    if job.init:
+        from regcli.methods.dio import _load
+
+        init_net = _load(job.init)[0]
+        net.load_state_dict(init_net.state_dict())
+        log(f"starting from '{job.init}'")
+    opt = torch.optim.Adam(net.parameters(), lr=tcfg.learning_rate)
+    gen = torch.Generator().manual_seed(tcfg.seed)
+    history: list[dict] = []
+    start = 0
+    if resume:
+        ck = torch.load(ck_path, weights_only=False)
+        net.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        history = ck["history"]
+        start = ck["step"]
+        log(f"resuming at step {start}")
+    prior = history[-1]["seconds"] if history else 0.0
+
+    def save(step: int) -> None:
+        tmp = ck_path.with_suffix(".tmp")
+        torch.save({"config": ncfg.model_dump(mode="json"), "state_dict": net.state_dict(),
+                    "optimizer": opt.state_dict(), "generator": gen.get_state(), "history": history,
+                    "step": step}, tmp)
+        os.replace(tmp, ck_path)
+        (out / "history.json").write_text(json.dumps({"history": history}))
+
+    n = len(subjects)
+    for step in range(start, tcfg.iterations):
+        ts = time.perf_counter()
+        i, j = torch.randperm(n, generator=gen)[:2].tolist()
+        box = crop_box(subjects[i].image.shape, tcfg.crop, gen)
+        g = crop_grid(work, box)
+        imgs = []
+        for k in (i, j):
+            s = subjects[k]
+            img = synth_contrast(s.labels, gen) if float(torch.rand((), generator=gen)) < tcfg.synth_prob else s.image
+            imgs.append((Image(img[box].contiguous(), g), Image(s.labels[box].contiguous(), g)))
+        net.train()
+        loss, parts = train_step(net, imgs[0][0], imgs[1][0], imgs[0][1], imgs[1][1], cfg, tcfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
+        opt.step()
+        rec = {"step": step + 1, "pair": [subjects[i].name, subjects[j].name], **parts,
+               "step_seconds": time.perf_counter() - ts, "seconds": prior + time.perf_counter() - t0}
+        history.append(rec)
+        if progress is not None:
+            progress(step + 1, tcfg.iterations, rec)
+        if (step + 1) % job.checkpoint_every == 0 or step + 1 == tcfg.iterations:
+            save(step + 1)
+    last = history[-min(len(history), 50):]
+    summary = {"volumes": n, "iterations": len(history), "seconds": round(history[-1]["seconds"], 1) if history else 0,
+               "final_loss_mean50": sum(h["loss"] for h in last) / max(1, len(last)), "outdir": str(out)}
+    write_dio_model(net, job, summary, out / "model")
+    return summary
+
+
+def write_dio_model(net, job: DioJob, summary: dict, folder: Path, version: str = "0") -> Path:
+    """The trained network as a Hub-layout model folder, with a model card stating data and recipe."""
+    from regcli.models.dio import save_dio_model
+
+    data = "\n".join(f"- `{os.path.normpath(src.glob)}` (labels: `{src.labels_replace[0]}` -> "
+                     f"`{src.labels_replace[1]}`)" for src in job.data)
+    card = (f"# regcli DIO feature network\n\nFeature images for `regcli register --method dio`, trained with "
+            f"`regcli train dio` by implicit (Jacobian-free) differentiation through the registration solver, on "
+            f"label maps (soft Dice) and images (LNCC).\n\n## Training data\n\n{data}\n\n## Recipe\n\n```json\n"
+            f"{job.model_dump_json(indent=2)}\n```\n\n## Run\n\n{summary['iterations']} steps on "
+            f"{summary['volumes']} volumes in {summary['seconds']} s; mean loss of the last 50 steps "
+            f"{summary['final_loss_mean50']:.3f}.\n")
+    training = {"job": job.model_dump(mode="json"), "summary": summary}
+    return save_dio_model(net, folder, card, training=training, version=version, overwrite=True)
