@@ -141,7 +141,8 @@ class PromptConfig(_Frozen):
     labels: Optional[tuple[int, ...] | Literal["all"]] = Field(
         None, description="label ids of --fixed-labels/--moving-labels whose soft Dice joins the IO objective "
         "('all': every label in both maps; None: labels are only scored)")
-    label_weight: float = Field(1.0, ge=0, description="weight of (1 - mean soft Dice)")
+    label_weight: float = Field(0.1, ge=0, description="weight of (1 - mean soft Dice); 0.1 measured on synthseg "
+                                "(benchmarks/prompt_gain.py): stronger weights cost the other labels Dice")
     landmarks: bool = Field(False, description="add the mean squared distance (mm^2) between the mapped fixed "
                             "landmarks and the moving landmarks to the IO objective")
     landmark_weight: float = Field(0.01, ge=0, description="weight of the landmark term, per mm^2")
