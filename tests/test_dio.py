@@ -216,3 +216,29 @@ def test_prompts_need_their_inputs(tmp_path):
     res = invoke("register", f, f, "-o", tmp_path / "o_", "--method", "affine", "--prompt-landmarks", "--quiet")
     assert res.exit_code == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.nii.gz"]
+
+
+
+def test_mind_residual_network_starts_at_mind_and_learns_a_correction():
+    """net.mind_residual: an untrained network gives MIND-SSC features (centred, unit, pooled per level), the
+    heads start at zero, and a training step moves the features away from MIND."""
+    from regcli.models.dio import DioFeatureNet, DioNetConfig, mind_levels
+    from regcli.training.dio import DioTrainConfig, train_step
+
+    with pytest.raises(ValueError, match="12 feature channels"):
+        DioNetConfig(mind_residual=True)
+    torch.manual_seed(0)
+    net = DioFeatureNet(DioNetConfig(widths=(4, 8, 8, 8), feature_channels=(12, 12, 12), mind_residual=True))
+    fixed, f = _img("LPS")
+    moving, m = _img("LPS", transform=lambda p: p + np.array([2.0, 0.0, 0.0]))
+    x = fixed.data[None, None]
+    out, ref = net(x), mind_levels(x, (4, 2, 1))
+    assert all(torch.allclose(out[lv], ref[lv], atol=1e-5) for lv in (4, 2, 1))
+    lf = Image(torch.from_numpy(sitk.GetArrayFromImage(phantom_labels(f)).astype(np.int64)), fixed.grid)
+    lm = Image(torch.from_numpy(sitk.GetArrayFromImage(phantom_labels(m)).astype(np.int64)), moving.grid)
+    cfg = build_config(None, {"method": "dio", "dio": {"iterations": [4, 3, 2]}})
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    loss, _ = train_step(net, fixed, moving, lf, lm, cfg, DioTrainConfig())
+    loss.backward()
+    opt.step()
+    assert not torch.allclose(net(x)[1], ref[1], atol=1e-4)

@@ -425,6 +425,12 @@ def test_repository_registry_file_is_valid():
             from regcli.models.embedding import embedding_from
 
             embedding_from(model)
+        elif model.config["architecture"] == "regcli-dio-features":
+            from regcli.models.dio import dio_from
+
+            dio_from(model)
+        else:
+            raise AssertionError(f"shipped model '{name}' has an architecture no test builds")
 
 
 def test_shipped_embedding_pulled_from_loopback_hub_then_offline_samconvex(env, tmp_path):

@@ -16,6 +16,11 @@ app = typer.Typer(help="Train learned components (the anatomical embedding of SA
                   no_args_is_help=True)
 
 
+def _train_overrides(**flags) -> dict:
+    """``{"train": {...}}`` job overrides from the flags that were given (None = not given)."""
+    return {"train": {k: v for k, v in flags.items() if v is not None}}
+
+
 @app.command("embedding", epilog=EXAMPLES)
 def embedding(
     config: Annotated[Path, input_file_option("--config", help="Training job (YAML): data globs, net, train.")],
@@ -44,14 +49,7 @@ def embedding(
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
     if threads is not None:
         torch.set_num_threads(threads)
-    over: dict = {"train": {}}
-    if iterations is not None:
-        over["train"]["iterations"] = iterations
-    if stop_after is not None:
-        over["train"]["stop_after"] = stop_after
-    if seed is not None:
-        over["train"]["seed"] = seed
-    job = load_job(config, over)
+    job = load_job(config, _train_overrides(iterations=iterations, stop_after=stop_after, seed=seed))
     with ui.progress() as progress:
         progress.start("training", min(job.train.iterations, job.train.stop_after or job.train.iterations))
 
@@ -99,12 +97,7 @@ def dio(
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
     if threads is not None:
         torch.set_num_threads(threads)
-    over: dict = {"train": {}}
-    if iterations is not None:
-        over["train"]["iterations"] = iterations
-    if seed is not None:
-        over["train"]["seed"] = seed
-    job = load_dio_job(config, over)
+    job = load_dio_job(config, _train_overrides(iterations=iterations, seed=seed))
     with ui.progress() as progress:
         started = set()
 

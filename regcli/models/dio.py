@@ -59,6 +59,7 @@ from regcli.spaces.image import Image
 ARCHITECTURE = "regcli-dio-features"
 
 _SLOPE = 0.2  # LeakyReLU negative slope
+MIND_CHANNELS = 12
 
 
 class DioNetConfig(BaseModel):
@@ -73,6 +74,10 @@ class DioNetConfig(BaseModel):
     levels: tuple[int, ...] = Field((4, 2, 1), description="output levels (downsampling factors, powers of 2)")
     feature_channels: tuple[int, ...] = Field((8, 8, 8), description="feature channels per level")
     normalize: bool = Field(True, description="unit-length feature vectors per voxel")
+    mind_residual: bool = Field(False, description="the heads learn a correction to MIND-SSC: each level's "
+                                "features are unit(MIND + head), MIND-SSC (radius 1, dilation 2, of the first input "
+                                "channel) centred, unit length and pooled to the level, the heads starting at zero "
+                                "(so an untrained network gives MIND-SSC); needs 12 feature channels per level")
     spacing_mm: float = Field(2.0, gt=0, description="isotropic working spacing the network was trained for")
     percentiles: tuple[float, float] = Field((1.0, 99.0), description="intensity window mapped to [0, 1]")
 
@@ -90,6 +95,11 @@ class DioNetConfig(BaseModel):
             raise ValueError("feature_channels must give one positive channel count per level")
         if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
             raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+        if self.mind_residual and any(c != MIND_CHANNELS for c in self.feature_channels):
+            raise ValueError(f"mind_residual needs {MIND_CHANNELS} feature channels at every level (MIND-SSC's), got "
+                             f"{list(self.feature_channels)}")
+        if self.mind_residual and not self.normalize:
+            raise ValueError("mind_residual needs normalize: true")
         return self
 
     @property
@@ -172,6 +182,8 @@ class DioFeatureNet(nn.Module):
             head = _conv(w[level.bit_length() - 1], channels, 1, bias=False)
             with torch.no_grad():  # weights sum to zero over input channels: a common offset does not pass
                 head.weight.sub_(head.weight.mean(dim=1, keepdim=True))
+                if cfg.mind_residual:  # a correction that starts at zero: the untrained network gives MIND-SSC
+                    head.weight.zero_()
             heads[str(level)] = head
         self.heads = nn.ModuleDict(heads)
 
@@ -180,6 +192,7 @@ class DioFeatureNet(nn.Module):
         if x.dim() != 5 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"DioFeatureNet needs (N, {cfg.in_channels}, Z, Y, X) input, got {tuple(x.shape)}")
         size = tuple(x.shape[2:])
+        mind = mind_levels(x[:, :1], cfg.levels) if cfg.mind_residual else None
         stride = cfg.total_stride
         pad = [(-n) % stride for n in size]  # (z, y, x) voxels at the high-index end
         if any(pad):
@@ -202,8 +215,35 @@ class DioFeatureNet(nn.Module):
             crop = tuple(-(-n // level) for n in size)
             h = per_depth[level.bit_length() - 1][:, :, : crop[0], : crop[1], : crop[2]]
             f = _pointwise(h, self.heads[str(level)].weight)
+            if mind is not None:
+                f = f + mind[level]
             out[level] = _unit(f) if cfg.normalize else f
         return out
+
+
+def mind_levels(x: torch.Tensor, levels) -> dict[int, torch.Tensor]:
+    """MIND-SSC (radius 1, dilation 2 voxels) of (N, 1, Z, Y, X) intensities, centred over its channels and unit
+    length (0 where the image is flat), average-pooled to each level (padded at the high-index end with edge
+    values, as :func:`level_grid` places the voxels) and unit length again: ``{level: (N, 12, ceil(Z/l), ...)}``.
+    Not differentiated (a fixed function of the input)."""
+    from regcli.features.mind import mind_ssc
+
+    def unit_or_zero(f: torch.Tensor) -> torch.Tensor:
+        n = f.square().sum(1, keepdim=True)
+        return torch.where(n > 1e-12, f * n.clamp_min(1e-12).rsqrt(), torch.zeros_like(f))
+
+    with torch.no_grad():
+        m = mind_ssc(x, 1, 2)
+        m = unit_or_zero(m - m.mean(1, keepdim=True))
+        out = {}
+        for level in levels:
+            if level == 1:
+                out[level] = m
+                continue
+            pad = [(-n) % level for n in m.shape[2:]]
+            p = F.pad(m, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate") if any(pad) else m
+            out[level] = unit_or_zero(F.avg_pool3d(p, level, stride=level))
+    return out
 
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -284,18 +324,9 @@ def save_dio_model(net: DioFeatureNet, folder, model_card: str, training: Option
     ``preprocessing``, ``training`` (the recipe) and ``version``; :func:`regcli.weights.save_model_folder`
     adds the sha256. Returns the folder.
     """
-    from regcli.weights import save_model_folder
+    from regcli.weights import save_network
 
-    config = {
-        "architecture": ARCHITECTURE,
-        "version": version,
-        "net": net.cfg.model_dump(mode="json"),
-        "preprocessing": {"spacing_mm": net.cfg.spacing_mm, "intensity_percentiles": list(net.cfg.percentiles),
-                          "input": "scalar image resampled to an isotropic grid of spacing_mm"},
-        "training": training or {},
-    }
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    return save_model_folder(folder, state, config, model_card, overwrite=overwrite)
+    return save_network(net, folder, ARCHITECTURE, model_card, training, version, overwrite)
 
 
 def load_dio(spec: str, device=None) -> DioFeatureNet:
@@ -310,18 +341,6 @@ def dio_from(model, device=None) -> DioFeatureNet:
     """Build the network (eval mode) from an already resolved and verified
     :class:`regcli.weights.ResolvedModel`; a model of another architecture, or whose tensors do not fit its
     configuration, is a one-line WeightsError."""
-    from regcli.errors import WeightsError, folded
-    from regcli.weights import load_state_dict
+    from regcli.weights import build_network
 
-    if model.config.get("architecture") != ARCHITECTURE:
-        raise WeightsError(f"model '{model.spec}' is a '{model.config.get('architecture')}', not a DIO feature "
-                           f"network ('{ARCHITECTURE}')")
-    try:
-        cfg = DioNetConfig.model_validate(model.config.get("net", {}))
-        net = DioFeatureNet(cfg)
-        net.load_state_dict(load_state_dict(model))
-    except Exception as e:  # noqa: BLE001 - any mismatch between config and tensors is a weights problem
-        raise WeightsError(f"model '{model.spec}' ({model.folder}) does not load: "
-                           f"{folded(e, 300)}") from None
-    net.eval()
-    return net.to(device) if device is not None else net
+    return build_network(model, ARCHITECTURE, "a DIO feature network", DioNetConfig, DioFeatureNet, device)

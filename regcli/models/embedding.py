@@ -179,18 +179,9 @@ def save_embedding_model(net: EmbeddingNet, folder, model_card: str, training: O
     ``config.json`` holds ``architecture``, ``net`` (the :class:`EmbeddingConfig`), ``preprocessing``,
     ``training`` (the recipe) and ``version``; :func:`regcli.weights.save_model_folder` adds the sha256.
     """
-    from regcli.weights import save_model_folder
+    from regcli.weights import save_network
 
-    config = {
-        "architecture": ARCHITECTURE,
-        "version": version,
-        "net": net.cfg.model_dump(mode="json"),
-        "preprocessing": {"spacing_mm": net.cfg.spacing_mm, "intensity_percentiles": list(net.cfg.percentiles),
-                          "input": "scalar image resampled to an isotropic grid of spacing_mm"},
-        "training": training or {},
-    }
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    return save_model_folder(folder, state, config, model_card, overwrite=overwrite)
+    return save_network(net, folder, ARCHITECTURE, model_card, training, version, overwrite)
 
 
 def load_embedding(spec: str, device=None) -> EmbeddingNet:
@@ -205,18 +196,6 @@ def embedding_from(model, device=None) -> EmbeddingNet:
     """Build the network (eval mode) from an already resolved and verified
     :class:`regcli.weights.ResolvedModel`; a model of another architecture, or whose tensors do not fit its
     configuration, is a one-line WeightsError."""
-    from regcli.errors import WeightsError, folded
-    from regcli.weights import load_state_dict
+    from regcli.weights import build_network
 
-    if model.config.get("architecture") != ARCHITECTURE:
-        raise WeightsError(f"model '{model.spec}' is a '{model.config.get('architecture')}', not an anatomical "
-                           f"embedding ('{ARCHITECTURE}')")
-    try:
-        cfg = EmbeddingConfig.model_validate(model.config.get("net", {}))
-        net = EmbeddingNet(cfg)
-        net.load_state_dict(load_state_dict(model))
-    except Exception as e:  # noqa: BLE001 - any mismatch between config and tensors is a weights problem
-        raise WeightsError(f"model '{model.spec}' ({model.folder}) does not load: "
-                           f"{folded(e, 300)}") from None
-    net.eval()
-    return net.to(device) if device is not None else net
+    return build_network(model, ARCHITECTURE, "an anatomical embedding", EmbeddingConfig, EmbeddingNet, device)

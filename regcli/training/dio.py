@@ -83,15 +83,10 @@ class DioJob(BaseModel):
 def load_dio_job(path: str | Path, overrides: Optional[dict] = None) -> DioJob:
     from pydantic import ValidationError
 
-    from regcli.config import deep_merge, load_yaml, validation_details
+    from regcli.config import validation_details
+    from regcli.training.jobs import job_data
 
-    data = deep_merge(load_yaml(path), overrides or {})
-    base = Path(path).resolve().parent
-    for src in data.get("data", []):  # globs are relative to the job file
-        if isinstance(src, dict) and "glob" in src and not Path(src["glob"]).is_absolute():
-            src["glob"] = str(base / src["glob"])
-    if isinstance(data.get("init"), str) and not data["init"].startswith("hub:") and (base / data["init"]).exists():
-        data["init"] = str(base / data["init"])
+    data = job_data(path, overrides)
     try:
         job = DioJob.model_validate(data)
         register_config(job)

@@ -50,18 +50,27 @@ class EmbeddingJob(BaseModel):
                                 "spec) or a checkpoint.pt of an earlier run with the same net (relative to the job file)")
 
 
-def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob:
-    from pydantic import ValidationError
-
-    from regcli.config import deep_merge, load_yaml, validation_details
+def job_data(path: str | Path, overrides: Optional[dict] = None) -> dict:
+    """A training job file's mapping with the overrides merged in, and its paths made absolute: data globs and a
+    local ``init`` are relative to the job file."""
+    from regcli.config import deep_merge, load_yaml
 
     data = deep_merge(load_yaml(path), overrides or {})
     base = Path(path).resolve().parent
-    for src in data.get("data", []):  # globs are relative to the job file
+    for src in data.get("data", []):
         if isinstance(src, dict) and "glob" in src and not Path(src["glob"]).is_absolute():
             src["glob"] = str(base / src["glob"])
     if isinstance(data.get("init"), str) and not data["init"].startswith("hub:") and (base / data["init"]).exists():
         data["init"] = str(base / data["init"])
+    return data
+
+
+def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob:
+    from pydantic import ValidationError
+
+    from regcli.config import validation_details
+
+    data = job_data(path, overrides)
     try:
         return EmbeddingJob.model_validate(data)
     except ValidationError as e:

@@ -54,6 +54,7 @@ __all__ = [
     "CARD_FILE", "CONFIG_FILE", "MODEL_FILES", "WEIGHTS_FILE", "ModelRef", "ResolvedModel", "list_models",
     "load_registry", "load_state_dict", "offline_mode", "pull", "push", "registry_path", "resolve",
     "safetensors_summary", "save_model_folder", "sha256_file", "shipped_folder", "verify_folder", "weights_dir",
+    "save_network", "build_network",
 ]
 
 
@@ -150,3 +151,40 @@ def push(folder: str | os.PathLike, repo_id: str, *, revision: Optional[str] = N
     commit = _hub.push(folder, repo_id, revision=revision, private=private, token=token)
     return {"repo_id": repo_id, "revision": commit, "sha256": sha, "branch": revision or "main",
             "endpoint": _hub.endpoint()}
+
+
+def save_network(net, folder, architecture: str, model_card: str, training: Optional[dict] = None,
+                 version: str = "0", overwrite: bool = False, input_note: str = "scalar image resampled to an "
+                 "isotropic grid of spacing_mm"):
+    """Write a regcli network (a module with a pydantic ``cfg`` that has ``spacing_mm`` and ``percentiles``) as a
+    Hub-layout model folder: ``config.json`` with ``architecture``, ``version``, ``net`` (the config),
+    ``preprocessing`` and ``training`` (the recipe), ``model.safetensors``, and the model card as ``README.md``
+    (:func:`save_model_folder` adds the sha256). Returns the folder."""
+    config = {
+        "architecture": architecture,
+        "version": version,
+        "net": net.cfg.model_dump(mode="json"),
+        "preprocessing": {"spacing_mm": net.cfg.spacing_mm, "intensity_percentiles": list(net.cfg.percentiles),
+                          "input": input_note},
+        "training": training or {},
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    return save_model_folder(folder, state, config, model_card, overwrite=overwrite)
+
+
+def build_network(model: ResolvedModel, architecture: str, what: str, config_cls, net_cls, device=None):
+    """The network of a resolved, verified model (eval mode): its ``config.json`` must name ``architecture``, its
+    ``net`` entry must validate as ``config_cls`` and its tensors fit ``net_cls(cfg)``; anything else is a
+    one-line WeightsError (``what`` names the kind of model in it, e.g. "DIO feature network")."""
+    from regcli.errors import folded
+
+    if model.config.get("architecture") != architecture:
+        raise WeightsError(f"model '{model.spec}' is a '{model.config.get('architecture')}', not {what} "
+                           f"('{architecture}')")
+    try:
+        net = net_cls(config_cls.model_validate(model.config.get("net", {})))
+        net.load_state_dict(load_state_dict(model))
+    except Exception as e:  # noqa: BLE001 - any mismatch between config and tensors is a weights problem
+        raise WeightsError(f"model '{model.spec}' ({model.folder}) does not load: {folded(e, 300)}") from None
+    net.eval()
+    return net.to(device) if device is not None else net
