@@ -54,7 +54,7 @@ def child(iters: int, crop: int) -> None:
     job = DioJob(data=[{"glob": "x"}], solver={"dio": {"iterations": [iters] * 3}})
     cfg = register_config(job)
     torch.manual_seed(0)
-    net = DioFeatureNet(DioNetConfig())
+    net = DioFeatureNet(DioNetConfig(feature_channels=(12, 12, 12), mind_residual=True))  # the shipped recipe's
     tcfg = DioTrainConfig()
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:

@@ -242,3 +242,43 @@ def test_mind_residual_network_starts_at_mind_and_learns_a_correction():
     loss.backward()
     opt.step()
     assert not torch.allclose(net(x)[1], ref[1], atol=1e-4)
+
+
+def test_shipped_dio_model_registers_with_the_defaults(tmp_path):
+    """`--method dio` with no weights option loads the shipped model (weights/dio-features) with no network."""
+    fixed_img = make_phantom("LPS", (2.0, 2.0, 2.0))
+    moving_img = make_phantom("LPS", (2.0, 2.0, 2.0), transform=lambda p: p + np.array([2.0, 0, 0]))
+    fp, mp = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
+    sitk.WriteImage(fixed_img, str(fp))
+    sitk.WriteImage(moving_img, str(mp))
+    res = invoke("register", fp, mp, "-o", tmp_path / "out_", "--method", "dio", "--no-html", "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "out_Report.json").read_text())
+    model = rep["extra"]["models"][0]
+    assert model["spec"] == "dio-features" and model["source"] == "shipped"
+
+
+@pytest.mark.parametrize("method", ["convexadam", "samconvex"])
+def test_other_methods_take_the_transform_swap(method, tmp_path):
+    """instance.transform reaches the IO stage of convexadam and samconvex too: with svf the result is the
+    composition of exponentials (no folding), and the loss history shows the swapped model ran."""
+    from regcli.pipeline import register_images
+    from regcli.reports.jacobian import jacobian_determinant
+
+    fixed, _ = _img("LPS")
+    moving, _ = _img("LPS", transform=lambda p: p + np.array([2.0, 0.0, -2.0]) + 0.06 * np.roll(p, 1, axis=-1))
+    over = {"method": method, "instance": {"transform": "svf", "iterations": 10, "refine_iterations": 3}}
+    if method == "samconvex":
+        from regcli.models.embedding import EmbeddingConfig, EmbeddingNet, save_embedding_model
+
+        torch.manual_seed(0)
+        folder = tmp_path / "emb"
+        save_embedding_model(EmbeddingNet(EmbeddingConfig(widths=(4, 8, 8, 12), global_dim=8, local_dim=8,
+                                                          context_dilations=(1, 2))), folder, "# tiny\n")
+        over["samconvex"] = {"weights": str(folder), "io_iterations": 10, "refine_iterations": 3}
+    reg = register_images(fixed, moving, build_config(None, over))
+    assert float(jacobian_determinant(reg.field).min()) > 0
+    assert any(k.endswith("/refine") for k in reg.history)
+    over["instance"]["transform"] = "freeform"
+    free = register_images(fixed, moving, build_config(None, over))
+    assert not torch.allclose(free.field.disp, reg.field.disp, atol=1e-3)  # the swap changed the solve

@@ -203,15 +203,16 @@ def dio(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Optional[I
 
 
 def jfb_step(solution: LevelSolution, feat_f: Image, feat_m: Image, cfg: RegisterConfig, prompts: Sequence = (),
-             fixed_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+             fixed_weights: Optional[torch.Tensor] = None, step_fraction: float = 1.0) -> torch.Tensor:
     """One solver step taken at a level's converged transform, differentiable w.r.t. the feature images.
 
     Jacobian-free backpropagation (Fung et al. 2022; DIO trains this way): the optimum ``theta*`` of the solver
     is treated as a fixed point of its update ``theta <- theta - eta * grad_theta L(theta; features)``, and the
     gradient of a training loss is taken through that single update at ``theta*`` only. Nothing of the
     solver's iterations is kept, so memory does not grow with them. ``eta`` scales each parameter tensor's step
-    to the level's learning rate in RMS (the scale itself is not differentiated), like one normalised
-    gradient-descent step of the solver.
+    to ``step_fraction`` x the level's learning rate in RMS (the scale itself is not differentiated), like one
+    normalised gradient-descent step of the solver; a small fraction keeps the loss evaluated near ``theta*``,
+    where the Jacobian-free approximation holds.
 
     Args:
         solution: the level as :func:`solve` returned it (its ``model`` holds ``theta*``).
@@ -222,7 +223,7 @@ def jfb_step(solution: LevelSolution, feat_f: Image, feat_m: Image, cfg: Registe
     from torch.func import functional_call
 
     dcfg = cfg.dio
-    lr = dict(zip(dcfg.levels, dcfg.learning_rates))[solution.level]
+    lr = dict(zip(dcfg.levels, dcfg.learning_rates))[solution.level] * step_fraction
     model = solution.model
     solver = solver_from_config(cfg.instance, iterations=0, lr=lr, reg_weight=dcfg.reg_weight,
                                 smoothing_passes=dcfg.smoothing_passes, similarity="feature_ssd",

@@ -62,6 +62,8 @@ class DioTrainConfig(BaseModel):
     image_weight: float = Field(0.1, ge=0, description="weight of -LNCC of the images at each level")
     lncc_radius_mm: float = Field(6.0, gt=0)
     grad_clip: float = Field(1.0, gt=0)
+    jfb_step: float = Field(1.0, gt=0, le=1, description="the differentiated solver step's size as a fraction of "
+                            "the level's learning rate (small: the loss is taken near the optimum)")
     seed: int = 0
 
 
@@ -227,7 +229,7 @@ def train_step(net, fixed: Image, moving: Image, fixed_labels: Image, moving_lab
     total = fixed.data.new_zeros(())
     parts: dict = {}
     for sol in levels:
-        u1 = jfb_step(sol, ff[sol.level], fm[sol.level], cfg)
+        u1 = jfb_step(sol, ff[sol.level], fm[sol.level], cfg, step_fraction=tcfg.jfb_step)
         d = dice.loss(u1, sol.grid)
         loss = d
         if tcfg.image_weight > 0:
