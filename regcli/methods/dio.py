@@ -116,6 +116,7 @@ class LevelSolution:
     model: torch.nn.Module
     start: Optional[torch.Tensor]  # the base field the level started from (3, ...) mm on ``grid``, or None
     history: list = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def solve(feats_f: dict[int, Image], feats_m: dict[int, Image], cfg: RegisterConfig, fixed_mask=None,
@@ -153,7 +154,7 @@ def solve(feats_f: dict[int, Image], feats_m: dict[int, Image], cfg: RegisterCon
         res = solver.run(Problem(F_.data.detach(), M_.data.detach(), F_.grid, M_.grid, w_f, w_m,
                                  prompts=list(prompts)), init=start)
         u, ugrid = res.disp, F_.grid
-        out.append(LevelSolution(lv, F_.grid, res.disp, res.model, start, res.history))
+        out.append(LevelSolution(lv, F_.grid, res.disp, res.model, start, res.history, res.seconds))
     return out
 
 
@@ -191,6 +192,7 @@ def dio(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Optional[I
     mmask = _mask_on(moving_mask, grid, "moving")
     levels = solve(feats_f, feats_m, cfg, fmask, mmask, prompts, progress, dev, grid)
     timings["solver"] = time.perf_counter() - t
+    timings.update({f"solver/level{s.level}": s.seconds for s in levels})
     last = levels[-1]
     with torch.no_grad():
         u = last.disp if last.grid.allclose(grid) else upsample_field(last.disp, last.grid, grid)
