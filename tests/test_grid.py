@@ -83,3 +83,17 @@ def test_large_origin_keeps_precision():
 def test_sheared_or_degenerate_direction_is_a_geometry_error(bad):
     with pytest.raises(GeometryError):
         Grid((4, 4, 4), (1, 1, 1), (0, 0, 0), bad.ravel())
+
+
+def test_cropped_grid_keeps_voxel_positions():
+    import numpy as np
+
+    from regcli.spaces.grid import Grid
+
+    g = Grid((10, 12, 8), (0.9, 1.1, 3.0), (5.0, -2.0, 1.0), tuple(np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]],
+                                                                         dtype=float).ravel()))
+    c = g.cropped((2, 3, 1), (4, 5, 6))
+    assert c.size == (4, 5, 6) and c.spacing == g.spacing and c.direction == g.direction
+    idx = np.array([[0, 0, 0, 1], [3, 4, 5, 1]], dtype=float).T
+    expected = g.index_to_world() @ (idx + np.array([[2], [3], [1], [0]]))
+    assert np.allclose(c.index_to_world() @ idx, expected)

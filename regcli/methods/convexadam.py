@@ -99,6 +99,16 @@ def _pool(data: torch.Tensor, grid: Grid, factor: int, mode: str = "replicate") 
     return F.avg_pool3d(padded, factor, stride=factor), pooled_grid(g_pad, factor)
 
 
+def pooled_weights(mask: Optional[torch.Tensor], grid: Grid, factor: int, dev) -> Optional[torch.Tensor]:
+    """(Z', Y', X') similarity weights on the grid of :func:`_pool` by ``factor``: the (Z, Y, X) ``mask`` on ``grid``
+    average-pooled, 0 on the padding beyond the image; None when there is neither a mask nor padding (all 1)."""
+    _, pad = padded_grid(grid, factor)
+    if mask is None and not any(pad):
+        return None
+    base = mask.to(dev) if mask is not None else torch.ones(grid.shape, device=dev)
+    return _pool(base[None, None], grid, factor, "constant")[0][0, 0]
+
+
 def index_to_world_vectors(disp_index: torch.Tensor, grid: Grid) -> torch.Tensor:
     """(3, Z, Y, X) displacement in voxels of ``grid`` (components x, y, z) -> world LPS mm."""
     A = grid.index_to_world()[:3, :3].astype(np.float32)
@@ -180,14 +190,8 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
         io_f, io_grid = _pool(feat_f, grid, k)
         io_m, _ = _pool(feat_m, grid, k)
         start = init if init_grid.allclose(io_grid) else upsample_field(init, init_grid, io_grid)
-        # weights: 0 on padding, the masks where given
-        _, pad = padded_grid(grid, k)
-        w_fixed = w_moving = None
-        if any(pad) or fmask is not None:
-            base = fmask.to(dev) if fmask is not None else torch.ones(grid.shape, device=dev)
-            w_fixed = _pool(base[None, None], grid, k, "constant")[0][0, 0]
-        if mmask is not None:
-            w_moving = _pool(mmask.to(dev)[None, None], grid, k, "constant")[0][0, 0]
+        w_fixed = pooled_weights(fmask, grid, k, dev)
+        w_moving = pooled_weights(mmask, grid, k, dev) if mmask is not None else None
     if iterations <= 0:
         return start, io_grid, []
     with torch.no_grad():

@@ -30,8 +30,7 @@ import torch
 
 from regcli.config import RegisterConfig
 from regcli.errors import ConvergenceError, GeometryError
-from regcli.methods.convexadam import DeformableResult, _mask_on, _pool, _scalar
-from regcli.spaces.grid import padded_grid
+from regcli.methods.convexadam import DeformableResult, _mask_on, _pool, _scalar, pooled_weights
 from regcli.resample import upsample_field
 from regcli.solvers.instance import Problem, solver_from_config
 from regcli.spaces.grid import Grid
@@ -96,14 +95,14 @@ def level_features(image: Image, cfg: RegisterConfig, net=None, device=None, gra
     return feats
 
 
-def _weights(mask: Optional[torch.Tensor], grid: Grid, level: int, dev) -> Optional[torch.Tensor]:
-    """(Z, Y, X) weights on a level's grid: the pooled mask, 0 on the padding beyond the image (None: all 1)."""
-    _, pad = padded_grid(grid, level)
-    if mask is None and not any(pad):
-        return None
-    base = mask.to(dev) if mask is not None else torch.ones(grid.shape, device=dev)
-    w, _ = _pool(base[None, None], grid, level, "constant")
-    return w[0, 0]
+def level_solver(cfg: RegisterConfig, iterations: int, lr: float, stage: str = "DIO solver",
+                 progress: Optional[Callable[[int, int, float], None]] = None):
+    """The solver of one level (feature SSD + ``dio.reg_weight`` x diffusion, ``instance.transform`` and
+    ``instance.optimizer``): what :func:`solve` runs and what :func:`jfb_step` differentiates."""
+    dcfg = cfg.dio
+    return solver_from_config(cfg.instance, iterations=iterations, lr=lr, reg_weight=dcfg.reg_weight,
+                              smoothing_passes=dcfg.smoothing_passes, stage=stage, similarity="feature_ssd",
+                              regularizer="diffusion", progress=progress)
 
 
 @dataclass
@@ -141,14 +140,12 @@ def solve(feats_f: dict[int, Image], feats_m: dict[int, Image], cfg: RegisterCon
         dev = device if device is not None else F_.data.device
         with torch.no_grad():
             start = None if u is None else (u if ugrid.allclose(F_.grid) else upsample_field(u, ugrid, F_.grid))
-            w_f = _weights(fixed_mask, work_grid, lv, dev) if work_grid is not None else None
-            w_m = (_weights(moving_mask, work_grid, lv, dev)
+            w_f = pooled_weights(fixed_mask, work_grid, lv, dev) if work_grid is not None else None
+            w_m = (pooled_weights(moving_mask, work_grid, lv, dev)
                    if (work_grid is not None and moving_mask is not None) else None)
         stage = f"DIO solver, level {lv}"
-        solver = solver_from_config(
-            cfg.instance, iterations=iters, lr=lr, reg_weight=dcfg.reg_weight, smoothing_passes=dcfg.smoothing_passes,
-            stage=stage, similarity="feature_ssd", regularizer="diffusion",
-            progress=(lambda i, n, loss, s=stage: progress(s, i, n)) if progress is not None else None)
+        solver = level_solver(cfg, iters, lr, stage,
+                              (lambda i, n, loss, s=stage: progress(s, i, n)) if progress is not None else None)
         if progress is not None:
             progress(stage, 0, iters)
         res = solver.run(Problem(F_.data.detach(), M_.data.detach(), F_.grid, M_.grid, w_f, w_m,
@@ -227,11 +224,8 @@ def jfb_step(solution: LevelSolution, feat_f: Image, feat_m: Image, cfg: Registe
     dcfg = cfg.dio
     lr = dict(zip(dcfg.levels, dcfg.learning_rates))[solution.level] * step_fraction
     model = solution.model
-    solver = solver_from_config(cfg.instance, iterations=0, lr=lr, reg_weight=dcfg.reg_weight,
-                                smoothing_passes=dcfg.smoothing_passes, similarity="feature_ssd",
-                                regularizer="diffusion")
-    objective = solver.objective(Problem(feat_f.data, feat_m.data, feat_f.grid, feat_m.grid, fixed_weights,
-                                         prompts=list(prompts)))
+    problem = Problem(feat_f.data, feat_m.data, feat_f.grid, feat_m.grid, fixed_weights, prompts=list(prompts))
+    objective = level_solver(cfg, 0, lr).objective(problem)
     params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
     loss, _ = objective(functional_call(model, {**params, **buffers}, ()))

@@ -42,6 +42,7 @@ from regcli.methods.convexadam import (
 from regcli.models.embedding import EmbeddingNet, embed, embedding_from
 from regcli.resample import FieldWarper, upsample_field
 from regcli.solvers.convex import convex_displacement
+from regcli.solvers import diffeo
 from regcli.solvers.instance import Problem, solver_from_config
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image
@@ -140,7 +141,7 @@ def compose(u_level: torch.Tensor, u_prev: Optional[torch.Tensor], grid: Grid, w
     """``u(x) = u_level(x) + u_prev(x + u_level(x))`` for (3, Z, Y, X) mm fields on ``grid``."""
     if u_prev is None:
         return u_level
-    return u_level + warper.warp(u_prev, u_level, "bilinear", "border")
+    return diffeo.compose(u_level, u_prev, warper)
 
 
 def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Optional[Image] = None,

@@ -157,9 +157,6 @@ class FreeformModel(nn.Module):
         return box_smooth(self.disp, self.smoothing_passes)
 
 
-DisplacementModel = FreeformModel  # the model's name before "freeform"
-
-
 @MODELS.register("svf")
 class SVFModel(_Composing):
     """Stationary velocity field: ``m = exp(v)`` by scaling and squaring (diffeomorphic), then the base field.

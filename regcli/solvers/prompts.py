@@ -60,6 +60,18 @@ def _antialias(data: torch.Tensor, sigma_vox: Sequence[float]) -> torch.Tensor:
     return gaussian_smooth(data, sigma_vox)
 
 
+def _cached(cache: OrderedDict, key, build):
+    """``cache[key]``, built by ``build()`` on a miss; the ``_CACHE_GRIDS`` most recently used entries are kept."""
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+        return hit
+    entry = cache[key] = build()
+    while len(cache) > _CACHE_GRIDS:
+        cache.popitem(last=False)
+    return entry
+
+
 def _label_ids(data: torch.Tensor) -> set[int]:
     return {int(v) for v in torch.unique(data).tolist()}
 
@@ -178,23 +190,16 @@ class LabelPrompt:
     def prepare(self, grid: Grid, device=None) -> tuple[torch.Tensor, torch.Tensor, FieldWarper]:
         """Per-grid tensors (cached): fixed one-hot (K, Z, Y, X) on ``grid``, the anti-aliased moving one-hot
         (K, Z', Y', X') on the moving map's grid, and the warper from that grid to ``grid``."""
-        key = (grid, str(torch.device(device) if device is not None else "cpu"))
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        with torch.no_grad():
-            f = _onehot(self.fixed.data.to(device), self.labels)
-            f = _antialias(f, _footprint_sigma_vox(self.fixed.grid, grid))
-            f = resample_to_grid(Image(f, self.fixed.grid), grid, "linear", 0.0).data.contiguous()
-            m = self._moving_onehot().to(device=device, dtype=torch.float32)
-            m = _antialias(m, _footprint_sigma_vox(self.moving.grid, grid)).contiguous()
-            warper = FieldWarper(self.moving.grid, grid, device)
-        entry = (f, m, warper)
-        self._cache[key] = entry
-        while len(self._cache) > _CACHE_GRIDS:
-            self._cache.popitem(last=False)
-        return entry
+        def build():
+            with torch.no_grad():
+                f = _onehot(self.fixed.data.to(device), self.labels)
+                f = _antialias(f, _footprint_sigma_vox(self.fixed.grid, grid))
+                f = resample_to_grid(Image(f, self.fixed.grid), grid, "linear", 0.0).data.contiguous()
+                m = self._moving_onehot().to(device=device, dtype=torch.float32)
+                m = _antialias(m, _footprint_sigma_vox(self.moving.grid, grid)).contiguous()
+                return f, m, FieldWarper(self.moving.grid, grid, device)
+
+        return _cached(self._cache, (grid, str(torch.device(device) if device is not None else "cpu")), build)
 
     def dice(self, disp: Optional[torch.Tensor], grid: Grid) -> torch.Tensor:
         """Soft Dice (K,) per label (order of :attr:`labels`) for ``disp`` (1, 3, Z, Y, X) mm on ``grid``."""
@@ -277,23 +282,18 @@ class LandmarkPrompt:
         return int((~grid.inside(torch.from_numpy(self.fixed_points))).sum())
 
     def _prepare(self, grid: Grid, device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (grid, str(device))
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        pts = torch.from_numpy(self.fixed_points)
-        coords = grid.world_to_norm_points(pts).to(torch.float32).reshape(1, -1, 1, 1, 3).to(device)
-        offset = torch.from_numpy(self.fixed_points - self.moving_points).to(torch.float32).to(device)  # (P, 3)
-        n_out = self.outside(grid)
-        if n_out:
-            log.warning("%s prompt: %d of %d fixed landmarks lie outside the IO grid (%s); their displacement is "
-                        "taken from the nearest edge voxel", self.name, n_out, len(self.fixed_points), grid.describe())
-        entry = (coords, offset)
-        self._cache[key] = entry
-        while len(self._cache) > _CACHE_GRIDS:
-            self._cache.popitem(last=False)
-        return entry
+        def build():
+            pts = torch.from_numpy(self.fixed_points)
+            coords = grid.world_to_norm_points(pts).to(torch.float32).reshape(1, -1, 1, 1, 3).to(device)
+            offset = torch.from_numpy(self.fixed_points - self.moving_points).to(torch.float32).to(device)  # (P, 3)
+            n_out = self.outside(grid)
+            if n_out:
+                log.warning("%s prompt: %d of %d fixed landmarks lie outside the IO grid (%s); their displacement "
+                            "is taken from the nearest edge voxel", self.name, n_out, len(self.fixed_points),
+                            grid.describe())
+            return coords, offset
+
+        return _cached(self._cache, (grid, str(device)), build)
 
     def displacement_at_points(self, disp: torch.Tensor, grid: Grid) -> torch.Tensor:
         """``u(p_i)``: (P, 3) float32 mm, trilinear (border-clamped) from ``disp`` (1, 3, Z, Y, X) mm on ``grid``."""

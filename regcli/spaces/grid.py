@@ -236,6 +236,12 @@ class Grid:
         origin = corner[:3] + self.direction_matrix @ (0.5 * sp)
         return Grid(tuple(size.astype(int)), tuple(sp), tuple(origin), self.direction)
 
+    def cropped(self, start: Sequence[int], size: Sequence[int]) -> "Grid":
+        """The grid of the sub-block of ``size`` voxels (x, y, z) starting at voxel ``start`` (x, y, z): same
+        spacing and direction, origin at that voxel's centre (the grid of ``data[z0:z1, y0:y1, x0:x1]``)."""
+        origin = (self.index_to_world() @ np.append(np.asarray(start, dtype=np.float64), 1.0))[:3]
+        return Grid(tuple(int(n) for n in size), self.spacing, tuple(origin), self.direction)
+
     # ------------------------------------------------------------------ comparisons / descriptions
     def allclose(self, other: "Grid", rtol: float = 1e-4) -> bool:
         """Same grid up to ``rtol * spacing`` in position and 1e-4 in direction cosines."""

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -151,7 +150,7 @@ def prepare_subjects(job: DioJob, spacing_mm: float, percentiles, log: Callable[
     work = template.grid.with_spacing(spacing_mm)
     subjects = []
     for k, (fi, fl) in enumerate(files):
-        img = read_image(fi, "training image")
+        img = template if k == 0 else read_image(fi, "training image")
         lab = read_labels(fl, "training labels")
         if k == 0:
             affine = None
@@ -201,9 +200,7 @@ def crop_box(shape, crop, gen: torch.Generator) -> tuple[slice, slice, slice]:
 def crop_grid(grid: Grid, box) -> Grid:
     """The grid of ``data[box]`` for (Z, Y, X) data on ``grid``."""
     z, y, x = box
-    start = np.array([x.start, y.start, z.start, 1.0])
-    origin = (grid.index_to_world() @ start)[:3]
-    return Grid((x.stop - x.start, y.stop - y.start, z.stop - z.start), grid.spacing, tuple(origin), grid.direction)
+    return grid.cropped((x.start, y.start, z.start), (x.stop - x.start, y.stop - y.start, z.stop - z.start))
 
 
 # ------------------------------------------------------------------------------------------------ training
