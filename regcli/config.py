@@ -100,6 +100,11 @@ class InstanceConfig(_Frozen):
                                                    "field (default: smoothing_passes)")
     refine_mind_dilation: int = Field(1, ge=1, description="MIND-SSC neighbour distance of the refinement "
                                       "features (working-grid voxels)")
+    fine_spacing_mm: Optional[float] = Field(
+        None, gt=0, description="after any deformable method: a last refinement on the fixed image's grid at this "
+        "finer isotropic spacing (e.g. 1.0; MIND-SSC, the refine_* settings, instance.transform); None: the "
+        "result keeps the working grid's resolution. Costs time: docs/benchmarks.md, 'Fine refinement'")
+    fine_iterations: int = Field(3, ge=1, description="iterations of the fine refinement")
 
 
 class SamConvexConfig(_Frozen):
@@ -198,6 +203,14 @@ class RegisterConfig(_Frozen):
     @property
     def deformable(self) -> bool:
         return self.method in ("convexadam", "samconvex", "dio")
+
+    @model_validator(mode="after")
+    def _fine_is_finer(self) -> "RegisterConfig":
+        fine = self.instance.fine_spacing_mm
+        if fine is not None and fine >= self.working_spacing_mm:
+            raise ValueError(f"instance.fine_spacing_mm ({fine:g}) must be finer than working_spacing_mm "
+                             f"({self.working_spacing_mm:g})")
+        return self
 
 
 METHOD_PRESETS: dict[str, dict[str, Any]] = {

@@ -17,6 +17,7 @@ import torch
 
 from regcli.config import RegisterConfig
 from regcli.errors import GeometryError
+from regcli.features.intensity import smooth_for
 from regcli.io.atomic import OutputSet
 from regcli.progress import Progress, log
 from regcli.resample import resample_to_grid, upsample_field, warp, warp_many
@@ -109,14 +110,16 @@ def check_overlap(fixed: Image, moving: Image) -> None:
         )
 
 
-def _smooth_for(image: Image, target_spacing: float) -> Image:
-    """Gaussian anti-aliasing of ``image`` before it is resampled to ``target_spacing`` mm voxels."""
-    from regcli.features.intensity import antialias_sigma_mm, gaussian_smooth
+def _stage_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks, affine, grid: Grid) -> list:
+    """The prompts ``config.prompts`` asks for, staged on the fixed-side ``grid`` (see ``stage_prompts``)."""
+    from regcli.solvers.prompts import stage_prompts
 
-    sigma_vox = [antialias_sigma_mm(s, target_spacing) / s for s in image.grid.spacing]
-    if max(sigma_vox) < 0.1:
-        return image
-    return image.with_data(gaussian_smooth(image.data, sigma_vox))
+    pc = config.prompts
+    return stage_prompts(
+        fixed_labels if pc.labels is not None else None, moving_labels if pc.labels is not None else None,
+        None if pc.labels in (None, "all") else list(pc.labels),
+        landmarks[0].points if pc.landmarks else None, landmarks[1].points if pc.landmarks else None,
+        affine, pc.label_weight, pc.landmark_weight, grid=grid)
 
 
 def _stage_progress(progress: Optional[Progress]):
@@ -183,8 +186,8 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     t0 = time.perf_counter()
     work = fixed.grid.with_spacing(config.working_spacing_mm)
     sp = config.working_spacing_mm
-    fixed_w = resample_to_grid(_smooth_for(fixed, sp), work).to(dev)
-    moving_w = warp(_smooth_for(moving, sp), affine, work).to(dev)
+    fixed_w = resample_to_grid(smooth_for(fixed, sp), work).to(dev)
+    moving_w = warp(smooth_for(moving, sp), affine, work).to(dev)
     fmask_w = resample_to_grid(fixed_mask, work, "nearest").to(dev) if fixed_mask is not None else None
     mmask_w = warp(moving_mask, affine, work, "nearest").to(dev) if moving_mask is not None else None
     timings["resample"] = time.perf_counter() - t0
@@ -195,14 +198,7 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     t0 = time.perf_counter()
     kwargs = {}
     if config.prompts.labels is not None or config.prompts.landmarks:
-        from regcli.solvers.prompts import stage_prompts
-
-        pc = config.prompts
-        kwargs["prompts"] = stage_prompts(
-            fixed_labels if pc.labels is not None else None, moving_labels if pc.labels is not None else None,
-            None if pc.labels in (None, "all") else list(pc.labels),
-            landmarks[0].points if pc.landmarks else None, landmarks[1].points if pc.landmarks else None,
-            affine, pc.label_weight, pc.landmark_weight, grid=work)
+        kwargs["prompts"] = _stage_prompts(config, fixed_labels, moving_labels, landmarks, affine, work)
     method = get_method(config.method)
     dres = method(fixed_w, moving_w, config, fixed_mask=fmask_w, moving_mask=mmask_w, progress=cb, device=dev,
                   **kwargs)
@@ -212,15 +208,33 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     history.update({f"{config.method}/{k}": v for k, v in dres.history.items()})
     field_w = dres.field
 
+    # --------------------------------------------------------------- optional: fine refinement
+    if config.instance.fine_spacing_mm is not None:
+        from regcli.methods.fine import fine_refinement
+
+        t0 = time.perf_counter()
+        fine = fixed.grid.with_spacing(config.instance.fine_spacing_mm)
+        prompts = None
+        if "prompts" in kwargs:
+            prompts = _stage_prompts(config, fixed_labels, moving_labels, landmarks, affine, fine)
+        field_fine, history["fine"] = fine_refinement(fixed, moving, affine, field_w, fine, config, fixed_mask,
+                                                      moving_mask, prompts or (), cb, dev)
+        timings["fine"] = time.perf_counter() - t0
+        log.info("fine refinement at %g mm: %.2f s", config.instance.fine_spacing_mm, timings["fine"])
+    else:
+        field_fine = field_w
+
     # --------------------------------------------------------------- inverse + fields on the fixed grid
     t0 = time.perf_counter()
     if config.inverse_warp:
+        if field_fine is not field_w:  # inverted on the working grid: the fine grid's voxels cost ~8x more
+            field_w = DisplacementField(upsample_field(field_fine.disp, field_fine.grid, work), work)
         inv_w, stats = invert_displacement(field_w, iterations=config.inverse_iterations)
         reg.inverse_error = stats
         reg.inverse_field = DisplacementField(upsample_field(inv_w.disp, work, fixed.grid).cpu(), fixed.grid)
     timings["inverse"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    reg.field = DisplacementField(upsample_field(field_w.disp, work, fixed.grid).cpu(), fixed.grid)
+    reg.field = DisplacementField(upsample_field(field_fine.disp, field_fine.grid, fixed.grid).cpu(), fixed.grid)
     reg.working_grid = work
     timings["upsample"] = time.perf_counter() - t0
     return reg

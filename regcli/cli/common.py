@@ -399,6 +399,10 @@ TransformOpt = Annotated[Optional[Transform], typer.Option(
     "(default), svf (diffeomorphic, scaling and squaring), greedy (compositive diffeomorphic, SyN-style), bspline "
     "(control points every instance.bspline_spacing_mm), affine, rigid.", case_sensitive=False,
     show_default=False, rich_help_panel=_CFG)]
+FineSpacingOpt = Annotated[Optional[float], typer.Option(
+    "--fine-spacing", metavar="MM", help="After the deformable stage, refine the field on "
+    "the fixed image's grid at this finer spacing (e.g. 1): sharper boundaries for some seconds more "
+    "(instance.fine_spacing_mm; default: off).", show_default=False, rich_help_panel=_CFG)]
 OptimizerOpt = Annotated[Optional[Optimizer], typer.Option(
     "--optimizer", help="Optimizer of the instance-optimisation stage: adam (default), sgd, lbfgs.",
     case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
@@ -436,7 +440,7 @@ def _value(v: Any) -> Any:
 def config_overrides(method=None, device=None, threads=None, seed=None, deterministic=None,
                      working_spacing=None, affine_metric=None, affine_init=None, affine=None, iterations=None,
                      inverse=None, html=None, transform=None, optimizer=None, prompt_labels=None,
-                     prompt_landmarks=None) -> dict:
+                     prompt_landmarks=None, fine_spacing=None) -> dict:
     """Nested override dict for :func:`regcli.config.build_config` (None = not given on the command line)."""
     return {
         "prompts": {"labels": parse_label_ids(prompt_labels), "landmarks": prompt_landmarks},
@@ -447,7 +451,8 @@ def config_overrides(method=None, device=None, threads=None, seed=None, determin
         "deterministic": deterministic,
         "working_spacing_mm": working_spacing,
         "affine": {"metric": _value(affine_metric), "init": _value(affine_init), "enabled": affine},
-        "instance": {"iterations": iterations, "transform": _value(transform), "optimizer": _value(optimizer)},
+        "instance": {"iterations": iterations, "transform": _value(transform), "optimizer": _value(optimizer),
+                     "fine_spacing_mm": fine_spacing},
         "inverse_warp": inverse,
         "html_report": html,
     }

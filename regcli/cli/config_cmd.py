@@ -5,7 +5,7 @@ import typer
 
 from regcli.cli.common import (
     AffineInitOpt, AffineMetricOpt, AffineOnOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, HtmlOpt,
-    InverseOpt, IterationsOpt, OptimizerOpt, PromptLabelsOpt, PromptLandmarksOpt, TransformOpt, JsonOpt, MethodOpt, SeedOpt, ThreadsOpt, WorkingSpacingOpt, config_overrides,
+    InverseOpt, IterationsOpt, FineSpacingOpt, OptimizerOpt, PromptLabelsOpt, PromptLandmarksOpt, TransformOpt, JsonOpt, MethodOpt, SeedOpt, ThreadsOpt, WorkingSpacingOpt, config_overrides,
     examples,
 )
 
@@ -53,6 +53,7 @@ def show(
     iterations: IterationsOpt = None,
     transform: TransformOpt = None,
     optimizer: OptimizerOpt = None,
+    fine_spacing: FineSpacingOpt = None,
     prompt_labels: PromptLabelsOpt = None,
     prompt_landmarks: PromptLandmarksOpt = None,
     inverse: InverseOpt = None,
@@ -68,7 +69,7 @@ def show(
 
     cfg = build_config(config, config_overrides(method, device, threads, seed, deterministic, working_spacing,
                                                 affine_metric, affine_init, affine, iterations, inverse, html,
-                                                transform, optimizer, prompt_labels, prompt_landmarks))
+                                                transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing))
     data = cfg.model_dump(mode="json")
     if json_out:
         emit_json(data)

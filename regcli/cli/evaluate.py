@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from regcli.cli.common import (
-    ConfigFileOpt, DeterministicOpt, DeviceOpt, IterationsOpt, JsonOpt, MethodOpt, OptimizerOpt, OverwriteOpt, QuietOpt,
+    ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt, IterationsOpt, JsonOpt, MethodOpt, OptimizerOpt, OverwriteOpt, QuietOpt,
     SeedOpt, ThreadsOpt, TransformOpt, VerboseOpt, WorkingSpacingOpt, AffineMetricOpt, config_overrides, examples,
     input_file_argument, input_file_option,
 )
@@ -74,6 +74,7 @@ def evaluate(
     iterations: IterationsOpt = None,
     transform: TransformOpt = None,
     optimizer: OptimizerOpt = None,
+    fine_spacing: FineSpacingOpt = None,
     label_interp: Annotated[LabelInterp, typer.Option(
         "--label-interp", case_sensitive=False,
         help="How moving labels are warped for scoring: nearest (default) or label (per-label linear).")]
@@ -114,10 +115,10 @@ def evaluate(
     overrides = config_overrides(method=method, device=device, threads=threads, seed=seed,
                                  deterministic=deterministic, working_spacing=working_spacing,
                                  affine_metric=affine_metric, iterations=iterations, transform=transform,
-                                 optimizer=optimizer)
+                                 optimizer=optimizer, fine_spacing=fine_spacing)
     cfg = build_config(config, overrides)  # fail fast on a bad YAML or flag (exit 7)
     extra = _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
-                           transform, optimizer)
+                           transform, optimizer, fine_spacing)
 
     # outputs: checked before anything runs (O2, O3)
     if output.exists() and not output.is_dir():
@@ -167,12 +168,13 @@ def evaluate(
 
 
 def _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
-                   transform=None, optimizer=None) -> list:
+                   transform=None, optimizer=None, fine_spacing=None) -> list:
     """Flags passed on to each `regcli register` child (HTML reports off: evaluation does not need them)."""
     args = ["--no-html"]
     for flag, v in (("--device", device), ("--threads", threads), ("--seed", seed),
                     ("--working-spacing", working_spacing), ("--affine-metric", affine_metric),
-                    ("--iterations", iterations), ("--transform", transform), ("--optimizer", optimizer)):
+                    ("--iterations", iterations), ("--transform", transform), ("--optimizer", optimizer),
+                    ("--fine-spacing", fine_spacing)):
         if v is not None:
             args += [flag, str(getattr(v, "value", v))]
     if deterministic is not None:

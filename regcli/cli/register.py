@@ -7,7 +7,7 @@ import typer
 
 from regcli.cli.common import (
     AffineInitOpt, AffineMetricOpt, AffineOnOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, HtmlOpt,
-    InverseOpt, IterationsOpt, OptimizerOpt, PromptLabelsOpt, PromptLandmarksOpt, TransformOpt, JsonOpt, MethodOpt, OverwriteOpt, QuietOpt, SeedOpt, ThreadsOpt, VerboseOpt,
+    InverseOpt, IterationsOpt, FineSpacingOpt, OptimizerOpt, PromptLabelsOpt, PromptLandmarksOpt, TransformOpt, JsonOpt, MethodOpt, OverwriteOpt, QuietOpt, SeedOpt, ThreadsOpt, VerboseOpt,
     WorkingSpacingOpt, config_overrides, examples, input_file_argument, input_file_option,
 )
 
@@ -58,6 +58,7 @@ def register(
     iterations: IterationsOpt = None,
     transform: TransformOpt = None,
     optimizer: OptimizerOpt = None,
+    fine_spacing: FineSpacingOpt = None,
     prompt_labels: PromptLabelsOpt = None,
     prompt_landmarks: PromptLandmarksOpt = None,
     inverse: InverseOpt = None,
@@ -80,7 +81,7 @@ def register(
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
     cfg = build_config(config, config_overrides(method, device, threads, seed, deterministic, working_spacing,
                                                 affine_metric, affine_init, affine, iterations, inverse, html,
-                                                transform, optimizer, prompt_labels, prompt_landmarks))
+                                                transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing))
     from regcli.pipeline import RegisterInputs, run_register
 
     inputs = RegisterInputs(

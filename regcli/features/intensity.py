@@ -103,6 +103,15 @@ def antialias_sigma_mm(source_spacing: float, target_spacing: float) -> float:
     return 0.5 * math.sqrt(max(target_spacing ** 2 - source_spacing ** 2, 0.0))
 
 
+def smooth_for(image: Image, target_spacing: float) -> Image:
+    """``image`` Gaussian-smoothed (:func:`antialias_sigma_mm` per axis) before resampling it to
+    ``target_spacing`` mm voxels; the image itself where that would be under 0.1 voxel."""
+    sigma_vox = [antialias_sigma_mm(s, target_spacing) / s for s in image.grid.spacing]
+    if max(sigma_vox) < 0.1:
+        return image
+    return image.with_data(gaussian_smooth(image.data, sigma_vox))
+
+
 def _block_average(data: torch.Tensor, factors_zyx: Sequence[int], sizes_zyx: Sequence[int]) -> torch.Tensor:
     """Average non-overlapping blocks of (N, C, Z, Y, X) data; each axis is first padded with edge values
     to ``size * factor`` voxels (``size = ceil(n / factor)``) so the blocks cover the whole field of view."""

@@ -134,7 +134,7 @@ def prepare_subjects(job: DioJob, spacing_mm: float, percentiles, log: Callable[
     from regcli.config import AffineConfig
     from regcli.io.images import read_image, read_labels
     from regcli.models.embedding import normalise_intensity
-    from regcli.pipeline import _smooth_for
+    from regcli.features.intensity import smooth_for
     from regcli.resample import resample_to_grid, warp
     from regcli.solvers.affine import run_affine_stage
 
@@ -156,7 +156,7 @@ def prepare_subjects(job: DioJob, spacing_mm: float, percentiles, log: Callable[
             affine = None
         else:
             affine = run_affine_stage(template, img, AffineConfig()).transform
-        smooth = _smooth_for(img, spacing_mm)
+        smooth = smooth_for(img, spacing_mm)
         if affine is None:
             im_w = resample_to_grid(smooth, work)
             lb_w = resample_to_grid(lab, work, "nearest")

@@ -1,0 +1,61 @@
+"""Fine refinement: a last instance optimisation on a grid finer than the working grid, after any method.
+
+Every deformable method registers on the isotropic working grid (``working_spacing_mm``, 2 mm by default), so
+its field cannot place a boundary more precisely than that grid resolves, and Dice on 1 mm label maps is
+capped by it (docs/benchmarks.md, "Fine refinement"). With ``instance.fine_spacing_mm`` set, the method's
+field is refined for ``instance.fine_iterations`` more iterations on the fixed image's grid at that spacing:
+
+* the fixed image and the moving image carried through the affine stage are anti-aliased and resampled onto
+  the fine grid once (from the original images, not from the working-grid copies);
+* the objective is ConvexAdam's refinement (:func:`regcli.methods.convexadam.refine_on_working_grid`): MIND-SSC
+  SSD with the ``instance.refine_*`` step, gradient floor, regulariser weight, smoothing and MIND dilation;
+* the transform model is ``instance.transform``, so a diffeomorphic model composes its update before the
+  method's field and the result stays diffeomorphic; prompts, staged on the fine grid, join the objective.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from regcli.config import RegisterConfig
+from regcli.features.intensity import smooth_for
+from regcli.resample import resample_to_grid, upsample_field, warp
+from regcli.spaces.grid import Grid
+from regcli.spaces.image import Image
+from regcli.transforms.displacement import DisplacementField
+
+STAGE_FINE = "fine refinement"
+
+
+def fine_refinement(fixed: Image, moving: Image, affine, field: DisplacementField, grid: Grid,
+                    config: RegisterConfig, fixed_mask: Optional[Image] = None, moving_mask: Optional[Image] = None,
+                    prompts: Sequence = (), progress: Optional[Callable[[str, int, int], None]] = None,
+                    device=None) -> tuple[DisplacementField, list[dict]]:
+    """Refine ``field`` (the method's result on the working grid) on the fine ``grid``.
+
+    Args:
+        fixed, moving: the original images (any grids); ``affine`` maps fixed world points to moving ones.
+        field: displacement (3, ...) mm on the working grid, fixed point ``x`` -> moving ``A(x + u(x))``.
+        grid: the fine fixed-side grid (``fixed.grid.with_spacing(instance.fine_spacing_mm)``).
+        fixed_mask, moving_mask: optional masks on the fixed / moving images' grids.
+        prompts: test-time objective terms staged on ``grid``.
+    Returns:
+        the refined field on ``grid`` and the solver's loss history.
+    """
+    from regcli.methods.convexadam import _mask_on, refine_on_working_grid
+
+    sp = config.instance.fine_spacing_mm
+    dev = torch.device(device) if device is not None else field.disp.device
+    with torch.no_grad():
+        fdata = resample_to_grid(smooth_for(fixed, sp), grid).data.to(dev, torch.float32)
+        mdata = warp(smooth_for(moving, sp), affine, grid).data.to(dev, torch.float32)
+        fmask = _mask_on(fixed_mask, grid, "fixed")
+        mmask = _mask_on(warp(moving_mask, affine, grid, "nearest"), grid, "moving") if moving_mask is not None \
+            else None
+        init = upsample_field(field.disp.to(dev), field.grid, grid)
+    report = (lambda stage, i, n: progress(stage, i, n)) if progress is not None else (lambda *a: None)
+    disp, history = refine_on_working_grid(fdata, mdata, grid, init, grid, fmask, mmask, config,
+                                           config.instance.fine_iterations, report, dev, prompts, STAGE_FINE)
+    return DisplacementField(disp.contiguous(), grid), history
