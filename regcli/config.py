@@ -105,6 +105,7 @@ class InstanceConfig(_Frozen):
         "finer isotropic spacing (e.g. 1.0; MIND-SSC, the refine_* settings, instance.transform); None: the "
         "result keeps the working grid's resolution. Costs time: docs/benchmarks.md, 'Fine refinement'")
     fine_iterations: int = Field(3, ge=1, description="iterations of the fine refinement")
+    fine_learning_rate: float = Field(1.0, gt=0, description="Adam step (mm) of the fine refinement")
 
 
 class SamConvexConfig(_Frozen):

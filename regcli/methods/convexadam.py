@@ -213,18 +213,20 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
 def refine_on_working_grid(fdata: torch.Tensor, mdata: torch.Tensor, grid: Grid, init: torch.Tensor,
                            init_grid: Grid, fmask: Optional[torch.Tensor], mmask: Optional[torch.Tensor],
                            cfg: RegisterConfig, iterations: int, report: ProgressFn, dev, prompts: Sequence = (),
-                           stage: str = STAGE_REFINE) -> tuple[torch.Tensor, list[dict]]:
+                           stage: str = STAGE_REFINE, lr: Optional[float] = None) -> tuple[torch.Tensor, list[dict]]:
     """The refinement step (``instance.refine_*``): Adam with the gradient floor on the working grid itself,
     on MIND-SSC of dilation ``refine_mind_dilation`` of the (Z, Y, X) fixed and moving data on ``grid``,
-    starting from ``init`` (3, ...) mm on ``init_grid``. Returns the field (3, ...) mm on ``grid`` and the
-    loss history. Also used after other methods' own stages (SAMConvex) and, on a finer grid, by the fine
-    refinement of every method (:mod:`regcli.methods.fine`)."""
+    starting from ``init`` (3, ...) mm on ``init_grid``, Adam step ``lr`` mm (default
+    ``refine_learning_rate``). Returns the field (3, ...) mm on ``grid`` and the loss history. Also used after
+    other methods' own stages (SAMConvex) and, on a finer grid, by the fine refinement of every method
+    (:mod:`regcli.methods.fine`)."""
     icfg = cfg.instance
     with torch.no_grad():
         feat_f = mind_ssc(fdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
         feat_m = mind_ssc(mdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
     disp, _, hist = _instance_level(
-        feat_f, feat_m, grid, 1, init, init_grid, fmask, mmask, icfg, iterations, icfg.refine_learning_rate,
+        feat_f, feat_m, grid, 1, init, init_grid, fmask, mmask, icfg, iterations,
+        icfg.refine_learning_rate if lr is None else lr,
         stage, report, dev, icfg.refine_gradient_floor, icfg.refine_reg_weight, icfg.refine_smoothing_passes,
         prompts)
     return disp, hist

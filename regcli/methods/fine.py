@@ -8,7 +8,8 @@ field is refined for ``instance.fine_iterations`` more iterations on the fixed i
 * the fixed image and the moving image carried through the affine stage are anti-aliased and resampled onto
   the fine grid once (from the original images, not from the working-grid copies);
 * the objective is ConvexAdam's refinement (:func:`regcli.methods.convexadam.refine_on_working_grid`): MIND-SSC
-  SSD with the ``instance.refine_*`` step, gradient floor, regulariser weight, smoothing and MIND dilation;
+  SSD with the ``instance.refine_*`` gradient floor, regulariser weight, smoothing and MIND dilation, and the
+  Adam step ``instance.fine_learning_rate``;
 * the transform model is ``instance.transform``, so a diffeomorphic model composes its update before the
   method's field and the result stays diffeomorphic; prompts, staged on the fine grid, join the objective.
 """
@@ -57,5 +58,6 @@ def fine_refinement(fixed: Image, moving: Image, affine, field: DisplacementFiel
         init = upsample_field(field.disp.to(dev), field.grid, grid)
     report = (lambda stage, i, n: progress(stage, i, n)) if progress is not None else (lambda *a: None)
     disp, history = refine_on_working_grid(fdata, mdata, grid, init, grid, fmask, mmask, config,
-                                           config.instance.fine_iterations, report, dev, prompts, STAGE_FINE)
+                                           config.instance.fine_iterations, report, dev, prompts, STAGE_FINE,
+                                           config.instance.fine_learning_rate)
     return DisplacementField(disp.contiguous(), grid), history
