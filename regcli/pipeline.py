@@ -227,11 +227,11 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     # --------------------------------------------------------------- inverse + fields on the fixed grid
     t0 = time.perf_counter()
     if config.inverse_warp:
-        if field_fine is not field_w:  # inverted on the working grid: the fine grid's voxels cost ~8x more
-            field_w = DisplacementField(upsample_field(field_fine.disp, field_fine.grid, work), work)
-        inv_w, stats = invert_displacement(field_w, iterations=config.inverse_iterations)
+        inv, stats = invert_displacement(field_fine, iterations=config.inverse_iterations, grid=work)
+        if field_fine is not field_w:  # finished on the fine grid, from the working grid's inverse: few iterations
+            inv, stats = invert_displacement(field_fine, iterations=config.inverse_iterations, init=inv)
         reg.inverse_error = stats
-        reg.inverse_field = DisplacementField(upsample_field(inv_w.disp, work, fixed.grid).cpu(), fixed.grid)
+        reg.inverse_field = DisplacementField(upsample_field(inv.disp, inv.grid, fixed.grid).cpu(), fixed.grid)
     timings["inverse"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     reg.field = DisplacementField(upsample_field(field_fine.disp, field_fine.grid, fixed.grid).cpu(), fixed.grid)

@@ -34,8 +34,10 @@ def inverse_consistency_error(forward: DisplacementField, inverse: DisplacementF
 
 
 def invert_displacement(field: DisplacementField, iterations: int = 40, tol_max_mm: float = 0.1,
-                        tol_mean_mm: float = 1e-3, grid=None) -> tuple[DisplacementField, dict]:
-    """Invert ``phi(x) = x + u(x)`` on ``grid`` (default: the field's own grid).
+                        tol_mean_mm: float = 1e-3, grid=None, init: "DisplacementField | None" = None
+                        ) -> tuple[DisplacementField, dict]:
+    """Invert ``phi(x) = x + u(x)`` on ``grid`` (default: the field's own grid), starting from ``init`` (an
+    approximate inverse on any grid, e.g. one computed on a coarser grid) or from ``-u``.
 
     Solves ``v(y) = -u(y + v(y))`` by fixed-point iteration (converges when the field is invertible,
     i.e. ``|grad u| < 1`` locally). The update of an iteration is the residual ``-(v + u(y + v))`` of the
@@ -50,8 +52,11 @@ def invert_displacement(field: DisplacementField, iterations: int = 40, tol_max_
     grid = grid or field.grid
     warper = FieldWarper(field.grid, grid, field.disp.device)
     u = field.disp
-    # start from -u resampled on the inverse grid
-    v = -warper.warp(u, None, "bilinear", "border")
+    if init is not None:
+        v = FieldWarper(init.grid, grid, field.disp.device).warp(init.disp.to(field.disp.device), None, "bilinear",
+                                                                 "border")
+    else:  # -u resampled on the inverse grid
+        v = -warper.warp(u, None, "bilinear", "border")
     n_done = 0
     for n_done in range(1, iterations + 1):
         v_new = -warper.warp(u, v, "bilinear", "border")
