@@ -110,6 +110,13 @@ def check_overlap(fixed: Image, moving: Image) -> None:
         )
 
 
+# Fixed-point iterations of the inverse on the fine grid, after the working grid's inverse. On sub-03<-04 at 1 mm
+# (5.5 M voxels): the residual's mean / p99 is 0.049 / 0.26 mm with none, 0.0005 / 0.006 mm after 5 (3.3 s),
+# and 0.0002 / 0.0006 mm after 10 (5.4 s). The max never reaches ITK's 0.1 mm where the field folds, so the
+# loop would otherwise always run to inverse_iterations (20: 11 s).
+FINE_INVERSE_ITERATIONS = 5
+
+
 def _stage_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks, affine, grid: Grid) -> list:
     """The prompts ``config.prompts`` asks for, staged on the fixed-side ``grid`` (see ``stage_prompts``)."""
     from regcli.solvers.prompts import stage_prompts
@@ -228,8 +235,9 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     t0 = time.perf_counter()
     if config.inverse_warp:
         inv, stats = invert_displacement(field_fine, iterations=config.inverse_iterations, grid=work)
-        if field_fine is not field_w:  # finished on the fine grid, from the working grid's inverse: few iterations
-            inv, stats = invert_displacement(field_fine, iterations=config.inverse_iterations, init=inv)
+        if field_fine is not field_w:  # finished on the fine grid, from the working grid's inverse
+            inv, stats = invert_displacement(field_fine, iterations=min(config.inverse_iterations,
+                                                                        FINE_INVERSE_ITERATIONS), init=inv)
         reg.inverse_error = stats
         reg.inverse_field = DisplacementField(upsample_field(inv.disp, inv.grid, fixed.grid).cpu(), fixed.grid)
     timings["inverse"] = time.perf_counter() - t0
