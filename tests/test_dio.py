@@ -140,6 +140,31 @@ def test_jfb_gradient_reaches_the_network_and_ignores_solver_length(model_dir):
     assert graph_size(2) == graph_size(12)
 
 
+def test_level_weights_pick_the_levels_the_loss_is_taken_at(model_dir):
+    from regcli.errors import ConfigError
+    from regcli.models.dio import DioFeatureNet, DioNetConfig
+    from regcli.training.dio import DioTrainConfig, train_step
+
+    fixed, f = _img("LPS")
+    moving, m = _img("LPS", transform=lambda p: p + np.array([2.0, 0.0, 0.0]))
+    lf = Image(torch.from_numpy(sitk.GetArrayFromImage(phantom_labels(f)).astype(np.int64)), fixed.grid)
+    lm = Image(torch.from_numpy(sitk.GetArrayFromImage(phantom_labels(m)).astype(np.int64)), moving.grid)
+    torch.manual_seed(0)
+    net = DioFeatureNet(DioNetConfig(arch="unet", widths=(4, 8, 8, 8), feature_channels=(4, 4, 4)))
+    cfg = build_config(None, {"method": "dio", "dio": {"iterations": [5, 5, 5]}})
+    _, every = train_step(net, fixed, moving, lf, lm, cfg, DioTrainConfig(image_weight=0))
+    loss, finest = train_step(net, fixed, moving, lf, lm, cfg, DioTrainConfig(image_weight=0,
+                                                                               level_weights=(0, 0, 1)))
+    assert set(finest) == {"dice1", "loss"} and finest["dice1"] == pytest.approx(every["dice1"])
+    assert finest["loss"] == pytest.approx(1 - finest["dice1"], abs=1e-6)
+    loss.backward()
+    coarse = net.heads["4"].weight.grad  # the level-4 head feeds only the level-4 loss, weighted 0
+    assert coarse is None or float(coarse.abs().sum()) == 0
+    assert float(net.heads["1"].weight.grad.abs().sum()) > 0
+    with pytest.raises(ConfigError, match="level_weights"):
+        train_step(net, fixed, moving, lf, lm, cfg, DioTrainConfig(level_weights=(1, 1)))
+
+
 def _labelled_subjects(tmp_path, n=3):
     paths = []
     for k in range(n):

@@ -63,6 +63,9 @@ class DioTrainConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     jfb_step: float = Field(1.0, gt=0, le=1, description="the differentiated solver step's size as a fraction of "
                             "the level's learning rate (small: the loss is taken near the optimum)")
+    level_weights: Optional[tuple[float, ...]] = Field(
+        None, description="weight of each solver level's loss, coarse to fine (None: the plain average; e.g. "
+        "[0, 0, 1]: the finest level only, whose field is the result); a level of weight 0 is not differentiated")
     seed: int = 0
 
 
@@ -225,7 +228,13 @@ def train_step(net, fixed: Image, moving: Image, fixed_labels: Image, moving_lab
     dice = LabelPrompt(fixed_labels, moving_labels, None)
     total = fixed.data.new_zeros(())
     parts: dict = {}
-    for sol in levels:
+    weights = tcfg.level_weights or (1.0,) * len(levels)
+    if len(weights) != len(levels) or sum(weights) <= 0:
+        raise ConfigError(f"train.level_weights {list(weights)} must give one weight per solver level "
+                          f"({len(levels)}: {[s.level for s in levels]}) with a positive sum")
+    for sol, w in zip(levels, weights):
+        if w == 0:
+            continue
         u1 = jfb_step(sol, ff[sol.level], fm[sol.level], cfg, step_fraction=tcfg.jfb_step)
         d = dice.loss(u1, sol.grid)
         loss = d
@@ -236,7 +245,7 @@ def train_step(net, fixed: Image, moving: Image, fixed_labels: Image, moving_lab
                 else fixed.data[None, None]
             wm = FieldWarper(moving.grid, sol.grid, u1.device).warp(moving.data[None, None], u1)
             loss = loss + tcfg.image_weight * lncc_loss(fi, wm, sol.grid, tcfg.lncc_radius_mm)
-        total = total + loss / len(levels)
+        total = total + loss * (w / sum(weights))
         parts[f"dice{sol.level}"] = 1.0 - float(d.detach())
     parts["loss"] = float(total.detach())
     return total, parts
