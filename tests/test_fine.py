@@ -116,3 +116,20 @@ def test_inverse_warp_inverts_the_refined_field(pair):
     assert err["mean_mm"] < 0.01 and err["p99_mm"] < 0.05, err
     err2 = inverse_consistency_error(reg.inverse_field, reg.field, mask)
     assert err2["mean_mm"] < 0.1 and err2["p99_mm"] < 0.5, err2
+
+
+def test_a_fine_grid_too_large_for_memory_is_warned_about(caplog, monkeypatch):
+    import logging
+
+    from regcli.methods import fine
+    from regcli.spaces.grid import Grid
+
+    monkeypatch.setattr(fine, "BYTES_PER_VOXEL", 10 ** 9)  # as if every voxel needed a gigabyte
+    with caplog.at_level(logging.WARNING, logger="regcli"):
+        fine._warn_if_large(Grid((10, 10, 10), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    assert "fine refinement" in caplog.text and "--fine-spacing" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(fine, "BYTES_PER_VOXEL", 250)
+    with caplog.at_level(logging.WARNING, logger="regcli"):
+        fine._warn_if_large(Grid((10, 10, 10), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    assert caplog.text == ""

@@ -28,6 +28,24 @@ from regcli.spaces.image import Image
 from regcli.transforms.displacement import DisplacementField
 
 STAGE_FINE = "fine refinement"
+BYTES_PER_VOXEL = 250  # measured: peak 3.5 GB for the 5.5 M-voxel synthseg grids, about 2 GB of it this stage
+
+
+def _warn_if_large(grid: Grid) -> None:
+    """Log a warning when the fine stage would need more than half of the memory this machine has available."""
+    need = BYTES_PER_VOXEL * grid.num_voxels
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return
+    if need > avail / 2:
+        import logging
+
+        logging.getLogger("regcli").warning(
+            "fine refinement: the %s grid (%.0f M voxels) needs about %.1f GB of the %.1f GB available; a "
+            "coarser --fine-spacing needs less", "x".join(map(str, grid.size)), grid.num_voxels / 1e6,
+            need / 1e9, avail / 1e9)
 
 
 def fine_refinement(fixed: Image, moving: Image, affine, field: DisplacementField, grid: Grid,
@@ -49,6 +67,8 @@ def fine_refinement(fixed: Image, moving: Image, affine, field: DisplacementFiel
 
     sp = config.instance.fine_spacing_mm
     dev = torch.device(device) if device is not None else field.disp.device
+    if dev.type == "cpu":
+        _warn_if_large(grid)
     with torch.no_grad():
         fdata = resample_to_grid(smooth_for(fixed, sp), grid).data.to(dev, torch.float32)
         mdata = warp(smooth_for(moving, sp), affine, grid).data.to(dev, torch.float32)
