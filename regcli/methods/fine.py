@@ -76,8 +76,8 @@ def fine_refinement(fixed: Image, moving: Image, affine, field: DisplacementFiel
         mmask = _mask_on(warp(moving_mask, affine, grid, "nearest"), grid, "moving") if moving_mask is not None \
             else None
         init = upsample_field(field.disp.to(dev), field.grid, grid)
-    report = (lambda stage, i, n: progress(stage, i, n)) if progress is not None else (lambda *a: None)
     disp, history = refine_on_working_grid(fdata, mdata, grid, init, grid, fmask, mmask, config,
-                                           config.instance.fine_iterations, report, dev, prompts, STAGE_FINE,
+                                           config.instance.fine_iterations, progress or (lambda *a: None), dev,
+                                           prompts, STAGE_FINE,
                                            config.instance.fine_learning_rate)
     return DisplacementField(disp.contiguous(), grid), history

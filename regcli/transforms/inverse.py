@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from regcli.resample import FieldWarper
+from regcli.resample import FieldWarper, upsample_field
 from regcli.transforms.displacement import DisplacementField, vector_length
 
 
@@ -53,8 +53,7 @@ def invert_displacement(field: DisplacementField, iterations: int = 40, tol_max_
     warper = FieldWarper(field.grid, grid, field.disp.device)
     u = field.disp
     if init is not None:
-        v = FieldWarper(init.grid, grid, field.disp.device).warp(init.disp.to(field.disp.device), None, "bilinear",
-                                                                 "border")
+        v = upsample_field(init.disp.to(field.disp.device), init.grid, grid)
     else:  # -u resampled on the inverse grid
         v = -warper.warp(u, None, "bilinear", "border")
     n_done = 0
