@@ -21,7 +21,8 @@ import torch
 torch.set_num_threads(2)
 from regcli.methods.dio import _load
 from regcli.spaces.image import Image
-from regcli.training.dio import crop_box, crop_grid, load_dio_job, net_config, prepare_subjects, register_config
+from regcli.training.dio import (crop_box, crop_grid, labelled_files, load_dio_job, net_config, prepare_subjects,
+                                 register_config)
 from regcli.training.dio import train_step
 
 weights = sys.argv[1] if len(sys.argv) > 1 else "dio-features"
@@ -29,7 +30,7 @@ seed = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 relsteps = [float(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "1e-5,3e-5,1e-4,3e-4").split(",")]
 job = load_dio_job(os.path.join(os.path.dirname(__file__), "..", "docs", "recipes", "dio_v1.yaml"))
 cfg, ncfg, tcfg = register_config(job), net_config(job), job.train
-subjects, work = prepare_subjects(job, ncfg.spacing_mm, ncfg.percentiles)
+subjects, work = prepare_subjects(labelled_files(job.data), ncfg.spacing_mm, ncfg.percentiles)
 net = copy.deepcopy(_load(weights)[0])
 gen = torch.Generator().manual_seed(seed)
 i, j = torch.randperm(len(subjects), generator=gen)[:2].tolist()

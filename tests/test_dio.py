@@ -205,6 +205,60 @@ def test_train_dio_cli_checkpoints_and_resumes_bit_for_bit(tmp_path):
     assert res.exit_code == 7 and "--resume" in res.output
 
 
+def test_train_dio_validates_whole_volumes_and_keeps_the_best_checkpoint(tmp_path):
+    """validation: held-out pairs are registered whole at steps 0, every N and the last; history.json records
+    them, model/ holds the best-scoring step's weights, and a resumed run validates exactly as a straight one."""
+    from regcli.models.dio import load_dio
+
+    paths = _labelled_subjects(tmp_path, 5)
+    val = tmp_path / "val"
+    val.mkdir()
+    for p in paths[3:]:  # subjects 3 and 4 are held out
+        for q in (p, p.parent / p.name.replace("_T1w", "_labels")):
+            q.rename(val / q.name)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "data:\n  - glob: sub-*_T1w.nii.gz\n"
+        "net: {arch: unet, widths: [4, 8, 8, 8], feature_channels: [4, 4, 4]}\n"
+        "train: {iterations: 3, crop: [16, 16, 16], learning_rate: 0.01, seed: 1}\n"
+        "solver: {dio: {iterations: [4, 3, 2]}}\n"
+        "validation: {data: [{glob: val/sub-*_T1w.nii.gz}], every: 2, solver: {dio: {iterations: [4, 3, 2]}}}\n"
+        "checkpoint_every: 2\n")
+    out = tmp_path / "run"
+    res = invoke("train", "dio", "--config", job, "-o", out, "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)["validation"]
+    records = json.loads((out / "history.json").read_text())["validation"]
+    assert [r["step"] for r in records] == [0, 2, 3]
+    assert all(len(r["pairs"]) == 1 and 0.3 < r["dice"] <= 1 for r in records)
+    best = max(records, key=lambda r: r["dice"])
+    assert summary["best_step"] == best["step"] == summary["model_step"]
+    assert summary["start_dice"] == records[0]["dice"]
+    # model/ holds the best step: validating it again gives the best score (the solver is deterministic)
+    from regcli.training.dio import labelled_files, load_dio_job, prepare_subjects, validate, validation_config
+
+    loaded = load_dio_job(job)
+    net = load_dio(str(out / "model"))
+    subjects, work = prepare_subjects(labelled_files(loaded.data) + labelled_files(loaded.validation.data), 2.0,
+                                      net.cfg.percentiles)
+    again = validate(net, subjects[3:], work, validation_config(loaded))
+    assert again["dice"] == pytest.approx(best["dice"], abs=1e-6)
+    # the same image as fixed and moving: the identity is the optimum, Dice 1
+    same = validate(net, [subjects[3], subjects[3]], work, validation_config(loaded))
+    assert same["dice"] == pytest.approx(1.0, abs=0.02)
+    # interrupted after 2 steps and resumed: the same validation records
+    part = tmp_path / "part"
+    assert invoke("train", "dio", "--config", job, "-o", part, "--iterations", "2", "--quiet").exit_code == 0
+    assert invoke("train", "dio", "--config", job, "-o", part, "--resume", "--quiet").exit_code == 0
+    resumed = json.loads((part / "history.json").read_text())["validation"]
+    assert [(r["step"], r["dice"]) for r in resumed] == [(r["step"], r["dice"]) for r in records]
+    # too few held-out images is a one-line error
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(job.read_text().replace("val/sub-*_T1w", "val/sub-3_T1w"))
+    res = invoke("train", "dio", "--config", bad, "-o", tmp_path / "bad", "--quiet")
+    assert res.exit_code != 0 and "validation needs at least two" in res.output
+
+
 def test_label_prompt_through_the_cli_raises_the_prompted_dice(tmp_path):
     """--prompt-labels: a structure the image does not show (label 3 shifted in the moving label map only) is
     pulled into place by the prompt; without it the registration does not see it."""

@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -82,6 +82,29 @@ class DioJob(BaseModel):
                          "(usually dio and instance)")
     checkpoint_every: int = Field(25, ge=1)
     init: Optional[str] = Field(None, description="start from these weights (any regcli weights spec)")
+    validation: Optional["DioValidation"] = Field(
+        None, description="whole-volume validation on held-out labelled pairs during training")
+
+
+class DioValidation(BaseModel):
+    """Held-out labelled images registered whole, with the test-time solver, every ``every`` steps.
+
+    Pairs are consecutive images of ``data`` (1<-2, 3<-4, ...), each aligned to the training template like the
+    training images. The score is the hard Dice (labels of the fixed image, mean over labels) on the working
+    grid: what ``regcli evaluate`` measures, at the working grid's resolution. The model written to ``model/``
+    is the best-scoring checkpoint with ``select: best`` (the untrained start, step 0, included)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: list[LabelledSource] = Field(min_length=1)
+    every: int = Field(50, ge=1, description="validate after every this many steps (and at steps 0 and the last)")
+    solver: dict = Field(default_factory=dict, description="RegisterConfig overrides for the validation solver "
+                         "(default: regcli register --method dio's defaults, with the training solver's "
+                         "instance.transform and optimizer)")
+    select: Literal["best", "last"] = Field("best", description="which checkpoint model/ holds")
+
+
+DioJob.model_rebuild()
 
 
 def load_dio_job(path: str | Path, overrides: Optional[dict] = None) -> DioJob:
@@ -95,6 +118,8 @@ def load_dio_job(path: str | Path, overrides: Optional[dict] = None) -> DioJob:
         job = DioJob.model_validate(data)
         register_config(job)
         net_config(job)
+        if job.validation is not None:
+            validation_config(job)
     except ValidationError as e:
         raise ConfigError(f"invalid training job '{path}': {validation_details(e)}") from None
     return job
@@ -105,6 +130,16 @@ def register_config(job: DioJob):
     from regcli.config import build_config
 
     return build_config(None, {"method": "dio", **job.solver})
+
+
+def validation_config(job: DioJob):
+    """The :class:`regcli.config.RegisterConfig` of the validation solver: test-time defaults, the training
+    solver's transform model and optimizer, then ``validation.solver``."""
+    from regcli.config import build_config, deep_merge
+
+    inst = job.solver.get("instance", {})
+    base = {"method": "dio", "instance": {k: inst[k] for k in ("transform", "optimizer") if k in inst}}
+    return build_config(None, deep_merge(base, job.validation.solver if job.validation else {}))
 
 
 def net_config(job: DioJob):
@@ -129,11 +164,25 @@ def label_file(image_path: str, replace: tuple[str, str]) -> str:
     return os.path.join(head, tail.replace(replace[0], replace[1]))
 
 
-def prepare_subjects(job: DioJob, spacing_mm: float, percentiles, log: Callable[[str], None] = lambda s: None,
-                     progress: Optional[Callable[[int, int], None]] = None) -> tuple[list[Subject], Grid]:
-    """Read every image and label map of the job, align each to the first image (regcli's affine stage) and
-    resample both onto that image's grid at ``spacing_mm`` (image: anti-aliased linear, then normalised as the
-    network's input; labels: nearest). Returns the subjects and the template grid."""
+def labelled_files(sources: Sequence[LabelledSource]) -> list[tuple[str, str]]:
+    """(image, label map) paths of every source, each glob sorted; an empty glob is an InputError."""
+    files = []
+    for src in sources:
+        found = sorted(glob.glob(src.glob))
+        if not found:
+            raise InputError(f"training data glob '{src.glob}' matches no file")
+        files += [(f, label_file(f, src.labels_replace)) for f in found]
+    return files
+
+
+def prepare_subjects(files: Sequence[tuple[str, str]], spacing_mm: float, percentiles,
+                     log: Callable[[str], None] = lambda s: None,
+                     progress: Optional[Callable[[int, int], None]] = None, template: Optional[str] = None
+                     ) -> tuple[list[Subject], Grid]:
+    """Read every (image, label map) of ``files``, align each to the template image (``template``, default
+    the first image; regcli's affine stage) and resample both onto the template's grid at ``spacing_mm``
+    (image: anti-aliased linear, then normalised as the network's input; labels: nearest). Returns the subjects
+    and the template grid at ``spacing_mm``."""
     from regcli.config import AffineConfig
     from regcli.io.images import read_image, read_labels
     from regcli.models.embedding import normalise_intensity
@@ -141,24 +190,15 @@ def prepare_subjects(job: DioJob, spacing_mm: float, percentiles, log: Callable[
     from regcli.resample import resample_to_grid, warp
     from regcli.solvers.affine import run_affine_stage
 
-    files = []
-    for src in job.data:
-        found = sorted(glob.glob(src.glob))
-        if not found:
-            raise InputError(f"training data glob '{src.glob}' matches no file")
-        files += [(f, label_file(f, src.labels_replace)) for f in found]
-    if len(files) < 2:
-        raise InputError("DIO training needs at least two labelled images")
-    template = read_image(files[0][0], "training image")
-    work = template.grid.with_spacing(spacing_mm)
+    template = template or files[0][0]
+    ref = read_image(template, "training image")
+    work = ref.grid.with_spacing(spacing_mm)
     subjects = []
     for k, (fi, fl) in enumerate(files):
-        img = template if k == 0 else read_image(fi, "training image")
+        is_ref = os.path.abspath(fi) == os.path.abspath(template)
+        img = ref if is_ref else read_image(fi, "training image")
         lab = read_labels(fl, "training labels")
-        if k == 0:
-            affine = None
-        else:
-            affine = run_affine_stage(template, img, AffineConfig()).transform
+        affine = None if is_ref else run_affine_stage(ref, img, AffineConfig()).transform
         smooth = smooth_for(img, spacing_mm)
         if affine is None:
             im_w = resample_to_grid(smooth, work)
@@ -172,6 +212,28 @@ def prepare_subjects(job: DioJob, spacing_mm: float, percentiles, log: Callable[
         if progress is not None:
             progress(k + 1, len(files))
     return subjects, work
+
+
+def validate(net, subjects: Sequence[Subject], work: Grid, cfg) -> dict:
+    """Whole-volume hard Dice of consecutive pairs of ``subjects`` (1<-2, 3<-4, ...) registered with the
+    features of ``net`` and the solver of ``cfg``, on the working grid ``work``: ``{"dice": mean over pairs,
+    "pairs": [per pair]}``, each pair's score the mean over the fixed image's labels."""
+    from regcli.methods.dio import level_features, solve
+    from regcli.reports.metrics import dice_mean
+    from regcli.resample import FieldWarper, upsample_field
+
+    warper = FieldWarper(work, work, torch.device("cpu"))
+    scores = []
+    for a, b in zip(subjects[0::2], subjects[1::2]):
+        levels = solve(level_features(Image(a.image, work), cfg, net=net),
+                       level_features(Image(b.image, work), cfg, net=net), cfg)
+        last = levels[-1]
+        with torch.no_grad():
+            u = last.disp if last.grid.allclose(work) else upsample_field(last.disp, last.grid, work)
+            warped = warper.warp(b.labels[None, None].to(torch.float32), u, "nearest")[0, 0].to(torch.int64)
+        fixed_ids = [int(v) for v in torch.unique(a.labels) if v != 0]
+        scores.append(dice_mean(a.labels.numpy(), warped.numpy(), fixed_ids))
+    return {"dice": sum(scores) / len(scores), "pairs": scores}
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
@@ -268,8 +330,16 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     ncfg = net_config(job)
     tcfg = job.train
     t0 = time.perf_counter()
-    subjects, work = prepare_subjects(job, ncfg.spacing_mm, ncfg.percentiles, log, prepare_progress)
-    log(f"{len(subjects)} labelled volumes on a {work.size} grid at {ncfg.spacing_mm} mm")
+    files = labelled_files(job.data)
+    if len(files) < 2:
+        raise InputError("DIO training needs at least two labelled images")
+    val_files = labelled_files(job.validation.data) if job.validation is not None else []
+    if job.validation is not None and len(val_files) < 2:
+        raise InputError("DIO validation needs at least two labelled images (pairs 1<-2, 3<-4, ...)")
+    subjects, work = prepare_subjects(files + val_files, ncfg.spacing_mm, ncfg.percentiles, log, prepare_progress)
+    subjects, held_out = subjects[:len(files)], subjects[len(files):]
+    log(f"{len(subjects)} labelled volumes on a {work.size} grid at {ncfg.spacing_mm} mm"
+        + (f"; {len(held_out) // 2} validation pair(s)" if held_out else ""))
     torch.manual_seed(tcfg.seed)
     net = DioFeatureNet(ncfg)
     if job.init:
@@ -281,6 +351,8 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     opt = torch.optim.Adam(net.parameters(), lr=tcfg.learning_rate)
     gen = torch.Generator().manual_seed(tcfg.seed)
     history: list[dict] = []
+    validation: list[dict] = []
+    best: Optional[dict] = None  # {"step", "dice", "state_dict"} of the best validated network
     start = 0
     if resume:
         ck = torch.load(ck_path, weights_only=False)
@@ -288,18 +360,34 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
         opt.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
         history = ck["history"]
+        validation = ck.get("validation", [])
+        best = ck.get("best")
         start = ck["step"]
         log(f"resuming at step {start}")
     prior = history[-1]["seconds"] if history else 0.0
+    vcfg = validation_config(job) if job.validation is not None else None
 
     def save(step: int) -> None:
         tmp = ck_path.with_suffix(".tmp")
         torch.save({"config": ncfg.model_dump(mode="json"), "state_dict": net.state_dict(),
                     "optimizer": opt.state_dict(), "generator": gen.get_state(), "history": history,
-                    "step": step}, tmp)
+                    "validation": validation, "best": best, "step": step}, tmp)
         os.replace(tmp, ck_path)
-        (out / "history.json").write_text(json.dumps({"history": history}))
+        (out / "history.json").write_text(json.dumps({"history": history, "validation": validation}))
 
+    def run_validation(step: int) -> None:
+        nonlocal best
+        if vcfg is None or any(v["step"] == step for v in validation):
+            return
+        tv = time.perf_counter()
+        res = validate(net, held_out, work, vcfg)
+        validation.append({"step": step, **res, "validation_seconds": time.perf_counter() - tv})
+        log(f"validation at step {step}: Dice {res['dice']:.4f} over {len(res['pairs'])} held-out pair(s)")
+        if best is None or res["dice"] > best["dice"]:
+            best = {"step": step, "dice": res["dice"],
+                    "state_dict": {k: v.detach().clone() for k, v in net.state_dict().items()}}
+
+    run_validation(start)
     n = len(subjects)
     for step in range(start, tcfg.iterations):
         ts = time.perf_counter()
@@ -322,11 +410,21 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
         history.append(rec)
         if progress is not None:
             progress(step + 1, tcfg.iterations, rec)
+        if job.validation is not None and ((step + 1) % job.validation.every == 0 or step + 1 == tcfg.iterations):
+            run_validation(step + 1)
         if (step + 1) % job.checkpoint_every == 0 or step + 1 == tcfg.iterations:
             save(step + 1)
     last = history[-min(len(history), 50):]
     summary = {"volumes": n, "iterations": len(history), "seconds": round(history[-1]["seconds"], 1) if history else 0,
                "final_loss_mean50": sum(h["loss"] for h in last) / max(1, len(last)), "outdir": str(out)}
+    if validation:
+        summary["validation"] = {"pairs": len(validation[0]["pairs"]), "start_dice": validation[0]["dice"],
+                                 "last_dice": validation[-1]["dice"], "best_step": best["step"],
+                                 "best_dice": best["dice"], "model_step": len(history)}
+        if job.validation.select == "best" and best["step"] != len(history):
+            net.load_state_dict(best["state_dict"])
+            summary["validation"]["model_step"] = best["step"]
+            log(f"model/ holds step {best['step']}, the best validated (Dice {best['dice']:.4f})")
     write_dio_model(net, job, summary, out / "model")
     return summary
 
@@ -343,5 +441,11 @@ def write_dio_model(net, job: DioJob, summary: dict, folder: Path, version: str 
             f"{job.model_dump_json(indent=2)}\n```\n\n## Run\n\n{summary['iterations']} steps on "
             f"{summary['volumes']} volumes in {summary['seconds']} s; mean loss of the last 50 steps "
             f"{summary['final_loss_mean50']:.3f}.\n")
+    val = summary.get("validation")
+    if val:
+        held = "\n".join(f"- `{os.path.normpath(src.glob)}`" for src in job.validation.data)
+        card += (f"\n## Validation\n\nWhole-volume hard Dice on the working grid, {val['pairs']} held-out pair(s) "
+                 f"of\n\n{held}\n\nstart {val['start_dice']:.4f}, best {val['best_dice']:.4f} at step "
+                 f"{val['best_step']}, last {val['last_dice']:.4f}; these weights are step {val['model_step']}.\n")
     training = {"job": job.model_dump(mode="json"), "summary": summary}
     return save_dio_model(net, folder, card, training=training, version=version, overwrite=True)
