@@ -273,14 +273,42 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
     """
     data = load_yaml(yaml_path) if yaml_path else {}
     overrides = _drop_none(overrides or {})
+    iterations = overrides.pop("iterations", None)
     merged = deep_merge(data, overrides)
     method = merged.get("method")
     if model is RegisterConfig and isinstance(method, str) and method in METHOD_PRESETS:
         merged = deep_merge(deep_merge({}, METHOD_PRESETS[method]), merged)
+    if iterations is not None:
+        merged = deep_merge(merged, iteration_override(merged.get("method", "convexadam"), iterations,
+                                                       merged.get("dio", {}).get("levels")))
     try:
         return model.model_validate(merged)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, str(yaml_path) if yaml_path else "flags")) from None
+
+
+def iteration_override(method: str, counts: tuple[int, ...], dio_levels=None) -> dict:
+    """The config keys that ``--iterations`` sets for ``method``: the iteration count of its deformable stage's
+    instance optimisation (convexadam: ``instance.iterations``; samconvex: ``samconvex.io_iterations``), or one
+    count per solver level for dio (``dio.iterations``, ANTs-style ``80x40x20``). A count that does not fit the
+    method is a ConfigError naming what it expects."""
+    counts = tuple(int(c) for c in counts)
+    if any(c < 0 for c in counts):
+        raise ConfigError(f"--iterations {'x'.join(map(str, counts))}: counts must be >= 0")
+    given = "x".join(map(str, counts))
+    if method == "dio":
+        levels = tuple(dio_levels or DioConfig().levels)
+        if len(counts) != len(levels):
+            raise ConfigError(f"--iterations {given}: --method dio needs one count per solver level (dio.levels "
+                              f"{','.join(map(str, levels))}), e.g. {'x'.join(str(80 >> k) for k in range(len(levels)))}")
+        return {"dio": {"iterations": counts}}
+    if method in ("affine", "rigid"):
+        raise ConfigError(f"--iterations {given}: --method {method} has no deformable stage (the affine stage's "
+                          "iterations are affine.iterations in a --config file)")
+    if len(counts) != 1:
+        raise ConfigError(f"--iterations {given}: --method {method} has one instance-optimisation stage; give one count")
+    key = {"samconvex": ("samconvex", "io_iterations")}.get(method, ("instance", "iterations"))
+    return {key[0]: {key[1]: counts[0]}}
 
 
 def _drop_none(d: dict) -> dict:

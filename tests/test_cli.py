@@ -119,6 +119,33 @@ def test_c2_yaml_merged_with_flags(tmp_path):
     assert yaml.safe_load(res.stdout)["affine"]["metric"] == "mi"
 
 
+def test_iterations_flag_sets_each_methods_own_stage(tmp_path):
+    """--iterations reaches the deformable stage of the chosen method (also when the method comes from the file),
+    ANTs-style NxNxN per solver level for dio; a count that does not fit the method is a one-line exit 7."""
+    def show(*args):
+        res = invoke("config", "show", "--json", *args)
+        return res, (json.loads(res.stdout) if res.exit_code == 0 else None)
+
+    _, cfg = show("--iterations", "30")
+    assert cfg["instance"]["iterations"] == 30
+    _, cfg = show("--method", "samconvex", "--iterations", "25")
+    assert cfg["samconvex"]["io_iterations"] == 25 and cfg["instance"]["iterations"] == 80
+    _, cfg = show("--method", "dio", "--iterations", "20x10x5")
+    assert cfg["dio"]["iterations"] == [20, 10, 5]
+    y = tmp_path / "d.yaml"
+    y.write_text("method: dio\ndio:\n  levels: [2, 1]\n  iterations: [9, 9]\n  learning_rates: [1.0, 0.5]\n")
+    _, cfg = show("--config", y, "--iterations", "40X20")
+    assert cfg["dio"]["iterations"] == [40, 20]
+    for args, words in ((("--method", "dio", "--iterations", "50"), "one count per solver level"),
+                        (("--config", y, "--iterations", "5x5x5"), "dio.levels 2,1"),
+                        (("--iterations", "80x40"), "give one count"),
+                        (("--method", "affine", "--iterations", "10"), "no deformable stage")):
+        res, _ = show(*args)
+        assert res.exit_code == 7 and words in one_line(res.stderr), res.stderr
+    res, _ = show("--iterations", "many")
+    assert res.exit_code == 2 and "--iterations" in res.stderr
+
+
 def test_c2_unknown_yaml_key_is_exit_7(tmp_path, images):
     y = tmp_path / "bad.yaml"
     y.write_text("seed: 1\naffine:\n  metrik: mi\n")

@@ -383,9 +383,10 @@ AffineInitOpt = Annotated[Optional[AffineInit], typer.Option(
 AffineOnOpt = Annotated[Optional[bool], typer.Option(
     "--affine/--no-affine", help="Run the affine stage (default yes; --no-affine: images already aligned).",
     show_default=False, rich_help_panel=_CFG)]
-IterationsOpt = Annotated[Optional[int], typer.Option(
-    "--iterations", min=0, help="Instance-optimisation iterations of the deformable stage (default 80).",
-    show_default=False, rich_help_panel=_CFG)]
+IterationsOpt = Annotated[Optional[str], typer.Option(
+    "--iterations", metavar="N|NxNxN", help="Instance-optimisation iterations of the deformable stage: convexadam "
+    "instance.iterations (default 80), samconvex samconvex.io_iterations (50), dio one count per solver level "
+    "(dio.iterations, default 80x40x20).", show_default=False, rich_help_panel=_CFG)]
 InverseOpt = Annotated[Optional[bool], typer.Option(
     "--inverse/--no-inverse", help="Also write prefix1InverseWarp.nii.gz (default yes).", show_default=False,
     rich_help_panel=_CFG)]
@@ -437,6 +438,19 @@ def _value(v: Any) -> Any:
     return v.value if isinstance(v, Enum) else v
 
 
+def parse_iterations(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """``--iterations``: ``80`` or ANTs-style ``80x40x20`` (one count per level); a BadParameter otherwise."""
+    if text is None:
+        return None
+    try:
+        counts = tuple(int(t) for t in str(text).lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not a count or counts like 80x40x20", param_hint="--iterations")
+    if any(c < 0 for c in counts):
+        raise typer.BadParameter(f"'{text}': counts must be >= 0", param_hint="--iterations")
+    return counts
+
+
 def config_overrides(method=None, device=None, threads=None, seed=None, deterministic=None,
                      working_spacing=None, affine_metric=None, affine_init=None, affine=None, iterations=None,
                      inverse=None, html=None, transform=None, optimizer=None, prompt_labels=None,
@@ -451,7 +465,8 @@ def config_overrides(method=None, device=None, threads=None, seed=None, determin
         "deterministic": deterministic,
         "working_spacing_mm": working_spacing,
         "affine": {"metric": _value(affine_metric), "init": _value(affine_init), "enabled": affine},
-        "instance": {"iterations": iterations, "transform": _value(transform), "optimizer": _value(optimizer),
+        "iterations": parse_iterations(iterations),
+        "instance": {"transform": _value(transform), "optimizer": _value(optimizer),
                      "fine_spacing_mm": fine_spacing},
         "inverse_warp": inverse,
         "html_report": html,
