@@ -222,7 +222,8 @@ def test_train_dio_validates_whole_volumes_and_keeps_the_best_checkpoint(tmp_pat
         "net: {arch: unet, widths: [4, 8, 8, 8], feature_channels: [4, 4, 4]}\n"
         "train: {iterations: 3, crop: [16, 16, 16], learning_rate: 0.01, seed: 1}\n"
         "solver: {dio: {iterations: [4, 3, 2]}}\n"
-        "validation: {data: [{glob: val/sub-*_T1w.nii.gz}], every: 2, solver: {dio: {iterations: [4, 3, 2]}}}\n"
+        "validation: {data: [{glob: val/sub-*_T1w.nii.gz}], every: 2, contrasts: [real, moving],\n"
+        "             solver: {dio: {iterations: [4, 3, 2]}}}\n"
         "checkpoint_every: 2\n")
     out = tmp_path / "run"
     res = invoke("train", "dio", "--config", job, "-o", out, "--quiet", "--json")
@@ -230,7 +231,9 @@ def test_train_dio_validates_whole_volumes_and_keeps_the_best_checkpoint(tmp_pat
     summary = json.loads(res.stdout)["validation"]
     records = json.loads((out / "history.json").read_text())["validation"]
     assert [r["step"] for r in records] == [0, 2, 3]
-    assert all(len(r["pairs"]) == 1 and 0.3 < r["dice"] <= 1 for r in records)
+    assert all(len(r["pairs"]) == 2 and 0.3 < r["dice"] <= 1 and set(r["contrasts"]) == {"real", "moving"}
+               for r in records)
+    assert all(r["dice"] == pytest.approx(sum(r["pairs"]) / 2) for r in records)
     best = max(records, key=lambda r: r["dice"])
     assert summary["best_step"] == best["step"] == summary["model_step"]
     assert summary["start_dice"] == records[0]["dice"]
@@ -241,11 +244,12 @@ def test_train_dio_validates_whole_volumes_and_keeps_the_best_checkpoint(tmp_pat
     net = load_dio(str(out / "model"))
     subjects, work = prepare_subjects(labelled_files(loaded.data) + labelled_files(loaded.validation.data), 2.0,
                                       net.cfg.percentiles)
-    again = validate(net, subjects[3:], work, validation_config(loaded))
+    again = validate(net, subjects[3:], work, validation_config(loaded), ("real", "moving"), 1)
     assert again["dice"] == pytest.approx(best["dice"], abs=1e-6)
-    # the same image as fixed and moving: the identity is the optimum, Dice 1
-    same = validate(net, [subjects[3], subjects[3]], work, validation_config(loaded))
-    assert same["dice"] == pytest.approx(1.0, abs=0.02)
+    # the same image as fixed and moving: the identity is the optimum, Dice 1; a synthetic contrast of the same
+    # subject as moving image still overlaps well
+    same = validate(net, [subjects[3], subjects[3]], work, validation_config(loaded), ("real", "moving"))
+    assert same["contrasts"]["real"] == pytest.approx(1.0, abs=0.02) and same["contrasts"]["moving"] > 0.8
     # interrupted after 2 steps and resumed: the same validation records
     part = tmp_path / "part"
     assert invoke("train", "dio", "--config", job, "-o", part, "--iterations", "2", "--quiet").exit_code == 0

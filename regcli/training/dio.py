@@ -102,6 +102,10 @@ class DioValidation(BaseModel):
                          "(default: regcli register --method dio's defaults, with the training solver's "
                          "instance.transform and optimizer)")
     select: Literal["best", "last"] = Field("best", description="which checkpoint model/ holds")
+    contrasts: tuple[Literal["real", "moving", "both"], ...] = Field(
+        ("real",), min_length=1, description="each pair is scored once per entry: the images as they are (real), "
+        "the moving image rendered from its label map with a random intensity per label (moving), or both images "
+        "so rendered (both); the same renderings at every validation; the score is the mean over all")
 
 
 DioJob.model_rebuild()
@@ -214,26 +218,36 @@ def prepare_subjects(files: Sequence[tuple[str, str]], spacing_mm: float, percen
     return subjects, work
 
 
-def validate(net, subjects: Sequence[Subject], work: Grid, cfg) -> dict:
+def validate(net, subjects: Sequence[Subject], work: Grid, cfg, contrasts: Sequence[str] = ("real",),
+             seed: int = 0) -> dict:
     """Whole-volume hard Dice of consecutive pairs of ``subjects`` (1<-2, 3<-4, ...) registered with the
-    features of ``net`` and the solver of ``cfg``, on the working grid ``work``: ``{"dice": mean over pairs,
-    "pairs": [per pair]}``, each pair's score the mean over the fixed image's labels."""
+    features of ``net`` and the solver of ``cfg``, on the working grid ``work``, once per entry of ``contrasts``
+    (:class:`DioValidation`; synthetic renderings seeded by ``seed``, the contrast and the pair, so every call
+    sees the same images). Returns ``{"dice": mean over pairs and contrasts, "pairs": [per pair, contrast by
+    contrast], "contrasts": {contrast: mean}}``; each pair's score is the mean over the fixed image's labels."""
     from regcli.methods.dio import level_features, solve
     from regcli.reports.metrics import dice_mean
     from regcli.resample import FieldWarper, upsample_field
 
     warper = FieldWarper(work, work, torch.device("cpu"))
-    scores = []
-    for a, b in zip(subjects[0::2], subjects[1::2]):
-        levels = solve(level_features(Image(a.image, work), cfg, net=net),
-                       level_features(Image(b.image, work), cfg, net=net), cfg)
-        last = levels[-1]
-        with torch.no_grad():
-            u = last.disp if last.grid.allclose(work) else upsample_field(last.disp, last.grid, work)
-            warped = warper.warp(b.labels[None, None].to(torch.float32), u, "nearest")[0, 0].to(torch.int64)
-        fixed_ids = [int(v) for v in torch.unique(a.labels) if v != 0]
-        scores.append(dice_mean(a.labels.numpy(), warped.numpy(), fixed_ids))
-    return {"dice": sum(scores) / len(scores), "pairs": scores}
+    scores, by_contrast = [], {}
+    for c, contrast in enumerate(contrasts):
+        mine = []
+        for k, (a, b) in enumerate(zip(subjects[0::2], subjects[1::2])):
+            gen = torch.Generator().manual_seed(seed + 1000 * c + k)
+            fixed = synth_contrast(a.labels, gen) if contrast == "both" else a.image
+            moving = synth_contrast(b.labels, gen) if contrast in ("moving", "both") else b.image
+            levels = solve(level_features(Image(fixed, work), cfg, net=net),
+                           level_features(Image(moving, work), cfg, net=net), cfg)
+            last = levels[-1]
+            with torch.no_grad():
+                u = last.disp if last.grid.allclose(work) else upsample_field(last.disp, last.grid, work)
+                warped = warper.warp(b.labels[None, None].to(torch.float32), u, "nearest")[0, 0].to(torch.int64)
+            fixed_ids = [int(v) for v in torch.unique(a.labels) if v != 0]
+            mine.append(dice_mean(a.labels.numpy(), warped.numpy(), fixed_ids))
+        by_contrast[contrast] = sum(mine) / len(mine)
+        scores += mine
+    return {"dice": sum(scores) / len(scores), "pairs": scores, "contrasts": by_contrast}
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
@@ -380,9 +394,10 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
         if vcfg is None or any(v["step"] == step for v in validation):
             return
         tv = time.perf_counter()
-        res = validate(net, held_out, work, vcfg)
+        res = validate(net, held_out, work, vcfg, job.validation.contrasts, tcfg.seed)
         validation.append({"step": step, **res, "validation_seconds": time.perf_counter() - tv})
-        log(f"validation at step {step}: Dice {res['dice']:.4f} over {len(res['pairs'])} held-out pair(s)")
+        parts = ", ".join(f"{c} {d:.4f}" for c, d in res["contrasts"].items())
+        log(f"validation at step {step}: Dice {res['dice']:.4f} ({parts}) over {len(held_out) // 2} held-out pair(s)")
         if best is None or res["dice"] > best["dice"]:
             best = {"step": step, "dice": res["dice"],
                     "state_dict": {k: v.detach().clone() for k, v in net.state_dict().items()}}
@@ -418,7 +433,8 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     summary = {"volumes": n, "iterations": len(history), "seconds": round(history[-1]["seconds"], 1) if history else 0,
                "final_loss_mean50": sum(h["loss"] for h in last) / max(1, len(last)), "outdir": str(out)}
     if validation:
-        summary["validation"] = {"pairs": len(validation[0]["pairs"]), "start_dice": validation[0]["dice"],
+        summary["validation"] = {"pairs": len(held_out) // 2, "contrasts": list(job.validation.contrasts),
+                                 "start_dice": validation[0]["dice"],
                                  "last_dice": validation[-1]["dice"], "best_step": best["step"],
                                  "best_dice": best["dice"], "model_step": len(history)}
         if job.validation.select == "best" and best["step"] != len(history):
@@ -445,7 +461,7 @@ def write_dio_model(net, job: DioJob, summary: dict, folder: Path, version: str 
     if val:
         held = "\n".join(f"- `{os.path.normpath(src.glob)}`" for src in job.validation.data)
         card += (f"\n## Validation\n\nWhole-volume hard Dice on the working grid, {val['pairs']} held-out pair(s) "
-                 f"of\n\n{held}\n\nstart {val['start_dice']:.4f}, best {val['best_dice']:.4f} at step "
+                 f"(contrasts: {', '.join(val['contrasts'])}) of\n\n{held}\n\nstart {val['start_dice']:.4f}, best {val['best_dice']:.4f} at step "
                  f"{val['best_step']}, last {val['last_dice']:.4f}; these weights are step {val['model_step']}.\n")
     training = {"job": job.model_dump(mode="json"), "summary": summary}
     return save_dio_model(net, folder, card, training=training, version=version, overwrite=True)
