@@ -299,14 +299,16 @@ def iteration_override(method: str, counts: tuple[int, ...], dio_levels=None) ->
     if method == "dio":
         levels = tuple(dio_levels or DioConfig().levels)
         if len(counts) != len(levels):
+            example = "x".join(str(80 >> k) for k in range(len(levels)))
             raise ConfigError(f"--iterations {given}: --method dio needs one count per solver level (dio.levels "
-                              f"{','.join(map(str, levels))}), e.g. {'x'.join(str(80 >> k) for k in range(len(levels)))}")
+                              f"{','.join(map(str, levels))}), e.g. {example}")
         return {"dio": {"iterations": counts}}
     if method in ("affine", "rigid"):
         raise ConfigError(f"--iterations {given}: --method {method} has no deformable stage (the affine stage's "
                           "iterations are affine.iterations in a --config file)")
     if len(counts) != 1:
-        raise ConfigError(f"--iterations {given}: --method {method} has one instance-optimisation stage; give one count")
+        raise ConfigError(f"--iterations {given}: --method {method} has one instance-optimisation stage; "
+                          "give one count")
     key = {"samconvex": ("samconvex", "io_iterations")}.get(method, ("instance", "iterations"))
     return {key[0]: {key[1]: counts[0]}}
 

@@ -181,12 +181,10 @@ def labelled_files(sources: Sequence[LabelledSource]) -> list[tuple[str, str]]:
 
 def prepare_subjects(files: Sequence[tuple[str, str]], spacing_mm: float, percentiles,
                      log: Callable[[str], None] = lambda s: None,
-                     progress: Optional[Callable[[int, int], None]] = None, template: Optional[str] = None
-                     ) -> tuple[list[Subject], Grid]:
-    """Read every (image, label map) of ``files``, align each to the template image (``template``, default
-    the first image; regcli's affine stage) and resample both onto the template's grid at ``spacing_mm``
-    (image: anti-aliased linear, then normalised as the network's input; labels: nearest). Returns the subjects
-    and the template grid at ``spacing_mm``."""
+                     progress: Optional[Callable[[int, int], None]] = None) -> tuple[list[Subject], Grid]:
+    """Read every (image, label map) of ``files``, align each to the first image, the template (regcli's affine
+    stage), and resample both onto the template's grid at ``spacing_mm`` (image: anti-aliased linear, then
+    normalised as the network's input; labels: nearest). Returns the subjects and the template grid."""
     from regcli.config import AffineConfig
     from regcli.io.images import read_image, read_labels
     from regcli.models.embedding import normalise_intensity
@@ -194,15 +192,13 @@ def prepare_subjects(files: Sequence[tuple[str, str]], spacing_mm: float, percen
     from regcli.resample import resample_to_grid, warp
     from regcli.solvers.affine import run_affine_stage
 
-    template = template or files[0][0]
-    ref = read_image(template, "training image")
-    work = ref.grid.with_spacing(spacing_mm)
+    template = read_image(files[0][0], "training image")
+    work = template.grid.with_spacing(spacing_mm)
     subjects = []
     for k, (fi, fl) in enumerate(files):
-        is_ref = os.path.abspath(fi) == os.path.abspath(template)
-        img = ref if is_ref else read_image(fi, "training image")
+        img = template if k == 0 else read_image(fi, "training image")
         lab = read_labels(fl, "training labels")
-        affine = None if is_ref else run_affine_stage(ref, img, AffineConfig()).transform
+        affine = None if k == 0 else run_affine_stage(template, img, AffineConfig()).transform
         smooth = smooth_for(img, spacing_mm)
         if affine is None:
             im_w = resample_to_grid(smooth, work)
@@ -461,7 +457,8 @@ def write_dio_model(net, job: DioJob, summary: dict, folder: Path, version: str 
     if val:
         held = "\n".join(f"- `{os.path.normpath(src.glob)}`" for src in job.validation.data)
         card += (f"\n## Validation\n\nWhole-volume hard Dice on the working grid, {val['pairs']} held-out pair(s) "
-                 f"(contrasts: {', '.join(val['contrasts'])}) of\n\n{held}\n\nstart {val['start_dice']:.4f}, best {val['best_dice']:.4f} at step "
-                 f"{val['best_step']}, last {val['last_dice']:.4f}; these weights are step {val['model_step']}.\n")
+                 f"(contrasts: {', '.join(val['contrasts'])}) of\n\n{held}\n\nstart {val['start_dice']:.4f}, best "
+                 f"{val['best_dice']:.4f} at step {val['best_step']}, last {val['last_dice']:.4f}; these weights are "
+                 f"step {val['model_step']}.\n")
     training = {"job": job.model_dump(mode="json"), "summary": summary}
     return save_dio_model(net, folder, card, training=training, version=version, overwrite=True)
