@@ -177,15 +177,18 @@ def _labelled_subjects(tmp_path, n=3):
     return paths
 
 
+def _tiny_job(train: str, extra: str = "") -> str:
+    """A 3-step training job on the phantom subjects of :func:`_labelled_subjects`, a tiny network and solver."""
+    return ("data:\n  - glob: sub-*_T1w.nii.gz\n"
+            "net: {arch: unet, widths: [4, 8, 8, 8], feature_channels: [4, 4, 4]}\n"
+            f"train: {{iterations: 3, crop: [16, 16, 16], {train}, seed: 1}}\n"
+            "solver: {dio: {iterations: [4, 3, 2]}}\ncheckpoint_every: 2\n" + extra)
+
+
 def test_train_dio_cli_checkpoints_and_resumes_bit_for_bit(tmp_path):
     _labelled_subjects(tmp_path)
     job = tmp_path / "job.yaml"
-    job.write_text(
-        "data:\n  - glob: sub-*_T1w.nii.gz\n"
-        "net: {arch: unet, widths: [4, 8, 8, 8], feature_channels: [4, 4, 4]}\n"
-        "train: {iterations: 3, crop: [16, 16, 16], synth_prob: 0.5, seed: 1}\n"
-        "solver: {dio: {iterations: [4, 3, 2]}}\n"
-        "checkpoint_every: 2\n")
+    job.write_text(_tiny_job("synth_prob: 0.5"))
     straight = tmp_path / "straight"
     res = invoke("train", "dio", "--config", job, "-o", straight, "--quiet", "--json")
     assert res.exit_code == 0, res.output
@@ -217,14 +220,9 @@ def test_train_dio_validates_whole_volumes_and_keeps_the_best_checkpoint(tmp_pat
         for q in (p, p.parent / p.name.replace("_T1w", "_labels")):
             q.rename(val / q.name)
     job = tmp_path / "job.yaml"
-    job.write_text(
-        "data:\n  - glob: sub-*_T1w.nii.gz\n"
-        "net: {arch: unet, widths: [4, 8, 8, 8], feature_channels: [4, 4, 4]}\n"
-        "train: {iterations: 3, crop: [16, 16, 16], learning_rate: 0.01, seed: 1}\n"
-        "solver: {dio: {iterations: [4, 3, 2]}}\n"
-        "validation: {data: [{glob: val/sub-*_T1w.nii.gz}], every: 2, contrasts: [real, moving],\n"
-        "             solver: {dio: {iterations: [4, 3, 2]}}}\n"
-        "checkpoint_every: 2\n")
+    job.write_text(_tiny_job("learning_rate: 0.01",
+                             "validation: {data: [{glob: val/sub-*_T1w.nii.gz}], every: 2, contrasts: [real, moving],\n"
+                             "             solver: {dio: {iterations: [4, 3, 2]}}}\n"))
     out = tmp_path / "run"
     res = invoke("train", "dio", "--config", job, "-o", out, "--quiet", "--json")
     assert res.exit_code == 0, res.output
