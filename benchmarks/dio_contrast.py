@@ -7,7 +7,7 @@ script renders the *moving* image of each pair that way (``--mode moving``: T1w 
 both synthetic, independently; ``none``: the T1w images), seeded per pair, on the subject's own 1 mm grid, and
 registers it with:
 
-* ``dio``: the shipped network (``weights/dio-features``);
+* ``dio``: the shipped network (``weights/dio-features``; ``--weights SPEC`` for another one);
 * ``dio-untrained``: the same architecture with zero heads, i.e. MIND-SSC, the training's starting point;
 * ``convexadam``: regcli's ConvexAdam (MIND-SSC, discrete stage, IO).
 
@@ -15,6 +15,7 @@ Every variant uses the MI affine stage (LNCC assumes one contrast). Dice is scor
 mean over the fixed image's labels.
 
   python benchmarks/dio_contrast.py "11,12;13,14;15,16;17,18;19,20" [--mode moving|both|none] [--variants dio,...]
+      [--weights SPEC]
 """
 
 import os
@@ -56,9 +57,10 @@ def main() -> None:
     pairs = [tuple(map(int, p.split(","))) for p in sys.argv[1].split(";")]
     mode = sys.argv[sys.argv.index("--mode") + 1] if "--mode" in sys.argv else "moving"
     variants = sys.argv[sys.argv.index("--variants") + 1].split(",") if "--variants" in sys.argv else VARIANTS
+    weights = sys.argv[sys.argv.index("--weights") + 1] if "--weights" in sys.argv else "dio-features"
     tmp = tempfile.mkdtemp(prefix="dio_contrast_")
     overrides = {
-        "dio": {"method": "dio"},
+        "dio": {"method": "dio", "dio": {"weights": weights}},
         "dio-untrained": {"method": "dio", "dio": {"weights": untrained_folder(os.path.join(tmp, "untrained"))}},
         "convexadam": {"method": "convexadam"},
     }
