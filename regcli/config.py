@@ -293,9 +293,9 @@ def iteration_override(method: str, counts: tuple[int, ...], dio_levels=None) ->
     count per solver level for dio (``dio.iterations``, ANTs-style ``80x40x20``). A count that does not fit the
     method is a ConfigError naming what it expects."""
     counts = tuple(int(c) for c in counts)
-    if any(c < 0 for c in counts):
-        raise ConfigError(f"--iterations {'x'.join(map(str, counts))}: counts must be >= 0")
     given = "x".join(map(str, counts))
+    if any(c < 0 for c in counts):
+        raise ConfigError(f"--iterations {given}: counts must be >= 0")
     if method == "dio":
         levels = tuple(dio_levels or DioConfig().levels)
         if len(counts) != len(levels):

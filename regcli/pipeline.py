@@ -221,11 +221,10 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
 
         t0 = time.perf_counter()
         fine = fixed.grid.with_spacing(config.instance.fine_spacing_mm)
-        prompts = None
-        if "prompts" in kwargs:
-            prompts = _stage_prompts(config, fixed_labels, moving_labels, landmarks, affine, fine)
+        prompts = (_stage_prompts(config, fixed_labels, moving_labels, landmarks, affine, fine)
+                   if "prompts" in kwargs else ())
         field_fine, history["fine"] = fine_refinement(fixed, moving, affine, field_w, fine, config, fixed_mask,
-                                                      moving_mask, prompts or (), cb, dev)
+                                                      moving_mask, prompts, cb, dev)
         timings["fine"] = time.perf_counter() - t0
         log.info("fine refinement at %g mm: %.2f s", config.instance.fine_spacing_mm, timings["fine"])
     else:
