@@ -1,4 +1,4 @@
-"""``regcli weights list|info|pull|push``: model weights in ``weights/``, the registry, and the Hub.
+"""``regcli weights list|info|pull|push|import``: model weights in ``weights/``, the registry, and the Hub.
 
 A model SPEC is, in resolution order: an existing local path (model folder or .safetensors file),
 ``hub:org/name@revision``, or a name from ``weights/registry.json`` (see ``regcli/weights/__init__.py``).
@@ -12,7 +12,8 @@ import typer
 from regcli.cli.common import JsonOpt, OverwriteOpt, QuietOpt, VerboseOpt, esc, examples
 
 app = typer.Typer(
-    help="Model weights: list the registry, inspect, download (pull) and upload (push) model folders. "
+    help="Model weights: list the registry, inspect, download (pull) and upload (push) model folders, import "
+    "official checkpoints. "
     "SPEC is a local folder, hub:org/name@revision, or a registry name.",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -184,6 +185,40 @@ def push(
     ui.result(data, _table([("repo", data["repo_id"]), ("commit", data["revision"]), ("sha256", data["sha256"])]))
 
 
+IMPORT_EXAMPLES = examples(
+    "regcli weights import unigradicon Step_2_final.trch -o models/unigradicon/",
+    "regcli weights import multigradicon Step_2_final.trch -o models/multigradicon/ --json",
+)
+
+
+def import_(
+    kind: Annotated[str, typer.Argument(help="Which official model the file is: unigradicon or multigradicon.",
+                                        metavar="KIND", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(help="The official checkpoint (a torch.save'd state_dict, e.g. "
+                                               "Step_2_final.trch).", metavar="FILE", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR", show_default=False,
+                                         help="Model folder to write (config.json, model.safetensors, README.md).")],
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Convert an official uniGradICON/multiGradICON checkpoint into a regcli model folder.
+
+    The file is read as plain tensors (no code in it runs) and must have exactly the official layout (188
+    tensors, 70,680,916 parameters); the folder then loads with --method foundation and `regcli weights info`.
+    """
+    from regcli.cli.common import Ui
+    from regcli.models.gradicon import import_official
+
+    ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
+    data = import_official(kind, checkpoint, output, overwrite=overwrite)
+    ui.result(data, _table([("kind", data["kind"]), ("source", data["source"]),
+                            ("source sha256", data["source_sha256"]), ("folder", data["folder"]),
+                            ("tensors", f"{data['tensors']} ({data['parameters']:,} parameters)"),
+                            ("sha256", data["sha256"])]))
+
+
 def _tty() -> bool:
     from regcli.cli.common import stderr_is_tty
 
@@ -194,3 +229,4 @@ app.command("list", epilog=LIST_EXAMPLES)(list_)
 app.command("info", epilog=INFO_EXAMPLES)(info)
 app.command("pull", epilog=PULL_EXAMPLES)(pull)
 app.command("push", epilog=PUSH_EXAMPLES)(push)
+app.command("import", epilog=IMPORT_EXAMPLES)(import_)
