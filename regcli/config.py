@@ -141,6 +141,29 @@ class SamConvexConfig(_Frozen):
         return self
 
 
+class FoundationConfig(_Frozen):
+    """A multi-step GradICON network (uniGradICON-compatible; :mod:`regcli.methods.foundation`), then optional IO."""
+
+    weights: str = Field("foundation-small", description="network: a folder (e.g. from `regcli weights import "
+                         "unigradicon`), hub:org/name@commit, or a registry name (regcli weights list)")
+    modality: Literal["mri", "ct"] = Field("mri", description="intensity preparation of the fixed image (and of "
+                                           "the moving one unless moving_modality): ct clips to [-1000, 1000] HU, "
+                                           "mri to [minimum, 99th percentile]; both then scale to [0, 1]")
+    moving_modality: Optional[Literal["mri", "ct"]] = Field(None, description="the moving image's, when it "
+                                                            "differs (None: modality)")
+    io: Literal["none", "network", "field"] = Field(
+        "none", description="instance optimisation after the network: network (uniGradICON's: Adam on the network "
+        "weights with the GradICON loss, both directions, weights restored afterwards), field (regcli's shared "
+        "solver: ConvexAdam's instance optimisation and refinement on MIND-SSC, started from the network's field), "
+        "or none")
+    io_iterations: int = Field(50, ge=0, description="iterations of the instance optimisation (--iterations)")
+    io_learning_rate: float = Field(2e-5, gt=0, description="Adam learning rate of io=network (uniGradICON's "
+                                    "2e-5); io=field uses instance.learning_rate")
+    inverse: Literal["network", "fixed_point"] = Field(
+        "network", description="the inverse warp: the network's own backward map (as uniGradICON; used unless "
+        "io=field changed the forward field) or the fixed-point inverse of the forward field")
+
+
 class PromptConfig(_Frozen):
     """Test-time prompts: label maps and landmarks given with the images become terms of the IO objective."""
 
@@ -184,13 +207,14 @@ class DioConfig(_Frozen):
 class RegisterConfig(_Frozen):
     """Everything ``regcli register`` needs besides the file names."""
 
-    method: Literal["convexadam", "samconvex", "dio", "affine", "rigid"] = "convexadam"
+    method: Literal["convexadam", "samconvex", "dio", "foundation", "affine", "rigid"] = "convexadam"
     working_spacing_mm: float = Field(2.0, gt=0, description="isotropic spacing of the deformable working grid")
     affine: AffineConfig = AffineConfig()
     convex: ConvexConfig = ConvexConfig()
     instance: InstanceConfig = InstanceConfig()
     samconvex: SamConvexConfig = SamConvexConfig()
     dio: DioConfig = DioConfig()
+    foundation: FoundationConfig = FoundationConfig()
     prompts: PromptConfig = PromptConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
@@ -203,7 +227,7 @@ class RegisterConfig(_Frozen):
 
     @property
     def deformable(self) -> bool:
-        return self.method in ("convexadam", "samconvex", "dio")
+        return self.method in ("convexadam", "samconvex", "dio", "foundation")
 
     @model_validator(mode="after")
     def _fine_is_finer(self) -> "RegisterConfig":
@@ -218,6 +242,7 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "convexadam": {},
     "samconvex": {},
     "dio": {},
+    "foundation": {},
     "affine": {"affine": {"stages": ("rigid", "affine")}},
     "rigid": {"affine": {"stages": ("rigid",)}},
 }
@@ -309,7 +334,8 @@ def iteration_override(method: str, counts: tuple[int, ...], dio_levels=None) ->
     if len(counts) != 1:
         raise ConfigError(f"--iterations {given}: --method {method} has one instance-optimisation stage; "
                           "give one count")
-    key = {"samconvex": ("samconvex", "io_iterations")}.get(method, ("instance", "iterations"))
+    key = {"samconvex": ("samconvex", "io_iterations"), "foundation": ("foundation", "io_iterations")
+           }.get(method, ("instance", "iterations"))
     return {key[0]: {key[1]: counts[0]}}
 
 

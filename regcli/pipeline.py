@@ -23,7 +23,9 @@ from regcli.progress import Progress, log
 from regcli.resample import resample_to_grid, upsample_field, warp, warp_many
 from regcli.runtime import Runtime, setup_runtime
 from regcli.spaces import Grid, Image
-from regcli.transforms import AffineTransform, CompositeTransform, DisplacementField, invert_displacement
+from regcli.transforms import (
+    AffineTransform, CompositeTransform, DisplacementField, inverse_consistency_error, invert_displacement,
+)
 
 
 @dataclass
@@ -191,10 +193,13 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
 
     # --------------------------------------------------------------- working grid
     t0 = time.perf_counter()
-    work = fixed.grid.with_spacing(config.working_spacing_mm)
-    sp = config.working_spacing_mm
-    fixed_w = resample_to_grid(smooth_for(fixed, sp), work).to(dev)
-    moving_w = warp(smooth_for(moving, sp), affine, work).to(dev)
+    from regcli.methods import prepare_images, working_grid
+
+    work, antialias = working_grid(config.method, fixed.grid, config)
+    sp = min(work.spacing)
+    fixed_p, moving_p = prepare_images(config.method, fixed, moving, config)
+    fixed_w = resample_to_grid(smooth_for(fixed_p, sp) if antialias else fixed_p, work).to(dev)
+    moving_w = warp(smooth_for(moving_p, sp) if antialias else moving_p, affine, work).to(dev)
     fmask_w = resample_to_grid(fixed_mask, work, "nearest").to(dev) if fixed_mask is not None else None
     mmask_w = warp(moving_mask, affine, work, "nearest").to(dev) if moving_mask is not None else None
     timings["resample"] = time.perf_counter() - t0
@@ -233,10 +238,15 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     # --------------------------------------------------------------- inverse + fields on the fixed grid
     t0 = time.perf_counter()
     if config.inverse_warp:
-        inv, stats = invert_displacement(field_fine, iterations=config.inverse_iterations, grid=work)
-        if field_fine is not field_w:  # finished on the fine grid, from the working grid's inverse
-            inv, stats = invert_displacement(field_fine, iterations=min(config.inverse_iterations,
-                                                                        FINE_INVERSE_ITERATIONS), init=inv)
+        if dres.inverse is not None and field_fine is field_w:  # the method's own inverse (a network's backward map)
+            inv = dres.inverse
+            stats = {**inverse_consistency_error(field_fine, inv), "source": config.method}
+        else:
+            inv, stats = invert_displacement(field_fine, iterations=config.inverse_iterations, grid=work,
+                                             init=dres.inverse)
+            if field_fine is not field_w:  # finished on the fine grid, from the working grid's inverse
+                inv, stats = invert_displacement(field_fine, iterations=min(config.inverse_iterations,
+                                                                            FINE_INVERSE_ITERATIONS), init=inv)
         reg.inverse_error = stats
         reg.inverse_field = DisplacementField(upsample_field(inv.disp, inv.grid, fixed.grid).cpu(), fixed.grid)
     timings["inverse"] = time.perf_counter() - t0

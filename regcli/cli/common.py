@@ -322,6 +322,7 @@ class Method(str, Enum):
     convexadam = "convexadam"
     samconvex = "samconvex"
     dio = "dio"
+    foundation = "foundation"
     affine = "affine"
     rigid = "rigid"
 
@@ -354,7 +355,8 @@ ConfigFileOpt = Annotated[Optional[Path], typer.Option(
     metavar="YAML", show_default=False, rich_help_panel=_CFG, **_IN)]
 MethodOpt = Annotated[Optional[Method], typer.Option(
     "--method", "-m", help="Preset: convexadam (affine + deformable, default), samconvex (affine + learned "
-    "anatomical embeddings), dio (affine + learned feature images registered by the IO solver), affine, or rigid.",
+    "anatomical embeddings), dio (affine + learned feature images registered by the IO solver), foundation (affine + "
+    "a uniGradICON-compatible network), affine, or rigid.",
     case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
 DeviceOpt = Annotated[Optional[Device], typer.Option(
     "--device", help="auto (CUDA when available), cpu or cuda. Default auto.", case_sensitive=False,
@@ -384,9 +386,10 @@ AffineOnOpt = Annotated[Optional[bool], typer.Option(
     "--affine/--no-affine", help="Run the affine stage (default yes; --no-affine: images already aligned).",
     show_default=False, rich_help_panel=_CFG)]
 IterationsOpt = Annotated[Optional[str], typer.Option(
-    "--iterations", metavar="N|NxNxN", help="Instance-optimisation iterations of the deformable stage: convexadam "
-    "instance.iterations (default 80), samconvex samconvex.io_iterations (50), dio one count per solver level "
-    "(dio.iterations, default 80x40x20).", show_default=False, rich_help_panel=_CFG)]
+    "--iterations", "--io-iters", metavar="N|NxNxN", help="Instance-optimisation iterations of the deformable "
+    "stage: convexadam instance.iterations (default 80), samconvex samconvex.io_iterations (50), dio one count per "
+    "solver level (dio.iterations, default 80x40x20), foundation foundation.io_iterations (50; the kind is --io).",
+    show_default=False, rich_help_panel=_CFG)]
 InverseOpt = Annotated[Optional[bool], typer.Option(
     "--inverse/--no-inverse", help="Also write prefix1InverseWarp.nii.gz (default yes).", show_default=False,
     rich_help_panel=_CFG)]
@@ -404,6 +407,16 @@ FineSpacingOpt = Annotated[Optional[float], typer.Option(
     "--fine-spacing", metavar="MM", help="After the deformable stage, refine the field on "
     "the fixed image's grid at this finer spacing (e.g. 1): sharper boundaries for some seconds more "
     "(instance.fine_spacing_mm; default: off).", show_default=False, rich_help_panel=_CFG)]
+Modality = Enum("Modality", {t: t for t in ("mri", "ct")}, type=str)
+FoundationIO = Enum("FoundationIO", {t: t for t in ("none", "network", "field")}, type=str)
+ModalityOpt = Annotated[Optional[Modality], typer.Option(
+    "--modality", help="--method foundation: intensity preparation, mri (clip to minimum..99th percentile, "
+    "default) or ct (clip to -1000..1000 HU); both then scale to [0, 1] (foundation.modality).",
+    case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
+FoundationIOOpt = Annotated[Optional[FoundationIO], typer.Option(
+    "--io", help="--method foundation: instance optimisation after the network: none (default), network "
+    "(uniGradICON's: Adam on the weights, lr 2e-5) or field (regcli's solver on MIND-SSC); --iterations sets "
+    "its count (foundation.io).", case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
 OptimizerOpt = Annotated[Optional[Optimizer], typer.Option(
     "--optimizer", help="Optimizer of the instance-optimisation stage: adam (default), sgd, lbfgs.",
     case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
@@ -454,7 +467,7 @@ def parse_iterations(text: Optional[str]) -> Optional[tuple[int, ...]]:
 def config_overrides(method=None, device=None, threads=None, seed=None, deterministic=None,
                      working_spacing=None, affine_metric=None, affine_init=None, affine=None, iterations=None,
                      inverse=None, html=None, transform=None, optimizer=None, prompt_labels=None,
-                     prompt_landmarks=None, fine_spacing=None) -> dict:
+                     prompt_landmarks=None, fine_spacing=None, modality=None, io=None) -> dict:
     """Nested override dict for :func:`regcli.config.build_config` (None = not given on the command line)."""
     return {
         "prompts": {"labels": parse_label_ids(prompt_labels), "landmarks": prompt_landmarks},
@@ -468,6 +481,7 @@ def config_overrides(method=None, device=None, threads=None, seed=None, determin
         "iterations": parse_iterations(iterations),
         "instance": {"transform": _value(transform), "optimizer": _value(optimizer),
                      "fine_spacing_mm": fine_spacing},
+        "foundation": {"modality": _value(modality), "io": _value(io)},
         "inverse_warp": inverse,
         "html_report": html,
     }

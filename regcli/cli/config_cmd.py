@@ -4,8 +4,9 @@
 import typer
 
 from regcli.cli.common import (
-    AffineInitOpt, AffineMetricOpt, AffineOnOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, HtmlOpt,
-    InverseOpt, IterationsOpt, FineSpacingOpt, OptimizerOpt, PromptLabelsOpt, PromptLandmarksOpt, TransformOpt, JsonOpt, MethodOpt, SeedOpt, ThreadsOpt, WorkingSpacingOpt, config_overrides,
+    AffineInitOpt, AffineMetricOpt, AffineOnOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt,
+    FoundationIOOpt, HtmlOpt, InverseOpt, IterationsOpt, JsonOpt, MethodOpt, ModalityOpt, OptimizerOpt,
+    PromptLabelsOpt, PromptLandmarksOpt, SeedOpt, ThreadsOpt, TransformOpt, WorkingSpacingOpt, config_overrides,
     examples,
 )
 
@@ -54,6 +55,8 @@ def show(
     transform: TransformOpt = None,
     optimizer: OptimizerOpt = None,
     fine_spacing: FineSpacingOpt = None,
+    modality: ModalityOpt = None,
+    io: FoundationIOOpt = None,
     prompt_labels: PromptLabelsOpt = None,
     prompt_landmarks: PromptLandmarksOpt = None,
     inverse: InverseOpt = None,
@@ -69,7 +72,8 @@ def show(
 
     cfg = build_config(config, config_overrides(method, device, threads, seed, deterministic, working_spacing,
                                                 affine_metric, affine_init, affine, iterations, inverse, html,
-                                                transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing))
+                                                transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing,
+                                                modality, io))
     data = cfg.model_dump(mode="json")
     if json_out:
         emit_json(data)

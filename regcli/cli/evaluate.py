@@ -10,9 +10,9 @@ from typing import Annotated, Optional
 import typer
 
 from regcli.cli.common import (
-    ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt, IterationsOpt, JsonOpt, MethodOpt, OptimizerOpt, OverwriteOpt, QuietOpt,
-    SeedOpt, ThreadsOpt, TransformOpt, VerboseOpt, WorkingSpacingOpt, AffineMetricOpt, config_overrides, examples,
-    input_file_argument, input_file_option,
+    AffineMetricOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt, FoundationIOOpt, IterationsOpt,
+    JsonOpt, MethodOpt, ModalityOpt, OptimizerOpt, OverwriteOpt, QuietOpt, SeedOpt, ThreadsOpt, TransformOpt,
+    VerboseOpt, WorkingSpacingOpt, config_overrides, examples, input_file_argument, input_file_option,
 )
 
 EXAMPLES = examples(
@@ -75,6 +75,8 @@ def evaluate(
     transform: TransformOpt = None,
     optimizer: OptimizerOpt = None,
     fine_spacing: FineSpacingOpt = None,
+    modality: ModalityOpt = None,
+    io: FoundationIOOpt = None,
     label_interp: Annotated[LabelInterp, typer.Option(
         "--label-interp", case_sensitive=False,
         help="How moving labels are warped for scoring: nearest (default) or label (per-label linear).")]
@@ -115,10 +117,10 @@ def evaluate(
     overrides = config_overrides(method=method, device=device, threads=threads, seed=seed,
                                  deterministic=deterministic, working_spacing=working_spacing,
                                  affine_metric=affine_metric, iterations=iterations, transform=transform,
-                                 optimizer=optimizer, fine_spacing=fine_spacing)
+                                 optimizer=optimizer, fine_spacing=fine_spacing, modality=modality, io=io)
     cfg = build_config(config, overrides)  # fail fast on a bad YAML or flag (exit 7)
     extra = _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
-                           transform, optimizer, fine_spacing)
+                           transform, optimizer, fine_spacing, modality, io)
 
     # outputs: checked before anything runs (O2, O3)
     if output.exists() and not output.is_dir():
@@ -168,13 +170,13 @@ def evaluate(
 
 
 def _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
-                   transform=None, optimizer=None, fine_spacing=None) -> list:
+                   transform=None, optimizer=None, fine_spacing=None, modality=None, io=None) -> list:
     """Flags passed on to each `regcli register` child (HTML reports off: evaluation does not need them)."""
     args = ["--no-html"]
     for flag, v in (("--device", device), ("--threads", threads), ("--seed", seed),
                     ("--working-spacing", working_spacing), ("--affine-metric", affine_metric),
                     ("--iterations", iterations), ("--transform", transform), ("--optimizer", optimizer),
-                    ("--fine-spacing", fine_spacing)):
+                    ("--fine-spacing", fine_spacing), ("--modality", modality), ("--io", io)):
         if v is not None:
             args += [flag, str(getattr(v, "value", v))]
     if deterministic is not None:

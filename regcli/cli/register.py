@@ -6,8 +6,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from regcli.cli.common import (
-    AffineInitOpt, AffineMetricOpt, AffineOnOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, HtmlOpt,
-    InverseOpt, IterationsOpt, FineSpacingOpt, OptimizerOpt, PromptLabelsOpt, PromptLandmarksOpt, TransformOpt, JsonOpt, MethodOpt, OverwriteOpt, QuietOpt, SeedOpt, ThreadsOpt, VerboseOpt,
+    AffineInitOpt, AffineMetricOpt, AffineOnOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt,
+    FoundationIOOpt, HtmlOpt, InverseOpt, IterationsOpt, JsonOpt, MethodOpt, ModalityOpt, OptimizerOpt,
+    OverwriteOpt, PromptLabelsOpt, PromptLandmarksOpt, QuietOpt, SeedOpt, ThreadsOpt, TransformOpt, VerboseOpt,
     WorkingSpacingOpt, config_overrides, examples, input_file_argument, input_file_option,
 )
 
@@ -59,6 +60,8 @@ def register(
     transform: TransformOpt = None,
     optimizer: OptimizerOpt = None,
     fine_spacing: FineSpacingOpt = None,
+    modality: ModalityOpt = None,
+    io: FoundationIOOpt = None,
     prompt_labels: PromptLabelsOpt = None,
     prompt_landmarks: PromptLandmarksOpt = None,
     inverse: InverseOpt = None,
@@ -81,7 +84,8 @@ def register(
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
     cfg = build_config(config, config_overrides(method, device, threads, seed, deterministic, working_spacing,
                                                 affine_metric, affine_init, affine, iterations, inverse, html,
-                                                transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing))
+                                                transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing,
+                                                modality, io))
     from regcli.pipeline import RegisterInputs, run_register
 
     inputs = RegisterInputs(

@@ -17,6 +17,7 @@ METHODS: Registry[str] = Registry("method")
 METHODS.register("convexadam")("regcli.methods.convexadam:convexadam")
 METHODS.register("samconvex")("regcli.methods.samconvex:samconvex")
 METHODS.register("dio")("regcli.methods.dio:dio")
+METHODS.register("foundation")("regcli.methods.foundation:foundation")
 
 
 def get_method(name: str) -> Callable:
@@ -28,6 +29,26 @@ def preflight(name: str, config) -> list[dict]:
     """Let a method check what it needs (e.g. model weights) before any computation starts: its module's
     ``preflight(config)``, when it defines one. Returns what that reports about the models it will use (for
     report.json: spec, source, folder, sha256, ...), or [] for a method without models."""
-    module = importlib.import_module(METHODS.get(name).split(":")[0])
-    check = getattr(module, "preflight", None)
+    check = _hook(name, "preflight")
     return list(check(config) or []) if check is not None else []
+
+
+def _hook(name: str, hook: str):
+    return getattr(importlib.import_module(METHODS.get(name).split(":")[0]), hook, None)
+
+
+def prepare_images(name: str, fixed, moving, config):
+    """The method module's ``prepare_images(fixed, moving, config)`` (intensity preparation on the original
+    grids, before resampling onto the working grid, e.g. a network's windowing), or the images unchanged."""
+    own = _hook(name, "prepare_images")
+    return own(fixed, moving, config) if own is not None else (fixed, moving)
+
+
+def working_grid(name: str, fixed_grid, config):
+    """The deformable working grid for method ``name`` and whether to smooth images before resampling onto it:
+    the method module's ``working_grid(fixed_grid, config)`` when it defines one (e.g. a network's input grid),
+    else the fixed field of view at ``config.working_spacing_mm``, smoothed."""
+    own = _hook(name, "working_grid")
+    if own is not None:
+        return own(fixed_grid, config)
+    return fixed_grid.with_spacing(config.working_spacing_mm), True

@@ -74,11 +74,14 @@ class DeformableResult:
             point ``x`` to the moving point ``x + u(x)``.
         history: loss curves per stage, e.g. ``{"convex": [...], "instance": [...]}``.
         timings: seconds per step (and ``"total"``).
+        inverse: the method's own inverse field on the same grid (e.g. a network's backward map), or None:
+            the pipeline then inverts ``field`` by fixed-point iteration.
     """
 
     field: DisplacementField
     history: dict[str, list[dict]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    inverse: Optional[DisplacementField] = None
 
 
 # ---------------------------------------------------------------------------------------------- grid helpers

@@ -235,6 +235,67 @@ def parameter_count(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+# ------------------------------------------------------------------------------------------ objective
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian of ``sigma`` voxels, ``4 sigma + 1`` taps, zero padding ("same")."""
+    size = int(4 * sigma + 1)
+    t = torch.linspace(-(size - 1) / 2, (size - 1) / 2, size, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = size
+        x = F.conv3d(x, k.view(1, 1, *shape).expand(c, 1, *shape), padding="same", groups=c)
+    return x
+
+
+def lncc_loss(i: torch.Tensor, j: torch.Tensor, sigma: float, eps: float = 1e-5) -> torch.Tensor:
+    """``1 - mean LNCC`` with Gaussian windows of ``sigma`` voxels (GradICON's similarity)."""
+    mi, mj = _gaussian_blur(i, sigma), _gaussian_blur(j, sigma)
+    cov = _gaussian_blur(i * j, sigma) - mi * mj
+    vi = torch.relu(_gaussian_blur(i * i, sigma) - mi ** 2) + eps
+    vj = torch.relu(_gaussian_blur(j * j, sigma) - mj ** 2) + eps
+    return 1 - (cov / torch.sqrt(vi * vj)).mean()
+
+
+def gradicon_loss(net: GradICONNet, a: torch.Tensor, b: torch.Tensor, lmbda: Optional[float] = None,
+                  sigma: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                  delta: float = 1e-3) -> dict[str, torch.Tensor]:
+    """The GradICON objective of a pair (a moving, b fixed), as uniGradICON trains and instance-optimises:
+
+    ``all = (1 - LNCC(a o phi_AB, b)) + (1 - LNCC(b o phi_BA, a)) + lmbda * sum_d mean(|d/dd (x - phi_AB(phi_BA(x)))|^2)``
+
+    The warped images are sampled with zero padding. The inverse-consistency term is evaluated at every
+    other voxel of the grid, each point jittered by Gaussian noise of 2/N (N the last axis' size), and its
+    derivative along each axis by a finite difference of ``delta``. Returns ``all``, ``similarity``,
+    ``inverse_consistency`` and ``folds`` (voxels of phi_BA with a negative Jacobian determinant).
+    """
+    lmbda = net.cfg.lmbda if lmbda is None else lmbda
+    sigma = net.cfg.lncc_sigma if sigma is None else sigma
+    shape = tuple(a.shape[2:])
+    ident = identity_map(shape, a.device, a.dtype)
+    phi_ab, phi_ba = net(a, b), net(b, a)
+    v_ab, v_ba = phi_ab(ident, identity=True), phi_ba(ident, identity=True)
+    similarity = (lncc_loss(sample(a, v_ab, "zeros"), b, sigma) + lncc_loss(sample(b, v_ba, "zeros"), a, sigma))
+    noise = torch.randn(ident.shape, generator=generator).to(a.device, a.dtype)
+    x = (ident + 2 * noise / shape[-1])[:, :, ::2, ::2, ::2]
+    err = x - phi_ab(phi_ba(x))
+    ic = a.new_zeros(())
+    for k in range(3):
+        step = torch.zeros(1, 3, 1, 1, 1, device=a.device, dtype=a.dtype)
+        step[0, k] = delta
+        err_k = x + step - phi_ab(phi_ba(x + step))
+        ic = ic + (((err - err_k) / delta) ** 2).mean()
+    with torch.no_grad():
+        j = v_ba.detach()
+        da, db, dc = (j[:, :, 1:, 1:, 1:] - j[:, :, :-1, 1:, 1:], j[:, :, 1:, 1:, 1:] - j[:, :, 1:, :-1, 1:],
+                      j[:, :, 1:, 1:, 1:] - j[:, :, 1:, 1:, :-1])
+        folds = ((torch.cross(da, db, dim=1) * dc).sum(1) < 0).sum() / a.shape[0]
+    return {"all": lmbda * ic + similarity, "similarity": similarity, "inverse_consistency": ic,
+            "folds": folds.to(a.dtype)}
+
+
 # ------------------------------------------------------------------------------------------ weights
 ARCHITECTURE = "gradicon-multistep"
 #: how images are prepared for the network (uniGradICON's conventions), recorded in every model's config.json

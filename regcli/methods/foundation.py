@@ -1,0 +1,217 @@
+"""Foundation model: a uniGradICON-compatible multi-step GradICON network, in physical space.
+
+``regcli register fixed moving --method foundation`` runs, after the affine stage:
+
+1. **Network grid.** The deformable working grid is the fixed image's field of view resized to the network's
+   input shape (175^3 for uniGradICON): :func:`working_grid` (``Grid.with_size``: voxel ``p`` of it lies at the
+   fixed image's continuous index ``(p + 0.5) n / N - 0.5``, which is what uniGradICON's
+   ``F.interpolate(..., align_corners=False)`` samples). The pipeline resamples the fixed image and the
+   affinely mapped moving image onto it, without anti-alias smoothing (as uniGradICON).
+2. **Intensities** as uniGradICON prepares them (``foundation.modality``), on the original images before
+   any resampling (:func:`prepare_images`): CT clipped to [-1000, 1000] HU, MRI to [minimum, 99th
+   percentile], then scaled to [0, 1].
+3. **Both maps.** ``phi_AB = net(moving, fixed)`` on the fixed voxels and ``phi_BA = net(fixed, moving)``, in
+   the network's [0, 1] coordinates (:mod:`regcli.models.gradicon`), become displacement fields in LPS mm:
+   ``u(x) = D S (N - 1) d(x)`` (D direction, S spacing of the network grid, components reordered from tensor to
+   x, y, z order). ``u`` is the forward warp; ``phi_BA`` gives the inverse warp directly
+   (``foundation.inverse``), with its inverse-consistency error in the report.
+4. **Instance optimisation** (``foundation.io``, ``--iterations``): ``network``: uniGradICON's (Adam on the
+   network weights with the GradICON loss, both directions, the weights restored afterwards); ``field``:
+   regcli's shared solver, ConvexAdam's instance optimisation and refinement on MIND-SSC started from the
+   network's field (the inverse then comes from the fixed-point inversion).
+
+The fields leave as world LPS mm on the working (network) grid; the pipeline resamples them onto the fixed
+image's grid and writes ANTs files.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from regcli.config import RegisterConfig
+from regcli.errors import ConvergenceError, GeometryError
+from regcli.methods.convexadam import (
+    STAGE_INSTANCE, DeformableResult, _instance_level, _mask_on, _scalar, index_to_world_vectors,
+    refine_on_working_grid,
+)
+from regcli.models.gradicon import GradICONNet, gradicon_from, gradicon_loss
+from regcli.spaces.grid import Grid
+from regcli.transforms.displacement import DisplacementField
+
+ProgressFn = Callable[[str, int, int], None]
+STAGE_NETWORK = "foundation network"
+STAGE_NETWORK_IO = "foundation network IO"
+
+_NET_CACHE: dict[str, tuple[GradICONNet, dict]] = {}
+
+
+def _load(spec: str) -> tuple[GradICONNet, dict]:
+    """The network for ``spec`` and its provenance; resolved and verified once per process and spec."""
+    if spec not in _NET_CACHE:
+        from regcli.weights import resolve
+
+        _NET_CACHE.clear()
+        model = resolve(spec)
+        _NET_CACHE[spec] = (gradicon_from(model), {"role": "foundation network", **model.provenance()})
+    return _NET_CACHE[spec]
+
+
+def preflight(cfg: RegisterConfig) -> list[dict]:
+    """Resolve, verify and load the network before the registration starts (one-line WeightsError)."""
+    return [_load(cfg.foundation.weights)[1]]
+
+
+def working_grid(fixed_grid: Grid, cfg: RegisterConfig) -> tuple[Grid, bool]:
+    """The network grid over the fixed image's field of view, and False: no anti-alias smoothing before
+    resampling onto it (uniGradICON resizes with plain trilinear interpolation)."""
+    shape = _load(cfg.foundation.weights)[0].cfg.input_shape  # tensor order (Z, Y, X)
+    return fixed_grid.with_size(tuple(reversed(shape))), False
+
+
+def prepare_intensities(data: torch.Tensor, modality: str) -> torch.Tensor:
+    """uniGradICON's intensity preparation: CT clipped to [-1000, 1000], MRI to [minimum, 99th percentile]
+    (the k-th smallest value with k = int(0.99 n)), then scaled to [0, 1]."""
+    from regcli.errors import InputError
+
+    x = data.to(torch.float32)
+    if modality == "ct":
+        lo, hi = -1000.0, 1000.0
+    else:
+        flat = x.flatten()
+        lo = float(flat.min())
+        k = max(1, min(int(0.99 * flat.numel()), flat.numel()))
+        hi = float(torch.kthvalue(flat.cpu(), k).values)
+    if not hi > lo:
+        raise InputError(f"foundation: the {modality} intensity window is empty ({lo:g} to {hi:g}); is the image "
+                         "constant, or is --modality wrong?")
+    return (x.clamp(lo, hi) - lo) / (hi - lo)
+
+
+def prepare_images(fixed, moving, cfg: RegisterConfig):
+    """Both images' intensities prepared (:func:`prepare_intensities`) on their own grids, before the pipeline
+    resamples them onto the network grid: uniGradICON windows the original images, and the moving image's
+    padding outside its field of view (0) is then the window's lower end (air for CT)."""
+    fcfg = cfg.foundation
+    return (fixed.with_data(prepare_intensities(_scalar(fixed, "fixed"), fcfg.modality)),
+            moving.with_data(prepare_intensities(_scalar(moving, "moving"), fcfg.moving_modality or fcfg.modality)))
+
+
+def map_to_world(d: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """A network displacement (3, Z, Y, X) in [0, 1] units (tensor axis order) -> world LPS mm on ``grid``."""
+    n = grid.size  # x, y, z
+    index = torch.stack((d[2] * (n[0] - 1), d[1] * (n[1] - 1), d[0] * (n[2] - 1)))  # voxels, x, y, z
+    return index_to_world_vectors(index, grid)
+
+
+def network_io(net: GradICONNet, a: torch.Tensor, b: torch.Tensor, iterations: int, lr: float,
+               report: ProgressFn, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """uniGradICON's instance optimisation: ``iterations`` Adam steps on the network weights minimising the
+    GradICON loss of this pair (both directions), then both maps; the weights are restored afterwards.
+    Batch normalisation keeps its running statistics (eval mode), as in uniGradICON."""
+    state = copy.deepcopy(net.state_dict())
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    history: list[dict] = []
+    try:
+        net.eval()
+        for i in range(iterations):
+            opt.zero_grad(set_to_none=True)
+            loss = gradicon_loss(net, a, b, generator=gen)
+            loss["all"].backward()
+            opt.step()
+            history.append({"iteration": i + 1, **{k: float(v.detach()) for k, v in loss.items()}})
+            if not torch.isfinite(loss["all"].detach()):
+                raise ConvergenceError(f"foundation network IO diverged at iteration {i + 1}")
+            report(STAGE_NETWORK_IO, i + 1, iterations)
+        with torch.no_grad():
+            d_ab = net.displacement(a, b)
+            d_ba = net.displacement(b, a)
+    finally:
+        net.load_state_dict(state)
+        for p in net.parameters():
+            p.grad = None
+    return d_ab, d_ba, history
+
+
+def foundation(fixed, moving, cfg: RegisterConfig, fixed_mask=None, moving_mask=None,
+               progress: Optional[ProgressFn] = None, device=None, prompts: Sequence = ()) -> DeformableResult:
+    """Deformable registration of ``moving`` to ``fixed`` (both on the network grid, :func:`working_grid`).
+
+    ``prompts`` (label maps, landmarks) join the objective of ``io=field``; the network itself ignores them.
+    Returns the forward field and, unless ``io=field`` or ``inverse=fixed_point``, the network's inverse.
+    """
+    t_start = time.perf_counter()
+    grid = fixed.grid
+    if not grid.allclose(moving.grid):
+        raise GeometryError("foundation needs fixed and moving on the same working grid: fixed is "
+                            f"{grid.describe()}, moving is {moving.grid.describe()}")
+    fcfg = cfg.foundation
+    out_device = fixed.data.device
+    dev = torch.device(device) if device is not None else out_device
+    timings: dict[str, float] = {}
+    history: dict[str, list[dict]] = {}
+
+    def report(stage: str, i: int, n: int) -> None:
+        if progress is not None:
+            progress(stage, i, n)
+
+    net = _load(fcfg.weights)[0].to(dev)
+    shape = tuple(net.cfg.input_shape)
+    fdata = _scalar(fixed, "fixed").to(dev)
+    mdata = _scalar(moving, "moving").to(dev)
+    if tuple(fdata.shape) != shape:
+        raise GeometryError(f"foundation: the working grid {tuple(fdata.shape)} is not the network grid {shape}")
+    b, a = fdata[None, None], mdata[None, None]  # intensities prepared by prepare_images
+
+    t = time.perf_counter()
+    if fcfg.io == "network" and fcfg.io_iterations > 0:
+        report(STAGE_NETWORK_IO, 0, fcfg.io_iterations)
+        d_ab, d_ba, history["network_io"] = network_io(net, a, b, fcfg.io_iterations, fcfg.io_learning_rate,
+                                                       report, cfg.seed)
+        timings["network_io"] = time.perf_counter() - t
+    else:
+        report(STAGE_NETWORK, 0, 2)
+        with torch.no_grad():
+            d_ab = net.displacement(a, b)
+            report(STAGE_NETWORK, 1, 2)
+            d_ba = net.displacement(b, a) if fcfg.inverse == "network" and fcfg.io != "field" else None
+        report(STAGE_NETWORK, 2, 2)
+        timings["network"] = time.perf_counter() - t
+    with torch.no_grad():
+        u = map_to_world(d_ab[0], grid)
+        inv = map_to_world(d_ba[0], grid) if d_ba is not None else None
+
+    if fcfg.io == "field" and fcfg.io_iterations > 0:
+        t = time.perf_counter()
+        from regcli.features.mind import mind_ssc
+
+        icfg = cfg.instance
+        fmask = _mask_on(fixed_mask, grid, "fixed")
+        mmask = _mask_on(moving_mask, grid, "moving")
+        with torch.no_grad():
+            feat_f = mind_ssc(fdata[None, None], cfg.convex.mind_radius, cfg.convex.mind_dilation)
+            feat_m = mind_ssc(mdata[None, None], cfg.convex.mind_radius, cfg.convex.mind_dilation)
+        disp, io_grid, history["instance"] = _instance_level(
+            feat_f, feat_m, grid, icfg.grid_sp_adam, u, grid, fmask, mmask, icfg, fcfg.io_iterations,
+            icfg.learning_rate, STAGE_INSTANCE, report, dev, icfg.gradient_floor, prompts=prompts)
+        del feat_f, feat_m
+        if icfg.refine_iterations > 0:
+            disp, history["refine"] = refine_on_working_grid(fdata, mdata, grid, disp, io_grid, fmask, mmask, cfg,
+                                                             icfg.refine_iterations, report, dev, prompts)
+        else:
+            from regcli.resample import upsample_field
+
+            disp = upsample_field(disp.detach(), io_grid, grid)
+        u, inv = disp.detach(), None
+        timings["field_io"] = time.perf_counter() - t
+
+    timings["total"] = time.perf_counter() - t_start
+    if not torch.isfinite(u).all() or (inv is not None and not torch.isfinite(inv).all()):
+        raise ConvergenceError("foundation produced a non-finite displacement field")
+    field = DisplacementField(u.to(out_device).contiguous(), grid)
+    inverse = DisplacementField(inv.to(out_device).contiguous(), grid) if inv is not None else None
+    return DeformableResult(field, history, timings, inverse=inverse)

@@ -1,0 +1,223 @@
+"""``--method foundation``: the GradICON network in physical space, its inverse, and both kinds of IO.
+
+The oracle tests compare with the reference packages (see tests/test_gradicon.py for how to install them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import invoke, make_phantom, write
+from regcli.config import build_config
+from regcli.methods.foundation import map_to_world, prepare_intensities
+from regcli.models.gradicon import GradICONConfig, GradICONNet, gradicon_loss, save_gradicon_model
+from regcli.pipeline import register_images
+from regcli.spaces.grid import Grid
+from regcli.spaces.image import Image
+
+SMALL = GradICONConfig(input_shape=(40, 40, 40), down_channels=(4, 8, 8, 16), up_channels=(4, 4, 8, 8))
+SHIFT = np.array([3.0, -2.0, 1.5])  # content shift of the moving phantom, world mm
+
+
+def _image(sitk_img: sitk.Image) -> Image:
+    return Image(torch.from_numpy(sitk.GetArrayFromImage(sitk_img).astype(np.float32)), Grid.from_sitk(sitk_img))
+
+
+@pytest.fixture(scope="module")
+def pair():
+    fixed = make_phantom("oblique15", "aniso")
+    moving = make_phantom("oblique15", "aniso", transform=lambda p: p + SHIFT)  # moving(y) = phantom(y + SHIFT)
+    return _image(fixed), _image(moving)
+
+
+def _translation_net(grid: Grid, world_mm: np.ndarray) -> GradICONNet:
+    """A network whose map is the constant displacement ``world_mm`` on the network grid over ``grid``: every
+    step's output is zero except the last one's, whose last convolution has only a bias."""
+    net = GradICONNet(SMALL)
+    work = grid.with_size(tuple(reversed(SMALL.input_shape)))
+    index = np.linalg.solve(work.index_to_world()[:3, :3], world_mm)  # voxels, x, y, z
+    d = index / (np.array(work.size) - 1)  # [0, 1] units, x, y, z
+    with torch.no_grad():
+        net.netPsi.net.lastConv.bias.copy_(torch.tensor(d[::-1].copy() * 10, dtype=torch.float32))
+    return net.eval()
+
+
+def _config(folder, **foundation):
+    return build_config(None, {"method": "foundation", "affine": {"enabled": False}, "html_report": False,
+                               "foundation": {"weights": str(folder), **foundation}})
+
+
+def test_map_to_world_reorders_and_scales_on_an_oblique_anisotropic_grid():
+    D = np.asarray(sitk.VersorTransform((0.3, 0.2, 0.93), 0.4).GetMatrix()).reshape(3, 3)
+    g = Grid((5, 7, 9), (1.5, 2.0, 0.5), (1.0, 2.0, 3.0), tuple(D.ravel()))
+    d = torch.zeros(3, 9, 7, 5)
+    d[0] = 0.25  # along tensor axis 0 = index z: a quarter of the grid's z extent
+    u = map_to_world(d, g)
+    expected = D[:, 2] * 0.5 * (9 - 1) * 0.25
+    assert torch.allclose(u[:, 4, 3, 2], torch.tensor(expected, dtype=torch.float32), atol=1e-6)
+
+
+def test_prepare_intensities_follows_unigradicon():
+    x = torch.tensor([-3000.0, -1000.0, 0.0, 1000.0, 2500.0])
+    assert prepare_intensities(x, "ct").tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+    mri = torch.arange(1000, dtype=torch.float32)
+    out = prepare_intensities(mri, "mri")  # [min, 99th percentile (k-th smallest, k = 990)] -> [0, 1]
+    assert out[0] == 0 and out[989] == 1 and out[-1] == 1 and abs(float(out[500]) - 500 / 989) < 1e-6
+    from regcli.errors import InputError
+
+    with pytest.raises(InputError, match="intensity window is empty"):
+        prepare_intensities(torch.ones(10), "mri")
+
+
+def test_constant_map_becomes_the_known_physical_displacement(pair, tmp_path):
+    """Network grid, [0, 1] maps, sign (fixed -> moving) and LPS conversion, through the whole pipeline."""
+    fixed, moving = pair
+    save_gradicon_model(_translation_net(fixed.grid, -SHIFT), tmp_path / "m", "# test")
+    reg = register_images(fixed, moving, _config(tmp_path / "m", inverse="fixed_point"))
+    assert reg.working_grid.size == (40, 40, 40) and reg.working_grid.extent_mm == pytest.approx(fixed.grid.extent_mm)
+    u = reg.field.disp.reshape(3, -1)
+    assert torch.allclose(u, torch.tensor(-SHIFT, dtype=torch.float32)[:, None], atol=1e-4)
+    inv = reg.inverse_field.disp.reshape(3, -1)
+    assert torch.allclose(inv, torch.tensor(SHIFT, dtype=torch.float32)[:, None], atol=1e-3)
+    # the network's own backward map is used by default; here it is the same shift, so it is reported as such
+    reg = register_images(fixed, moving, _config(tmp_path / "m"))
+    assert reg.inverse_error["source"] == "foundation"
+    assert reg.inverse_error["mean_mm"] == pytest.approx(2 * np.linalg.norm(SHIFT), rel=1e-3)
+
+
+def test_network_io_restores_the_weights_and_field_io_refines(pair, tmp_path):
+    fixed, moving = pair
+    torch.manual_seed(0)
+    net = _translation_net(fixed.grid, -0.6 * SHIFT)  # 60 % of the way
+    save_gradicon_model(net, tmp_path / "m", "# test")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    err = {}
+    for io in ("none", "field"):
+        reg = register_images(fixed, moving, _config(tmp_path / "m", io=io, io_iterations=30))
+        u = reg.field.disp.reshape(3, -1)
+        inside = torch.from_numpy(sitk.GetArrayFromImage(make_phantom("oblique15", "aniso"))).flatten() > 0.2
+        err[io] = float((u[:, inside] + torch.tensor(SHIFT, dtype=torch.float32)[:, None]).norm(dim=0).mean())
+    assert err["none"] == pytest.approx(0.4 * np.linalg.norm(SHIFT), rel=1e-3)
+    assert err["field"] < 0.5 * err["none"]  # regcli's solver takes it most of the remaining way
+    assert "iterations" in reg.inverse_error  # the field changed: fixed-point inverse
+
+    cfg = _config(tmp_path / "m", io="network", io_iterations=3, io_learning_rate=1e-3)
+    a = register_images(fixed, moving, cfg)
+    b = register_images(fixed, moving, cfg)
+    hist = a.history["foundation/network_io"]
+    assert [h["iteration"] for h in hist] == [1, 2, 3] and {"similarity", "inverse_consistency"} <= set(hist[0])
+    assert torch.equal(a.field.disp, b.field.disp)  # seeded
+    from regcli.methods.foundation import _load
+
+    after = _load(str(tmp_path / "m"))[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # restored after the IO
+
+
+def test_cli_flags_reach_the_foundation_config(tmp_path):
+    res = invoke("config", "show", "--method", "foundation", "--modality", "ct", "--io", "network", "--io-iters", "7",
+                 "--json")
+    assert res.exit_code == 0, res.output
+    import json
+
+    cfg = json.loads(res.stdout)["foundation"]
+    assert (cfg["modality"], cfg["io"], cfg["io_iterations"]) == ("ct", "network", 7)
+    res = invoke("config", "show", "--method", "foundation", "--iterations", "8x4")
+    assert res.exit_code == 7
+
+
+def test_register_writes_ants_outputs_with_an_imported_style_folder(tmp_path):
+    f = write(make_phantom("LPS"), tmp_path / "f.nii.gz")
+    m = write(make_phantom("LPS", transform=lambda p: p + SHIFT), tmp_path / "m.nii.gz")
+    torch.manual_seed(1)
+    save_gradicon_model(GradICONNet(SMALL), tmp_path / "net", "# untrained")
+    (tmp_path / "c.yaml").write_text(f"foundation: {{weights: {tmp_path / 'net'}}}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    res = invoke("register", f, m, "-o", f"{out}/p_", "--method", "foundation", "--config", tmp_path / "c.yaml",
+                 "--no-html", "--json")
+    assert res.exit_code == 0, res.output
+    for name in ("p_0GenericAffine.mat", "p_1Warp.nii.gz", "p_1InverseWarp.nii.gz", "p_Warped.nii.gz"):
+        assert (out / name).is_file()
+    import json
+
+    rep = json.loads(res.stdout)
+    assert rep["extra"]["models"][0]["architecture"] == "gradicon-multistep"
+    assert rep["extra"]["working_grid"]["size"] == [40, 40, 40]
+
+
+@pytest.mark.oracle
+def test_physical_fields_match_unigradicon_itk_wrapper(tmp_path):
+    """The same random network in uniGradICON's own registration code (itk_wrapper.register_pair, ITK
+    transforms) and in regcli's pipeline: forward and inverse maps agree at the fixed voxels within 1e-4 mm."""
+    unigradicon = pytest.importorskip("unigradicon", reason="reference package unigradicon not installed")
+    itk = pytest.importorskip("itk")
+    from icon_registration import itk_wrapper
+
+    n = 65
+    theirs = unigradicon.make_network([1, 1, n, n, n], include_last_step=True)
+    g = torch.Generator().manual_seed(7)
+    sd = {k: (v.clone() if not v.is_floating_point() else torch.rand(v.shape, generator=g) + 0.5
+              if k.endswith("running_var") else torch.randn(v.shape, generator=g) * 0.02)
+          for k, v in theirs.regis_net.state_dict().items()}
+    theirs.regis_net.load_state_dict(sd)
+    theirs.eval()
+    ours = GradICONNet(GradICONConfig(input_shape=(n, n, n)))
+    ours.load_state_dict(sd)
+    save_gradicon_model(ours, tmp_path / "net", "# test")
+
+    def ct(shift, name):  # CT-like phantom in HU on an oblique, anisotropic grid of another size than the net
+        img = make_phantom("oblique15", (1.5, 1.2, 2.0), transform=lambda p: p + shift)
+        arr = sitk.GetArrayFromImage(img) * 1800.0 - 1000.0
+        arr += np.random.default_rng(len(name)).normal(0, 30, arr.shape)
+        out = sitk.GetImageFromArray(arr.astype(np.float32))
+        out.CopyInformation(img)
+        return write(out, tmp_path / name)
+
+    fpath, mpath = ct(np.zeros(3), "f.nii.gz"), ct(SHIFT, "mov.nii.gz")
+    F, M = itk.imread(str(fpath), itk.F), itk.imread(str(mpath), itk.F)
+    phi_ab, phi_ba = itk_wrapper.register_pair(theirs, unigradicon.preprocess(M, "ct"),
+                                               unigradicon.preprocess(F, "ct"), finetune_steps=None)
+    from regcli.io.images import read_image
+
+    fixed, moving = read_image(str(fpath)), read_image(str(mpath))
+    reg = register_images(fixed, moving, _config(tmp_path / "net", modality="ct"))
+    size = fixed.grid.size
+    idx = np.stack(np.meshgrid(*[np.arange(2, k - 2, 3) for k in size], indexing="ij"), -1).reshape(-1, 3)
+    M4 = fixed.grid.index_to_world()
+    pts = idx @ M4[:3, :3].T + M4[:3, 3]
+    for itk_map, field in ((phi_ab, reg.field), (phi_ba, reg.inverse_field)):
+        ref = np.array([itk_map.TransformPoint([float(v) for v in p]) for p in pts])
+        u = field.disp.numpy()
+        mine = pts + np.stack([u[:, k[2], k[1], k[0]] for k in idx])
+        assert np.abs(ref - pts).max() > 1.0  # the random network moves points by millimetres
+        assert np.abs(ref - mine).max() < 1e-4
+
+
+@pytest.mark.oracle
+def test_gradicon_loss_matches_the_reference():
+    unigradicon = pytest.importorskip("unigradicon", reason="reference package unigradicon not installed")
+    n = 65
+    theirs = unigradicon.make_network([1, 1, n, n, n], include_last_step=True)
+    g = torch.Generator().manual_seed(3)
+    sd = {k: (v.clone() if not v.is_floating_point() else torch.rand(v.shape, generator=g) + 0.5
+              if k.endswith("running_var") else torch.randn(v.shape, generator=g) * 0.01)
+          for k, v in theirs.regis_net.state_dict().items()}
+    theirs.regis_net.load_state_dict(sd)
+    theirs.eval()
+    ours = GradICONNet(GradICONConfig(input_shape=(n, n, n)))
+    ours.load_state_dict(sd)
+    ours.eval()
+    a = torch.rand(1, 1, n, n, n, generator=g)
+    b = torch.rand(1, 1, n, n, n, generator=g)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        ref = theirs(a, b)
+        mine = gradicon_loss(ours, a, b, generator=torch.Generator().manual_seed(11))
+    assert float(mine["similarity"]) == pytest.approx(float(ref.similarity_loss), rel=1e-5)
+    assert float(mine["inverse_consistency"]) == pytest.approx(float(ref.inverse_consistency_loss), rel=1e-4)
+    assert float(mine["all"]) == pytest.approx(float(ref.all_loss), rel=1e-5)
+    assert float(mine["folds"]) == float(ref.flips)
