@@ -208,6 +208,29 @@ def test_train_dio_cli_checkpoints_and_resumes_bit_for_bit(tmp_path):
     assert res.exit_code == 7 and "--resume" in res.output
 
 
+def test_train_dio_with_sam_resumes_bit_for_bit(tmp_path):
+    """--sam-rho: each step takes the loss again, on the same pair and crop, at the perturbed weights (history
+    sam_loss); the checkpoint holds the optimizer through the SAM wrapper, so an interrupted run resumes exactly."""
+    _labelled_subjects(tmp_path)
+    job = tmp_path / "job.yaml"
+    job.write_text(_tiny_job("synth_prob: 0.5"))
+    straight = tmp_path / "straight"
+    res = invoke("train", "dio", "--config", job, "-o", straight, "--sam-rho", "0.05", "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["sam_rho"] == 0.05
+    hist = json.loads((straight / "history.json").read_text())["history"]
+    assert len(hist) == 3 and all(np.isfinite(h["sam_loss"]) and h["sam_loss"] != h["loss"] for h in hist)
+    part = tmp_path / "part"
+    assert invoke("train", "dio", "--config", job, "-o", part, "--iterations", "2", "--sam-rho", "0.05",
+                  "--quiet").exit_code == 0
+    again = invoke("train", "dio", "--config", job, "-o", part, "--resume", "--sam-rho", "0.05", "--quiet")
+    assert again.exit_code == 0, again.output
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(part / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert [h["sam_loss"] for h in a["history"]] == [h["sam_loss"] for h in b["history"]]
+
+
 def test_train_dio_validates_whole_volumes_and_keeps_the_best_checkpoint(tmp_path):
     """validation: held-out pairs are registered whole at steps 0, every N and the last; history.json records
     them, model/ holds the best-scoring step's weights, and a resumed run validates exactly as a straight one."""

@@ -92,3 +92,30 @@ def test_a_job_can_start_from_an_earlier_run(tmp_path):
     bad.write_text(JOB.replace("global_dim: 8", "global_dim: 6") + "init: run1/checkpoint.pt\n")
     with pytest.raises(ConfigError, match="another network configuration"):
         run_embedding_job(load_job(bad), tmp_path / "run3")
+
+
+def test_sam_rho_flag_is_recorded_and_changes_the_weights(tmp_path):
+    """--sam-rho: sharpness-aware steps (two passes each), recorded in job.json, the summary and the history;
+    a negative value is a one-line usage error."""
+    from conftest import one_line
+
+    job = _setup(tmp_path)
+    runs = {}
+    for rho in ("0", "0.05"):
+        out = tmp_path / f"rho{rho}"
+        res = CliRunner().invoke(app, ["train", "embedding", "--config", str(job), "-o", str(out), "--json",
+                                       "--iterations", "2", "--sam-rho", rho, "--threads", "1"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["sam_rho"] == float(rho)
+        assert json.loads((out / "job.json").read_text())["train"]["sam_rho"] == float(rho)
+        runs[rho] = (torch.load(out / "checkpoint.pt", weights_only=True)["state_dict"],
+                     json.loads((out / "history.json").read_text())["history"])
+    (plain, plain_hist), (sam, sam_hist) = runs["0"], runs["0.05"]
+    assert not all(torch.equal(plain[k], sam[k]) for k in plain)
+    assert sam_hist[0]["loss"] == plain_hist[0]["loss"]  # the same first loss: both start at the same weights
+    assert all("sam_loss" in h for h in sam_hist) and not any("sam_loss" in h for h in plain_hist)
+    res = CliRunner().invoke(app, ["train", "embedding", "--config", str(job), "-o", str(tmp_path / "neg"),
+                                   "--sam-rho", "-0.1"])
+    assert res.exit_code == 2 and "--sam-rho" in one_line(res.stderr), res.output
+    with pytest.raises(ConfigError, match="sam_rho"):
+        load_job(job, {"train": {"sam_rho": -1}})

@@ -10,10 +10,16 @@ from regcli.cli.common import JsonOpt, QuietOpt, VerboseOpt, examples, input_fil
 EXAMPLES = examples(
     "regcli train embedding --config docs/recipes/sam_embedding_v0.yaml -o results/embedding_v0",
     "regcli train embedding --config job.yaml -o runs/try1 --iterations 200 --seed 3 --threads 2",
+    "regcli train embedding --config job.yaml -o runs/sam --sam-rho 0.05",
 )
 
 app = typer.Typer(help="Train learned components (the anatomical embedding of SAMConvex, the DIO feature network).",
                   no_args_is_help=True)
+
+
+SamRhoOpt = Annotated[Optional[float], typer.Option(
+    "--sam-rho", min=0.0, help="Override train.sam_rho: sharpness-aware minimization with this weight-perturbation "
+    "radius (two forward/backward passes per step; regcli.training.sam); 0 disables.")]
 
 
 def _train_overrides(**flags) -> dict:
@@ -31,6 +37,7 @@ def embedding(
                                                       "(the learning-rate schedule still spans the iterations).",
                                                       min=1)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override train.seed.")] = None,
+    sam_rho: SamRhoOpt = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.", min=1)] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -49,7 +56,8 @@ def embedding(
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
     if threads is not None:
         torch.set_num_threads(threads)
-    job = load_job(config, _train_overrides(iterations=iterations, stop_after=stop_after, seed=seed))
+    job = load_job(config, _train_overrides(iterations=iterations, stop_after=stop_after, seed=seed,
+                                            sam_rho=sam_rho))
     with ui.progress() as progress:
         progress.start("training", min(job.train.iterations, job.train.stop_after or job.train.iterations))
 
@@ -77,6 +85,7 @@ def dio(
                                          help="Folder for checkpoint.pt, history.json, job.json and model/.")],
     iterations: Annotated[Optional[int], typer.Option(help="Override train.iterations.", min=1)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override train.seed.")] = None,
+    sam_rho: SamRhoOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTDIR from its checkpoint.pt.")]
     = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.", min=1)] = None,
@@ -97,7 +106,7 @@ def dio(
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
     if threads is not None:
         torch.set_num_threads(threads)
-    job = load_dio_job(config, _train_overrides(iterations=iterations, seed=seed))
+    job = load_dio_job(config, _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho))
     with ui.progress() as progress:
         started = set()
 

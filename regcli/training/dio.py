@@ -13,7 +13,8 @@ its working grid):
    step only (Jacobian-free backpropagation), so memory does not depend on the number of solver iterations.
 5. Loss per level: ``1 - soft Dice`` of the moving label maps warped by that step against the fixed ones
    (:class:`regcli.solvers.prompts.LabelPrompt`), plus ``image_weight * (-LNCC)`` of the images; the levels'
-   losses are averaged. Adam on the network.
+   losses are averaged. Adam on the network; with ``train.sam_rho > 0`` sharpness-aware (:mod:`regcli.training.sam`):
+   the loss and gradient are taken again, for the same pair and crop, at weights moved by ``sam_rho`` uphill.
 
 The output folder gets ``checkpoint.pt`` (network, optimizer, step and random state: ``--resume`` continues
 bit for bit), ``history.json`` (loss and Dice per step) and ``job.json``; at the end ``model/`` is a Hub-layout
@@ -61,6 +62,8 @@ class DioTrainConfig(BaseModel):
     image_weight: float = Field(0.1, ge=0, description="weight of -LNCC of the images at each level")
     lncc_radius_mm: float = Field(6.0, gt=0)
     grad_clip: float = Field(1.0, gt=0)
+    sam_rho: float = Field(0.0, ge=0, description="sharpness-aware minimization: radius of the weight perturbation "
+                           "(regcli.training.sam; two forward/backward passes per step); 0: plain Adam")
     jfb_step: float = Field(1.0, gt=0, le=1, description="the differentiated solver step's size as a fraction of "
                             "the level's learning rate (small: the loss is taken near the optimum)")
     level_weights: Optional[tuple[float, ...]] = Field(
@@ -327,6 +330,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
                 resume: bool = False, prepare_progress=None) -> dict:
     """Train and write ``outdir/{checkpoint.pt, history.json, job.json, model/}``; returns a summary dict."""
     from regcli.models.dio import DioFeatureNet
+    from regcli.training.sam import SAM
 
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -359,6 +363,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
         net.load_state_dict(init_net.state_dict())
         log(f"starting from '{job.init}'")
     opt = torch.optim.Adam(net.parameters(), lr=tcfg.learning_rate)
+    sam = SAM(opt, tcfg.sam_rho)  # plain Adam when sam_rho is 0
     gen = torch.Generator().manual_seed(tcfg.seed)
     history: list[dict] = []
     validation: list[dict] = []
@@ -367,21 +372,24 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     if resume:
         ck = torch.load(ck_path, weights_only=False)
         net.load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
+        sam.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
         history = ck["history"]
         validation = ck.get("validation", [])
         best = ck.get("best")
         start = ck["step"]
         log(f"resuming at step {start}")
+        if ck.get("sam_rho", 0.0) != tcfg.sam_rho:
+            log(f"note: the run was trained with sam_rho {ck.get('sam_rho', 0.0)} so far, it goes on with "
+                f"{tcfg.sam_rho}")
     prior = history[-1]["seconds"] if history else 0.0
     vcfg = validation_config(job) if job.validation is not None else None
 
     def save(step: int) -> None:
         tmp = ck_path.with_suffix(".tmp")
         torch.save({"config": ncfg.model_dump(mode="json"), "state_dict": net.state_dict(),
-                    "optimizer": opt.state_dict(), "generator": gen.get_state(), "history": history,
-                    "validation": validation, "best": best, "step": step}, tmp)
+                    "optimizer": sam.state_dict(), "generator": gen.get_state(), "history": history,
+                    "validation": validation, "best": best, "step": step, "sam_rho": tcfg.sam_rho}, tmp)
         os.replace(tmp, ck_path)
         (out / "history.json").write_text(json.dumps({"history": history, "validation": validation}))
 
@@ -411,13 +419,21 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
             img = synth_contrast(s.labels, gen) if float(torch.rand((), generator=gen)) < tcfg.synth_prob else s.image
             imgs.append((Image(img[box].contiguous(), g), Image(s.labels[box].contiguous(), g)))
         net.train()
-        loss, parts = train_step(net, imgs[0][0], imgs[1][0], imgs[0][1], imgs[1][1], cfg, tcfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
-        opt.step()
-        rec = {"step": step + 1, "pair": [subjects[i].name, subjects[j].name], **parts,
+        passes: list[dict] = []
+
+        def closure() -> torch.Tensor:  # once, or twice with SAM: the same pair and crop at the perturbed weights
+            opt.zero_grad(set_to_none=True)
+            loss, parts = train_step(net, imgs[0][0], imgs[1][0], imgs[0][1], imgs[1][1], cfg, tcfg)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
+            passes.append(parts)
+            return loss
+
+        sam.step(closure)
+        rec = {"step": step + 1, "pair": [subjects[i].name, subjects[j].name], **passes[0],
                "step_seconds": time.perf_counter() - ts, "seconds": prior + time.perf_counter() - t0}
+        if len(passes) > 1:
+            rec["sam_loss"] = passes[1]["loss"]  # the loss at the perturbed weights
         history.append(rec)
         if progress is not None:
             progress(step + 1, tcfg.iterations, rec)
@@ -427,7 +443,8 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
             save(step + 1)
     last = history[-min(len(history), 50):]
     summary = {"volumes": n, "iterations": len(history), "seconds": round(history[-1]["seconds"], 1) if history else 0,
-               "final_loss_mean50": sum(h["loss"] for h in last) / max(1, len(last)), "outdir": str(out)}
+               "final_loss_mean50": sum(h["loss"] for h in last) / max(1, len(last)), "sam_rho": tcfg.sam_rho,
+               "outdir": str(out)}
     if validation:
         summary["validation"] = {"pairs": len(held_out) // 2, "contrasts": list(job.validation.contrasts),
                                  "start_dice": validation[0]["dice"],

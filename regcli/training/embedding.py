@@ -15,6 +15,9 @@ Recipe (after Yan et al.'s SAM, written for regcli's physical-space conventions)
    other view; every other drawn point is a negative, except those closer than ``exclude_mm`` (too close
    to be told apart at that head's resolution). Only the ``hard_negatives`` most similar negatives of each
    point enter the softmax, as in SAM. Loss = global + local.
+5. Adam with a cosine learning-rate decay; with ``sam_rho > 0`` sharpness-aware minimization
+   (:mod:`regcli.training.sam`, not to be confused with Yan et al.'s SAM): each step's loss and gradient are taken
+   again, on the same views, at weights moved by ``sam_rho`` uphill.
 
 Everything is seeded (``seed``) so a run is reproducible on CPU.
 """
@@ -36,6 +39,7 @@ from regcli.models.embedding import EmbeddingConfig, EmbeddingNet, normalise_int
 from regcli.resample import resample_to_grid, sample_at_world
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image
+from regcli.training.sam import SAM
 
 
 class EmbeddingTrainConfig(BaseModel):
@@ -60,6 +64,8 @@ class EmbeddingTrainConfig(BaseModel):
     hard_negatives: int = Field(64, ge=1)
     exclude_mm: tuple[float, float] = Field((16.0, 4.0), description="no negatives closer than this (global, local)")
     learning_rate: float = Field(1e-3, gt=0)
+    sam_rho: float = Field(0.0, ge=0, description="sharpness-aware minimization: radius of the weight perturbation "
+                           "(regcli.training.sam; two forward/backward passes per step); 0: plain Adam")
     sampling: Literal["volume", "source"] = Field(
         "volume", description="how a view pair picks its volume: uniformly over volumes, or first a data source "
         "(job glob) uniformly, then a volume in it (a source with one volume is seen as often as one with 20)")
@@ -218,7 +224,8 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
     """Train (or continue training) an embedding network on ``volumes`` (already prepared with
     :func:`prepare_volume`, i.e. on isotropic grids of the network's spacing). ``groups`` gives each volume's
     data source, for ``cfg.sampling == "source"`` (default: one source per volume). Returns the net and the
-    loss history (per step: ``loss``, ``global``, ``local``)."""
+    loss history (per step: ``loss``, ``global``, ``local``, and with ``cfg.sam_rho > 0`` ``sam_loss``, the loss at
+    the perturbed weights)."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -230,29 +237,41 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
     net.train()
     steps = min(cfg.iterations, cfg.stop_after or cfg.iterations)
     pick = volume_sampler(len(volumes), cfg.sampling, groups, rng)
+    sam = SAM(opt, cfg.sam_rho)
     for it in range(steps):
         pairs = [make_view_pair(volumes[pick()], cfg, spacing, rng) for _ in range(cfg.batch_pairs)]
         x = torch.stack([v.image for a, b, _ in pairs for v in (a, b)])  # (2B, 1, S, S, S)
-        out = net(x)
-        lg = ll = x.new_zeros(())
-        for j, (a, b, pts_np) in enumerate(pairs):
-            pts = torch.as_tensor(pts_np, dtype=torch.float64)
-            qa = _sample_heads(out, 2 * j, a.grid, pts)
-            qb = _sample_heads(out, 2 * j + 1, b.grid, pts)
-            p32 = pts.to(torch.float32)
-            lg = lg + info_nce(qa[0], qb[0], p32, cfg.temperature, cfg.exclude_mm[0], cfg.hard_negatives)
-            ll = ll + info_nce(qa[1], qb[1], p32, cfg.temperature, cfg.exclude_mm[1], cfg.hard_negatives)
-        loss = (lg + ll) / len(pairs)
-        if not math.isfinite(float(loss.detach())):
-            from regcli.errors import ConvergenceError
+        passes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (loss, global, local) per pass
 
-            raise ConvergenceError(f"embedding training diverged at step {it + 1}: loss {float(loss.detach())}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        def closure() -> torch.Tensor:  # once, or twice with SAM (the second at the perturbed weights)
+            opt.zero_grad(set_to_none=True)
+            out = net(x)
+            lg = ll = x.new_zeros(())
+            for j, (a, b, pts_np) in enumerate(pairs):
+                pts = torch.as_tensor(pts_np, dtype=torch.float64)
+                qa = _sample_heads(out, 2 * j, a.grid, pts)
+                qb = _sample_heads(out, 2 * j + 1, b.grid, pts)
+                p32 = pts.to(torch.float32)
+                lg = lg + info_nce(qa[0], qb[0], p32, cfg.temperature, cfg.exclude_mm[0], cfg.hard_negatives)
+                ll = ll + info_nce(qa[1], qb[1], p32, cfg.temperature, cfg.exclude_mm[1], cfg.hard_negatives)
+            loss = (lg + ll) / len(pairs)
+            if not math.isfinite(float(loss.detach())):
+                from regcli.errors import ConvergenceError
+
+                where = " at the SAM-perturbed weights" if passes else ""
+                raise ConvergenceError(f"embedding training diverged at step {it + 1}{where}: loss "
+                                       f"{float(loss.detach())}")
+            loss.backward()
+            passes.append((loss.detach(), lg.detach(), ll.detach()))
+            return loss
+
+        sam.step(closure)
         sched.step()
-        rec = {"iteration": it + 1, "loss": float(loss.detach()), "global": float(lg.detach()) / len(pairs),
-               "local": float(ll.detach()) / len(pairs), "lr": sched.get_last_lr()[0]}
+        loss, lg, ll = passes[0]
+        rec = {"iteration": it + 1, "loss": float(loss), "global": float(lg) / len(pairs),
+               "local": float(ll) / len(pairs), "lr": sched.get_last_lr()[0]}
+        if len(passes) > 1:
+            rec["sam_loss"] = float(passes[1][0])  # the loss at the perturbed weights
         history.append(rec)
         if progress is not None:
             progress(it + 1, steps, rec)

@@ -133,7 +133,8 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     save()
     last = history[-min(len(history), 50):]
     summary = {"volumes": len(vols), "iterations": len(history), "seconds": round(res.seconds, 1),
-               "final_loss_mean50": sum(h["loss"] for h in last) / len(last), "outdir": str(out)}
+               "final_loss_mean50": sum(h["loss"] for h in last) / len(last), "sam_rho": job.train.sam_rho,
+               "outdir": str(out)}
     write_model(net, job, summary, out / "model")
     return summary
 
