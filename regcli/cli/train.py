@@ -13,7 +13,8 @@ EXAMPLES = examples(
     "regcli train embedding --config job.yaml -o runs/sam --sam-rho 0.05",
 )
 
-app = typer.Typer(help="Train learned components (the anatomical embedding of SAMConvex, the DIO feature network).",
+app = typer.Typer(help="Train learned components (the anatomical embedding of SAMConvex, the DIO feature network, "
+                  "the foundation network).",
                   no_args_is_help=True)
 
 
@@ -129,3 +130,63 @@ def dio(
     ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes in "
                        f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
                        f"wrote {output}")
+
+
+FOUNDATION_EXAMPLES = examples(
+    "regcli train foundation --config docs/recipes/foundation_small.yaml -o results/foundation_small --threads 2",
+    "regcli train foundation --config job.yaml -o runs/sam --sam-rho 0.05",
+    "regcli train foundation --config job.yaml -o runs/ft --init models/unigradicon/ --iterations 200",
+    "regcli train foundation --config job.yaml -o runs/try1 --resume",
+)
+
+
+@app.command("foundation", epilog=FOUNDATION_EXAMPLES)
+def foundation(
+    config: Annotated[Path, input_file_option("--config", help="Training job (YAML): datasets (image globs and/or "
+                                              "pairs CSVs, modality), net, train.")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUTDIR", show_default=False,
+                                         help="Folder for checkpoint.pt, history.json, loss.png, job.json and "
+                                              "model/.")],
+    iterations: Annotated[Optional[int], typer.Option(help="Override train.iterations.", min=1)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Override train.seed.")] = None,
+    sam_rho: SamRhoOpt = None,
+    init: Annotated[Optional[str], typer.Option(
+        "--init", metavar="SPEC", show_default=False,
+        help="Fine-tune from these weights (a model folder, e.g. from `regcli weights import unigradicon`, "
+             "hub:org/name@commit, or a registry name); the architecture is theirs.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTDIR from its checkpoint.pt.")]
+    = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.", min=1)] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train the multi-step GradICON network (--method foundation) with the GradICON objective.
+
+    Pairs are drawn equally from every dataset per epoch (inter-subject from image globs, intra-subject from
+    pairs CSVs), each image affinely augmented; 1 - LNCC both ways plus the gradient inverse-consistency term
+    (recipe: regcli.training.foundation).
+    """
+    import torch
+
+    from regcli.cli.common import Ui
+    from regcli.training.foundation import load_foundation_job, run_foundation_job
+
+    ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    overrides = _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho)
+    if init is not None:
+        overrides["init"] = init
+    job = load_foundation_job(config, overrides)
+    with ui.progress() as progress:
+        progress.start("training", job.train.iterations)
+
+        def step(i: int, n: int, rec: dict) -> None:
+            progress.update("training", i, f"loss {rec['loss']:.3f}")
+
+        summary = run_foundation_job(job, output, step, ui.info, resume=resume)
+        progress.finish("training")
+    ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes of "
+                       f"{len(summary['datasets'])} datasets in {summary['seconds']} s; mean loss of the last 50 "
+                       f"steps {summary['final_loss_mean50']:.4f}; wrote {output}")

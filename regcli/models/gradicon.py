@@ -236,17 +236,25 @@ def parameter_count(net: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------ objective
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian of ``sigma`` voxels, ``4 sigma + 1`` taps, zero padding ("same")."""
+def _blur_matrix(n: int, sigma: float, device, dtype) -> torch.Tensor:
+    """(n, n) banded matrix of a 'same', zero-padded convolution with a Gaussian of ``sigma`` voxels and
+    ``4 sigma + 1`` taps (GradICON's window), normalised to sum 1 over the taps."""
     size = int(4 * sigma + 1)
-    t = torch.linspace(-(size - 1) / 2, (size - 1) / 2, size, device=x.device, dtype=x.dtype)
+    t = torch.linspace(-(size - 1) / 2, (size - 1) / 2, size, dtype=torch.float64)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
-    c = x.shape[1]
-    for axis in range(3):
-        shape = [1, 1, 1]
-        shape[axis] = size
-        x = F.conv3d(x, k.view(1, 1, *shape).expand(c, 1, *shape), padding="same", groups=c)
+    i = torch.arange(n)
+    off = i[None, :] - i[:, None] + (size - 1) // 2  # tap index of input i (row) for output j (column)
+    inside = (off >= 0) & (off < size)
+    return torch.where(inside, k[off.clamp(0, size - 1)], 0.0).to(device=device, dtype=dtype)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, Z, Y, X) data: one banded matrix product per axis (on CPU an order
+    of magnitude faster than a 21-tap ``conv3d``; the same values)."""
+    for dim in (2, 3, 4):
+        m = _blur_matrix(x.shape[dim], sigma, x.device, x.dtype)
+        x = torch.movedim(torch.movedim(x, dim, -1) @ m, -1, dim)
     return x
 
 

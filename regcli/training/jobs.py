@@ -51,8 +51,8 @@ class EmbeddingJob(BaseModel):
 
 
 def job_data(path: str | Path, overrides: Optional[dict] = None) -> dict:
-    """A training job file's mapping with the overrides merged in, and its paths made absolute: data globs (also
-    those of ``validation.data``) and a local ``init`` are relative to the job file."""
+    """A training job file's mapping with the overrides merged in, and its paths made absolute: data globs and
+    pairs CSVs (also those of ``validation.data``) and a local ``init`` are relative to the job file."""
     from regcli.config import deep_merge, load_yaml
 
     data = deep_merge(load_yaml(path), overrides or {})
@@ -60,8 +60,9 @@ def job_data(path: str | Path, overrides: Optional[dict] = None) -> dict:
     val = data.get("validation")
     sources = list(data.get("data", [])) + (list(val.get("data", [])) if isinstance(val, dict) else [])
     for src in sources:
-        if isinstance(src, dict) and "glob" in src and not Path(src["glob"]).is_absolute():
-            src["glob"] = str(base / src["glob"])
+        for key in ("glob", "pairs"):
+            if isinstance(src, dict) and isinstance(src.get(key), str) and not Path(src[key]).is_absolute():
+                src[key] = str(base / src[key])
     if isinstance(data.get("init"), str) and not data["init"].startswith("hub:") and (base / data["init"]).exists():
         data["init"] = str(base / data["init"])
     return data
