@@ -262,8 +262,9 @@ def load_yaml(path: str | Path) -> dict:
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+    if not path.exists() or path.is_dir():  # not is_file(): a pipe (--config <(echo ...)) is fine
+        raise ConfigError(f"config file '{path}' does not exist" if not path.exists() else
+                          f"config file '{path}' is a directory")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

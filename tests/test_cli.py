@@ -571,3 +571,18 @@ def test_register_outputs_reapplied_by_apply_give_the_warped_image(tmp_path, ima
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "r_Warped.nii.gz")))
     b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "again.nii.gz")))
     assert np.abs(a - b).max() < 1e-3 * max(1.0, float(np.abs(a).max()))
+
+
+def test_config_file_may_be_a_pipe(tmp_path):
+    """``--config <(echo ...)`` in a shell passes a pipe (/dev/fd/N), not a regular file."""
+    import os
+    import threading
+
+    fifo = tmp_path / "cfg.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("foundation: {weights: some/folder}\n"))
+    writer.start()
+    res = invoke("config", "show", "--method", "foundation", "--config", fifo, "--json")
+    writer.join(5)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["foundation"]["weights"] == "some/folder"
