@@ -40,19 +40,12 @@ from regcli.transforms.displacement import DisplacementField
 ProgressFn = Callable[[str, int, int], None]
 STAGE_FEATURES = "DIO features"
 
-_NET_CACHE: dict[str, tuple[torch.nn.Module, dict]] = {}
-
-
 def _load(spec: str):
     """The feature network for ``spec`` and where it came from; resolved and verified once per process."""
-    if spec not in _NET_CACHE:
-        from regcli.models.dio import dio_from
-        from regcli.weights import resolve
+    from regcli.models.dio import dio_from
+    from regcli.weights import cached_network
 
-        _NET_CACHE.clear()
-        model = resolve(spec)
-        _NET_CACHE[spec] = (dio_from(model), {"role": "DIO feature network", **model.provenance()})
-    return _NET_CACHE[spec]
+    return cached_network(spec, dio_from, "DIO feature network")
 
 
 def preflight(cfg: RegisterConfig) -> list[dict]:

@@ -46,18 +46,11 @@ ProgressFn = Callable[[str, int, int], None]
 STAGE_NETWORK = "foundation network"
 STAGE_NETWORK_IO = "foundation network IO"
 
-_NET_CACHE: dict[str, tuple[GradICONNet, dict]] = {}
-
-
 def _load(spec: str) -> tuple[GradICONNet, dict]:
     """The network for ``spec`` and its provenance; resolved and verified once per process and spec."""
-    if spec not in _NET_CACHE:
-        from regcli.weights import resolve
+    from regcli.weights import cached_network
 
-        _NET_CACHE.clear()
-        model = resolve(spec)
-        _NET_CACHE[spec] = (gradicon_from(model), {"role": "foundation network", **model.provenance()})
-    return _NET_CACHE[spec]
+    return cached_network(spec, gradicon_from, "foundation network")
 
 
 def preflight(cfg: RegisterConfig) -> list[dict]:

@@ -53,19 +53,11 @@ STAGE_EMBED = "anatomical embedding"
 STAGE_PYRAMID = "correlation pyramid"
 STAGE_IO = "embedding instance optimisation"
 
-_NET_CACHE: dict[str, tuple[EmbeddingNet, dict]] = {}
-
-
 def _load(spec: str) -> tuple[EmbeddingNet, dict]:
     """The network for ``spec`` and where it came from; resolved and verified once per process and spec."""
-    if spec not in _NET_CACHE:
-        from regcli.weights import resolve
+    from regcli.weights import cached_network
 
-        _NET_CACHE.clear()
-        model = resolve(spec)
-        net = embedding_from(model)
-        _NET_CACHE[spec] = (net, {"role": "anatomical embedding", **model.provenance()})
-    return _NET_CACHE[spec]
+    return cached_network(spec, embedding_from, "anatomical embedding")
 
 
 def preflight(cfg: RegisterConfig) -> list[dict]:

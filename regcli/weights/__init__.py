@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from regcli.errors import OutputError, WeightsError
 from regcli.weights._core import (
@@ -151,6 +151,20 @@ def push(folder: str | os.PathLike, repo_id: str, *, revision: Optional[str] = N
     commit = _hub.push(folder, repo_id, revision=revision, private=private, token=token)
     return {"repo_id": repo_id, "revision": commit, "sha256": sha, "branch": revision or "main",
             "endpoint": _hub.endpoint()}
+
+
+_NETWORKS: dict[str, tuple[str, Any, dict]] = {}  # role -> (spec, network, provenance)
+
+
+def cached_network(spec: str, build: Callable[[ResolvedModel], Any], role: str) -> tuple[Any, dict]:
+    """The network that ``build`` makes from the resolved, verified model ``spec``, and its provenance for
+    report.json (with ``role``). Resolved and built once per process; one network is kept per role (a method's
+    network), so asking for another spec replaces it."""
+    hit = _NETWORKS.get(role)
+    if hit is None or hit[0] != spec:
+        model = resolve(spec)
+        _NETWORKS[role] = (spec, build(model), {"role": role, **model.provenance()})
+    return _NETWORKS[role][1], _NETWORKS[role][2]
 
 
 def save_network(net, folder, architecture: str, model_card: str, training: Optional[dict] = None,
