@@ -131,6 +131,24 @@ def _scalar(image: Image, role: str) -> torch.Tensor:
     return data
 
 
+def method_setup(name: str, fixed: Image, moving: Image, device, progress: Optional[ProgressFn]):
+    """What every deformable method starts with: the shared working grid (a GeometryError when fixed and moving
+    are not on it), the output device (fixed's), the compute device, and a ``report(stage, i, n)`` that calls
+    ``progress`` when one is given."""
+    grid = fixed.grid
+    if not grid.allclose(moving.grid):
+        raise GeometryError(f"{name} needs fixed and moving on the same working grid: fixed is "
+                            f"{grid.describe()}, moving is {moving.grid.describe()}")
+    out_device = fixed.data.device
+    dev = torch.device(device) if device is not None else out_device
+
+    def report(stage: str, i: int, n: int) -> None:
+        if progress is not None:
+            progress(stage, i, n)
+
+    return grid, out_device, dev, report
+
+
 def _mask_on(mask: Optional[Image], grid: Grid, role: str) -> Optional[torch.Tensor]:
     """(Z, Y, X) float32 weights in [0, 1] on ``grid`` (resampled linearly when the mask is elsewhere)."""
     if mask is None:
@@ -255,19 +273,10 @@ def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opt
         (``x -> x + u(x)`` maps fixed points to moving points), on the device of ``fixed.data``.
     """
     t_start = time.perf_counter()
-    grid = fixed.grid
-    if not grid.allclose(moving.grid):
-        raise GeometryError("convexadam needs fixed and moving on the same working grid: fixed is "
-                            f"{grid.describe()}, moving is {moving.grid.describe()}")
-    out_device = fixed.data.device
-    dev = torch.device(device) if device is not None else out_device
+    grid, out_device, dev, report = method_setup("convexadam", fixed, moving, device, progress)
     ccfg, icfg = cfg.convex, cfg.instance
     timings: dict[str, float] = {}
     history: dict[str, list[dict]] = {}
-
-    def report(stage: str, i: int, n: int) -> None:
-        if progress is not None:
-            progress(stage, i, n)
 
     fdata = _scalar(fixed, "fixed").to(dev)
     mdata = _scalar(moving, "moving").to(dev)

@@ -29,8 +29,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from regcli.config import RegisterConfig
-from regcli.errors import ConvergenceError, GeometryError
-from regcli.methods.convexadam import DeformableResult, _mask_on, _pool, _scalar, pooled_weights
+from regcli.errors import ConvergenceError
+from regcli.methods.convexadam import DeformableResult, _mask_on, _pool, _scalar, method_setup, pooled_weights
 from regcli.resample import upsample_field
 from regcli.solvers.instance import Problem, solver_from_config
 from regcli.spaces.grid import Grid
@@ -156,25 +156,17 @@ def dio(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Optional[I
     Returns the field (3, Z, Y, X) float32 world LPS mm on ``fixed.grid`` (fixed point x -> moving x + u(x)).
     """
     t_start = time.perf_counter()
-    grid = fixed.grid
-    if not grid.allclose(moving.grid):
-        raise GeometryError("dio needs fixed and moving on the same working grid: fixed is "
-                            f"{grid.describe()}, moving is {moving.grid.describe()}")
-    out_device = fixed.data.device
-    dev = torch.device(device) if device is not None else out_device
+    grid, out_device, dev, report = method_setup("dio", fixed, moving, device, progress)
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    if progress is not None:
-        progress(STAGE_FEATURES, 0, 2)
+    report(STAGE_FEATURES, 0, 2)
     fixed_d = Image(_scalar(fixed, "fixed").to(dev), grid, fixed.name)
     moving_d = Image(_scalar(moving, "moving").to(dev), grid, moving.name)
     feats_f = level_features(fixed_d, cfg, device=dev)
-    if progress is not None:
-        progress(STAGE_FEATURES, 1, 2)
+    report(STAGE_FEATURES, 1, 2)
     feats_m = level_features(moving_d, cfg, device=dev)
-    if progress is not None:
-        progress(STAGE_FEATURES, 2, 2)
+    report(STAGE_FEATURES, 2, 2)
     timings["features"] = time.perf_counter() - t
 
     t = time.perf_counter()

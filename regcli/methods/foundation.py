@@ -36,7 +36,7 @@ from regcli.config import RegisterConfig
 from regcli.errors import ConvergenceError, GeometryError
 from regcli.methods.convexadam import (
     STAGE_INSTANCE, DeformableResult, _instance_level, _mask_on, _scalar, index_to_world_vectors,
-    refine_on_working_grid,
+    method_setup, refine_on_working_grid,
 )
 from regcli.models.gradicon import GradICONNet, gradicon_from, gradicon_loss
 from regcli.spaces.grid import Grid
@@ -138,19 +138,10 @@ def foundation(fixed, moving, cfg: RegisterConfig, fixed_mask=None, moving_mask=
     Returns the forward field and, unless ``io=field`` or ``inverse=fixed_point``, the network's inverse.
     """
     t_start = time.perf_counter()
-    grid = fixed.grid
-    if not grid.allclose(moving.grid):
-        raise GeometryError("foundation needs fixed and moving on the same working grid: fixed is "
-                            f"{grid.describe()}, moving is {moving.grid.describe()}")
+    grid, out_device, dev, report = method_setup("foundation", fixed, moving, device, progress)
     fcfg = cfg.foundation
-    out_device = fixed.data.device
-    dev = torch.device(device) if device is not None else out_device
     timings: dict[str, float] = {}
     history: dict[str, list[dict]] = {}
-
-    def report(stage: str, i: int, n: int) -> None:
-        if progress is not None:
-            progress(stage, i, n)
 
     net = _load(fcfg.weights)[0].to(dev)
     shape = tuple(net.cfg.input_shape)

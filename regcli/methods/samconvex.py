@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from regcli.config import RegisterConfig
-from regcli.errors import ConvergenceError, GeometryError
+from regcli.errors import ConvergenceError
 from regcli.features.filters import box_filter
 from regcli.methods.convexadam import (
-    DeformableResult, _mask_on, _scalar, index_to_world_vectors, refine_on_working_grid,
+    DeformableResult, method_setup, _mask_on, _scalar, index_to_world_vectors, refine_on_working_grid,
 )
 from regcli.models.embedding import EmbeddingNet, embed, embedding_from
 from regcli.resample import FieldWarper, upsample_field
@@ -146,19 +146,10 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
     Returns the field (3, Z, Y, X) float32 world LPS mm on ``fixed.grid`` (fixed point x -> moving x + u(x)).
     """
     t_start = time.perf_counter()
-    grid = fixed.grid
-    if not grid.allclose(moving.grid):
-        raise GeometryError("samconvex needs fixed and moving on the same working grid: fixed is "
-                            f"{grid.describe()}, moving is {moving.grid.describe()}")
+    grid, out_device, dev, report = method_setup("samconvex", fixed, moving, device, progress)
     scfg = cfg.samconvex
-    out_device = fixed.data.device
-    dev = torch.device(device) if device is not None else out_device
     timings: dict[str, float] = {}
     history: dict[str, list[dict]] = {}
-
-    def report(stage: str, i: int, n: int) -> None:
-        if progress is not None:
-            progress(stage, i, n)
 
     t = time.perf_counter()
     net = _load(scfg.weights)[0].to(dev)
