@@ -330,16 +330,10 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
                 resume: bool = False, prepare_progress=None) -> dict:
     """Train and write ``outdir/{checkpoint.pt, history.json, job.json, model/}``; returns a summary dict."""
     from regcli.models.dio import DioFeatureNet
+    from regcli.training.jobs import start_run
     from regcli.training.sam import SAM
 
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    ck_path = out / "checkpoint.pt"
-    if resume and not ck_path.is_file():
-        raise InputError(f"--resume: '{ck_path}' does not exist")
-    if not resume and ck_path.exists():
-        raise ConfigError(f"'{out}' already holds a run (checkpoint.pt); use --resume or another folder")
-    (out / "job.json").write_text(job.model_dump_json(indent=2))
+    out, ck_path = start_run(outdir, job, resume)
     cfg = register_config(job)
     ncfg = net_config(job)
     tcfg = job.train

@@ -246,16 +246,10 @@ def run_foundation_job(job: FoundationJob, outdir: str | Path, progress=None, lo
                        resume: bool = False) -> dict:
     """Train and write ``outdir/{checkpoint.pt, history.json, loss.png, job.json, model/}``; returns a summary."""
     from regcli.models.gradicon import parameter_count, save_gradicon_model
+    from regcli.training.jobs import start_run
     from regcli.training.sam import SAM
 
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    ck_path = out / "checkpoint.pt"
-    if resume and not ck_path.is_file():
-        raise InputError(f"--resume: '{ck_path}' does not exist")
-    if not resume and ck_path.exists():
-        raise ConfigError(f"'{out}' already holds a run (checkpoint.pt); use --resume or another folder")
-    (out / "job.json").write_text(job.model_dump_json(indent=2))
+    out, ck_path = start_run(outdir, job, resume)
     tcfg = job.train
     torch.manual_seed(tcfg.seed)
     if job.init:

@@ -68,6 +68,20 @@ def job_data(path: str | Path, overrides: Optional[dict] = None) -> dict:
     return data
 
 
+def start_run(outdir: str | Path, job: BaseModel, resume: bool) -> tuple[Path, Path]:
+    """The output folder of a resumable training run (created) and its ``checkpoint.pt`` path, with
+    ``job.json`` written. ``--resume`` needs the checkpoint; a new run refuses a folder that holds one."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    ck_path = out / "checkpoint.pt"
+    if resume and not ck_path.is_file():
+        raise InputError(f"--resume: '{ck_path}' does not exist")
+    if not resume and ck_path.exists():
+        raise ConfigError(f"'{out}' already holds a run (checkpoint.pt); use --resume or another folder")
+    (out / "job.json").write_text(job.model_dump_json(indent=2))
+    return out, ck_path
+
+
 def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob:
     from pydantic import ValidationError
 
