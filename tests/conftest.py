@@ -181,3 +181,20 @@ def one_line(text: str) -> str:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{text}"
     return lines[0]
+
+
+def random_state(state_dict: dict, seed: int, scale: float = 0.02) -> dict:
+    """Random values for every tensor of a network's state_dict (zero-initialised layers too), positive batch-norm
+    running variances, integer counters kept: a random network that really moves voxels."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state_dict.items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+        elif k.endswith("running_var"):
+            out[k] = torch.rand(v.shape, generator=g) + 0.5
+        else:
+            out[k] = torch.randn(v.shape, generator=g) * scale
+    return out

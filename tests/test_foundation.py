@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import has_antspyx, invoke, make_phantom, phantom_labels, write
+from conftest import has_antspyx, invoke, make_phantom, phantom_labels, random_state, write
 from regcli.config import build_config
 from regcli.methods.foundation import map_to_world, prepare_intensities
 from regcli.models.gradicon import GradICONConfig, GradICONNet, gradicon_loss, save_gradicon_model
@@ -149,6 +149,16 @@ def test_register_writes_ants_outputs_with_an_imported_style_folder(tmp_path):
     assert rep["extra"]["working_grid"]["size"] == [40, 40, 40]
 
 
+def _reference_and_ours(unigradicon, seed: int, scale: float, n: int = 65):
+    """The reference uniGradICON network (``make_network`` at n^3) with random weights, and regcli's with the
+    same weights; both in eval mode."""
+    theirs = unigradicon.make_network([1, 1, n, n, n], include_last_step=True)
+    theirs.regis_net.load_state_dict(random_state(theirs.regis_net.state_dict(), seed, scale))
+    ours = GradICONNet(GradICONConfig(input_shape=(n, n, n)))
+    ours.load_state_dict(theirs.regis_net.state_dict())
+    return theirs.eval(), ours.eval()
+
+
 @pytest.mark.oracle
 def test_physical_fields_match_unigradicon_itk_wrapper(tmp_path):
     """The same random network in uniGradICON's own registration code (itk_wrapper.register_pair, ITK
@@ -157,16 +167,7 @@ def test_physical_fields_match_unigradicon_itk_wrapper(tmp_path):
     itk = pytest.importorskip("itk")
     from icon_registration import itk_wrapper
 
-    n = 65
-    theirs = unigradicon.make_network([1, 1, n, n, n], include_last_step=True)
-    g = torch.Generator().manual_seed(7)
-    sd = {k: (v.clone() if not v.is_floating_point() else torch.rand(v.shape, generator=g) + 0.5
-              if k.endswith("running_var") else torch.randn(v.shape, generator=g) * 0.02)
-          for k, v in theirs.regis_net.state_dict().items()}
-    theirs.regis_net.load_state_dict(sd)
-    theirs.eval()
-    ours = GradICONNet(GradICONConfig(input_shape=(n, n, n)))
-    ours.load_state_dict(sd)
+    theirs, ours = _reference_and_ours(unigradicon, seed=7, scale=0.02)
     save_gradicon_model(ours, tmp_path / "net", "# test")
 
     def ct(shift, name):  # CT-like phantom in HU on an oblique, anisotropic grid of another size than the net
@@ -200,17 +201,9 @@ def test_physical_fields_match_unigradicon_itk_wrapper(tmp_path):
 @pytest.mark.oracle
 def test_gradicon_loss_matches_the_reference():
     unigradicon = pytest.importorskip("unigradicon", reason="reference package unigradicon not installed")
-    n = 65
-    theirs = unigradicon.make_network([1, 1, n, n, n], include_last_step=True)
+    theirs, ours = _reference_and_ours(unigradicon, seed=3, scale=0.01)
+    n = ours.cfg.input_shape[0]
     g = torch.Generator().manual_seed(3)
-    sd = {k: (v.clone() if not v.is_floating_point() else torch.rand(v.shape, generator=g) + 0.5
-              if k.endswith("running_var") else torch.randn(v.shape, generator=g) * 0.01)
-          for k, v in theirs.regis_net.state_dict().items()}
-    theirs.regis_net.load_state_dict(sd)
-    theirs.eval()
-    ours = GradICONNet(GradICONConfig(input_shape=(n, n, n)))
-    ours.load_state_dict(sd)
-    ours.eval()
     a = torch.rand(1, 1, n, n, n, generator=g)
     b = torch.rand(1, 1, n, n, n, generator=g)
     with torch.no_grad():
@@ -236,11 +229,7 @@ def test_foundation_outputs_pass_the_ants_oracle(tmp_path):
     for img, k in ((fixed, "f"), (moving, "m"), (phantom_labels(fixed), "fl"), (phantom_labels(moving), "ml")):
         write(img, paths[k])
     net = GradICONNet(SMALL)
-    sd = net.state_dict()
-    g = torch.Generator().manual_seed(4)
-    net.load_state_dict({k: (torch.rand(v.shape, generator=g) + 0.5 if k.endswith("running_var") else
-                             torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v)
-                         for k, v in sd.items()})
+    net.load_state_dict(random_state(net.state_dict(), seed=4, scale=0.05))
     save_gradicon_model(net, tmp_path / "net", "# random")
     (tmp_path / "c.yaml").write_text(f"foundation: {{weights: {tmp_path / 'net'}}}\n")
     res = invoke("register", paths["f"], paths["m"], "-o", f"{tmp_path}/p_", "--method", "foundation",

@@ -13,27 +13,13 @@ import json
 import pytest
 import torch
 
-from conftest import invoke, one_line
+from conftest import invoke, one_line, random_state
 from regcli.models.gradicon import (
     OFFICIAL_PARAMETERS, OFFICIAL_PREFIXES, OFFICIAL_TENSORS, GradICONConfig, GradICONNet, identity_map,
     min_input_size, parameter_count, sample,
 )
 
 SMALL = GradICONConfig(input_shape=(40, 36, 34), down_channels=(4, 8, 8, 16), up_channels=(4, 4, 8, 8))
-
-
-def _randomise(sd: dict, seed: int, scale: float = 0.02) -> dict:
-    """Random values for every tensor (the zero-initialised last convolutions too), positive running variances."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in sd.items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-        elif k.endswith("running_var"):
-            out[k] = torch.rand(v.shape, generator=g) + 0.5
-        else:
-            out[k] = torch.randn(v.shape, generator=g) * scale
-    return out
 
 
 def test_state_dict_has_the_official_layout():
@@ -80,7 +66,7 @@ def test_weights_import_round_trips_an_official_layout_checkpoint(tmp_path):
     from regcli.models.gradicon import gradicon_from
     from regcli.weights import resolve
 
-    sd = _randomise(GradICONNet().state_dict(), seed=3)
+    sd = random_state(GradICONNet().state_dict(), seed=3)
     ckpt = tmp_path / "Step_2_final.trch"
     torch.save(sd, ckpt)
     out = tmp_path / "unigradicon"
@@ -120,7 +106,7 @@ def test_matches_the_reference_unigradicon_network():
     unigradicon = pytest.importorskip("unigradicon", reason="reference package unigradicon not installed")
     n = 65  # the smallest grid the reference runs (see min_input_size); the weights do not depend on it
     theirs = unigradicon.make_network([1, 1, n, n, n], include_last_step=True)
-    sd = _randomise(theirs.regis_net.state_dict(), seed=7)
+    sd = random_state(theirs.regis_net.state_dict(), seed=7)
     theirs.regis_net.load_state_dict(sd)
     theirs.eval()
     ours = GradICONNet(GradICONConfig(input_shape=(n, n, n)))
