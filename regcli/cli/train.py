@@ -18,9 +18,37 @@ app = typer.Typer(help="Train learned components (the anatomical embedding of SA
                   no_args_is_help=True)
 
 
+IterOpt = Annotated[Optional[int], typer.Option("--iterations", help="Override train.iterations.", min=1)]
+SeedOverrideOpt = Annotated[Optional[int], typer.Option("--seed", help="Override train.seed.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in OUTDIR from its checkpoint.pt.")]
+TrainThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.", min=1)]
 SamRhoOpt = Annotated[Optional[float], typer.Option(
     "--sam-rho", min=0.0, help="Override train.sam_rho: sharpness-aware minimization with this weight-perturbation "
     "radius (two forward/backward passes per step; regcli.training.sam); 0 disables.")]
+
+
+def _ui(quiet: bool, verbose: bool, json_out: bool, threads: Optional[int]):
+    """The command's Ui, with torch's CPU threads set when asked."""
+    import torch
+
+    from regcli.cli.common import Ui
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return Ui(quiet=quiet, verbose=verbose, json=json_out)
+
+
+def _with_training_bar(ui, total: int, run) -> dict:
+    """``run(step)`` under a "training" progress bar of ``total`` steps; ``step(i, n, record)`` advances it."""
+    with ui.progress() as progress:
+        progress.start("training", total)
+
+        def step(i: int, n: int, rec: dict) -> None:
+            progress.update("training", i, f"loss {rec['loss']:.3f}")
+
+        summary = run(step)
+        progress.finish("training")
+    return summary
 
 
 def _train_overrides(**flags) -> dict:
@@ -33,13 +61,13 @@ def embedding(
     config: Annotated[Path, input_file_option("--config", help="Training job (YAML): data globs, net, train.")],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUTDIR", show_default=False,
                                          help="Folder for checkpoint.pt, history.json and job.json.")],
-    iterations: Annotated[Optional[int], typer.Option(help="Override train.iterations.", min=1)] = None,
+    iterations: IterOpt = None,
     stop_after: Annotated[Optional[int], typer.Option(help="Override train.stop_after: end after this many steps "
                                                       "(the learning-rate schedule still spans the iterations).",
                                                       min=1)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Override train.seed.")] = None,
+    seed: SeedOverrideOpt = None,
     sam_rho: SamRhoOpt = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.", min=1)] = None,
+    threads: TrainThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -49,24 +77,13 @@ def embedding(
     Two augmented, overlapping views of each volume give exact voxel correspondences; a pixel-wise InfoNCE
     loss with hard negatives trains the global and the local head (recipe: regcli.training.embedding).
     """
-    import torch
-
-    from regcli.cli.common import Ui
     from regcli.training.jobs import load_job, run_embedding_job
 
-    ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    ui = _ui(quiet, verbose, json_out, threads)
     job = load_job(config, _train_overrides(iterations=iterations, stop_after=stop_after, seed=seed,
                                             sam_rho=sam_rho))
-    with ui.progress() as progress:
-        progress.start("training", min(job.train.iterations, job.train.stop_after or job.train.iterations))
-
-        def step(i: int, n: int, rec: dict) -> None:
-            progress.update("training", i, f"loss {rec['loss']:.3f}")
-
-        summary = run_embedding_job(job, output, step, ui.info)
-        progress.finish("training")
+    summary = _with_training_bar(ui, min(job.train.iterations, job.train.stop_after or job.train.iterations),
+                                 lambda step: run_embedding_job(job, output, step, ui.info))
     ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes in "
                        f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
                        f"wrote {output}")
@@ -84,12 +101,11 @@ def dio(
                                               "train, and the solver (solver: {dio: ..., instance: ...}).")],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUTDIR", show_default=False,
                                          help="Folder for checkpoint.pt, history.json, job.json and model/.")],
-    iterations: Annotated[Optional[int], typer.Option(help="Override train.iterations.", min=1)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Override train.seed.")] = None,
+    iterations: IterOpt = None,
+    seed: SeedOverrideOpt = None,
     sam_rho: SamRhoOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTDIR from its checkpoint.pt.")]
-    = False,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.", min=1)] = None,
+    resume: ResumeOpt = False,
+    threads: TrainThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -99,14 +115,9 @@ def dio(
     Each step registers the features of a labelled pair with the solver (no graph kept), takes one solver step
     at the optimum with the graph, and trains on the soft Dice of the warped labels (recipe: regcli.training.dio).
     """
-    import torch
-
-    from regcli.cli.common import Ui
     from regcli.training.dio import load_dio_job, run_dio_job
 
-    ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    ui = _ui(quiet, verbose, json_out, threads)
     job = load_dio_job(config, _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho))
     with ui.progress() as progress:
         started = set()
@@ -147,16 +158,15 @@ def foundation(
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUTDIR", show_default=False,
                                          help="Folder for checkpoint.pt, history.json, loss.png, job.json and "
                                               "model/.")],
-    iterations: Annotated[Optional[int], typer.Option(help="Override train.iterations.", min=1)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Override train.seed.")] = None,
+    iterations: IterOpt = None,
+    seed: SeedOverrideOpt = None,
     sam_rho: SamRhoOpt = None,
     init: Annotated[Optional[str], typer.Option(
         "--init", metavar="SPEC", show_default=False,
         help="Fine-tune from these weights (a model folder, e.g. from `regcli weights import unigradicon`, "
              "hub:org/name@commit, or a registry name); the architecture is theirs.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTDIR from its checkpoint.pt.")]
-    = False,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.", min=1)] = None,
+    resume: ResumeOpt = False,
+    threads: TrainThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -167,26 +177,15 @@ def foundation(
     pairs CSVs), each image affinely augmented; 1 - LNCC both ways plus the gradient inverse-consistency term
     (recipe: regcli.training.foundation).
     """
-    import torch
-
-    from regcli.cli.common import Ui
     from regcli.training.foundation import load_foundation_job, run_foundation_job
 
-    ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    ui = _ui(quiet, verbose, json_out, threads)
     overrides = _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho)
     if init is not None:
         overrides["init"] = init
     job = load_foundation_job(config, overrides)
-    with ui.progress() as progress:
-        progress.start("training", job.train.iterations)
-
-        def step(i: int, n: int, rec: dict) -> None:
-            progress.update("training", i, f"loss {rec['loss']:.3f}")
-
-        summary = run_foundation_job(job, output, step, ui.info, resume=resume)
-        progress.finish("training")
+    summary = _with_training_bar(ui, job.train.iterations,
+                                 lambda step: run_foundation_job(job, output, step, ui.info, resume=resume))
     ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes of "
                        f"{len(summary['datasets'])} datasets in {summary['seconds']} s; mean loss of the last 50 "
                        f"steps {summary['final_loss_mean50']:.4f}; wrote {output}")
