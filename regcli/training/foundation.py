@@ -4,8 +4,11 @@ Recipe (after uniGradICON, written for regcli):
 
 1. **Data.** Each dataset of the job is a glob of images (inter-subject pairs: two different images of the
    dataset) and/or a CSV of image pairs (intra-subject pairs, e.g. two scans of one patient), with its
-   modality. Every image is prepared as at test time (:func:`regcli.methods.foundation.prepare_intensities`
-   on the original image, then its whole field of view resized to the network grid), once, up front.
+   modality. Every image is prepared once, up front, as ``--method foundation`` sees it at test time
+   (``align: affine``, the default): :func:`regcli.methods.foundation.prepare_intensities` on the original
+   image, regcli's affine stage to the dataset's first image (a pair's moving image: to its fixed image),
+   then resampled onto the network grid over that reference's field of view. ``align: none`` keeps every
+   image's own field of view (uniGradICON's training, where the network also has to learn the affine part).
    A dataset with one image pairs it with itself (the augmentation makes the two views differ).
 2. **Sampling.** An epoch holds the same number of pairs from every dataset (uniGradICON's balance between
    large and small datasets), in a seeded random order; the two images of a pair are swapped half of the time.
@@ -52,6 +55,11 @@ class FoundationDataset(BaseModel):
     modality: Literal["mri", "ct"] = "mri"
     moving_modality: Optional[Literal["mri", "ct"]] = Field(None, description="of the pairs' moving images, when "
                                                             "it differs (e.g. MR to ultrasound)")
+    align: Literal["affine", "none"] = Field(
+        "affine", description="affine: as --method foundation sees them after regcli's affine stage: the images of "
+        "the glob aligned to its first image (the template) and resampled onto the template's field of view, each "
+        "pair's moving image aligned to its fixed image; none: every image's own field of view (uniGradICON's "
+        "training, where the network also learns the affine part)")
 
     @model_validator(mode="after")
     def _some(self) -> "FoundationDataset":
@@ -124,16 +132,29 @@ def _read_pairs(csv_path: str) -> list[tuple[str, str]]:
     return [(str(path.parent / r["fixed_image"]), str(path.parent / r["moving_image"])) for r in rows]
 
 
-def prepare_volume(path: str, modality: str, shape) -> torch.Tensor:
-    """An image as the network sees it at test time: intensities prepared on the original grid, then the
-    whole field of view resampled onto the network grid. (1, *shape) float32."""
+def prepare_volume(path: str, modality: str, shape, onto=None, reference=None) -> torch.Tensor:
+    """An image as the network sees it at test time: intensities prepared on the original grid, then resampled
+    onto the network grid over ``reference``'s field of view (default: its own) through ``onto`` (an affine
+    transform from :func:`align_to`, or None). (1, *shape) float32."""
     from regcli.io.images import read_image
     from regcli.methods.foundation import prepare_intensities
-    from regcli.resample import resample_to_grid
+    from regcli.resample import warp
 
     img = read_image(path)
     img = img.with_data(prepare_intensities(img.data, modality))
-    return resample_to_grid(img, img.grid.with_size(tuple(reversed(shape)))).data[None].contiguous()
+    ref = (reference or img.grid).with_size(tuple(reversed(shape)))
+    return warp(img, onto, ref).data[None].contiguous()
+
+
+def align_to(fixed_path: str, moving_path: str, metric: str = "lncc"):
+    """regcli's affine stage (default settings) from ``moving_path`` to ``fixed_path``: the transform and the
+    fixed image's grid."""
+    from regcli.config import AffineConfig
+    from regcli.io.images import read_image
+    from regcli.solvers.affine import run_affine_stage
+
+    fixed = read_image(fixed_path)
+    return run_affine_stage(fixed, read_image(moving_path), AffineConfig(metric=metric)).transform, fixed.grid
 
 
 class PairSource:
@@ -145,22 +166,31 @@ class PairSource:
         cache: dict[tuple[str, str], int] = {}
         self.volumes: list[torch.Tensor] = []
 
-        def vol(path: str, modality: str) -> int:
-            if (path, modality) not in cache:
-                cache[(path, modality)] = len(self.volumes)
-                self.volumes.append(prepare_volume(path, modality, shape))
-            return cache[(path, modality)]
+        def vol(path: str, modality: str, onto=None, reference=None, key: str = "") -> int:
+            if (path, modality, key) not in cache:
+                cache[(path, modality, key)] = len(self.volumes)
+                self.volumes.append(prepare_volume(path, modality, shape, onto, reference))
+            return cache[(path, modality, key)]
 
+        align = ds.align == "affine"
         self.pairs: list[tuple[int, int]] = []
         if ds.pairs:
             for f, m in _read_pairs(ds.pairs):
-                self.pairs.append((vol(f, ds.modality), vol(m, ds.moving_modality or ds.modality)))
+                mod_m = ds.moving_modality or ds.modality
+                onto, ref = align_to(f, m, "lncc" if mod_m == ds.modality else "mi") if align else (None, None)
+                self.pairs.append((vol(f, ds.modality), vol(m, mod_m, onto, ref, key=f"onto {f}")))
         self.images: list[int] = []
         if ds.glob:
             found = sorted(glob.glob(ds.glob))
             if not found:
                 raise InputError(f"dataset '{ds.name}': glob '{ds.glob}' matches no file")
-            self.images = [vol(p, ds.modality) for p in found]
+            for k, p in enumerate(found):
+                onto, ref = align_to(found[0], p) if align and k > 0 else (None, None)
+                if align and k == 0:
+                    from regcli.io.images import read_image
+
+                    ref = read_image(p).grid
+                self.images.append(vol(p, ds.modality, onto, ref, key="template" if align else ""))
         log(f"dataset {ds.name}: {len(self.volumes)} volumes, {len(self.pairs)} given pairs, "
             f"{len(self.images)} images for random pairs")
 
