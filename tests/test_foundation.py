@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import has_antspyx, invoke, make_phantom, phantom_labels, random_state, write
+from conftest import has_antspyx, invoke, make_phantom, one_line, phantom_labels, random_state, write
 from regcli.config import build_config
 from regcli.methods.foundation import map_to_world, prepare_intensities
 from regcli.models.gradicon import GradICONConfig, GradICONNet, gradicon_loss, save_gradicon_model
@@ -252,3 +252,29 @@ def test_foundation_outputs_pass_the_ants_oracle(tmp_path):
 
     assert agree(paths["ml"], paths["f"], [warp, aff], [warp, aff], [False, False]) >= 0.995
     assert agree(paths["fl"], paths["m"], [f"[{aff},1]", inv], [aff, inv], [True, False]) >= 0.995
+
+
+def test_an_empty_intensity_window_is_a_one_line_error_naming_the_image(tmp_path):
+    """A mostly empty MRI (a few bright voxels, the rest 0): its [minimum, 99th percentile] window is empty."""
+    f = write(make_phantom("LPS"), tmp_path / "f.nii.gz")
+    arr = np.zeros((40, 44, 48), np.float32)
+    arr[20:22, 20:22, 20:22] = 100
+    sparse = sitk.GetImageFromArray(arr)
+    sparse.CopyInformation(make_phantom("LPS"))
+    m = write(sparse, tmp_path / "flat.nii.gz")
+    torch.manual_seed(0)
+    save_gradicon_model(GradICONNet(SMALL), tmp_path / "net", "# untrained")
+    out = tmp_path / "out"
+    out.mkdir()
+    res = invoke("register", f, m, "-o", f"{out}/p_", "--method", "foundation", "--no-affine", "--quiet", "--config",
+                 _yaml(tmp_path, f"foundation: {{weights: {tmp_path / 'net'}}}"))
+    assert res.exit_code == 3
+    line = one_line(res.stderr)
+    assert "flat.nii.gz" in line and "intensity window" in line and "--modality" in line
+    assert not list(out.iterdir())  # nothing written
+
+
+def _yaml(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    return path

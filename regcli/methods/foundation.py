@@ -65,9 +65,10 @@ def working_grid(fixed_grid: Grid, cfg: RegisterConfig) -> tuple[Grid, bool]:
     return fixed_grid.with_size(tuple(reversed(shape))), False
 
 
-def prepare_intensities(data: torch.Tensor, modality: str) -> torch.Tensor:
+def prepare_intensities(data: torch.Tensor, modality: str, what: str = "image") -> torch.Tensor:
     """uniGradICON's intensity preparation: CT clipped to [-1000, 1000], MRI to [minimum, 99th percentile]
-    (the k-th smallest value with k = int(0.99 n)), then scaled to [0, 1]."""
+    (the k-th smallest value with k = int(0.99 n)), then scaled to [0, 1]. ``what`` names the image in the
+    one-line error about an empty window."""
     from regcli.errors import InputError
 
     x = data.to(torch.float32)
@@ -79,8 +80,8 @@ def prepare_intensities(data: torch.Tensor, modality: str) -> torch.Tensor:
         k = max(1, min(int(0.99 * flat.numel()), flat.numel()))
         hi = float(torch.kthvalue(flat.cpu(), k).values)
     if not hi > lo:
-        raise InputError(f"foundation: the {modality} intensity window is empty ({lo:g} to {hi:g}); is the image "
-                         "constant, or is --modality wrong?")
+        raise InputError(f"{what}: the {modality} intensity window of --method foundation is empty ({lo:g} to "
+                         f"{hi:g}): is the image (almost) constant, or is --modality wrong?")
     return (x.clamp(lo, hi) - lo) / (hi - lo)
 
 
@@ -89,8 +90,12 @@ def prepare_images(fixed, moving, cfg: RegisterConfig):
     resamples them onto the network grid: uniGradICON windows the original images, and the moving image's
     padding outside its field of view (0) is then the window's lower end (air for CT)."""
     fcfg = cfg.foundation
-    return (fixed.with_data(prepare_intensities(_scalar(fixed, "fixed"), fcfg.modality)),
-            moving.with_data(prepare_intensities(_scalar(moving, "moving"), fcfg.moving_modality or fcfg.modality)))
+
+    def prepared(image, role: str, modality: str):
+        what = f"{role} image '{image.name}'" if image.name else f"{role} image"
+        return image.with_data(prepare_intensities(_scalar(image, role), modality, what))
+
+    return prepared(fixed, "fixed", fcfg.modality), prepared(moving, "moving", fcfg.moving_modality or fcfg.modality)
 
 
 def map_to_world(d: torch.Tensor, grid: Grid) -> torch.Tensor:
