@@ -68,7 +68,7 @@ def test_prepare_intensities_follows_unigradicon():
     assert out[0] == 0 and out[989] == 1 and out[-1] == 1 and abs(float(out[500]) - 500 / 989) < 1e-6
     from regcli.errors import InputError
 
-    with pytest.raises(InputError, match="intensity window is empty"):
+    with pytest.raises(InputError, match="intensity window of --method foundation is empty"):
         prepare_intensities(torch.ones(10), "mri")
 
 
