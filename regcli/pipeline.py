@@ -7,6 +7,7 @@ first, runs the registration, and publishes every output file together (nothing 
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
@@ -212,6 +213,8 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     if config.prompts.labels is not None or config.prompts.landmarks:
         kwargs["prompts"] = _stage_prompts(config, fixed_labels, moving_labels, landmarks, affine, work)
     method = get_method(config.method)
+    if "originals" in inspect.signature(method).parameters:  # a method that also works on the original images
+        kwargs["originals"] = (fixed, moving, affine, fixed_mask, moving_mask)
     dres = method(fixed_w, moving_w, config, fixed_mask=fmask_w, moving_mask=mmask_w, progress=cb, device=dev,
                   **kwargs)
     timings["deformable"] = time.perf_counter() - t0
@@ -242,7 +245,7 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
             inv = dres.inverse
             stats = {**inverse_consistency_error(field_fine, inv), "source": config.method}
         else:
-            inv, stats = invert_displacement(field_fine, iterations=config.inverse_iterations, grid=work,
+            inv, stats = invert_displacement(field_fine, iterations=config.inverse_iterations, grid=field_w.grid,
                                              init=dres.inverse)
             if field_fine is not field_w:  # finished on the fine grid, from the working grid's inverse
                 inv, stats = invert_displacement(field_fine, iterations=min(config.inverse_iterations,

@@ -18,7 +18,9 @@
 4. **Instance optimisation** (``foundation.io``, ``--iterations``): ``network``: uniGradICON's (Adam on the
    network weights with the GradICON loss, both directions, the weights restored afterwards); ``field``:
    regcli's shared solver, ConvexAdam's instance optimisation and refinement on MIND-SSC started from the
-   network's field (the inverse then comes from the fixed-point inversion).
+   network's field, on regcli's usual working grid (``working_spacing_mm``; the pipeline passes the original
+   images as ``originals``), usually finer than a small network's grid; the inverse then comes from the
+   fixed-point inversion.
 
 The fields leave as world LPS mm on the working (network) grid; the pipeline resamples them onto the fixed
 image's grid and writes ANTs files.
@@ -135,12 +137,51 @@ def network_io(net: GradICONNet, a: torch.Tensor, b: torch.Tensor, iterations: i
     return d_ab, d_ba, history
 
 
+def field_io(u: torch.Tensor, net_grid: Grid, originals, cfg: RegisterConfig, report: ProgressFn, dev,
+             prompts: Sequence, history: dict) -> tuple[torch.Tensor, Grid, dict]:
+    """``io=field``: ConvexAdam's instance optimisation (MIND-SSC on the IO grid, ``instance.*``) for
+    ``foundation.io_iterations`` steps, then its refinement, started from the network's field ``u`` (world mm on
+    ``net_grid``). It runs on regcli's usual working grid (``working_spacing_mm`` over the fixed field of view,
+    anti-aliased originals, the moving image through ``affine``), which is usually finer than a small network's
+    grid. ``originals`` = (fixed, moving, affine, fixed mask, moving mask) on their own grids (affine None: the
+    images are already on one grid). Returns the field, its grid and the history."""
+    from regcli.features.intensity import smooth_for
+    from regcli.features.mind import mind_ssc
+    from regcli.resample import resample_to_grid, upsample_field, warp
+
+    fixed, moving, affine, fixed_mask, moving_mask = originals
+    icfg, sp = cfg.instance, cfg.working_spacing_mm
+    work = fixed.grid.with_spacing(sp)
+    with torch.no_grad():
+        fdata = _scalar(resample_to_grid(smooth_for(fixed, sp), work), "fixed").to(dev)
+        mdata = _scalar(warp(smooth_for(moving, sp), affine, work), "moving").to(dev)
+        fmask = _mask_on(fixed_mask, work, "fixed")
+        mmask = _mask_on(warp(moving_mask, affine, work, "nearest") if moving_mask is not None else None, work,
+                         "moving")
+        start = upsample_field(u, net_grid, work)
+        feat_f = mind_ssc(fdata[None, None], cfg.convex.mind_radius, cfg.convex.mind_dilation)
+        feat_m = mind_ssc(mdata[None, None], cfg.convex.mind_radius, cfg.convex.mind_dilation)
+    disp, io_grid, history["instance"] = _instance_level(
+        feat_f, feat_m, work, icfg.grid_sp_adam, start, work, fmask, mmask, icfg, cfg.foundation.io_iterations,
+        icfg.learning_rate, STAGE_INSTANCE, report, dev, icfg.gradient_floor, prompts=prompts)
+    del feat_f, feat_m
+    if icfg.refine_iterations > 0:
+        disp, history["refine"] = refine_on_working_grid(fdata, mdata, work, disp, io_grid, fmask, mmask, cfg,
+                                                         icfg.refine_iterations, report, dev, prompts)
+    elif not io_grid.allclose(work):
+        disp = upsample_field(disp.detach(), io_grid, work)
+    return disp.detach(), work, history
+
+
 def foundation(fixed, moving, cfg: RegisterConfig, fixed_mask=None, moving_mask=None,
-               progress: Optional[ProgressFn] = None, device=None, prompts: Sequence = ()) -> DeformableResult:
+               progress: Optional[ProgressFn] = None, device=None, prompts: Sequence = (),
+               originals: Optional[tuple] = None) -> DeformableResult:
     """Deformable registration of ``moving`` to ``fixed`` (both on the network grid, :func:`working_grid`).
 
     ``prompts`` (label maps, landmarks) join the objective of ``io=field``; the network itself ignores them.
-    Returns the forward field and, unless ``io=field`` or ``inverse=fixed_point``, the network's inverse.
+    ``originals`` = (fixed, moving, affine, fixed mask, moving mask) as given to the pipeline, for ``io=field``
+    (:func:`field_io`). Returns the forward field (on the network grid, or with ``io=field`` on the usual working
+    grid) and, unless ``io=field`` or ``inverse=fixed_point``, the network's inverse.
     """
     t_start = time.perf_counter()
     grid, out_device, dev, report = method_setup("foundation", fixed, moving, device, progress)
@@ -176,26 +217,10 @@ def foundation(fixed, moving, cfg: RegisterConfig, fixed_mask=None, moving_mask=
 
     if fcfg.io == "field" and fcfg.io_iterations > 0:
         t = time.perf_counter()
-        from regcli.features.mind import mind_ssc
-
-        icfg = cfg.instance
-        fmask = _mask_on(fixed_mask, grid, "fixed")
-        mmask = _mask_on(moving_mask, grid, "moving")
-        with torch.no_grad():
-            feat_f = mind_ssc(fdata[None, None], cfg.convex.mind_radius, cfg.convex.mind_dilation)
-            feat_m = mind_ssc(mdata[None, None], cfg.convex.mind_radius, cfg.convex.mind_dilation)
-        disp, io_grid, history["instance"] = _instance_level(
-            feat_f, feat_m, grid, icfg.grid_sp_adam, u, grid, fmask, mmask, icfg, fcfg.io_iterations,
-            icfg.learning_rate, STAGE_INSTANCE, report, dev, icfg.gradient_floor, prompts=prompts)
-        del feat_f, feat_m
-        if icfg.refine_iterations > 0:
-            disp, history["refine"] = refine_on_working_grid(fdata, mdata, grid, disp, io_grid, fmask, mmask, cfg,
-                                                             icfg.refine_iterations, report, dev, prompts)
-        else:
-            from regcli.resample import upsample_field
-
-            disp = upsample_field(disp.detach(), io_grid, grid)
-        u, inv = disp.detach(), None
+        if originals is None:  # called without the original images: the IO runs on the network grid
+            originals = (fixed, moving, None, fixed_mask, moving_mask)
+        u, grid, history = field_io(u, grid, originals, cfg, report, dev, prompts, history)
+        inv = None
         timings["field_io"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - t_start
