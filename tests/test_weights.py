@@ -429,6 +429,10 @@ def test_repository_registry_file_is_valid():
             from regcli.models.dio import dio_from
 
             dio_from(model)
+        elif model.config["architecture"] == "gradicon-multistep":
+            from regcli.models.gradicon import gradicon_from
+
+            gradicon_from(model)
         else:
             raise AssertionError(f"shipped model '{name}' has an architecture no test builds")
 
