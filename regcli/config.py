@@ -152,10 +152,10 @@ class FoundationConfig(_Frozen):
     moving_modality: Optional[Literal["mri", "ct"]] = Field(None, description="the moving image's, when it "
                                                             "differs (None: modality)")
     io: Literal["none", "network", "field"] = Field(
-        "none", description="instance optimisation after the network: network (uniGradICON's: Adam on the network "
-        "weights with the GradICON loss, both directions, weights restored afterwards), field (regcli's shared "
-        "solver: ConvexAdam's instance optimisation and refinement on MIND-SSC, started from the network's field), "
-        "or none")
+        "field", description="instance optimisation after the network: field (default: regcli's shared solver, "
+        "ConvexAdam's instance optimisation and refinement on MIND-SSC on the usual working grid, started from the "
+        "network's field), network (uniGradICON's: Adam on the network weights with the GradICON loss, both "
+        "directions, weights restored afterwards), or none (the network alone)")
     io_iterations: int = Field(50, ge=0, description="iterations of the instance optimisation (--iterations)")
     io_learning_rate: float = Field(2e-5, gt=0, description="Adam learning rate of io=network (uniGradICON's "
                                     "2e-5); io=field uses instance.learning_rate")

@@ -76,14 +76,14 @@ def test_constant_map_becomes_the_known_physical_displacement(pair, tmp_path):
     """Network grid, [0, 1] maps, sign (fixed -> moving) and LPS conversion, through the whole pipeline."""
     fixed, moving = pair
     save_gradicon_model(_translation_net(fixed.grid, -SHIFT), tmp_path / "m", "# test")
-    reg = register_images(fixed, moving, _config(tmp_path / "m", inverse="fixed_point"))
+    reg = register_images(fixed, moving, _config(tmp_path / "m", io="none", inverse="fixed_point"))
     assert reg.working_grid.size == (40, 40, 40) and reg.working_grid.extent_mm == pytest.approx(fixed.grid.extent_mm)
     u = reg.field.disp.reshape(3, -1)
     assert torch.allclose(u, torch.tensor(-SHIFT, dtype=torch.float32)[:, None], atol=1e-4)
     inv = reg.inverse_field.disp.reshape(3, -1)
     assert torch.allclose(inv, torch.tensor(SHIFT, dtype=torch.float32)[:, None], atol=1e-3)
     # the network's own backward map is used by default; here it is the same shift, so it is reported as such
-    reg = register_images(fixed, moving, _config(tmp_path / "m"))
+    reg = register_images(fixed, moving, _config(tmp_path / "m", io="none"))
     assert reg.inverse_error["source"] == "foundation"
     assert reg.inverse_error["mean_mm"] == pytest.approx(2 * np.linalg.norm(SHIFT), rel=1e-3)
 
@@ -185,7 +185,7 @@ def test_physical_fields_match_unigradicon_itk_wrapper(tmp_path):
     from regcli.io.images import read_image
 
     fixed, moving = read_image(str(fpath)), read_image(str(mpath))
-    reg = register_images(fixed, moving, _config(tmp_path / "net", modality="ct"))
+    reg = register_images(fixed, moving, _config(tmp_path / "net", modality="ct", io="none"))
     size = fixed.grid.size
     idx = np.stack(np.meshgrid(*[np.arange(2, k - 2, 3) for k in size], indexing="ij"), -1).reshape(-1, 3)
     M4 = fixed.grid.index_to_world()
@@ -231,7 +231,7 @@ def test_foundation_outputs_pass_the_ants_oracle(tmp_path):
     net = GradICONNet(SMALL)
     net.load_state_dict(random_state(net.state_dict(), seed=4, scale=0.05))
     save_gradicon_model(net, tmp_path / "net", "# random")
-    (tmp_path / "c.yaml").write_text(f"foundation: {{weights: {tmp_path / 'net'}}}\n")
+    (tmp_path / "c.yaml").write_text(f"foundation: {{weights: {tmp_path / 'net'}, io: none}}\n")
     res = invoke("register", paths["f"], paths["m"], "-o", f"{tmp_path}/p_", "--method", "foundation",
                  "--config", tmp_path / "c.yaml", "--no-html")
     assert res.exit_code == 0, res.output

@@ -414,9 +414,9 @@ ModalityOpt = Annotated[Optional[Modality], typer.Option(
     "default) or ct (clip to -1000..1000 HU); both then scale to [0, 1] (foundation.modality).",
     case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
 FoundationIOOpt = Annotated[Optional[FoundationIO], typer.Option(
-    "--io", help="--method foundation: instance optimisation after the network: none (default), network "
-    "(uniGradICON's: Adam on the weights, lr 2e-5) or field (regcli's solver on MIND-SSC); --iterations sets "
-    "its count (foundation.io).", case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
+    "--io", help="--method foundation: instance optimisation after the network: field (default; regcli's solver "
+    "on MIND-SSC), network (uniGradICON's: Adam on the weights, lr 2e-5) or none (the network alone); "
+    "--iterations sets its count (foundation.io).", case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
 OptimizerOpt = Annotated[Optional[Optimizer], typer.Option(
     "--optimizer", help="Optimizer of the instance-optimisation stage: adam (default), sgd, lbfgs.",
     case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
