@@ -262,7 +262,8 @@ def model_card(job: FoundationJob, net: GradICONNet, summary: dict) -> str:
 - **Architecture**: {4 if net.cfg.last_step else 3} GradICON U-Net steps (regcli.models.gradicon) on a
   {'x'.join(map(str, net.cfg.input_shape))} grid, U-Net channels {list(net.cfg.down_channels)} down /
   {list(net.cfg.up_channels)} up, {summary['parameters']:,} parameters.
-- **Data**: {names}; each image prepared as at test time (whole field of view resized to the network grid).
+- **Data**: {names}; each image prepared as `--method foundation` sees it (intensity window, then per
+  dataset's `align` the affine pre-alignment, resampled onto the network grid).
 - **Recipe**: {summary['iterations']} steps of {t.batch_size} pairs, Adam lr {t.learning_rate:g}, GradICON loss with
   lambda {net.cfg.lmbda:g} and LNCC sigma {net.cfg.lncc_sigma:g} voxels, random affine augmentation,
   sharpness-aware minimization rho {t.sam_rho:g}, seed {t.seed}{', fine-tuned from ' + job.init if job.init else ''}.
