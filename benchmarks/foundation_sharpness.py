@@ -65,11 +65,35 @@ def loss_on(net, pairs, seed: int) -> float:
     return sum(vals) / len(vals)
 
 
+def plot(results: dict, alphas: list, path: str) -> None:
+    """Loss along each direction (thin) and their mean (thick) per model, on a log scale (the loss of a
+    sharp minimum grows by orders of magnitude)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for k, (name, r) in enumerate(results.items()):
+        for c in r["curves"]:
+            ax.plot(alphas, c, color=f"C{k}", lw=0.7, alpha=0.4)
+        ax.plot(alphas, r["mean_curve"], color=f"C{k}", lw=2, label=f"{name} (L(w) = {r['loss_at_minimum']:.3f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step along a filter-normalised random direction")
+    ax.set_ylabel("GradICON loss")
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("models", nargs="+")
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--replot", default=None, metavar="JSON", help="only redraw --plot from a saved --json")
     ap.add_argument("--names", default=None, help="comma-separated labels (default: the paths)")
-    ap.add_argument("--job", required=True)
+    ap.add_argument("--job", default=None, help="the training job whose datasets give the pairs (required unless --replot)")
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--directions", type=int, default=3)
     ap.add_argument("--alphas", default="-1,-0.75,-0.5,-0.25,-0.1,0,0.1,0.25,0.5,0.75,1")
@@ -78,7 +102,14 @@ def main() -> None:
     ap.add_argument("--plot", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)["results"]
+        plot(saved, next(iter(saved.values()))["alphas"], args.plot)
+        return
     torch.set_num_threads(args.threads)
+    if not args.models or not args.job:
+        ap.error("give the models and --job (or --replot JSON --plot PNG)")
     names = args.names.split(",") if args.names else args.models
     alphas = [float(a) for a in args.alphas.split(",")]
     job = load_foundation_job(args.job)
@@ -115,23 +146,7 @@ def main() -> None:
         print(f"| {name} | {r['loss_at_minimum']:.4f} | " + " | ".join(f"{v:.4f}" for v in r["mean_curve"])
               + f" | {r['sharpness_0.5']:.4f} | {r['sharpness_1.0']:.4f} |")
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for k, (name, r) in enumerate(results.items()):
-            for c in r["curves"]:
-                ax.plot(alphas, c, color=f"C{k}", lw=0.7, alpha=0.4)
-            ax.plot(alphas, r["mean_curve"], color=f"C{k}", lw=2, label=name)
-        ax.set_xlabel("step along a filter-normalised random direction")
-        ax.set_ylabel("GradICON loss")
-        ax.legend()
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
-        fig.savefig(args.plot, dpi=110)
-        print(f"wrote {args.plot}")
+        plot(results, alphas, args.plot)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"pairs": args.pairs, "directions": args.directions, "results": results}, f, indent=1)
