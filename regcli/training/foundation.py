@@ -147,8 +147,8 @@ def prepare_volume(path: str, modality: str, shape, onto=None, reference=None) -
 
 
 def align_to(fixed_path: str, moving_path: str, metric: str = "lncc"):
-    """regcli's affine stage (default settings) from ``moving_path`` to ``fixed_path``: the transform and the
-    fixed image's grid."""
+    """regcli's affine stage (default settings, similarity ``metric``) from ``moving_path`` to ``fixed_path``: the
+    transform and the fixed image's grid."""
     from regcli.config import AffineConfig
     from regcli.io.images import read_image
     from regcli.solvers.affine import run_affine_stage
@@ -163,7 +163,9 @@ class PairSource:
 
     def __init__(self, ds: FoundationDataset, shape, log: Callable[[str], None]) -> None:
         self.name = ds.name
-        cache: dict[tuple[str, str], int] = {}
+        from regcli.io.images import read_image
+
+        cache: dict[tuple[str, str, str], int] = {}  # (path, modality, alignment) -> volume index
         self.volumes: list[torch.Tensor] = []
 
         def vol(path: str, modality: str, onto=None, reference=None, key: str = "") -> int:
@@ -184,13 +186,10 @@ class PairSource:
             found = sorted(glob.glob(ds.glob))
             if not found:
                 raise InputError(f"dataset '{ds.name}': glob '{ds.glob}' matches no file")
+            template = read_image(found[0]).grid if align else None  # the field of view every image goes onto
             for k, p in enumerate(found):
-                onto, ref = align_to(found[0], p) if align and k > 0 else (None, None)
-                if align and k == 0:
-                    from regcli.io.images import read_image
-
-                    ref = read_image(p).grid
-                self.images.append(vol(p, ds.modality, onto, ref, key="template" if align else ""))
+                onto = align_to(found[0], p)[0] if align and k > 0 else None
+                self.images.append(vol(p, ds.modality, onto, template, key="template" if align else ""))
         log(f"dataset {ds.name}: {len(self.volumes)} volumes, {len(self.pairs)} given pairs, "
             f"{len(self.images)} images for random pairs")
 
