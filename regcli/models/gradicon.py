@@ -377,7 +377,8 @@ def read_official_checkpoint(path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"'{path}' does not hold a state_dict (a mapping of names to tensors)")
     if sd and all(str(k).startswith("regis_net.") for k in sd):
         sd = {str(k)[len("regis_net."):]: v for k, v in sd.items()}
-    want = {k: tuple(v.shape) for k, v in GradICONNet().state_dict().items()}
+    with torch.device("meta"):  # the official shapes, without allocating or initialising 70 M parameters
+        want = {k: tuple(v.shape) for k, v in GradICONNet().state_dict().items()}
     missing = [k for k in want if k not in sd]
     extra = [k for k in sd if k not in want]
     if missing or extra:
@@ -401,12 +402,10 @@ def import_official(kind: str, path, folder, overwrite: bool = False) -> dict:
     from pathlib import Path
 
     from regcli.errors import ConfigError
-    from regcli.weights import sha256_file
+    from regcli.weights import refuse_existing_model_files, sha256_file
 
     if kind not in OFFICIAL_MODELS:
         raise ConfigError(f"unknown checkpoint kind '{kind}'; choose one of {', '.join(OFFICIAL_MODELS)}")
-    from regcli.weights import refuse_existing_model_files
-
     path, folder = Path(path), Path(folder)
     if not overwrite and folder.is_dir():
         refuse_existing_model_files(folder, f"model folder '{folder}'", "use --overwrite")
