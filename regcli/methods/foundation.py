@@ -32,16 +32,16 @@ import copy
 import time
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from regcli.config import RegisterConfig
 from regcli.errors import ConvergenceError, GeometryError
 from regcli.methods.convexadam import (
-    STAGE_INSTANCE, DeformableResult, _instance_level, _mask_on, _scalar, index_to_world_vectors,
-    method_setup, refine_on_working_grid,
+    STAGE_INSTANCE, DeformableResult, _instance_level, _mask_on, _scalar, method_setup, refine_on_working_grid,
 )
 from regcli.models.gradicon import GradICONNet, gradicon_from, gradicon_loss
-from regcli.spaces.grid import Grid
+from regcli.spaces.grid import Grid, apply_linear
 from regcli.transforms.displacement import DisplacementField
 
 ProgressFn = Callable[[str, int, int], None]
@@ -102,9 +102,8 @@ def prepare_images(fixed, moving, cfg: RegisterConfig):
 
 def map_to_world(d: torch.Tensor, grid: Grid) -> torch.Tensor:
     """A network displacement (3, Z, Y, X) in [0, 1] units (tensor axis order) -> world LPS mm on ``grid``."""
-    n = grid.size  # x, y, z
-    index = torch.stack((d[2] * (n[0] - 1), d[1] * (n[1] - 1), d[0] * (n[2] - 1)))  # voxels, x, y, z
-    return index_to_world_vectors(index, grid)
+    A = grid.vector_unit_to_world().astype(np.float32)
+    return apply_linear(A, d.flip(0).permute(1, 2, 3, 0)).permute(3, 0, 1, 2).contiguous()  # components x, y, z
 
 
 def network_io(net: GradICONNet, a: torch.Tensor, b: torch.Tensor, iterations: int, lr: float,

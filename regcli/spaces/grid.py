@@ -161,6 +161,11 @@ class Grid:
         """(3, 3) linear map of a displacement in world mm to a displacement in voxels."""
         return self.world_to_index()[:3, :3]
 
+    def vector_unit_to_world(self) -> np.ndarray:
+        """(3, 3) linear map of a displacement in unit-cube coordinates (x, y, z; ``index / (size - 1)`` per axis,
+        the ``align_corners=True`` frame of GradICON's maps) to a displacement in world mm."""
+        return self.index_to_world()[:3, :3] * (np.asarray(self.size, dtype=np.float64) - 1.0)[None, :]
+
     # ------------------------------------------------------------------ coordinates as tensors
     def index_coords(self, dtype=torch.float64, device=None) -> torch.Tensor:
         """Voxel indices of every voxel, (Z, Y, X, 3) with components (x, y, z)."""
