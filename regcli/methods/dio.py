@@ -40,6 +40,7 @@ from regcli.transforms.displacement import DisplacementField
 ProgressFn = Callable[[str, int, int], None]
 STAGE_FEATURES = "DIO features"
 
+
 def _load(spec: str):
     """The feature network for ``spec`` and where it came from; resolved and verified once per process."""
     from regcli.models.dio import dio_from

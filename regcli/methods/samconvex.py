@@ -37,7 +37,7 @@ from regcli.config import RegisterConfig
 from regcli.errors import ConvergenceError
 from regcli.features.filters import box_filter
 from regcli.methods.convexadam import (
-    DeformableResult, method_setup, _mask_on, _scalar, index_to_world_vectors, refine_on_working_grid,
+    DeformableResult, _mask_on, _scalar, index_to_world_vectors, method_setup, refine_on_working_grid,
 )
 from regcli.models.embedding import EmbeddingNet, embed, embedding_from
 from regcli.resample import FieldWarper, upsample_field
@@ -52,6 +52,7 @@ ProgressFn = Callable[[str, int, int], None]
 STAGE_EMBED = "anatomical embedding"
 STAGE_PYRAMID = "correlation pyramid"
 STAGE_IO = "embedding instance optimisation"
+
 
 def _load(spec: str) -> tuple[EmbeddingNet, dict]:
     """The network for ``spec`` and where it came from; resolved and verified once per process and spec."""
