@@ -323,7 +323,7 @@ def run_foundation_job(job: FoundationJob, outdir: str | Path, progress=None, lo
         pairs, names = [], []
         for _ in range(tcfg.batch_size):
             if not order:
-                order = epoch_order(len(sources), max(1, tcfg.batch_size), gen)
+                order = epoch_order(len(sources), tcfg.batch_size, gen)
             src = sources[order.pop(0)]
             a, b = src.draw(gen)
             pairs.append((random_affine(a, tcfg.augment, gen), random_affine(b, tcfg.augment, gen)))
