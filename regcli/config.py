@@ -222,6 +222,11 @@ class RegisterConfig(_Frozen):
     deterministic: bool = False
     inverse_warp: bool = Field(True, description="also write the inverse displacement field")
     inverse_iterations: int = Field(20, ge=1, description="fixed-point iterations of the inverse field (at most)")
+    inverse_grid: Literal["fixed", "moving"] = Field(
+        "fixed", description="grid of prefix1InverseWarp.nii.gz: 'fixed' (ANTs SyN's convention: the fixed image's "
+        "grid) or 'moving' (uniGradICON's: the moving image's grid, carried into the fixed space by the inverse "
+        "affine, so the warp covers the whole moving image at its resolution); the foundation preset uses "
+        "'moving'")
     write_warped: bool = True
     html_report: bool = True
 
@@ -242,7 +247,7 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "convexadam": {},
     "samconvex": {},
     "dio": {},
-    "foundation": {},
+    "foundation": {"inverse_grid": "moving"},
     "affine": {"affine": {"stages": ("rigid", "affine")}},
     "rigid": {"affine": {"stages": ("rigid",)}},
 }

@@ -51,7 +51,8 @@ class Registration:
     Attributes:
         affine: fixed world point -> moving world point (identity when the affine stage is off).
         field: deformable part ``u`` (3, Z, Y, X) LPS mm on the fixed grid, or None for linear methods.
-        inverse_field: inverse of ``x -> x + u(x)`` on the fixed grid (ANTs ``1InverseWarp``), or None.
+        inverse_field: inverse of ``x -> x + u(x)`` (ANTs ``1InverseWarp``), or None; on the fixed grid, or with
+            ``inverse_grid: moving`` on the moving grid carried into the fixed space (``Grid.carried_by``).
         working_grid: the isotropic grid the deformable stage ran on.
     """
 
@@ -238,7 +239,7 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     else:
         field_fine = field_w
 
-    # --------------------------------------------------------------- inverse + fields on the fixed grid
+    # --------------------------------------------------------------- inverse (fixed or moving grid), field (fixed)
     t0 = time.perf_counter()
     if config.inverse_warp:
         if dres.inverse is not None and field_fine is field_w:  # the method's own inverse (a network's backward map)
@@ -251,7 +252,8 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
                 inv, stats = invert_displacement(field_fine, iterations=min(config.inverse_iterations,
                                                                             FINE_INVERSE_ITERATIONS), init=inv)
         reg.inverse_error = stats
-        reg.inverse_field = DisplacementField(upsample_field(inv.disp, inv.grid, fixed.grid).cpu(), fixed.grid)
+        inv_grid = moving.grid.carried_by(affine.inverse().matrix) if config.inverse_grid == "moving" else fixed.grid
+        reg.inverse_field = DisplacementField(upsample_field(inv.disp, inv.grid, inv_grid).cpu(), inv_grid)
     timings["inverse"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     reg.field = DisplacementField(upsample_field(field_fine.disp, field_fine.grid, fixed.grid).cpu(), fixed.grid)

@@ -88,6 +88,24 @@ def test_constant_map_becomes_the_known_physical_displacement(pair, tmp_path):
     assert reg.inverse_error["mean_mm"] == pytest.approx(2 * np.linalg.norm(SHIFT), rel=1e-3)
 
 
+def test_inverse_warp_lies_on_the_moving_grid(pair, tmp_path):
+    """The foundation preset writes the inverse warp on the moving image's grid (uniGradICON's phi_BA), carried
+    into the fixed space by the inverse affine; ``inverse_grid: fixed`` keeps ANTs SyN's fixed grid. A moving
+    image on another grid (other direction, spacing and field of view): the inverse of the constant shift
+    holds over all of it."""
+    fixed, _ = pair
+    moving = _image(make_phantom("PIL", "iso", transform=lambda p: p + SHIFT))
+    save_gradicon_model(_translation_net(fixed.grid, -SHIFT), tmp_path / "m", "# test")
+    reg = register_images(fixed, moving, _config(tmp_path / "m", io="none", inverse="fixed_point"))
+    assert reg.inverse_field.grid.allclose(moving.grid) and reg.field.grid == fixed.grid
+    inv = reg.inverse_field.disp.reshape(3, -1)
+    assert torch.allclose(inv, torch.tensor(SHIFT, dtype=torch.float32)[:, None], atol=1e-3)
+    cfg = build_config(None, {"method": "foundation", "inverse_grid": "fixed", "affine": {"enabled": False},
+                              "html_report": False, "foundation": {"weights": str(tmp_path / "m"), "io": "none"}})
+    assert register_images(fixed, moving, cfg).inverse_field.grid == fixed.grid
+    assert build_config(None, {"method": "convexadam"}).inverse_grid == "fixed"  # other methods: ANTs' convention
+
+
 def test_network_io_restores_the_weights_and_field_io_refines(pair, tmp_path):
     fixed, moving = pair
     torch.manual_seed(0)
@@ -186,7 +204,8 @@ def test_physical_fields_match_unigradicon_itk_wrapper(tmp_path):
 
     fixed, moving = read_image(str(fpath)), read_image(str(mpath))
     reg = register_images(fixed, moving, _config(tmp_path / "net", modality="ct", io="none"))
-    size = fixed.grid.size
+    assert reg.inverse_field.grid.allclose(moving.grid)  # phi_BA on the moving grid, as itk_wrapper gives it
+    size = fixed.grid.size  # the same grid as the moving one here
     idx = np.stack(np.meshgrid(*[np.arange(2, k - 2, 3) for k in size], indexing="ij"), -1).reshape(-1, 3)
     M4 = fixed.grid.index_to_world()
     pts = idx @ M4[:3, :3].T + M4[:3, 3]

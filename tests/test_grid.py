@@ -97,3 +97,26 @@ def test_cropped_grid_keeps_voxel_positions():
     idx = np.array([[0, 0, 0, 1], [3, 4, 5, 1]], dtype=float).T
     expected = g.index_to_world() @ (idx + np.array([[2], [3], [1], [0]]))
     assert np.allclose(c.index_to_world() @ idx, expected)
+
+
+def test_carried_by_is_exact_for_rigid_maps_and_covers_affine_ones():
+    D = np.asarray(sitk.VersorTransform((0.3, 0.2, 0.93), 0.4).GetMatrix()).reshape(3, 3)
+    g = Grid((9, 7, 5), (1.5, 2.0, 0.5), (10.0, -20.0, 3.0), tuple(D.ravel()))
+    assert g.carried_by(np.eye(4)).allclose(g)
+    rigid = np.eye(4)
+    rigid[:3, :3] = np.asarray(sitk.VersorTransform((0.9, -0.1, 0.4), 0.7).GetMatrix()).reshape(3, 3)
+    rigid[:3, 3] = (5.0, -3.0, 12.0)
+    h = g.carried_by(rigid)
+    assert h.size == g.size and h.spacing == pytest.approx(g.spacing)
+    mapped = g.corners_world() @ rigid[:3, :3].T + rigid[:3, 3]
+    assert np.allclose(h.corners_world(), mapped, atol=1e-9)  # voxel for voxel
+    sheared = rigid.copy()
+    sheared[:3, :3] = sheared[:3, :3] @ np.array([[1.2, 0.1, 0.0], [0.0, 0.9, 0.15], [0.05, 0.0, 1.1]])
+    k = g.carried_by(sheared)
+    assert np.abs(k.direction_matrix.T @ k.direction_matrix - np.eye(3)).max() < 1e-9 and k.spacing == g.spacing
+    n = np.asarray(g.size) - 1.0
+    outer = np.array([[a, b, c] for a in (-0.5, n[0] + 0.5) for b in (-0.5, n[1] + 0.5) for c in (-0.5, n[2] + 0.5)])
+    M = g.index_to_world()
+    pts = (outer @ M[:3, :3].T + M[:3, 3]) @ sheared[:3, :3].T + sheared[:3, 3]
+    idx = k.world_to_index_points(torch.from_numpy(pts)).numpy()
+    assert (idx >= -0.5 - 1e-6).all() and (idx <= np.asarray(k.size) - 0.5 + 1e-6).all()  # covers the image

@@ -247,6 +247,31 @@ class Grid:
         origin = (self.index_to_world() @ np.append(np.asarray(start, dtype=np.float64), 1.0))[:3]
         return Grid(tuple(int(n) for n in size), self.spacing, tuple(origin), self.direction)
 
+    def carried_by(self, matrix: np.ndarray) -> "Grid":
+        """This grid carried through the world affine ``matrix`` (4x4, ``p -> A p + t``), as a grid with the
+        same spacing that covers the image of its field of view.
+
+        The direction is the rotation (or reflection) nearest to ``A @ direction`` (its orthogonal polar
+        factor); the origin and size make the grid cover the mapped outer voxel corners. For a rigid ``matrix``
+        this is exactly the mapped grid (same size); for the identity, this grid itself. Used for the inverse
+        warp on the moving grid: the moving grid carried into the fixed space by the inverse affine.
+        """
+        M = np.asarray(matrix, dtype=np.float64).reshape(4, 4)
+        u, _, vt = np.linalg.svd(M[:3, :3] @ self.direction_matrix)
+        R = u @ vt
+        sp = np.asarray(self.spacing)
+        n = np.asarray(self.size, dtype=np.float64)
+        corners = np.array([[a, b, c] for a in (-0.5, n[0] - 0.5) for b in (-0.5, n[1] - 0.5)
+                            for c in (-0.5, n[2] - 0.5)])
+        M_src = self.index_to_world()
+        world = (corners @ M_src[:3, :3].T + M_src[:3, 3]) @ M[:3, :3].T + M[:3, 3]
+        p0 = M[:3, :3] @ np.asarray(self.origin) + M[:3, 3]  # where voxel 0's centre goes
+        idx = ((world - p0) @ R) / sp  # continuous indices of the mapped corners in the new frame
+        lo, hi = idx.min(axis=0), idx.max(axis=0)
+        size = np.maximum(np.ceil(hi - lo - 1e-6), 1).astype(int)
+        origin = p0 + R @ ((lo + 0.5) * sp)
+        return Grid(tuple(size), tuple(sp), tuple(origin), tuple(R.ravel()))
+
     # ------------------------------------------------------------------ comparisons / descriptions
     def allclose(self, other: "Grid", rtol: float = 1e-4) -> bool:
         """Same grid up to ``rtol * spacing`` in position and 1e-4 in direction cosines."""
