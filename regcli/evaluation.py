@@ -464,46 +464,59 @@ def evaluate_pairs(
         config, extra_args: passed on to ``regcli register``.
         on_pair: callback ``(index, pair, row)`` after each pair (progress display).
     """
-    from regcli.io.transforms import read_transform_list
-
     outdir = Path(outdir)
     ev = Evaluation(method="existing:" + transforms_from if transforms_from else method)
     for i, pair in enumerate(pairs, start=1):
-        row: dict[str, Any] = {"pair": pair.name, "fixed_image": str(pair.fixed), "moving_image": str(pair.moving),
-                               "status": "ok"}
-        try:
-            if transforms_from:
-                prefix = format_prefix(transforms_from, pair, i)
-                report_path = Path(prefix + "Report.json")
-                if report_path.is_file():
-                    try:
-                        row.update(_from_report(json.loads(report_path.read_text())))
-                    except (json.JSONDecodeError, OSError):
-                        pass
-            else:
-                prefix = str(outdir / f"{pair.name}_")
-                run = register_fn(pair, prefix, method, config=config, extra_args=extra_args, overwrite=overwrite)
-                row["wall_seconds"] = run.wall_seconds
-                row.update(_from_report(run.report))
-                if run.peak_rss_mb is not None and "peak_rss_mb" not in row:
-                    row["peak_rss_mb"] = run.peak_rss_mb  # the report's own figure is exact; this one is a bound
-                if run.returncode != 0:
-                    raise _PairFailed(run.error, run.returncode)
-            files = transform_files(prefix)
-            if not files:
-                raise InputError(f"no transforms found for prefix '{prefix}' (expected {prefix}1Warp.nii.gz "
-                                 f"and/or {prefix}0GenericAffine.mat)")
-            row["transforms"] = [str(f) for f in files]
-            transform = read_transform_list([str(f) for f in files])
-            row.update(score_pair(pair, transform, label_interp=label_interp, hd95=hd95))
-        except _PairFailed as e:
-            row.update(status="failed", error=str(e), exit_code=e.exit_code)
-        except RegcliError as e:
-            row.update(status="failed", error=e.one_line(), exit_code=e.exit_code)
+        prefix = format_prefix(transforms_from, pair, i) if transforms_from else None
+        row = process_pair(pair, outdir, method, prefix, config=config, extra_args=extra_args, overwrite=overwrite,
+                           label_interp=label_interp, hd95=hd95, register_fn=register_fn)
         ev.rows.append(row)
         if on_pair is not None:
             on_pair(i, pair, row)
     return ev
+
+
+def process_pair(pair: Pair, outdir: str | os.PathLike, method: str, existing_prefix: Optional[str] = None,
+                 config: Optional[Path] = None, extra_args: Sequence[str] = (), overwrite: bool = False,
+                 label_interp: str = "nearest", hd95: bool = True,
+                 register_fn: Callable[..., RunResult] = register_subprocess) -> dict:
+    """One row of an evaluation: register ``pair`` into ``outdir/<pair>_`` with a ``regcli register`` child (or,
+    with ``existing_prefix``, read the transforms written there earlier) and score it. Never raises for a
+    failing pair: its row has ``status`` "failed", ``error`` (one line) and ``exit_code``."""
+    from regcli.io.transforms import read_transform_list
+
+    row: dict[str, Any] = {"pair": pair.name, "fixed_image": str(pair.fixed), "moving_image": str(pair.moving),
+                           "status": "ok"}
+    try:
+        if existing_prefix is not None:
+            prefix = existing_prefix
+            report_path = Path(prefix + "Report.json")
+            if report_path.is_file():
+                try:
+                    row.update(_from_report(json.loads(report_path.read_text())))
+                except (json.JSONDecodeError, OSError):
+                    pass
+        else:
+            prefix = str(Path(outdir) / f"{pair.name}_")
+            run = register_fn(pair, prefix, method, config=config, extra_args=extra_args, overwrite=overwrite)
+            row["wall_seconds"] = run.wall_seconds
+            row.update(_from_report(run.report))
+            if run.peak_rss_mb is not None and "peak_rss_mb" not in row:
+                row["peak_rss_mb"] = run.peak_rss_mb  # the report's own figure is exact; this one is a bound
+            if run.returncode != 0:
+                raise _PairFailed(run.error, run.returncode)
+        files = transform_files(prefix)
+        if not files:
+            raise InputError(f"no transforms found for prefix '{prefix}' (expected {prefix}1Warp.nii.gz "
+                             f"and/or {prefix}0GenericAffine.mat)")
+        row["transforms"] = [str(f) for f in files]
+        transform = read_transform_list([str(f) for f in files])
+        row.update(score_pair(pair, transform, label_interp=label_interp, hd95=hd95))
+    except _PairFailed as e:
+        row.update(status="failed", error=str(e), exit_code=e.exit_code)
+    except RegcliError as e:
+        row.update(status="failed", error=e.one_line(), exit_code=e.exit_code)
+    return row
 
 
 class _PairFailed(Exception):
@@ -542,4 +555,4 @@ def _jsonable(obj: Any) -> Any:
 
 
 __all__ = ["Pair", "read_manifest", "check_pair", "score_pair", "landmark_errors", "register_subprocess",
-           "RunResult", "Evaluation", "evaluate_pairs", "write_results", "transform_files", "format_prefix"]
+           "RunResult", "Evaluation", "evaluate_pairs", "process_pair", "write_results", "transform_files", "format_prefix"]

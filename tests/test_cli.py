@@ -69,7 +69,7 @@ def _best_time(cmd, n=3) -> float:
     return best
 
 
-@pytest.mark.parametrize("sub", [[], ["register"], ["apply"], ["evaluate"]])
+@pytest.mark.parametrize("sub", [[], ["register"], ["apply"], ["evaluate"], ["batch"]])
 def test_c1_help_renders_fast(sub):
     t = _best_time([sys.executable, "-m", "regcli", *sub, "--help"])
     assert t < 1.0, f"regcli {' '.join(sub)} --help took {t:.2f} s (best of 3)"
@@ -83,7 +83,7 @@ def test_c1_importing_the_cli_does_not_import_torch():
     assert r.stdout.strip() == "", f"heavy modules imported by regcli.cli.app: {r.stdout.strip()}"
 
 
-@pytest.mark.parametrize("sub", [[], ["register"], ["apply"], ["jacobian"], ["evaluate"], ["info"], ["config"],
+@pytest.mark.parametrize("sub", [[], ["register"], ["apply"], ["jacobian"], ["evaluate"], ["batch"], ["info"], ["config"],
                                  ["config", "schema"], ["config", "show"]])
 def test_c1_every_help_ends_with_examples(sub):
     res = invoke(*sub, "--help")

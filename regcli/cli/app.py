@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 
 from regcli import __version__
 from regcli.cli import apply as apply_cmd
+from regcli.cli import batch as batch_cmd
 from regcli.cli import config_cmd, evaluate as evaluate_cmd, info as info_cmd, jacobian as jacobian_cmd
 from regcli.cli import register as register_cmd
 from regcli.cli import train as train_cmd
@@ -127,6 +128,7 @@ app = typer.Typer(
         "regcli apply -i moving.nii.gz -r fixed.nii.gz -t out/pair_1Warp.nii.gz -t out/pair_0GenericAffine.mat "
         "-o moved.nii.gz",
         "regcli evaluate pairs.csv -o results/",
+        "regcli batch pairs.csv -o cohort/ --jobs 2 --threads 1",
     ),
 )
 
@@ -149,6 +151,7 @@ app.command("register", epilog=register_cmd.EXAMPLES)(register_cmd.register)
 app.command("apply", epilog=apply_cmd.EXAMPLES)(apply_cmd.apply)
 app.command("jacobian", epilog=jacobian_cmd.EXAMPLES)(jacobian_cmd.jacobian)
 app.command("evaluate", epilog=evaluate_cmd.EXAMPLES)(evaluate_cmd.evaluate)
+app.command("batch", epilog=batch_cmd.EXAMPLES)(batch_cmd.batch)
 app.command("info", epilog=info_cmd.EXAMPLES)(info_cmd.info)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(weights_cmd.app, name="weights")

@@ -215,7 +215,7 @@ _COLUMNS = (
 )
 
 
-def results_table(ev):
+def results_table(ev, title: Optional[str] = None):
     """Rich table: one row per pair, then mean ± sd over the successful pairs."""
     from rich.table import Table
 
@@ -223,7 +223,7 @@ def results_table(ev):
 
     summary = ev.summary()
     cols = [c for c in _COLUMNS if c[0] in summary]
-    t = Table(title=f"regcli evaluate ({ev.method})", title_justify="left", show_footer=len(ev.rows) > 1)
+    t = Table(title=title or f"regcli evaluate ({ev.method})", title_justify="left", show_footer=len(ev.rows) > 1)
     t.add_column("pair", footer="mean ± sd")
     for key, head, digits in cols:
         s = summary[key]

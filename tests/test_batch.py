@@ -1,0 +1,209 @@
+"""``regcli batch``: a cohort registered in parallel (local pool or Ray), resumed after a kill, with a bad pair
+isolated, and summarised (batch.csv/json, Dice per structure and runtime plots)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import invoke, make_phantom, phantom_labels, shared_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIFTS = ([2.0, -1.5, 1.0], [-1.0, 2.0, 0.5], [1.5, 1.0, -2.0], [0.0, -2.5, 1.5])
+REGISTER = ["--method", "affine", "--affine-metric", "mse"]  # a second or two per pair
+
+
+def _cohort(tmp_path: Path, n: int = 3, corrupt: bool = True) -> Path:
+    """n phantom pairs (moving translated by SHIFTS[i]) with labels, plus a pair whose moving image is not an
+    image file; the manifest's paths are relative to it."""
+    d = tmp_path / "data"
+    d.mkdir()
+    f = make_phantom("LPS", "iso", size=(32, 32, 32))
+    sitk.WriteImage(f, str(d / "f.nii.gz"))
+    sitk.WriteImage(phantom_labels(f), str(d / "fl.nii.gz"))
+    rows = []
+    for i in range(n):
+        m = make_phantom("LPS", "iso", size=(32, 32, 32), transform=lambda p, s=SHIFTS[i]: p + np.array(s))
+        sitk.WriteImage(m, str(d / f"m{i}.nii.gz"))
+        sitk.WriteImage(phantom_labels(m), str(d / f"ml{i}.nii.gz"))
+        rows.append({"pair": f"s{i}", "fixed_image": "f.nii.gz", "moving_image": f"m{i}.nii.gz",
+                     "fixed_labels": "fl.nii.gz", "moving_labels": f"ml{i}.nii.gz"})
+    if corrupt:
+        (d / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+        rows.append({"pair": "broken", "fixed_image": "f.nii.gz", "moving_image": "broken.nii.gz",
+                     "fixed_labels": "fl.nii.gz", "moving_labels": "ml0.nii.gz"})
+    path = d / "pairs.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _reports(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("*_Report.json")}
+
+
+def test_batch_registers_scores_isolates_a_bad_pair_and_resumes(tmp_path):
+    manifest = _cohort(tmp_path)
+    out = tmp_path / "cohort"
+    res = invoke("batch", manifest, "-o", out, *REGISTER, "--jobs", "2", "--threads", "1", "--json")
+    assert res.exit_code == 3, res.output  # the bad pair's input error; the summary is still written
+    d = json.loads(res.stdout)
+    assert (d["n_pairs"], d["n_failed"], d["n_resumed"]) == (4, 1, 0)
+    rows = {r["pair"]: r for r in d["pairs"]}
+    assert [r["pair"] for r in d["pairs"]] == ["s0", "s1", "s2", "broken"]  # manifest order
+    assert "broken.nii.gz" in rows["broken"]["error"] and rows["broken"]["status"] == "failed"
+    for i in range(3):
+        r = rows[f"s{i}"]
+        assert r["status"] == "ok" and r["dice_mean"] > r["dice_initial_mean"] + 0.1 and r["dice_mean"] > 0.85
+    for name in ("batch.csv", "batch.json", "batch_dice.png", "batch_runtime.png"):
+        assert (out / name).stat().st_size > 0
+    assert "broken" in (out / "batch.csv").read_text()
+    assert not list(out.glob("broken_*"))  # no partial outputs for the failed pair
+
+    # rerun: the three complete pairs are not registered again, their scores come from the cache
+    before = _reports(out)
+    res = invoke("batch", manifest, "-o", out, *REGISTER, "--jobs", "2", "--threads", "1", "--json")
+    d2 = json.loads(res.stdout)
+    assert res.exit_code == 3 and d2["n_resumed"] == 3 and d2["resumed"] == ["s0", "s1", "s2"]
+    assert _reports(out) == before
+    assert [r.get("dice_mean") for r in d2["pairs"][:3]] == [r.get("dice_mean") for r in d["pairs"][:3]]
+
+    # a pair killed before its report was renamed (no report) is registered again, and only that one
+    (out / "s1_Report.json").unlink()
+    (out / "s2_Scores.json").unlink()  # scores lost: rescored from the transforms, not registered
+    res = invoke("batch", manifest, "-o", out, *REGISTER, "--jobs", "1", "--threads", "1", "--json")
+    d3 = json.loads(res.stdout)
+    assert d3["resumed"] == ["s0", "s2"]
+    after = _reports(out)
+    assert after["s0_Report.json"] == before["s0_Report.json"] and after["s2_Report.json"] == before["s2_Report.json"]
+    assert "s1_Report.json" in after
+    assert d3["pairs"][2]["dice_mean"] == pytest.approx(d["pairs"][2]["dice_mean"])
+
+    res = invoke("batch", manifest, "-o", out, *REGISTER, "--no-resume", "--json")
+    assert json.loads(res.stdout)["n_resumed"] == 0
+
+
+def test_batch_bad_arguments_are_one_line_errors(tmp_path):
+    manifest = _cohort(tmp_path, n=1, corrupt=False)
+    (tmp_path / "file").write_text("x")
+    res = invoke("batch", manifest, "-o", tmp_path / "file")
+    assert res.exit_code == 6 and "is a file" in res.stderr
+    res = invoke("batch", tmp_path / "missing.csv", "-o", tmp_path / "o")
+    assert res.exit_code != 0 and "missing.csv" in res.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batch_process(manifest: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "regcli", "batch", str(manifest), "-o", str(out), "--json", "--quiet", *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REGCLI_NO_PROGRESS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group: killed with its children
+
+
+def _kill_after_first_pair(proc: subprocess.Popen, out: Path, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not list(out.glob("*_Scores.json")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, "no pair finished"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _start_ray() -> tuple[str, str]:
+    """A local Ray head on a free port (the test's own cluster); returns (ray executable, address)."""
+    pytest.importorskip("ray", reason="ray not installed (pip install 'regcli[ray]')")
+    port = _free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    if not Path(ray_bin).exists():
+        ray_bin = shutil.which("ray") or "ray"
+    temp = Path("/tmp") / f"rb{os.getpid()}"  # Ray's socket paths must stay short
+    start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1",
+                            "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
+                           capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    return ray_bin, f"127.0.0.1:{port}"
+
+
+def _kill_and_resume(manifest: Path, out: Path, n_good: int, extra: list[str], register: list[str]) -> dict:
+    """Run the batch, SIGKILL it (and its children) after the first pair, rerun it; check that the rerun
+    registered only the pairs that were not complete and that the corrupt pair failed alone."""
+    proc = _batch_process(manifest, out, *register, *extra)
+    _kill_after_first_pair(proc, out)
+    done = {p.name[:-len("_Report.json")] for p in out.glob("*_Report.json")}
+    assert 1 <= len(done) < n_good
+    before = _reports(out)
+    proc = _batch_process(manifest, out, *register, *extra)
+    stdout, stderr = proc.communicate(timeout=1800)
+    assert proc.returncode == 3, stderr[-3000:]  # the corrupt pair
+    d = json.loads(stdout)
+    assert set(d["resumed"]) >= done and d["n_failed"] == 1
+    assert [r["pair"] for r in d["pairs"] if r["status"] != "ok"] == ["broken"]
+    ok = [r for r in d["pairs"] if r["status"] == "ok"]
+    assert len(ok) == n_good and all(r["dice_mean"] > r["dice_initial_mean"] for r in ok)
+    after = _reports(out)
+    assert all(after[k] == v for k, v in before.items() if k[:-len("_Report.json")] in done)  # not redone
+    assert len(after) == n_good
+    return d
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_batch_killed_midway_finishes_only_the_missing_pairs(tmp_path, backend):
+    """The cohort's driver (and its children) killed with SIGKILL after the first pair; the rerun registers only
+    the pairs that were not complete. On Ray, the test starts a local Ray head and the batch joins it."""
+    extra = ["--jobs", "1", "--threads", "1"]
+    if backend == "ray":
+        ray_bin, address = _start_ray()
+        extra = ["--backend", "ray", "--address", address, "--threads", "1"]
+    try:
+        d = _kill_and_resume(_cohort(tmp_path, n=4), tmp_path / "cohort", 4, extra, REGISTER)
+        assert all(r["dice_mean"] > r["dice_initial_mean"] + 0.3 for r in d["pairs"] if r["status"] == "ok")
+    finally:
+        if backend == "ray":
+            subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_batch_on_ray_over_the_synthseg_cohort(tmp_path):
+    """Issue 6's check on real data: ../shared/data/synthseg_brain/pairs.csv (10 pairs, ConvexAdam defaults) plus
+    a corrupt pair, on a local Ray started here; killed after the first pair and rerun."""
+    pairs = shared_file("synthseg_brain", "pairs.csv")
+    rows = list(csv.DictReader(pairs.open()))
+    for r in rows:
+        r.update({k: str(pairs.parent / v) for k, v in r.items()})
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    rows.append({**rows[0], "moving_image": str(tmp_path / "broken.nii.gz")})
+    manifest = tmp_path / "pairs.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    ray_bin, address = _start_ray()
+    try:
+        t0 = time.time()
+        d = _kill_and_resume(manifest, tmp_path / "cohort", len(rows) - 1,
+                             ["--backend", "ray", "--address", address, "--threads", "2"], ["--no-hd95"])
+        print(f"synthseg cohort on Ray: {len(rows) - 1} pairs + 1 corrupt, resumed {d['n_resumed']}, "
+              f"Dice {d['summary']['dice_mean']['mean']:.3f}, {time.time() - t0:.0f} s in all")
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
