@@ -20,6 +20,9 @@ app = typer.Typer(help="Train learned components (the anatomical embedding of SA
 
 IterOpt = Annotated[Optional[int], typer.Option("--iterations", help="Override train.iterations.", min=1)]
 SeedOverrideOpt = Annotated[Optional[int], typer.Option("--seed", help="Override train.seed.")]
+BatchOpt = Annotated[Optional[int], typer.Option(
+    "--batch-size", min=1, help="Override the pairs per step (train.batch_size; embedding: train.batch_pairs). Per "
+    "process under torchrun, which trains N processes like one with N times the batch.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in OUTDIR from its checkpoint.pt.")]
 TrainThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.", min=1)]
 SamRhoOpt = Annotated[Optional[float], typer.Option(
@@ -28,14 +31,22 @@ SamRhoOpt = Annotated[Optional[float], typer.Option(
 
 
 def _ui(quiet: bool, verbose: bool, json_out: bool, threads: Optional[int]):
-    """The command's Ui, with torch's CPU threads set when asked."""
+    """The command's Ui and its place in a torchrun run (:mod:`regcli.training.distributed`), with torch's CPU
+    threads set when asked. Under torchrun only rank 0 talks; the others are quiet."""
+    import atexit
+
     import torch
 
     from regcli.cli.common import Ui
+    from regcli.training.distributed import setup, teardown
 
     if threads is not None:
         torch.set_num_threads(threads)
-    return Ui(quiet=quiet, verbose=verbose, json=json_out)
+    dist = setup("cpu", threads)
+    atexit.register(teardown)
+    if not dist.main:
+        return Ui(quiet=True, verbose=False, json=False), dist
+    return Ui(quiet=quiet, verbose=verbose, json=json_out), dist
 
 
 def _with_training_bar(ui, total: int, run) -> dict:
@@ -67,6 +78,8 @@ def embedding(
                                                       min=1)] = None,
     seed: SeedOverrideOpt = None,
     sam_rho: SamRhoOpt = None,
+    batch_size: BatchOpt = None,
+    resume: ResumeOpt = False,
     threads: TrainThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -79,11 +92,13 @@ def embedding(
     """
     from regcli.training.jobs import load_job, run_embedding_job
 
-    ui = _ui(quiet, verbose, json_out, threads)
+    ui, dist = _ui(quiet, verbose, json_out, threads)
     job = load_job(config, _train_overrides(iterations=iterations, stop_after=stop_after, seed=seed,
+                                            batch_pairs=batch_size,
                                             sam_rho=sam_rho))
     summary = _with_training_bar(ui, min(job.train.iterations, job.train.stop_after or job.train.iterations),
-                                 lambda step: run_embedding_job(job, output, step, ui.info))
+                                 lambda step: run_embedding_job(job, output, step, ui.info, resume=resume,
+                                                                dist=dist))
     ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes in "
                        f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
                        f"wrote {output}")
@@ -104,6 +119,7 @@ def dio(
     iterations: IterOpt = None,
     seed: SeedOverrideOpt = None,
     sam_rho: SamRhoOpt = None,
+    batch_size: BatchOpt = None,
     resume: ResumeOpt = False,
     threads: TrainThreadsOpt = None,
     json_out: JsonOpt = False,
@@ -117,8 +133,9 @@ def dio(
     """
     from regcli.training.dio import load_dio_job, run_dio_job
 
-    ui = _ui(quiet, verbose, json_out, threads)
-    job = load_dio_job(config, _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho))
+    ui, dist = _ui(quiet, verbose, json_out, threads)
+    job = load_dio_job(config, _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho,
+                                                batch_size=batch_size))
     with ui.progress() as progress:
         started = set()
 
@@ -136,7 +153,7 @@ def dio(
                 progress.start("training", n)
             progress.update("training", i, f"loss {rec['loss']:.3f}")
 
-        summary = run_dio_job(job, output, step, ui.info, resume=resume, prepare_progress=prep)
+        summary = run_dio_job(job, output, step, ui.info, resume=resume, prepare_progress=prep, dist=dist)
         progress.finish("training")
     ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes in "
                        f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
@@ -161,6 +178,7 @@ def foundation(
     iterations: IterOpt = None,
     seed: SeedOverrideOpt = None,
     sam_rho: SamRhoOpt = None,
+    batch_size: BatchOpt = None,
     init: Annotated[Optional[str], typer.Option(
         "--init", metavar="SPEC", show_default=False,
         help="Fine-tune from these weights (a model folder, e.g. from `regcli weights import unigradicon`, "
@@ -179,13 +197,14 @@ def foundation(
     """
     from regcli.training.foundation import load_foundation_job, run_foundation_job
 
-    ui = _ui(quiet, verbose, json_out, threads)
-    overrides = _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho)
+    ui, dist = _ui(quiet, verbose, json_out, threads)
+    overrides = _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho, batch_size=batch_size)
     if init is not None:
         overrides["init"] = init
     job = load_foundation_job(config, overrides)
     summary = _with_training_bar(ui, job.train.iterations,
-                                 lambda step: run_foundation_job(job, output, step, ui.info, resume=resume))
+                                 lambda step: run_foundation_job(job, output, step, ui.info, resume=resume,
+                                                                             dist=dist))
     ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes of "
                        f"{len(summary['datasets'])} datasets in {summary['seconds']} s; mean loss of the last 50 "
                        f"steps {summary['final_loss_mean50']:.4f}; wrote {output}")

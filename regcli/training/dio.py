@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from regcli.errors import ConfigError, InputError
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image
+from regcli.training.distributed import SINGLE, Distributed
 
 
 class LabelledSource(BaseModel):
@@ -54,7 +55,7 @@ class DioTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    iterations: int = Field(500, ge=1, description="training steps (one pair each)")
+    iterations: int = Field(500, ge=1, description="training steps (batch_size pairs each)")
     learning_rate: float = Field(1e-3, gt=0)
     crop: tuple[int, int, int] = Field((64, 64, 64), description="crop of the working grid per step (Z, Y, X "
                                        "voxels; clipped to the volume)")
@@ -69,6 +70,7 @@ class DioTrainConfig(BaseModel):
     level_weights: Optional[tuple[float, ...]] = Field(
         None, description="weight of each solver level's loss, coarse to fine (None: the plain average; e.g. "
         "[0, 0, 1]: the finest level only, whose field is the result); a level of weight 0 is not differentiated")
+    batch_size: int = Field(1, ge=1, description="pairs per step (per process under torchrun)")
     seed: int = 0
 
 
@@ -327,13 +329,16 @@ def train_step(net, fixed: Image, moving: Image, fixed_labels: Image, moving_lab
 
 
 def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[str], None] = lambda s: None,
-                resume: bool = False, prepare_progress=None) -> dict:
-    """Train and write ``outdir/{checkpoint.pt, history.json, job.json, model/}``; returns a summary dict."""
+                resume: bool = False, prepare_progress=None, dist: Distributed = SINGLE) -> dict:
+    """Train and write ``outdir/{checkpoint.pt, history.json, job.json, model/}``; returns a summary dict.
+
+    Under torchrun (``dist``) each process computes its share of a global batch of ``world * batch_size``
+    pairs; rank 0 validates, writes the files and calls ``progress``."""
     from regcli.models.dio import DioFeatureNet
     from regcli.training.jobs import start_run
     from regcli.training.sam import SAM
 
-    out, ck_path = start_run(outdir, job, resume)
+    out, ck_path = start_run(outdir, job, resume, dist)
     cfg = register_config(job)
     ncfg = net_config(job)
     tcfg = job.train
@@ -373,23 +378,30 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
         best = ck.get("best")
         start = ck["step"]
         log(f"resuming at step {start}")
+        if ck.get("world", 1) != dist.world:
+            log(f"note: the run had {ck.get('world', 1)} process(es) so far and goes on with {dist.world}")
         if ck.get("sam_rho", 0.0) != tcfg.sam_rho:
             log(f"note: the run was trained with sam_rho {ck.get('sam_rho', 0.0)} so far, it goes on with "
                 f"{tcfg.sam_rho}")
     prior = history[-1]["seconds"] if history else 0.0
     vcfg = validation_config(job) if job.validation is not None else None
 
+    model = dist.wrap(net)
+
     def save(step: int) -> None:
+        if not dist.main:
+            return
         tmp = ck_path.with_suffix(".tmp")
         torch.save({"config": ncfg.model_dump(mode="json"), "state_dict": net.state_dict(),
                     "optimizer": sam.state_dict(), "generator": gen.get_state(), "history": history,
-                    "validation": validation, "best": best, "step": step, "sam_rho": tcfg.sam_rho}, tmp)
+                    "validation": validation, "best": best, "step": step, "sam_rho": tcfg.sam_rho,
+                    "world": dist.world}, tmp)
         os.replace(tmp, ck_path)
         (out / "history.json").write_text(json.dumps({"history": history, "validation": validation}))
 
-    def run_validation(step: int) -> None:
+    def run_validation(step: int) -> None:  # rank 0 only: it alone selects and writes the model
         nonlocal best
-        if vcfg is None or any(v["step"] == step for v in validation):
+        if vcfg is None or not dist.main or any(v["step"] == step for v in validation):
             return
         tv = time.perf_counter()
         res = validate(net, held_out, work, vcfg, job.validation.contrasts, tcfg.seed)
@@ -402,34 +414,46 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
 
     run_validation(start)
     n = len(subjects)
+    global_batch = tcfg.batch_size * dist.world
     for step in range(start, tcfg.iterations):
         ts = time.perf_counter()
-        i, j = torch.randperm(n, generator=gen)[:2].tolist()
-        box = crop_box(subjects[i].image.shape, tcfg.crop, gen)
-        g = crop_grid(work, box)
-        imgs = []
-        for k in (i, j):
-            s = subjects[k]
-            img = synth_contrast(s.labels, gen) if float(torch.rand((), generator=gen)) < tcfg.synth_prob else s.image
-            imgs.append((Image(img[box].contiguous(), g), Image(s.labels[box].contiguous(), g)))
+        draws = []  # every process draws the whole batch (the same generator), then computes its share
+        for _ in range(global_batch):
+            i, j = torch.randperm(n, generator=gen)[:2].tolist()
+            box = crop_box(subjects[i].image.shape, tcfg.crop, gen)
+            g = crop_grid(work, box)
+            imgs = []
+            for k in (i, j):
+                s = subjects[k]
+                img = (synth_contrast(s.labels, gen) if float(torch.rand((), generator=gen)) < tcfg.synth_prob
+                       else s.image)
+                imgs.append((Image(img[box].contiguous(), g), Image(s.labels[box].contiguous(), g)))
+            draws.append(([subjects[i].name, subjects[j].name], imgs))
+        mine = dist.shard(draws)
         net.train()
         passes: list[dict] = []
 
-        def closure() -> torch.Tensor:  # once, or twice with SAM: the same pair and crop at the perturbed weights
+        def closure() -> torch.Tensor:  # once, or twice with SAM: the same pairs and crops at the perturbed weights
             opt.zero_grad(set_to_none=True)
-            loss, parts = train_step(net, imgs[0][0], imgs[1][0], imgs[0][1], imgs[1][1], cfg, tcfg)
+            losses, parts = [], []
+            for _, imgs in mine:
+                loss, p = train_step(model, imgs[0][0], imgs[1][0], imgs[0][1], imgs[1][1], cfg, tcfg)
+                losses.append(loss)
+                parts.append(p)
+            loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
-            passes.append(parts)
+            passes.append({k: dist.mean(sum(p[k] for p in parts) / len(parts)) for k in parts[0]})
             return loss
 
         sam.step(closure)
-        rec = {"step": step + 1, "pair": [subjects[i].name, subjects[j].name], **passes[0],
+        names = [d[0] for d in draws]
+        rec = {"step": step + 1, **({"pair": names[0]} if global_batch == 1 else {"pairs": names}), **passes[0],
                "step_seconds": time.perf_counter() - ts, "seconds": prior + time.perf_counter() - t0}
         if len(passes) > 1:
             rec["sam_loss"] = passes[1]["loss"]  # the loss at the perturbed weights
         history.append(rec)
-        if progress is not None:
+        if progress is not None and dist.main:
             progress(step + 1, tcfg.iterations, rec)
         if job.validation is not None and ((step + 1) % job.validation.every == 0 or step + 1 == tcfg.iterations):
             run_validation(step + 1)
@@ -448,7 +472,9 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
             net.load_state_dict(best["state_dict"])
             summary["validation"]["model_step"] = best["step"]
             log(f"model/ holds step {best['step']}, the best validated (Dice {best['dice']:.4f})")
-    write_dio_model(net, job, summary, out / "model")
+    if dist.main:
+        write_dio_model(net, job, summary, out / "model")
+    dist.barrier()
     return summary
 
 

@@ -39,6 +39,7 @@ from regcli.models.embedding import EmbeddingConfig, EmbeddingNet, normalise_int
 from regcli.resample import resample_to_grid, sample_at_world
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image
+from regcli.training.distributed import SINGLE, Distributed
 from regcli.training.sam import SAM
 
 
@@ -220,12 +221,20 @@ def volume_sampler(n_volumes: int, sampling: str, groups: Optional[Sequence[int]
 def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
                     net_cfg: Optional[EmbeddingConfig] = None, net: Optional[EmbeddingNet] = None,
                     progress: Optional[Callable[[int, int, dict], None]] = None,
-                    groups: Optional[Sequence[int]] = None) -> TrainResult:
+                    groups: Optional[Sequence[int]] = None, resume: Optional[dict] = None,
+                    save: Optional[Callable[[int, dict], None]] = None, save_every: int = 0,
+                    dist: Distributed = SINGLE) -> TrainResult:
     """Train (or continue training) an embedding network on ``volumes`` (already prepared with
     :func:`prepare_volume`, i.e. on isotropic grids of the network's spacing). ``groups`` gives each volume's
     data source, for ``cfg.sampling == "source"`` (default: one source per volume). Returns the net and the
     loss history (per step: ``loss``, ``global``, ``local``, and with ``cfg.sam_rho > 0`` ``sam_loss``, the loss at
-    the perturbed weights)."""
+    the perturbed weights).
+
+    ``save(step, state)`` is called every ``save_every`` steps and after the last with the training state
+    (optimizer, schedule, random generator, history, step); ``resume`` is such a state, to continue bit for
+    bit. Under torchrun (``dist``) every process draws the global batch of ``world * batch_pairs`` view pairs
+    and computes its share.
+    """
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -238,14 +247,27 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
     steps = min(cfg.iterations, cfg.stop_after or cfg.iterations)
     pick = volume_sampler(len(volumes), cfg.sampling, groups, rng)
     sam = SAM(opt, cfg.sam_rho)
-    for it in range(steps):
-        pairs = [make_view_pair(volumes[pick()], cfg, spacing, rng) for _ in range(cfg.batch_pairs)]
+    start, prior = 0, 0.0
+    if resume is not None:
+        sam.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        rng.bit_generator.state = resume["rng"]
+        history, start, prior = list(resume["history"]), int(resume["step"]), float(resume.get("seconds", 0.0))
+    model = dist.wrap(net)
+
+    def state(step: int) -> dict:
+        return {"optimizer": sam.state_dict(), "scheduler": sched.state_dict(), "rng": rng.bit_generator.state,
+                "history": history, "step": step, "seconds": prior + time.perf_counter() - t0, "world": dist.world}
+
+    for it in range(start, steps):
+        drawn = [make_view_pair(volumes[pick()], cfg, spacing, rng) for _ in range(cfg.batch_pairs * dist.world)]
+        pairs = dist.shard(drawn)
         x = torch.stack([v.image for a, b, _ in pairs for v in (a, b)])  # (2B, 1, S, S, S)
         passes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (loss, global, local) per pass
 
         def closure() -> torch.Tensor:  # once, or twice with SAM (the second at the perturbed weights)
             opt.zero_grad(set_to_none=True)
-            out = net(x)
+            out = model(x)
             lg = ll = x.new_zeros(())
             for j, (a, b, pts_np) in enumerate(pairs):
                 pts = torch.as_tensor(pts_np, dtype=torch.float64)
@@ -268,15 +290,17 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
         sam.step(closure)
         sched.step()
         loss, lg, ll = passes[0]
-        rec = {"iteration": it + 1, "loss": float(loss), "global": float(lg) / len(pairs),
-               "local": float(ll) / len(pairs), "lr": sched.get_last_lr()[0]}
+        rec = {"iteration": it + 1, "loss": dist.mean(float(loss)), "global": dist.mean(float(lg) / len(pairs)),
+               "local": dist.mean(float(ll) / len(pairs)), "lr": sched.get_last_lr()[0]}
         if len(passes) > 1:
-            rec["sam_loss"] = float(passes[1][0])  # the loss at the perturbed weights
+            rec["sam_loss"] = dist.mean(float(passes[1][0]))  # the loss at the perturbed weights
         history.append(rec)
-        if progress is not None:
+        if progress is not None and dist.main:
             progress(it + 1, steps, rec)
+        if save is not None and ((save_every and (it + 1) % save_every == 0) or it + 1 == steps):
+            save(it + 1, state(it + 1))
     net.eval()
-    return TrainResult(net, history, time.perf_counter() - t0)
+    return TrainResult(net, history, prior + time.perf_counter() - t0)
 
 
 def match_accuracy(net: EmbeddingNet, vol: Image, cfg: EmbeddingTrainConfig, pairs: int = 4, seed: int = 123,

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from regcli.errors import ConfigError, ConvergenceError, InputError
 from regcli.models.gradicon import GradICONConfig, GradICONNet, gradicon_loss
+from regcli.training.distributed import SINGLE, Distributed
 
 
 class FoundationDataset(BaseModel):
@@ -273,13 +274,16 @@ def model_card(job: FoundationJob, net: GradICONNet, summary: dict) -> str:
 
 
 def run_foundation_job(job: FoundationJob, outdir: str | Path, progress=None, log: Callable[[str], None] = print,
-                       resume: bool = False) -> dict:
-    """Train and write ``outdir/{checkpoint.pt, history.json, loss.png, job.json, model/}``; returns a summary."""
+                       resume: bool = False, dist: Distributed = SINGLE) -> dict:
+    """Train and write ``outdir/{checkpoint.pt, history.json, loss.png, job.json, model/}``; returns a summary.
+
+    Under torchrun (``dist``, :mod:`regcli.training.distributed`) each process computes its share of a global
+    batch of ``world * batch_size`` pairs; rank 0 writes the files and calls ``progress``."""
     from regcli.models.gradicon import parameter_count, save_gradicon_model
     from regcli.training.jobs import start_run
     from regcli.training.sam import SAM
 
-    out, ck_path = start_run(outdir, job, resume)
+    out, ck_path = start_run(outdir, job, resume, dist)
     tcfg = job.train
     torch.manual_seed(tcfg.seed)
     if job.init:
@@ -304,41 +308,50 @@ def run_foundation_job(job: FoundationJob, outdir: str | Path, progress=None, lo
         sam.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
         history, start, order = ck["history"], ck["step"], ck["order"]
+        if ck.get("world", 1) != dist.world:
+            log(f"note: the run had {ck.get('world', 1)} process(es) so far and goes on with {dist.world}: "
+                f"{tcfg.batch_size * dist.world} pairs per step from now on")
         log(f"resuming at step {start}")
+    model = dist.wrap(net)
     prior = history[-1]["seconds"] if history else 0.0
     t0 = time.perf_counter()
 
     def save(step: int) -> None:
+        if not dist.main:
+            return
         tmp = ck_path.with_suffix(".tmp")
         torch.save({"config": net.cfg.model_dump(mode="json"), "state_dict": net.state_dict(),
                     "optimizer": sam.state_dict(), "generator": gen.get_state(), "history": history,
-                    "order": order, "step": step}, tmp)
+                    "order": order, "step": step, "world": dist.world}, tmp)
         os.replace(tmp, ck_path)
         (out / "history.json").write_text(json.dumps({"history": history}))
         _plot(history, out / "loss.png")
 
     net.train()
+    global_batch = tcfg.batch_size * dist.world
     for step in range(start, tcfg.iterations):
         ts = time.perf_counter()
         pairs, names = [], []
-        for _ in range(tcfg.batch_size):
+        for _ in range(global_batch):  # every process draws the whole batch, then computes its share
             if not order:
-                order = epoch_order(len(sources), tcfg.batch_size, gen)
+                order = epoch_order(len(sources), global_batch, gen)
             src = sources[order.pop(0)]
             a, b = src.draw(gen)
             pairs.append((random_affine(a, tcfg.augment, gen), random_affine(b, tcfg.augment, gen)))
             names.append(src.name)
-        a = torch.stack([p[0] for p in pairs])
-        b = torch.stack([p[1] for p in pairs])
-        noise_seed = int(torch.randint(2**62, (), generator=gen))
+        mine = dist.shard(pairs)
+        a = torch.stack([p[0] for p in mine])
+        b = torch.stack([p[1] for p in mine])
+        noise_seed = int(torch.randint(2**62, (), generator=gen))  # one noise for the whole batch, as one process
         passes: list[dict] = []
 
         def closure() -> torch.Tensor:  # once, or twice with SAM (same pairs, same noise)
             opt.zero_grad(set_to_none=True)
-            loss = gradicon_loss(net, a, b, generator=torch.Generator().manual_seed(noise_seed))
+            loss = gradicon_loss(model, a, b, lmbda=net.cfg.lmbda, sigma=net.cfg.lncc_sigma,
+                                 generator=torch.Generator().manual_seed(noise_seed))
             loss["all"].backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
-            passes.append({k: float(v.detach()) for k, v in loss.items()})
+            passes.append({k: dist.mean(float(v.detach())) for k, v in loss.items()})
             return loss["all"]
 
         sam.step(closure)
@@ -350,7 +363,7 @@ def run_foundation_job(job: FoundationJob, outdir: str | Path, progress=None, lo
         if not math.isfinite(rec["loss"]):
             raise ConvergenceError(f"foundation training diverged at step {step + 1}: loss {rec['loss']}")
         history.append(rec)
-        if progress is not None:
+        if progress is not None and dist.main:
             progress(step + 1, tcfg.iterations, rec)
         if (step + 1) % job.checkpoint_every == 0 or step + 1 == tcfg.iterations:
             save(step + 1)
@@ -362,7 +375,10 @@ def run_foundation_job(job: FoundationJob, outdir: str | Path, progress=None, lo
                "final_loss_mean50": sum(h["loss"] for h in last) / max(1, len(last)), "sam_rho": tcfg.sam_rho,
                "outdir": str(out)}
     folder = out / "model"
-    save_gradicon_model(net, folder, model_card(job, net, summary),
-                        training={"job": json.loads(job.model_dump_json()), "summary": summary}, overwrite=True)
+    if dist.main:
+        save_gradicon_model(net, folder, model_card(job, net, summary),
+                            training={"job": json.loads(job.model_dump_json()), "summary": summary,
+                                      **({"processes": dist.world} if dist.enabled else {})}, overwrite=True)
+    dist.barrier()
     summary["model"] = str(folder)
     return summary

@@ -20,7 +20,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from regcli.errors import ConfigError, InputError
 from regcli.models.embedding import EmbeddingConfig, EmbeddingNet
+from regcli.training.distributed import SINGLE, Distributed
 from regcli.training.embedding import EmbeddingTrainConfig, prepare_volume, train_embedding
 
 
@@ -68,17 +68,20 @@ def job_data(path: str | Path, overrides: Optional[dict] = None) -> dict:
     return data
 
 
-def start_run(outdir: str | Path, job: BaseModel, resume: bool) -> tuple[Path, Path]:
+def start_run(outdir: str | Path, job: BaseModel, resume: bool, dist: Distributed = SINGLE) -> tuple[Path, Path]:
     """The output folder of a resumable training run (created) and its ``checkpoint.pt`` path, with
-    ``job.json`` written. ``--resume`` needs the checkpoint; a new run refuses a folder that holds one."""
+    ``job.json`` written. ``--resume`` needs the checkpoint; a new run refuses a folder that holds one. Under
+    torchrun every process checks, rank 0 writes, and all wait for it."""
     out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
     ck_path = out / "checkpoint.pt"
     if resume and not ck_path.is_file():
         raise InputError(f"--resume: '{ck_path}' does not exist")
     if not resume and ck_path.exists():
         raise ConfigError(f"'{out}' already holds a run (checkpoint.pt); use --resume or another folder")
-    (out / "job.json").write_text(job.model_dump_json(indent=2))
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "job.json").write_text(job.model_dump_json(indent=2))
+    dist.barrier()
     return out, ck_path
 
 
@@ -118,39 +121,50 @@ def load_volumes(job: EmbeddingJob, log: Callable[[str], None] = lambda s: None)
 
 
 def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
-                      log: Callable[[str], None] = lambda s: None) -> dict:
-    """Train and write ``outdir/{checkpoint.pt, history.json, job.json}``; returns a summary dict."""
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "job.json").write_text(job.model_dump_json(indent=2))
-    t0 = time.perf_counter()
+                      log: Callable[[str], None] = lambda s: None, resume: bool = False,
+                      dist: Distributed = SINGLE) -> dict:
+    """Train and write ``outdir/{checkpoint.pt, history.json, job.json, model/}``; returns a summary dict.
+
+    ``checkpoint.pt`` holds the network (``config``, ``state_dict``) and the training state (``train_state``:
+    optimizer, schedule, random generator, history), so ``resume`` continues bit for bit. Under torchrun
+    (``dist``) rank 0 writes."""
+    out, ck_path = start_run(outdir, job, resume, dist)
     vols, groups = load_volumes(job, log)
     log(f"{len(vols)} training volumes at {job.net.spacing_mm} mm")
     torch.manual_seed(job.train.seed)
     net = EmbeddingNet(job.net)
-    if job.init:
+    state = None
+    if resume:
+        ck = torch.load(ck_path, weights_only=False)
+        if "train_state" not in ck:
+            raise InputError(f"--resume: '{ck_path}' has no training state (written by an older regcli)")
+        net.load_state_dict(ck["state_dict"])
+        state = ck["train_state"]
+        log(f"resuming at step {state['step']}")
+    elif job.init:
         net.load_state_dict(_initial_weights(job.init, job.net))
         log(f"starting from '{job.init}'")
-    history: list[dict] = []
 
-    def save() -> None:
-        torch.save({"config": job.net.model_dump(mode="json"), "state_dict": net.state_dict()}, out / "checkpoint.pt")
-        (out / "history.json").write_text(json.dumps({"seconds": time.perf_counter() - t0, "history": history}))
+    def save(step: int, train_state: dict) -> None:
+        if not dist.main:
+            return
+        tmp = ck_path.with_suffix(".tmp")
+        torch.save({"config": job.net.model_dump(mode="json"), "state_dict": net.state_dict(),
+                    "train_state": train_state}, tmp)
+        os.replace(tmp, ck_path)
+        (out / "history.json").write_text(json.dumps({"seconds": train_state["seconds"],
+                                                      "history": train_state["history"]}))
 
-    def step(i: int, n: int, rec: dict) -> None:
-        history.append(rec)
-        if progress is not None:
-            progress(i, n, rec)
-        if i % job.checkpoint_every == 0 or i == n:
-            save()
-
-    res = train_embedding(vols, job.train, net=net, progress=step, groups=groups)
-    save()
+    res = train_embedding(vols, job.train, net=net, progress=progress, groups=groups, resume=state, save=save,
+                          save_every=job.checkpoint_every, dist=dist)
+    history = res.history
     last = history[-min(len(history), 50):]
     summary = {"volumes": len(vols), "iterations": len(history), "seconds": round(res.seconds, 1),
                "final_loss_mean50": sum(h["loss"] for h in last) / len(last), "sam_rho": job.train.sam_rho,
                "outdir": str(out)}
-    write_model(net, job, summary, out / "model")
+    if dist.main:
+        write_model(net, job, summary, out / "model")
+    dist.barrier()
     return summary
 
 
