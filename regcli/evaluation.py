@@ -65,6 +65,8 @@ class Pair:
     moving_landmarks: Optional[Path] = None
     fixed_mask: Optional[Path] = None
     moving_mask: Optional[Path] = None
+    task: Optional[str] = None  # from a dataset manifest (regcli.manifest)
+    label_ids: Optional[tuple[int, ...]] = None  # the labels that count (default: all that both maps share)
 
     def files(self) -> dict[str, Path]:
         d = {"fixed_image": self.fixed, "moving_image": self.moving}
@@ -150,6 +152,28 @@ def read_manifest(path: str | os.PathLike) -> list[Pair]:
     if not pairs:
         raise InputError(f"pair manifest '{path}' has no pairs")
     return pairs
+
+
+def read_pairs(path: str | os.PathLike, tasks: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[Pair]:
+    """The pairs of a pair CSV (:func:`read_manifest`), or of every dataset of a dataset manifest
+    (:mod:`regcli.manifest`) that has a ``pairs`` CSV, chosen by task (``tasks``: only these; ``exclude``: not
+    these). A dataset's pairs are named ``<dataset>_<pair>`` and carry its task and ``label_ids``."""
+    from regcli.manifest import is_dataset_manifest, load_datasets, select
+
+    if not is_dataset_manifest(path):
+        if tasks or exclude:
+            raise ConfigError(f"--task/--exclude-task need a dataset manifest; '{path}' is a CSV of pairs")
+        return read_manifest(path)
+    out: list[Pair] = []
+    for ds in select(load_datasets(path), tasks, exclude):
+        if not ds.pairs:
+            continue
+        for p in read_manifest(ds.pairs):
+            out.append(Pair(**{**p.__dict__, "name": f"{ds.name}_{p.name}", "task": ds.task_name,
+                               "label_ids": ds.label_ids}))
+    if not out:
+        raise InputError(f"dataset manifest '{path}': no chosen dataset has a pairs CSV to register")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ transforms
@@ -241,6 +265,8 @@ def score_pair(pair: Pair, transform=None, label_interp: str = "nearest", hd95: 
         if not fl.grid.allclose(fixed_grid):
             fl = resample_to_grid(fl, fixed_grid, "nearest")
         labels = sorted((set(torch.unique(fl.data).tolist()) & set(torch.unique(ml.data).tolist())) - {0})
+        if pair.label_ids is not None:
+            labels = [lab for lab in labels if lab in set(pair.label_ids)]
         if not labels:
             raise InputError(f"pair '{pair.name}': the fixed and moving label maps share no label other than 0")
         initial = warp(ml, None, fixed_grid, label_interp)
@@ -393,11 +419,12 @@ class Evaluation:
     def failed(self) -> list[dict]:
         return [r for r in self.rows if r.get("status") != "ok"]
 
-    def summary(self) -> dict:
-        """``{metric: {"mean", "sd", "n"}}`` over the pairs where the metric is finite."""
+    def summary(self, task: Optional[str] = None) -> dict:
+        """``{metric: {"mean", "sd", "n"}}`` over the pairs (of ``task``) where the metric is finite."""
         out = {}
+        rows = [r for r in self.rows if task is None or r.get("task") == task]
         for k in HEADLINE:
-            v = np.asarray([r[k] for r in self.rows if isinstance(r.get(k), (int, float)) and
+            v = np.asarray([r[k] for r in rows if isinstance(r.get(k), (int, float)) and
                             math.isfinite(r[k])], dtype=np.float64)
             if v.size:
                 out[k] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0,
@@ -405,14 +432,18 @@ class Evaluation:
         return out
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "pairs": self.rows, "summary": self.summary(),
-                "n_pairs": len(self.rows), "n_failed": len(self.failed)}
+        out = {"method": self.method, "pairs": self.rows, "summary": self.summary(),
+               "n_pairs": len(self.rows), "n_failed": len(self.failed)}
+        tasks = sorted({r["task"] for r in self.rows if r.get("task")})
+        if tasks:
+            out["summary_by_task"] = {t: self.summary(t) for t in tasks}
+        return out
 
     def csv_text(self) -> str:
         """One row per pair: headline metrics, then Dice per label (``dice_<label>``)."""
         labels = sorted({int(k) for r in self.rows for k in (r.get("dice_per_label") or {})})
-        cols = ["pair", "status", "fixed_image", "moving_image", *HEADLINE, *[f"dice_{lab}" for lab in labels],
-                "error"]
+        cols = ["pair", *(["task"] if any(r.get("task") for r in self.rows) else []), "status", "fixed_image",
+                "moving_image", *HEADLINE, *[f"dice_{lab}" for lab in labels], "error"]
         import io
 
         buf = io.StringIO()
@@ -486,7 +517,7 @@ def process_pair(pair: Pair, outdir: str | os.PathLike, method: str, existing_pr
     from regcli.io.transforms import read_transform_list
 
     row: dict[str, Any] = {"pair": pair.name, "fixed_image": str(pair.fixed), "moving_image": str(pair.moving),
-                           "status": "ok"}
+                           "status": "ok", **({"task": pair.task} if pair.task else {})}
     try:
         if existing_prefix is not None:
             prefix = existing_prefix
@@ -554,5 +585,5 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["Pair", "read_manifest", "check_pair", "score_pair", "landmark_errors", "register_subprocess",
+__all__ = ["Pair", "read_manifest", "read_pairs", "check_pair", "score_pair", "landmark_errors", "register_subprocess",
            "RunResult", "Evaluation", "evaluate_pairs", "process_pair", "write_results", "transform_files", "format_prefix"]

@@ -15,7 +15,7 @@ from regcli.cli.common import (
     JsonOpt, MethodOpt, ModalityOpt, OptimizerOpt, QuietOpt, SeedOpt, TransformOpt, VerboseOpt, WorkingSpacingOpt,
     config_overrides, examples, input_file_argument,
 )
-from regcli.cli.evaluate import LabelInterp
+from regcli.cli.evaluate import ExcludeTaskOpt, LabelInterp, TaskOpt
 
 EXAMPLES = examples(
     "regcli batch pairs.csv --method convexadam -o cohort/",
@@ -36,7 +36,8 @@ def batch(
     manifest: Annotated[Path, input_file_argument(
         "CSV of pairs: columns fixed_image, moving_image and optionally fixed_labels, moving_labels, "
         "fixed_landmarks, moving_landmarks, fixed_mask, moving_mask, pair (paths relative to the CSV); the "
-        "same file regcli evaluate reads.", "MANIFEST")],
+        "same file regcli evaluate reads; or a dataset manifest (YAML) whose datasets' pairs CSVs are "
+        "registered.", "MANIFEST")],
     output: Annotated[Path, typer.Option(
         "--output", "-o", metavar="OUTDIR", show_default=False,
         help="Folder for each pair's outputs (OUTDIR/<pair>_...), batch.csv, batch.json, batch_dice.png and "
@@ -78,6 +79,8 @@ def batch(
         help="How moving labels are warped for scoring: nearest (default) or label (per-label linear).")]
     = LabelInterp.nearest,
     hd95: Annotated[bool, typer.Option("--hd95/--no-hd95", help="Compute HD95 (the slowest metric).")] = True,
+    task: TaskOpt = None,
+    exclude_task: ExcludeTaskOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -95,10 +98,10 @@ def batch(
     from regcli.cli.evaluate import _log_row, _register_args, results_table
     from regcli.config import build_config
     from regcli.errors import OutputError
-    from regcli.evaluation import read_manifest
+    from regcli.evaluation import read_pairs
 
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
-    pairs = read_manifest(manifest)
+    pairs = read_pairs(manifest, task or (), exclude_task or ())
     cores = os.cpu_count() or 1
     if backend is Backend.ray:
         threads = threads or 2

@@ -21,11 +21,20 @@ EXAMPLES = examples(
     "# score transforms written earlier (res/pair001_1Warp.nii.gz, res/pair001_0GenericAffine.mat, ...)",
     "regcli evaluate pairs.csv --transforms-from 'res/{pair}_' -o rescored/",
     "regcli evaluate pairs.csv -o results/ --threads 2 --json | jq .summary.dice_mean",
+    "# a dataset manifest (docs/training.md): every dataset's pairs, by task; leave one task out",
+    "regcli evaluate datasets.yaml -o results/ --exclude-task ct --json | jq .summary_by_task",
     "# pairs.csv: fixed_image,moving_image,fixed_labels,moving_labels[,fixed_landmarks,moving_landmarks,"
     "fixed_mask,moving_mask,pair] with paths relative to the CSV's folder",
 )
 
 _ONE = "One pair (instead of a MANIFEST)"
+
+TaskOpt = Annotated[Optional[list[str]], typer.Option(
+    "--task", metavar="TASK", show_default=False,
+    help="With a dataset manifest: only the datasets of this task (repeatable).")]
+ExcludeTaskOpt = Annotated[Optional[list[str]], typer.Option(
+    "--exclude-task", metavar="TASK", show_default=False,
+    help="With a dataset manifest: leave out the datasets of this task (repeatable).")]
 
 
 class LabelInterp(str, Enum):
@@ -36,7 +45,8 @@ class LabelInterp(str, Enum):
 def evaluate(
     manifest: Annotated[Optional[Path], input_file_argument(
         "CSV of pairs: columns fixed_image, moving_image and optionally fixed_labels, moving_labels, "
-        "fixed_landmarks, moving_landmarks, fixed_mask, moving_mask, pair (paths relative to the CSV).",
+        "fixed_landmarks, moving_landmarks, fixed_mask, moving_mask, pair (paths relative to the CSV); or a "
+        "dataset manifest (YAML, docs/training.md) whose datasets' pairs CSVs are registered, by task.",
         "MANIFEST")] = None,
     output: Annotated[Path, typer.Option(
         "--output", "-o", metavar="OUTDIR", show_default=False,
@@ -82,6 +92,8 @@ def evaluate(
         help="How moving labels are warped for scoring: nearest (default) or label (per-label linear).")]
     = LabelInterp.nearest,
     hd95: Annotated[bool, typer.Option("--hd95/--no-hd95", help="Compute HD95 (the slowest metric).")] = True,
+    task: TaskOpt = None,
+    exclude_task: ExcludeTaskOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -97,7 +109,7 @@ def evaluate(
     from regcli.cli.common import Ui
     from regcli.config import build_config
     from regcli.errors import ConfigError, OutputError
-    from regcli.evaluation import Pair, check_pair, evaluate_pairs, read_manifest, write_results
+    from regcli.evaluation import Pair, check_pair, evaluate_pairs, read_pairs, write_results
     from regcli.io.atomic import OutputSet
 
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
@@ -110,7 +122,7 @@ def evaluate(
         pairs = [check_pair(Pair(name, fixed, moving, fixed_labels, moving_labels, fixed_landmarks,
                                  moving_landmarks, fixed_mask, moving_mask))]
     else:
-        pairs = read_manifest(manifest)
+        pairs = read_pairs(manifest, task or (), exclude_task or ())
     if transforms_from and method is not None:
         raise ConfigError("--transforms-from scores existing transforms; --method does not apply")
 

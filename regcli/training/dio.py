@@ -32,22 +32,13 @@ from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from regcli.errors import ConfigError, InputError
+from regcli.manifest import Dataset
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image
 from regcli.training.distributed import SINGLE, Distributed
-
-
-class LabelledSource(BaseModel):
-    """Images with label maps: ``glob`` matches the images; a label map's path is the image's path with
-    ``labels_replace[0]`` replaced by ``labels_replace[1]``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    glob: str
-    labels_replace: tuple[str, str] = ("_T1w", "_labels")
 
 
 class DioTrainConfig(BaseModel):
@@ -80,7 +71,9 @@ class DioJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: list[LabelledSource] = Field(min_length=1)
+    data: list[Dataset] = Field(min_length=1, description="datasets with image globs and label maps "
+                                "(regcli.manifest.Dataset, inline or a manifest file); a pair's two images come "
+                                "from one dataset drawn by weight when the weights differ")
     net: dict = Field(default_factory=dict, description="regcli.models.dio.DioNetConfig fields")
     train: DioTrainConfig = DioTrainConfig()
     solver: dict = Field(default_factory=dict, description="RegisterConfig overrides for the training solver "
@@ -89,6 +82,13 @@ class DioJob(BaseModel):
     init: Optional[str] = Field(None, description="start from these weights (any regcli weights spec)")
     validation: Optional["DioValidation"] = Field(
         None, description="whole-volume validation on held-out labelled pairs during training")
+
+    @field_validator("data")
+    @classmethod
+    def _globs(cls, v: list[Dataset]) -> list[Dataset]:
+        from regcli.training.jobs import needs_globs
+
+        return needs_globs(v, "DIO")
 
 
 class DioValidation(BaseModel):
@@ -101,7 +101,7 @@ class DioValidation(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: list[LabelledSource] = Field(min_length=1)
+    data: list[Dataset] = Field(min_length=1)
     every: int = Field(50, ge=1, description="validate after every this many steps (and at steps 0 and the last)")
     solver: dict = Field(default_factory=dict, description="RegisterConfig overrides for the validation solver "
                          "(default: regcli register --method dio's defaults, with the training solver's "
@@ -173,8 +173,9 @@ def label_file(image_path: str, replace: tuple[str, str]) -> str:
     return os.path.join(head, tail.replace(replace[0], replace[1]))
 
 
-def labelled_files(sources: Sequence[LabelledSource]) -> list[tuple[str, str]]:
-    """(image, label map) paths of every source, each glob sorted; an empty glob is an InputError."""
+def labelled_files(sources: Sequence[Dataset]) -> list[tuple[str, str]]:
+    """(image, label map) paths of every dataset's glob (``labels_replace`` finds a label map), each glob sorted;
+    an empty glob is an InputError."""
     files = []
     for src in sources:
         found = sorted(glob.glob(src.glob))
@@ -415,11 +416,19 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     run_validation(start)
     n = len(subjects)
     global_batch = tcfg.batch_size * dist.world
+    sizes = [len(glob.glob(d.glob)) for d in job.data]
+    members = [list(range(sum(sizes[:k]), sum(sizes[:k + 1]))) for k in range(len(sizes))]
+    weights = torch.tensor([d.weight if len(m) > 1 else 0.0 for d, m in zip(job.data, members)], dtype=torch.float64)
+    by_weight = len(set(d.weight for d in job.data)) > 1  # else: any two images, as always
     for step in range(start, tcfg.iterations):
         ts = time.perf_counter()
         draws = []  # every process draws the whole batch (the same generator), then computes its share
         for _ in range(global_batch):
-            i, j = torch.randperm(n, generator=gen)[:2].tolist()
+            if by_weight:  # a dataset by weight, then two of its images
+                m = members[int(torch.multinomial(weights, 1, generator=gen))]
+                i, j = (m[k] for k in torch.randperm(len(m), generator=gen)[:2].tolist())
+            else:
+                i, j = torch.randperm(n, generator=gen)[:2].tolist()
             box = crop_box(subjects[i].image.shape, tcfg.crop, gen)
             g = crop_grid(work, box)
             imgs = []

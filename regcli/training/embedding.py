@@ -200,19 +200,24 @@ class TrainResult:
 
 
 def volume_sampler(n_volumes: int, sampling: str, groups: Optional[Sequence[int]],
-                   rng: np.random.Generator) -> Callable[[], int]:
+                   rng: np.random.Generator, weights: Optional[Sequence[float]] = None) -> Callable[[], int]:
     """A function that draws the index of a training volume: uniformly (``"volume"``: one ``rng.integers``
-    call per draw, the sequence of the first recipes), or a data source uniformly and then one of its volumes
-    (``"source"``; ``groups[i]`` is volume i's source, default: one source per volume)."""
+    call per draw, the sequence of the first recipes), or a data source and then one of its volumes
+    (``"source"``; ``groups[i]`` is volume i's source, default: one source per volume). Sources are drawn in
+    proportion to ``weights[source]`` (the datasets' sampling weights), uniformly when they are all equal."""
     if sampling == "volume":
         return lambda: int(rng.integers(0, n_volumes))
     src = list(groups) if groups is not None else list(range(n_volumes))
     if len(src) != n_volumes:
         raise ValueError(f"groups has {len(src)} entries for {n_volumes} volumes")
-    by_source = [[i for i, g in enumerate(src) if g == k] for k in sorted(set(src))]
+    keys = sorted(set(src))
+    by_source = [[i for i, g in enumerate(src) if g == k] for k in keys]
+    w = np.asarray([weights[k] for k in keys], dtype=np.float64) if weights is not None else None
+    p = None if w is None or np.all(w == w[0]) else w / w.sum()
 
     def draw() -> int:
-        members = by_source[int(rng.integers(0, len(by_source)))]
+        k = int(rng.integers(0, len(by_source))) if p is None else int(rng.choice(len(by_source), p=p))
+        members = by_source[k]
         return members[int(rng.integers(0, len(members)))]
 
     return draw
@@ -221,12 +226,14 @@ def volume_sampler(n_volumes: int, sampling: str, groups: Optional[Sequence[int]
 def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
                     net_cfg: Optional[EmbeddingConfig] = None, net: Optional[EmbeddingNet] = None,
                     progress: Optional[Callable[[int, int, dict], None]] = None,
-                    groups: Optional[Sequence[int]] = None, resume: Optional[dict] = None,
+                    groups: Optional[Sequence[int]] = None, weights: Optional[Sequence[float]] = None,
+                    resume: Optional[dict] = None,
                     save: Optional[Callable[[int, dict], None]] = None, save_every: int = 0,
                     dist: Distributed = SINGLE) -> TrainResult:
     """Train (or continue training) an embedding network on ``volumes`` (already prepared with
     :func:`prepare_volume`, i.e. on isotropic grids of the network's spacing). ``groups`` gives each volume's
-    data source, for ``cfg.sampling == "source"`` (default: one source per volume). Returns the net and the
+    data source, for ``cfg.sampling == "source"`` (default: one source per volume), drawn in proportion to
+    ``weights[source]``. Returns the net and the
     loss history (per step: ``loss``, ``global``, ``local``, and with ``cfg.sam_rho > 0`` ``sam_loss``, the loss at
     the perturbed weights).
 
@@ -245,7 +252,7 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
     history: list[dict] = []
     net.train()
     steps = min(cfg.iterations, cfg.stop_after or cfg.iterations)
-    pick = volume_sampler(len(volumes), cfg.sampling, groups, rng)
+    pick = volume_sampler(len(volumes), cfg.sampling, groups, rng, weights)
     sam = SAM(opt, cfg.sam_rho)
     start, prior = 0, 0.0
     if resume is not None:

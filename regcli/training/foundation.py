@@ -33,40 +33,16 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from regcli.errors import ConfigError, ConvergenceError, InputError
+from regcli.manifest import Dataset, weighted_counts
 from regcli.models.gradicon import GradICONConfig, GradICONNet, gradicon_loss
 from regcli.training.distributed import SINGLE, Distributed
-
-
-class FoundationDataset(BaseModel):
-    """One dataset: images (``glob``; random pairs of two of them) and/or given pairs (``pairs``: a CSV with
-    ``fixed_image`` and ``moving_image`` columns, paths relative to the CSV)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    glob: Optional[str] = None
-    pairs: Optional[str] = None
-    modality: Literal["mri", "ct"] = "mri"
-    moving_modality: Optional[Literal["mri", "ct"]] = Field(None, description="of the pairs' moving images, when "
-                                                            "it differs (e.g. MR to ultrasound)")
-    align: Literal["affine", "none"] = Field(
-        "affine", description="affine: as --method foundation sees them after regcli's affine stage: the images of "
-        "the glob aligned to its first image (the template) and resampled onto the template's field of view, each "
-        "pair's moving image aligned to its fixed image; none: every image's own field of view (uniGradICON's "
-        "training, where the network also learns the affine part)")
-
-    @model_validator(mode="after")
-    def _some(self) -> "FoundationDataset":
-        if not self.glob and not self.pairs:
-            raise ValueError(f"dataset '{self.name}' needs a glob of images or a pairs CSV")
-        return self
 
 
 class Augment(BaseModel):
@@ -97,7 +73,8 @@ class FoundationJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: list[FoundationDataset] = Field(min_length=1)
+    data: list[Dataset] = Field(min_length=1, description="datasets (regcli.manifest.Dataset, inline or a manifest "
+                                "file): image globs and/or pairs CSVs, modality, align, weight")
     net: dict = Field(default_factory=dict, description="regcli.models.gradicon.GradICONConfig fields (ignored "
                       "with init: the initial model's architecture is kept)")
     train: FoundationTrainConfig = FoundationTrainConfig()
@@ -162,7 +139,7 @@ class PairSource:
     """The prepared volumes of one dataset and how it makes pairs: given pairs, else two different images,
     else an image with itself."""
 
-    def __init__(self, ds: FoundationDataset, shape, log: Callable[[str], None]) -> None:
+    def __init__(self, ds: Dataset, shape, log: Callable[[str], None]) -> None:
         self.name = ds.name
         from regcli.io.images import read_image
 
@@ -207,9 +184,15 @@ class PairSource:
         return self.volumes[i], self.volumes[j]
 
 
-def epoch_order(n_sources: int, per_epoch: int, gen: torch.Generator) -> list[int]:
-    """Dataset index of every draw of one epoch: each dataset ``per_epoch`` times, in a random order."""
-    order = torch.arange(n_sources).repeat(per_epoch)
+def epoch_order(n_sources: int, per_epoch: int, gen: torch.Generator,
+                weights: Optional[list[float]] = None) -> list[int]:
+    """Dataset index of every draw of one epoch, in a random order: each dataset ``per_epoch`` times, or with
+    ``weights`` (the datasets' sampling weights) ``round(weight * per_epoch)`` times (at least once)."""
+    if weights is None or len(set(weights)) == 1:
+        order = torch.arange(n_sources).repeat(per_epoch)
+    else:
+        counts = weighted_counts(weights, per_epoch)
+        order = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
     return order[torch.randperm(len(order), generator=gen)].tolist()
 
 
@@ -334,7 +317,7 @@ def run_foundation_job(job: FoundationJob, outdir: str | Path, progress=None, lo
         pairs, names = [], []
         for _ in range(global_batch):  # every process draws the whole batch, then computes its share
             if not order:
-                order = epoch_order(len(sources), global_batch, gen)
+                order = epoch_order(len(sources), global_batch, gen, [d.weight for d in job.data])
             src = sources[order.pop(0)]
             a, b = src.draw(gen)
             pairs.append((random_affine(a, tcfg.augment, gen), random_affine(b, tcfg.augment, gen)))

@@ -24,30 +24,40 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from regcli.errors import ConfigError, InputError
+from regcli.manifest import Dataset
 from regcli.models.embedding import EmbeddingConfig, EmbeddingNet
 from regcli.training.distributed import SINGLE, Distributed
 from regcli.training.embedding import EmbeddingTrainConfig, prepare_volume, train_embedding
 
 
-class DataSource(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    glob: str
-    percentiles: Optional[tuple[float, float]] = None  # default: the network's
+def needs_globs(datasets: list[Dataset], task: str) -> list[Dataset]:
+    """``datasets``, refused (ValueError, shown as a one-line config error) if one has no image glob."""
+    for d in datasets:
+        if not d.glob:
+            raise ValueError(f"{task} training reads images from a glob; dataset '{d.name}' has none")
+    return datasets
 
 
 class EmbeddingJob(BaseModel):
+    """What ``regcli train embedding`` runs. ``data``: datasets (:class:`regcli.manifest.Dataset`, inline or a
+    manifest file) with image globs; their ``percentiles`` and ``weight`` are used."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: list[DataSource] = Field(min_length=1)
+    data: list[Dataset] = Field(min_length=1)
     net: EmbeddingConfig = EmbeddingConfig()
     train: EmbeddingTrainConfig = EmbeddingTrainConfig()
     checkpoint_every: int = Field(250, ge=1)
     init: Optional[str] = Field(None, description="start from these weights: a model folder (any regcli weights "
                                 "spec) or a checkpoint.pt of an earlier run with the same net (relative to the job file)")
+
+    @field_validator("data")
+    @classmethod
+    def _globs(cls, v: list[Dataset]) -> list[Dataset]:
+        return needs_globs(v, "embedding")
 
 
 def job_data(path: str | Path, overrides: Optional[dict] = None) -> dict:
@@ -55,14 +65,18 @@ def job_data(path: str | Path, overrides: Optional[dict] = None) -> dict:
     pairs CSVs (also those of ``validation.data``) and a local ``init`` are relative to the job file."""
     from regcli.config import deep_merge, load_yaml
 
+    from regcli.manifest import read_manifest_entries, resolve_paths
+
     data = deep_merge(load_yaml(path), overrides or {})
     base = Path(path).resolve().parent
     val = data.get("validation")
-    sources = list(data.get("data", [])) + (list(val.get("data", [])) if isinstance(val, dict) else [])
-    for src in sources:
-        for key in ("glob", "pairs"):
-            if isinstance(src, dict) and isinstance(src.get(key), str) and not Path(src[key]).is_absolute():
-                src[key] = str(base / src[key])
+    for holder in (data, val if isinstance(val, dict) else {}):
+        src = holder.get("data")
+        if isinstance(src, str):  # a dataset manifest file (regcli.manifest), relative to the job file
+            holder["data"] = read_manifest_entries(src if Path(src).is_absolute() else base / src)
+        elif isinstance(src, list):
+            holder["data"] = resolve_paths([s for s in src if isinstance(s, dict)], base) + \
+                [s for s in src if not isinstance(s, dict)]
     if isinstance(data.get("init"), str) and not data["init"].startswith("hub:") and (base / data["init"]).exists():
         data["init"] = str(base / data["init"])
     return data
@@ -155,7 +169,8 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
         (out / "history.json").write_text(json.dumps({"seconds": train_state["seconds"],
                                                       "history": train_state["history"]}))
 
-    res = train_embedding(vols, job.train, net=net, progress=progress, groups=groups, resume=state, save=save,
+    res = train_embedding(vols, job.train, net=net, progress=progress, groups=groups,
+                          weights=[d.weight for d in job.data], resume=state, save=save,
                           save_every=job.checkpoint_every, dist=dist)
     history = res.history
     last = history[-min(len(history), 50):]
