@@ -24,7 +24,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from regcli.models.gradicon import gradicon_loss, load_gradicon  # noqa: E402
-from regcli.training.foundation import PairSource, epoch_order, load_foundation_job, random_affine  # noqa: E402
+from regcli.training.foundation import load_foundation_job  # noqa: E402
+from regcli.training.pairs import PairSource, epoch_order, random_affine  # noqa: E402
 
 
 def direction(net, seed: int) -> dict:

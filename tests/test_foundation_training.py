@@ -11,7 +11,7 @@ import torch
 
 from conftest import invoke, make_phantom, write
 from regcli.models.gradicon import GradICONConfig, GradICONNet, save_gradicon_model
-from regcli.training.foundation import Augment, epoch_order, prepare_volume, random_affine
+from regcli.training.pairs import Augment, epoch_order, prepare_volume, random_affine
 
 NET = "net: {input_shape: [36, 36, 36], down_channels: [4, 8, 8, 16], up_channels: [4, 4, 8, 8]}\n"
 

@@ -50,7 +50,7 @@ def test_yaml_and_csv_manifests_resolve_paths_and_parse_fields(tmp_path):
 
 def test_weights_set_how_often_each_dataset_is_drawn():
     from regcli.training.embedding import volume_sampler
-    from regcli.training.foundation import epoch_order
+    from regcli.training.pairs import epoch_order
 
     assert weighted_counts([1.0, 0.5, 2.0], 4) == [4, 2, 8]
     order = epoch_order(3, 4, torch.Generator().manual_seed(0), [1.0, 0.5, 2.0])

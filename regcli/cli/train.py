@@ -14,7 +14,7 @@ EXAMPLES = examples(
 )
 
 app = typer.Typer(help="Train learned components (the anatomical embedding of SAMConvex, the DIO feature network, "
-                  "the foundation network).",
+                  "the foundation network, PromptReg).",
                   no_args_is_help=True)
 
 
@@ -23,6 +23,14 @@ SeedOverrideOpt = Annotated[Optional[int], typer.Option("--seed", help="Override
 BatchOpt = Annotated[Optional[int], typer.Option(
     "--batch-size", min=1, help="Override the pairs per step (train.batch_size; embedding: train.batch_pairs). Per "
     "process under torchrun, which trains N processes like one with N times the batch.")]
+OptronItersOpt = Annotated[Optional[int], typer.Option(
+    "--optron-iters", min=0, help="Override train.optron.iters: Optron training in the loop, the prediction refined by "
+    "this many steps of the shared IO solver becomes the MSE target (the paper: 10); 0 disables.")]
+OptronLrOpt = Annotated[Optional[float], typer.Option(
+    "--optron-lr", min=0.0, help="Override train.optron.lr: Adam learning rate of the Optron refinement (0.1).")]
+ExcludeTaskTrainOpt = Annotated[Optional[list[str]], typer.Option(
+    "--exclude-task", metavar="TASK", show_default=False,
+    help="Leave the datasets of this task out of training (repeatable): leave-one-dataset-out.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in OUTDIR from its checkpoint.pt.")]
 TrainThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.", min=1)]
 SamRhoOpt = Annotated[Optional[float], typer.Option(
@@ -62,9 +70,22 @@ def _with_training_bar(ui, total: int, run) -> dict:
     return summary
 
 
-def _train_overrides(**flags) -> dict:
+def _train_overrides(optron_iters: Optional[int] = None, optron_lr: Optional[float] = None, **flags) -> dict:
     """``{"train": {...}}`` job overrides from the flags that were given (None = not given)."""
-    return {"train": {k: v for k, v in flags.items() if v is not None}}
+    train = {k: v for k, v in flags.items() if v is not None}
+    optron = {k: v for k, v in (("iters", optron_iters), ("lr", optron_lr)) if v is not None}
+    if optron:
+        train["optron"] = optron
+    return {"train": train}
+
+
+def _pair_summary(summary: dict, output: Path) -> str:
+    text = (f"trained {summary['iterations']} steps on {summary['volumes']} volumes of {len(summary['datasets'])} "
+            f"datasets in {summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.4f}")
+    if "validation" in summary:
+        v = summary["validation"]
+        text += f"; validation Dice {v['first_dice']:.4f} -> {v['last_dice']:.4f} (best {v['best_dice']:.4f})"
+    return text + f"; wrote {output}"
 
 
 @app.command("embedding", epilog=EXAMPLES)
@@ -179,6 +200,9 @@ def foundation(
     seed: SeedOverrideOpt = None,
     sam_rho: SamRhoOpt = None,
     batch_size: BatchOpt = None,
+    optron_iters: OptronItersOpt = None,
+    optron_lr: OptronLrOpt = None,
+    exclude_task: ExcludeTaskTrainOpt = None,
     init: Annotated[Optional[str], typer.Option(
         "--init", metavar="SPEC", show_default=False,
         help="Fine-tune from these weights (a model folder, e.g. from `regcli weights import unigradicon`, "
@@ -196,15 +220,66 @@ def foundation(
     (recipe: regcli.training.foundation).
     """
     from regcli.training.foundation import load_foundation_job, run_foundation_job
+    from regcli.training.pairs import exclude_tasks
 
     ui, dist = _ui(quiet, verbose, json_out, threads)
-    overrides = _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho, batch_size=batch_size)
+    overrides = _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho, batch_size=batch_size,
+                                 optron_iters=optron_iters, optron_lr=optron_lr)
     if init is not None:
         overrides["init"] = init
-    job = load_foundation_job(config, overrides)
+    job = exclude_tasks(load_foundation_job(config, overrides), tuple(exclude_task or ()))
     summary = _with_training_bar(ui, job.train.iterations,
                                  lambda step: run_foundation_job(job, output, step, ui.info, resume=resume,
-                                                                             dist=dist))
-    ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes of "
-                       f"{len(summary['datasets'])} datasets in {summary['seconds']} s; mean loss of the last 50 "
-                       f"steps {summary['final_loss_mean50']:.4f}; wrote {output}")
+                                                                 dist=dist))
+    ui.result(summary, _pair_summary(summary, output))
+
+
+PROMPTREG_EXAMPLES = examples(
+    "regcli train promptreg --config docs/recipes/promptreg_small.yaml -o runs/promptreg --threads 2",
+    "# leave one dataset (task) out, then test zero-shot on it",
+    "regcli train promptreg --config job.yaml --exclude-task ct -o runs/wo_ct",
+    "regcli train promptreg --config job.yaml -o runs/optron --optron-iters 10",
+    "torchrun --nproc-per-node 2 -m regcli train promptreg --config job.yaml -o runs/ddp --batch-size 1",
+)
+
+
+@app.command("promptreg", epilog=PROMPTREG_EXAMPLES)
+def promptreg(
+    config: Annotated[Path, input_file_option("--config", help="Training job (YAML): datasets (each a task; inline or "
+                                              "a manifest file), net, train, validation.")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUTDIR", show_default=False,
+                                         help="Folder for checkpoint.pt, history.json, loss.png, job.json and "
+                                              "model/.")],
+    iterations: IterOpt = None,
+    seed: SeedOverrideOpt = None,
+    sam_rho: SamRhoOpt = None,
+    batch_size: BatchOpt = None,
+    optron_iters: OptronItersOpt = None,
+    optron_lr: OptronLrOpt = None,
+    exclude_task: ExcludeTaskTrainOpt = None,
+    init: Annotated[Optional[str], typer.Option(
+        "--init", metavar="SPEC", show_default=False, help="Start from these weights (a PromptReg model folder, "
+        "hub:org/name@commit, or a registry name).")] = None,
+    resume: ResumeOpt = False,
+    threads: TrainThreadsOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train the task-prompted PromptReg network (--method promptreg) on several datasets, each a task.
+
+    MIND-SSC similarity, smoothness, and the prompt generator's orthogonality and task-similarity losses; the
+    network predicts its task mixture itself, so inference needs no task id (recipe: regcli.training.promptreg).
+    """
+    from regcli.training.promptreg import load_promptreg_job, run_promptreg_job
+
+    ui, dist = _ui(quiet, verbose, json_out, threads)
+    overrides = _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho, batch_size=batch_size,
+                                 optron_iters=optron_iters, optron_lr=optron_lr)
+    if init is not None:
+        overrides["init"] = init
+    job = load_promptreg_job(config, overrides, tuple(exclude_task or ()))
+    summary = _with_training_bar(ui, job.train.iterations,
+                                 lambda step: run_promptreg_job(job, output, step, ui.info, resume=resume,
+                                                                dist=dist))
+    ui.result(summary, _pair_summary(summary, output))

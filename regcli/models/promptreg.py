@@ -91,6 +91,8 @@ class PromptRegConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     input_channels: int = Field(1, ge=1, description="channels per image (the network sees both images)")
+    input_shape: tuple[int, int, int] = Field((64, 64, 64), description="the grid (Z, Y, X) the network is trained "
+                                              "on; --method promptreg resizes the fixed field of view to it")
     encoder_channels: tuple[int, ...] = Field((16, 32, 48, 64), description="channels of encoder level k, at 1/2**k "
                                               "of the input grid; the last level is the bottleneck")
     decoder_channels: tuple[int, ...] = Field((16, 32, 48), description="channels of the decoder stage at level k "
