@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from regcli.errors import ConfigError, folded
 
@@ -164,6 +164,39 @@ class FoundationConfig(_Frozen):
         "io=field changed the forward field) or the fixed-point inverse of the forward field")
 
 
+class PromptRegMethodConfig(_Frozen):
+    """The PromptReg network (:mod:`regcli.methods.promptreg`): one task-prompted network, then optional IO."""
+
+    weights: str = Field("promptreg-small", description="network: a folder (from `regcli train` or "
+                         "save_promptreg_model), hub:org/name@commit, or a registry name (regcli weights list)")
+    modality: Literal["mri", "ct"] = Field("mri", description="intensity preparation of the fixed image (and of "
+                                           "the moving one unless moving_modality): ct clips to [-1000, 1000] HU, "
+                                           "mri to [minimum, 99th percentile]; both then scale to [0, 1]")
+    moving_modality: Optional[Literal["mri", "ct"]] = Field(None, description="the moving image's, when it "
+                                                            "differs (None: modality)")
+    input_shape: Optional[tuple[int, int, int]] = Field(
+        None, description="network grid in tensor order (Z, Y, X): the fixed image's field of view resampled to "
+        "this many voxels per axis (a single number sets all three); None: the grid the network was trained on "
+        "(net.input_shape in its config.json)")
+    io: Literal["none", "field"] = Field(
+        "field", description="instance optimisation after the network: field (default: regcli's shared solver, "
+        "ConvexAdam's instance optimisation and refinement on MIND-SSC on the usual working grid, started from the "
+        "network's field; the inverse is then the fixed-point one) or none (the network alone, with the exact "
+        "inverse exp(-v) of its velocity field)")
+    io_iterations: int = Field(50, ge=0, description="iterations of the instance optimisation (--iterations)")
+
+    @field_validator("input_shape", mode="before")
+    @classmethod
+    def _one_number_for_all_axes(cls, v: Any) -> Any:
+        return (v, v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _grid(self) -> "PromptRegMethodConfig":
+        if self.input_shape is not None and min(self.input_shape) < 2:
+            raise ValueError(f"promptreg.input_shape must be at least 2 voxels per axis, got {self.input_shape}")
+        return self
+
+
 class PromptConfig(_Frozen):
     """Test-time prompts: label maps and landmarks given with the images become terms of the IO objective."""
 
@@ -207,7 +240,7 @@ class DioConfig(_Frozen):
 class RegisterConfig(_Frozen):
     """Everything ``regcli register`` needs besides the file names."""
 
-    method: Literal["convexadam", "samconvex", "dio", "foundation", "affine", "rigid"] = "convexadam"
+    method: Literal["convexadam", "samconvex", "dio", "foundation", "promptreg", "affine", "rigid"] = "convexadam"
     working_spacing_mm: float = Field(2.0, gt=0, description="isotropic spacing of the deformable working grid")
     affine: AffineConfig = AffineConfig()
     convex: ConvexConfig = ConvexConfig()
@@ -215,6 +248,7 @@ class RegisterConfig(_Frozen):
     samconvex: SamConvexConfig = SamConvexConfig()
     dio: DioConfig = DioConfig()
     foundation: FoundationConfig = FoundationConfig()
+    promptreg: PromptRegMethodConfig = PromptRegMethodConfig()
     prompts: PromptConfig = PromptConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
@@ -225,14 +259,14 @@ class RegisterConfig(_Frozen):
     inverse_grid: Literal["fixed", "moving"] = Field(
         "fixed", description="grid of prefix1InverseWarp.nii.gz: 'fixed' (ANTs SyN's convention: the fixed image's "
         "grid) or 'moving' (uniGradICON's: the moving image's grid, carried into the fixed space by the inverse "
-        "affine, so the warp covers the whole moving image at its resolution); the foundation preset uses "
-        "'moving'")
+        "affine, so the warp covers the whole moving image at its resolution); the foundation and promptreg "
+        "presets use 'moving'")
     write_warped: bool = True
     html_report: bool = True
 
     @property
     def deformable(self) -> bool:
-        return self.method in ("convexadam", "samconvex", "dio", "foundation")
+        return self.method in ("convexadam", "samconvex", "dio", "foundation", "promptreg")
 
     @model_validator(mode="after")
     def _fine_is_finer(self) -> "RegisterConfig":
@@ -248,6 +282,7 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "samconvex": {},
     "dio": {},
     "foundation": {"inverse_grid": "moving"},
+    "promptreg": {"inverse_grid": "moving"},
     "affine": {"affine": {"stages": ("rigid", "affine")}},
     "rigid": {"affine": {"stages": ("rigid",)}},
 }
@@ -300,15 +335,20 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
     """YAML file (optional) merged with flag overrides (flags win), method preset applied first.
 
     Overrides use nested dicts, e.g. ``{"affine": {"metric": "mi"}, "seed": 3}``; ``None`` values
-    are ignored so unset CLI flags do not clobber the file.
+    are ignored so unset CLI flags do not clobber the file. Three top-level keys are flags whose config key
+    depends on the method (taken from the merged file and flags): ``iterations`` (:func:`iteration_override`),
+    ``modality`` and ``io`` (:func:`network_override`).
     """
     data = load_yaml(yaml_path) if yaml_path else {}
     overrides = _drop_none(overrides or {})
     iterations = overrides.pop("iterations", None)
+    network_flags = {k: overrides.pop(k) for k in ("modality", "io") if k in overrides}
     merged = deep_merge(data, overrides)
     method = merged.get("method")
     if model is RegisterConfig and isinstance(method, str) and method in METHOD_PRESETS:
         merged = deep_merge(deep_merge({}, METHOD_PRESETS[method]), merged)
+    if network_flags:
+        merged = deep_merge(merged, network_override(merged.get("method", "convexadam"), **network_flags))
     if iterations is not None:
         merged = deep_merge(merged, iteration_override(merged.get("method", "convexadam"), iterations,
                                                        merged.get("dio", {}).get("levels")))
@@ -320,9 +360,9 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
 
 def iteration_override(method: str, counts: tuple[int, ...], dio_levels=None) -> dict:
     """The config keys that ``--iterations`` sets for ``method``: the iteration count of its deformable stage's
-    instance optimisation (convexadam: ``instance.iterations``; samconvex: ``samconvex.io_iterations``), or one
-    count per solver level for dio (``dio.iterations``, ANTs-style ``80x40x20``). A count that does not fit the
-    method is a ConfigError naming what it expects."""
+    instance optimisation (convexadam: ``instance.iterations``; samconvex, foundation, promptreg:
+    ``<method>.io_iterations``), or one count per solver level for dio (``dio.iterations``, ANTs-style
+    ``80x40x20``). A count that does not fit the method is a ConfigError naming what it expects."""
     counts = tuple(int(c) for c in counts)
     given = "x".join(map(str, counts))
     if any(c < 0 for c in counts):
@@ -340,9 +380,20 @@ def iteration_override(method: str, counts: tuple[int, ...], dio_levels=None) ->
     if len(counts) != 1:
         raise ConfigError(f"--iterations {given}: --method {method} has one instance-optimisation stage; "
                           "give one count")
-    key = {"samconvex": ("samconvex", "io_iterations"), "foundation": ("foundation", "io_iterations")
-           }.get(method, ("instance", "iterations"))
+    key = {"samconvex": ("samconvex", "io_iterations"), "foundation": ("foundation", "io_iterations"),
+           "promptreg": ("promptreg", "io_iterations")}.get(method, ("instance", "iterations"))
     return {key[0]: {key[1]: counts[0]}}
+
+
+def network_override(method: str, modality: Optional[str] = None, io: Optional[str] = None) -> dict:
+    """The config keys that ``--modality`` and ``--io`` set for ``method``: ``promptreg.*`` for --method
+    promptreg, else ``foundation.*`` (the flags only matter to the network methods). PromptReg has no network
+    instance optimisation: ``--io network`` with it is a ConfigError."""
+    section = "promptreg" if method == "promptreg" else "foundation"
+    if section == "promptreg" and io == "network":
+        raise ConfigError("--io network: --method promptreg has no instance optimisation on the network weights; "
+                          "use --io field (default) or --io none")
+    return {section: {k: v for k, v in (("modality", modality), ("io", io)) if v is not None}}
 
 
 def _drop_none(d: dict) -> dict:

@@ -64,6 +64,7 @@ class Registration:
     history: dict = dc_field(default_factory=dict)
     inverse_error: Optional[dict] = None
     models: list = dc_field(default_factory=list)  # provenance of learned models used (report.json "extra")
+    method_report: dict = dc_field(default_factory=dict)  # the method's own findings (report.json "extra.method")
 
     @property
     def transform(self) -> CompositeTransform:
@@ -222,6 +223,7 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     for k, v in dres.timings.items():
         timings[f"deformable/{k}"] = v
     history.update({f"{config.method}/{k}": v for k, v in dres.history.items()})
+    reg.method_report = dict(dres.report)
     field_w = dres.field
 
     # --------------------------------------------------------------- optional: fine refinement
@@ -493,6 +495,8 @@ def _extra(reg: Registration, runtime: Runtime) -> dict:
         extra["working_grid"] = _grid_info(reg.working_grid)
     if reg.models:
         extra["models"] = reg.models
+    if reg.method_report:
+        extra["method"] = reg.method_report
     return extra
 
 

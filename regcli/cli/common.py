@@ -323,6 +323,7 @@ class Method(str, Enum):
     samconvex = "samconvex"
     dio = "dio"
     foundation = "foundation"
+    promptreg = "promptreg"
     affine = "affine"
     rigid = "rigid"
 
@@ -356,7 +357,7 @@ ConfigFileOpt = Annotated[Optional[Path], typer.Option(
 MethodOpt = Annotated[Optional[Method], typer.Option(
     "--method", "-m", help="Preset: convexadam (affine + deformable, default), samconvex (affine + learned "
     "anatomical embeddings), dio (affine + learned feature images registered by the IO solver), foundation (affine + "
-    "a uniGradICON-compatible network), affine, or rigid.",
+    "a uniGradICON-compatible network), promptreg (affine + the task-prompted PromptReg network), affine, or rigid.",
     case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
 DeviceOpt = Annotated[Optional[Device], typer.Option(
     "--device", help="auto (CUDA when available), cpu or cuda. Default auto.", case_sensitive=False,
@@ -388,7 +389,8 @@ AffineOnOpt = Annotated[Optional[bool], typer.Option(
 IterationsOpt = Annotated[Optional[str], typer.Option(
     "--iterations", "--io-iters", metavar="N|NxNxN", help="Instance-optimisation iterations of the deformable "
     "stage: convexadam instance.iterations (default 80), samconvex samconvex.io_iterations (50), dio one count per "
-    "solver level (dio.iterations, default 80x40x20), foundation foundation.io_iterations (50; the kind is --io).",
+    "solver level (dio.iterations, default 80x40x20), foundation and promptreg <method>.io_iterations (50; the kind "
+    "is --io).",
     show_default=False, rich_help_panel=_CFG)]
 InverseOpt = Annotated[Optional[bool], typer.Option(
     "--inverse/--no-inverse", help="Also write prefix1InverseWarp.nii.gz (default yes).", show_default=False,
@@ -410,13 +412,14 @@ FineSpacingOpt = Annotated[Optional[float], typer.Option(
 Modality = Enum("Modality", {t: t for t in ("mri", "ct")}, type=str)
 FoundationIO = Enum("FoundationIO", {t: t for t in ("none", "network", "field")}, type=str)
 ModalityOpt = Annotated[Optional[Modality], typer.Option(
-    "--modality", help="--method foundation: intensity preparation, mri (clip to minimum..99th percentile, "
-    "default) or ct (clip to -1000..1000 HU); both then scale to [0, 1] (foundation.modality).",
+    "--modality", help="--method foundation or promptreg: intensity preparation, mri (clip to minimum..99th "
+    "percentile, default) or ct (clip to -1000..1000 HU); both then scale to [0, 1] (<method>.modality).",
     case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
 FoundationIOOpt = Annotated[Optional[FoundationIO], typer.Option(
-    "--io", help="--method foundation: instance optimisation after the network: field (default; regcli's solver "
-    "on MIND-SSC), network (uniGradICON's: Adam on the weights, lr 2e-5) or none (the network alone); "
-    "--iterations sets its count (foundation.io).", case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
+    "--io", help="--method foundation or promptreg: instance optimisation after the network: field (default; "
+    "regcli's solver on MIND-SSC), network (foundation only, uniGradICON's: Adam on the weights, lr 2e-5) or none "
+    "(the network alone); --iterations sets its count (<method>.io).", case_sensitive=False, show_default=False,
+    rich_help_panel=_CFG)]
 OptimizerOpt = Annotated[Optional[Optimizer], typer.Option(
     "--optimizer", help="Optimizer of the instance-optimisation stage: adam (default), sgd, lbfgs.",
     case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
@@ -481,7 +484,8 @@ def config_overrides(method=None, device=None, threads=None, seed=None, determin
         "iterations": parse_iterations(iterations),
         "instance": {"transform": _value(transform), "optimizer": _value(optimizer),
                      "fine_spacing_mm": fine_spacing},
-        "foundation": {"modality": _value(modality), "io": _value(io)},
+        "modality": _value(modality),  # foundation.* or promptreg.*, by method (regcli.config.network_override)
+        "io": _value(io),
         "inverse_warp": inverse,
         "html_report": html,
     }

@@ -18,6 +18,7 @@ METHODS.register("convexadam")("regcli.methods.convexadam:convexadam")
 METHODS.register("samconvex")("regcli.methods.samconvex:samconvex")
 METHODS.register("dio")("regcli.methods.dio:dio")
 METHODS.register("foundation")("regcli.methods.foundation:foundation")
+METHODS.register("promptreg")("regcli.methods.promptreg:promptreg")
 
 
 def get_method(name: str) -> Callable:

@@ -76,12 +76,14 @@ class DeformableResult:
         timings: seconds per step (and ``"total"``).
         inverse: the method's own inverse field on the same grid (e.g. a network's backward map), or None:
             the pipeline then inverts ``field`` by fixed-point iteration.
+        report: what the method adds to report.json's ``extra.method`` (e.g. a network's predicted task mixture).
     """
 
     field: DisplacementField
     history: dict[str, list[dict]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     inverse: Optional[DisplacementField] = None
+    report: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- grid helpers

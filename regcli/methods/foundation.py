@@ -67,7 +67,8 @@ def working_grid(fixed_grid: Grid, cfg: RegisterConfig) -> tuple[Grid, bool]:
     return fixed_grid.with_size(tuple(reversed(shape))), False
 
 
-def prepare_intensities(data: torch.Tensor, modality: str, what: str = "image") -> torch.Tensor:
+def prepare_intensities(data: torch.Tensor, modality: str, what: str = "image", method: str = "foundation"
+                        ) -> torch.Tensor:
     """uniGradICON's intensity preparation: CT clipped to [-1000, 1000], MRI to [minimum, 99th percentile]
     (the k-th smallest value with k = int(0.99 n)), then scaled to [0, 1]. ``what`` names the image in the
     one-line error about an empty window."""
@@ -82,7 +83,7 @@ def prepare_intensities(data: torch.Tensor, modality: str, what: str = "image") 
         k = max(1, min(int(0.99 * flat.numel()), flat.numel()))
         hi = float(torch.kthvalue(flat.cpu(), k).values)
     if not hi > lo:
-        raise InputError(f"{what}: the {modality} intensity window of --method foundation is empty ({lo:g} to "
+        raise InputError(f"{what}: the {modality} intensity window of --method {method} is empty ({lo:g} to "
                          f"{hi:g}): is the image (almost) constant, or is --modality wrong?")
     return (x.clamp(lo, hi) - lo) / (hi - lo)
 
@@ -137,9 +138,9 @@ def network_io(net: GradICONNet, a: torch.Tensor, b: torch.Tensor, iterations: i
 
 
 def field_io(u: torch.Tensor, net_grid: Grid, originals, cfg: RegisterConfig, report: ProgressFn, dev,
-             prompts: Sequence, history: dict) -> tuple[torch.Tensor, Grid, dict]:
+             prompts: Sequence, history: dict, iterations: int) -> tuple[torch.Tensor, Grid, dict]:
     """``io=field``: ConvexAdam's instance optimisation (MIND-SSC on the IO grid, ``instance.*``) for
-    ``foundation.io_iterations`` steps, then its refinement, started from the network's field ``u`` (world mm on
+    ``iterations`` steps, then its refinement, started from a network's field ``u`` (world mm on
     ``net_grid``). It runs on regcli's usual working grid (``working_spacing_mm`` over the fixed field of view,
     anti-aliased originals, the moving image through ``affine``), which is usually finer than a small network's
     grid. ``originals`` = (fixed, moving, affine, fixed mask, moving mask) on their own grids (affine None: the
@@ -161,7 +162,7 @@ def field_io(u: torch.Tensor, net_grid: Grid, originals, cfg: RegisterConfig, re
         feat_f = mind_ssc(fdata[None, None], cfg.convex.mind_radius, cfg.convex.mind_dilation)
         feat_m = mind_ssc(mdata[None, None], cfg.convex.mind_radius, cfg.convex.mind_dilation)
     disp, io_grid, history["instance"] = _instance_level(
-        feat_f, feat_m, work, icfg.grid_sp_adam, start, work, fmask, mmask, icfg, cfg.foundation.io_iterations,
+        feat_f, feat_m, work, icfg.grid_sp_adam, start, work, fmask, mmask, icfg, iterations,
         icfg.learning_rate, STAGE_INSTANCE, report, dev, icfg.gradient_floor, prompts=prompts)
     del feat_f, feat_m
     if icfg.refine_iterations > 0:
@@ -218,7 +219,7 @@ def foundation(fixed, moving, cfg: RegisterConfig, fixed_mask=None, moving_mask=
         t = time.perf_counter()
         if originals is None:  # called without the original images: the IO runs on the network grid
             originals = (fixed, moving, None, fixed_mask, moving_mask)
-        u, grid, history = field_io(u, grid, originals, cfg, report, dev, prompts, history)
+        u, grid, history = field_io(u, grid, originals, cfg, report, dev, prompts, history, fcfg.io_iterations)
         inv = None
         timings["field_io"] = time.perf_counter() - t
 
