@@ -79,6 +79,22 @@ def _train_overrides(optron_iters: Optional[int] = None, optron_lr: Optional[flo
     return {"train": train}
 
 
+def _train_pair_task(load, run, a: dict) -> None:
+    """The body of ``train foundation`` and ``train promptreg`` (:mod:`regcli.training.pairs`): ``a`` holds the
+    command's arguments; ``load(config, overrides)`` reads the job, ``run(job, outdir, ...)`` trains."""
+    from regcli.training.pairs import exclude_tasks
+
+    ui, dist = _ui(a["quiet"], a["verbose"], a["json_out"], a["threads"])
+    overrides = _train_overrides(iterations=a["iterations"], seed=a["seed"], sam_rho=a["sam_rho"],
+                                 batch_size=a["batch_size"], optron_iters=a["optron_iters"], optron_lr=a["optron_lr"])
+    if a["init"] is not None:
+        overrides["init"] = a["init"]
+    job = exclude_tasks(load(a["config"], overrides), tuple(a["exclude_task"] or ()))
+    summary = _with_training_bar(ui, job.train.iterations,
+                                 lambda step: run(job, a["output"], step, ui.info, resume=a["resume"], dist=dist))
+    ui.result(summary, _pair_summary(summary, a["output"]))
+
+
 def _pair_summary(summary: dict, output: Path) -> str:
     text = (f"trained {summary['iterations']} steps on {summary['volumes']} volumes of {len(summary['datasets'])} "
             f"datasets in {summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.4f}")
@@ -220,18 +236,8 @@ def foundation(
     (recipe: regcli.training.foundation).
     """
     from regcli.training.foundation import load_foundation_job, run_foundation_job
-    from regcli.training.pairs import exclude_tasks
 
-    ui, dist = _ui(quiet, verbose, json_out, threads)
-    overrides = _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho, batch_size=batch_size,
-                                 optron_iters=optron_iters, optron_lr=optron_lr)
-    if init is not None:
-        overrides["init"] = init
-    job = exclude_tasks(load_foundation_job(config, overrides), tuple(exclude_task or ()))
-    summary = _with_training_bar(ui, job.train.iterations,
-                                 lambda step: run_foundation_job(job, output, step, ui.info, resume=resume,
-                                                                 dist=dist))
-    ui.result(summary, _pair_summary(summary, output))
+    _train_pair_task(load_foundation_job, run_foundation_job, locals())
 
 
 PROMPTREG_EXAMPLES = examples(
@@ -273,13 +279,4 @@ def promptreg(
     """
     from regcli.training.promptreg import load_promptreg_job, run_promptreg_job
 
-    ui, dist = _ui(quiet, verbose, json_out, threads)
-    overrides = _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho, batch_size=batch_size,
-                                 optron_iters=optron_iters, optron_lr=optron_lr)
-    if init is not None:
-        overrides["init"] = init
-    job = load_promptreg_job(config, overrides, tuple(exclude_task or ()))
-    summary = _with_training_bar(ui, job.train.iterations,
-                                 lambda step: run_promptreg_job(job, output, step, ui.info, resume=resume,
-                                                                dist=dist))
-    ui.result(summary, _pair_summary(summary, output))
+    _train_pair_task(load_promptreg_job, run_promptreg_job, locals())

@@ -25,7 +25,7 @@ from regcli.errors import ConfigError
 from regcli.manifest import Dataset
 from regcli.models.promptreg import PromptRegConfig, PromptRegNet, promptreg_loss
 from regcli.training.distributed import SINGLE, Distributed
-from regcli.training.pairs import PairNetwork, PairTrainConfig, PairValidation, exclude_tasks, train_pair_network
+from regcli.training.pairs import PairNetwork, PairTrainConfig, PairValidation, train_pair_network
 
 
 class PromptRegJob(BaseModel):
@@ -48,9 +48,8 @@ class PromptRegJob(BaseModel):
         return list(dict.fromkeys(d.task_name for d in self.data))
 
 
-def load_promptreg_job(path: str | Path, overrides: Optional[dict] = None,
-                       exclude_tasks_: tuple[str, ...] = ()) -> PromptRegJob:
-    """The job file with ``overrides``, without the datasets of the tasks ``exclude_tasks_``."""
+def load_promptreg_job(path: str | Path, overrides: Optional[dict] = None) -> PromptRegJob:
+    """The job file with ``overrides``."""
     from pydantic import ValidationError
 
     from regcli.config import validation_details
@@ -59,7 +58,6 @@ def load_promptreg_job(path: str | Path, overrides: Optional[dict] = None,
     data = job_data(path, overrides)
     try:
         job = PromptRegJob.model_validate(data)
-        job = exclude_tasks(job, exclude_tasks_)
         if not job.init:
             net_config(job)
     except ValidationError as e:
