@@ -10,8 +10,8 @@
    docs/recipes/promptreg_small.yaml and foundation_small.yaml with `--exclude-task T` and `--iterations N`
    (same data, seed and steps), without the recipes' validation.
 3. Scores each model zero-shot on T: `regcli evaluate OUT/eval/datasets.yaml --task T --method promptreg|foundation
-   --io none` (the networks alone, after the affine stage; prostate with the affine stage off, as trained), and
-   the affine stage alone as the reference.
+   --io none` (the networks alone, after the affine stage; prostate, `align: none` in the manifest, without it,
+   as trained), and the affine stage alone as the reference.
 4. Prints the table (mean Dice per left-out task) and writes OUT/lodo.json.
 
 Training runs that already finished (OUT/<model>_wo_<T>/model/config.json) are not repeated.
@@ -73,11 +73,8 @@ def run(cmd: list[str], log: Path) -> None:
 
 
 def evaluate(manifest: Path, task: str, method: str, weights: Path | None, out: Path, threads: int) -> dict:
-    cfg = out.with_suffix(".yaml")
-    body = {"affine": {"enabled": task != "prostate"}}  # prostate: no affine stage (18-26 mm fields of view)
-    if weights is not None:
-        body[method] = {"weights": str(weights), "io": "none", "modality": "ct" if task == "ct" else "mri"}
-    cfg.write_text(json.dumps(body))
+    cfg = out.with_suffix(".yaml")  # the manifest gives each task's modality and (prostate) no affine stage
+    cfg.write_text(json.dumps({method: {"weights": str(weights), "io": "none"}} if weights is not None else {}))
     cmd = [sys.executable, "-m", "regcli", "evaluate", str(manifest), "--task", task, "--method", method,
            "--config", str(cfg), "-o", str(out), "--threads", str(threads), "--no-hd95", "--overwrite", "--json"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "REGCLI_NO_PROGRESS": "1"}

@@ -67,6 +67,7 @@ class Pair:
     moving_mask: Optional[Path] = None
     task: Optional[str] = None  # from a dataset manifest (regcli.manifest)
     label_ids: Optional[tuple[int, ...]] = None  # the labels that count (default: all that both maps share)
+    register_flags: tuple[str, ...] = ()  # from the dataset: --modality, --no-affine (before the user's flags)
 
     def files(self) -> dict[str, Path]:
         d = {"fixed_image": self.fixed, "moving_image": self.moving}
@@ -157,7 +158,9 @@ def read_manifest(path: str | os.PathLike) -> list[Pair]:
 def read_pairs(path: str | os.PathLike, tasks: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[Pair]:
     """The pairs of a pair CSV (:func:`read_manifest`), or of every dataset of a dataset manifest
     (:mod:`regcli.manifest`) that has a ``pairs`` CSV, chosen by task (``tasks``: only these; ``exclude``: not
-    these). A dataset's pairs are named ``<dataset>_<pair>`` and carry its task and ``label_ids``."""
+    these). A dataset's pairs are named ``<dataset>_<pair>`` and carry its task and ``label_ids``; they are
+    registered with its ``modality`` (``--modality``, for the network methods) and, for ``align: none``, without
+    the affine stage (``--no-affine``), unless the command's own flags say otherwise."""
     from regcli.manifest import is_dataset_manifest, load_datasets, select
 
     if not is_dataset_manifest(path):
@@ -169,8 +172,9 @@ def read_pairs(path: str | os.PathLike, tasks: Sequence[str] = (), exclude: Sequ
         if not ds.pairs:
             continue
         for p in read_manifest(ds.pairs):
+            flags = ("--modality", ds.modality) + (("--no-affine",) if ds.align == "none" else ())
             out.append(Pair(**{**p.__dict__, "name": f"{ds.name}_{p.name}", "task": ds.task_name,
-                               "label_ids": ds.label_ids}))
+                               "label_ids": ds.label_ids, "register_flags": flags}))
     if not out:
         raise InputError(f"dataset manifest '{path}': no chosen dataset has a pairs CSV to register")
     return out
@@ -343,6 +347,7 @@ def register_subprocess(pair: Pair, prefix: str, method: str, config: Optional[P
         cmd += ["--moving-mask", str(pair.moving_mask)]
     if config is not None:
         cmd += ["--config", str(config)]
+    cmd += list(pair.register_flags)  # the dataset's; the user's flags below win
     if overwrite:
         cmd.append("--overwrite")
     cmd += list(extra_args)

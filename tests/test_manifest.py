@@ -97,7 +97,7 @@ def _two_datasets(tmp_path):
             rows.append(f"f.nii.gz,m{i}.nii.gz,fl.nii.gz,ml{i}.nii.gz")
         (d / "pairs.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "datasets.yaml").write_text("datasets:\n  - {name: brain, pairs: brain/pairs.csv, label_ids: [1, 2]}\n"
-                                            "  - {name: ct, pairs: ct/pairs.csv, modality: ct}\n")
+                                            "  - {name: ct, pairs: ct/pairs.csv, modality: ct, align: none}\n")
     return tmp_path / "datasets.yaml"
 
 
@@ -113,6 +113,11 @@ def test_evaluate_a_dataset_manifest_by_task(tmp_path):
     assert all(set(r["dice_per_label"]) == {"1", "2"} for r in d["pairs"][:2])  # label_ids
     assert len(d["pairs"][2]["dice_per_label"]) == 3  # every shared label
     assert "task" in (tmp_path / "all" / "evaluation.csv").read_text().splitlines()[0]
+    # each dataset's pairs are registered with its modality, and without the affine stage for align: none
+    ct = json.loads((tmp_path / "all" / "ct_pair001_Report.json").read_text())["config"]
+    brain = json.loads((tmp_path / "all" / "brain_pair001_Report.json").read_text())["config"]
+    assert (ct["foundation"]["modality"], ct["affine"]["enabled"]) == ("ct", False)
+    assert (brain["foundation"]["modality"], brain["affine"]["enabled"]) == ("mri", True)
     res = invoke("evaluate", manifest, "-o", tmp_path / "wo", "--method", "affine", "--exclude-task", "brain",
                  "--no-hd95", "--json")
     assert [r["pair"] for r in json.loads(res.stdout)["pairs"]] == ["ct_pair001"]

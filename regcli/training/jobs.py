@@ -64,7 +64,6 @@ def job_data(path: str | Path, overrides: Optional[dict] = None) -> dict:
     """A training job file's mapping with the overrides merged in, and its paths made absolute: data globs and
     pairs CSVs (also those of ``validation.data``) and a local ``init`` are relative to the job file."""
     from regcli.config import deep_merge, load_yaml
-
     from regcli.manifest import read_manifest_entries, resolve_paths
 
     data = deep_merge(load_yaml(path), overrides or {})
