@@ -196,7 +196,6 @@ def random_affine(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.
     return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
 
 
-
 # ------------------------------------------------------------------------------------------ training
 def plot_curves(history: list[dict], path: Path, titles: dict[str, str]) -> None:
     """``loss.png``: one panel per history key of ``titles`` that the run records (and ``optron_mse`` under
