@@ -170,6 +170,10 @@ def _run_on_ray(pairs: Sequence[Pair], job: BatchJob, threads: int, address: Opt
             where = f"at '{address}'" if address else "locally"
             raise ConfigError(f"cannot start or reach a Ray cluster {where}: {str(e).splitlines()[0]}") from None
     try:
+        most = max((float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+        if most < threads:
+            raise ConfigError(f"--threads {threads}: each pair asks Ray for {threads} CPUs, but no node of the cluster "
+                              f"has more than {most:g}; give --threads {max(1, int(most))} or fewer")
         task = ray.remote(num_cpus=threads, max_retries=0)(run_pair)
         pending = {task.remote(p, job, resume): i for i, p in enumerate(pairs)}
         try:

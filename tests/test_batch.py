@@ -6,12 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -129,19 +129,29 @@ def _kill_after_first_pair(proc: subprocess.Popen, out: Path, timeout: float = 1
     proc.wait()
 
 
-def _start_ray() -> tuple[str, str]:
-    """A local Ray head on a free port (the test's own cluster); returns (ray executable, address)."""
+@contextmanager
+def _local_ray(cpus: int = 1):
+    """A Ray cluster of our own with ``cpus`` CPUs, for the test's duration; yields its address.
+
+    A small Python process starts it with ``ray.init`` and holds it until its stdin closes; the cluster ends
+    with that process (and its process group is killed on the way out), so no other Ray on the machine is
+    touched (``ray stop`` would stop them all)."""
     pytest.importorskip("ray", reason="ray not installed (pip install 'regcli[ray]')")
-    port = _free_port()
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    if not Path(ray_bin).exists():
-        ray_bin = shutil.which("ray") or "ray"
-    temp = Path("/tmp") / f"rb{os.getpid()}"  # Ray's socket paths must stay short
-    start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1",
-                            "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
-                           capture_output=True, text=True, timeout=120)
-    assert start.returncode == 0, start.stderr[-2000:]
-    return ray_bin, f"127.0.0.1:{port}"
+    code = ("import sys, ray; ctx = ray.init(num_cpus=%d, include_dashboard=False, log_to_driver=False); "
+            "print(ctx.address_info['gcs_address'], flush=True); sys.stdin.read(); ray.shutdown()") % cpus
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        address = holder.stdout.readline().strip()
+        assert address, "the local Ray cluster did not start"
+        yield address
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
 
 
 def _kill_and_resume(manifest: Path, out: Path, n_good: int, extra: list[str], register: list[str]) -> dict:
@@ -170,16 +180,17 @@ def _kill_and_resume(manifest: Path, out: Path, n_good: int, extra: list[str], r
 def test_batch_killed_midway_finishes_only_the_missing_pairs(tmp_path, backend):
     """The cohort's driver (and its children) killed with SIGKILL after the first pair; the rerun registers only
     the pairs that were not complete. On Ray, the test starts a local Ray head and the batch joins it."""
-    extra = ["--jobs", "1", "--threads", "1"]
-    if backend == "ray":
-        ray_bin, address = _start_ray()
-        extra = ["--backend", "ray", "--address", address, "--threads", "1"]
-    try:
+    with (_local_ray() if backend == "ray" else nullcontext()) as address:
+        extra = (["--backend", "ray", "--address", address, "--threads", "1"] if backend == "ray"
+                 else ["--jobs", "1", "--threads", "1"])
         d = _kill_and_resume(_cohort(tmp_path, n=4), tmp_path / "cohort", 4, extra, REGISTER)
         assert all(r["dice_mean"] > r["dice_initial_mean"] + 0.3 for r in d["pairs"] if r["status"] == "ok")
-    finally:
-        if backend == "ray":
-            subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+        if backend == "ray":  # a pair that asks for more CPUs than any node has: refused, not left waiting
+            r = subprocess.run([sys.executable, "-m", "regcli", "batch", str(tmp_path / "data" / "pairs.csv"), "-o",
+                                str(tmp_path / "more"), "--backend", "ray", "--address", address, "--threads", "4"],
+                               capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert r.returncode == 7 and "no node of the cluster has more than 1" in r.stderr
 
 
 @pytest.mark.slow
@@ -198,12 +209,9 @@ def test_batch_on_ray_over_the_synthseg_cohort(tmp_path):
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    ray_bin, address = _start_ray()
-    try:
+    with _local_ray(cpus=2) as address:
         t0 = time.time()
         d = _kill_and_resume(manifest, tmp_path / "cohort", len(rows) - 1,
                              ["--backend", "ray", "--address", address, "--threads", "2"], ["--no-hd95"])
         print(f"synthseg cohort on Ray: {len(rows) - 1} pairs + 1 corrupt, resumed {d['n_resumed']}, "
               f"Dice {d['summary']['dice_mean']['mean']:.3f}, {time.time() - t0:.0f} s in all")
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)

@@ -15,6 +15,7 @@ report the predicted task mixture by name.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -91,7 +92,8 @@ def promptreg_network(net: PromptRegNet, task_of_dataset: list[int]) -> PairNetw
 
 def model_card(job: PromptRegJob, net: PromptRegNet, summary: dict) -> str:
     t = job.train
-    data = "\n".join(f"- {d.name} (task {d.task_name}, {d.modality}): `{d.glob or d.pairs}`" for d in job.data)
+    data = "\n".join(f"  - {d.name} (task {d.task_name}, {d.modality}): `{os.path.normpath(d.glob or d.pairs)}`"
+                     for d in job.data)
     return f"""# regcli PromptReg network (trained with `regcli train promptreg`)
 
 - **Architecture**: PromptReg (regcli.models.promptreg) on a {'x'.join(map(str, net.cfg.input_shape))} grid,
