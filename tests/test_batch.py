@@ -200,10 +200,10 @@ def test_batch_on_ray_over_the_synthseg_cohort(tmp_path):
     a corrupt pair, on a local Ray started here; killed after the first pair and rerun."""
     pairs = shared_file("synthseg_brain", "pairs.csv")
     rows = list(csv.DictReader(pairs.open()))
-    for r in rows:
-        r.update({k: str(pairs.parent / v) for k, v in r.items()})
+    for i, r in enumerate(rows, start=1):
+        r.update({**{k: str(pairs.parent / v) for k, v in r.items()}, "pair": f"pair{i:03d}"})
     (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
-    rows.append({**rows[0], "moving_image": str(tmp_path / "broken.nii.gz")})
+    rows.append({**rows[0], "moving_image": str(tmp_path / "broken.nii.gz"), "pair": "broken"})
     manifest = tmp_path / "pairs.csv"
     with open(manifest, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
