@@ -433,6 +433,11 @@ def test_repository_registry_file_is_valid():
             from regcli.models.gradicon import gradicon_from
 
             gradicon_from(model)
+        elif model.config["architecture"] == "promptreg":
+            from regcli.models.promptreg import promptreg_from
+
+            net = promptreg_from(model)
+            assert len(model.config["training"]["tasks"]) == net.cfg.num_tasks
         else:
             raise AssertionError(f"shipped model '{name}' has an architecture no test builds")
 
