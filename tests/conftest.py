@@ -131,6 +131,28 @@ def tmp_out(tmp_path) -> Path:
     return d
 
 
+def as_image(sitk_img: sitk.Image):
+    """A SimpleITK image as a regcli Image (float32 data, its grid)."""
+    import torch
+
+    from regcli.spaces.grid import Grid
+    from regcli.spaces.image import Image
+
+    return Image(torch.from_numpy(sitk.GetArrayFromImage(sitk_img).astype(np.float32)), Grid.from_sitk(sitk_img))
+
+
+NETWORK_SHIFT = np.array([3.0, -2.0, 1.5])  # content shift of the moving phantom of network_pair, world mm
+
+
+@pytest.fixture(scope="module")
+def network_pair():
+    """An oblique, anisotropic phantom and its copy with the content shifted by NETWORK_SHIFT (moving(y) =
+    phantom(y + NETWORK_SHIFT)), as regcli Images: the pair the network-method tests register."""
+    fixed = make_phantom("oblique15", "aniso")
+    moving = make_phantom("oblique15", "aniso", transform=lambda p: p + NETWORK_SHIFT)
+    return as_image(fixed), as_image(moving)
+
+
 def write(img: sitk.Image, path: Path) -> Path:
     sitk.WriteImage(img, str(path))
     return path

@@ -10,27 +10,22 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import has_antspyx, invoke, make_phantom, one_line, phantom_labels, random_state, write
+from conftest import (
+    NETWORK_SHIFT, as_image, has_antspyx, invoke, make_phantom, one_line, phantom_labels, random_state, write,
+)
 from regcli.config import build_config
 from regcli.methods.foundation import map_to_world, prepare_intensities
 from regcli.models.gradicon import GradICONConfig, GradICONNet, gradicon_loss, save_gradicon_model
 from regcli.pipeline import register_images
 from regcli.spaces.grid import Grid
-from regcli.spaces.image import Image
 
 SMALL = GradICONConfig(input_shape=(40, 40, 40), down_channels=(4, 8, 8, 16), up_channels=(4, 4, 8, 8))
-SHIFT = np.array([3.0, -2.0, 1.5])  # content shift of the moving phantom, world mm
-
-
-def _image(sitk_img: sitk.Image) -> Image:
-    return Image(torch.from_numpy(sitk.GetArrayFromImage(sitk_img).astype(np.float32)), Grid.from_sitk(sitk_img))
+SHIFT = NETWORK_SHIFT
 
 
 @pytest.fixture(scope="module")
-def pair():
-    fixed = make_phantom("oblique15", "aniso")
-    moving = make_phantom("oblique15", "aniso", transform=lambda p: p + SHIFT)  # moving(y) = phantom(y + SHIFT)
-    return _image(fixed), _image(moving)
+def pair(network_pair):
+    return network_pair
 
 
 def _translation_net(grid: Grid, world_mm: np.ndarray) -> GradICONNet:
@@ -94,7 +89,7 @@ def test_inverse_warp_lies_on_the_moving_grid(pair, tmp_path):
     image on another grid (other direction, spacing and field of view): the inverse of the constant shift
     holds over all of it."""
     fixed, _ = pair
-    moving = _image(make_phantom("PIL", "iso", transform=lambda p: p + SHIFT))
+    moving = as_image(make_phantom("PIL", "iso", transform=lambda p: p + SHIFT))
     save_gradicon_model(_translation_net(fixed.grid, -SHIFT), tmp_path / "m", "# test")
     reg = register_images(fixed, moving, _config(tmp_path / "m", io="none", inverse="fixed_point"))
     assert reg.inverse_field.grid.allclose(moving.grid) and reg.field.grid == fixed.grid
@@ -273,7 +268,7 @@ def test_foundation_outputs_pass_the_ants_oracle(tmp_path):
     assert agree(paths["fl"], paths["m"], [f"[{aff},1]", inv], [aff, inv], [True, False]) >= 0.995
 
 
-def test_an_empty_intensity_window_is_a_one_line_error_naming_the_image(tmp_path):
+def test_an_empty_intensity_window_is_a_one_line_error_naming_theas_image(tmp_path):
     """A mostly empty MRI (a few bright voxels, the rest 0): its [minimum, 99th percentile] window is empty."""
     f = write(make_phantom("LPS"), tmp_path / "f.nii.gz")
     arr = np.zeros((40, 44, 48), np.float32)

@@ -14,32 +14,25 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import invoke, make_phantom, one_line, write
+from conftest import NETWORK_SHIFT, as_image, invoke, make_phantom, one_line, write
 from regcli.config import build_config
 from regcli.methods.promptreg import _load, promptreg, task_names, voxels_to_world
 from regcli.models.promptreg import PromptRegConfig, PromptRegNet, save_promptreg_model
 from regcli.pipeline import register_images
 from regcli.resample import resample_to_grid
 from regcli.spaces.grid import Grid
-from regcli.spaces.image import Image
 from regcli.transforms import DisplacementField, inverse_consistency_error
 
 GRID = (16, 20, 24)  # the network's input_shape, tensor order (Z, Y, X); not a cube, so an axis mix-up shows
 TINY = PromptRegConfig(input_shape=GRID, encoder_channels=(4, 8), decoder_channels=(4,), num_tasks=2, prompt_dim=4,
                        prompt_hidden=8, template_size=2)
 TASKS = ["brain", "abdomen"]
-SHIFT = np.array([3.0, -2.0, 1.5])  # content shift of the moving phantom, world mm
-
-
-def _image(sitk_img: sitk.Image) -> Image:
-    return Image(torch.from_numpy(sitk.GetArrayFromImage(sitk_img).astype(np.float32)), Grid.from_sitk(sitk_img))
+SHIFT = NETWORK_SHIFT
 
 
 @pytest.fixture(scope="module")
-def pair():
-    fixed = make_phantom("oblique15", "aniso")
-    moving = make_phantom("oblique15", "aniso", transform=lambda p: p + SHIFT)  # moving(y) = phantom(y + SHIFT)
-    return _image(fixed), _image(moving)
+def pair(network_pair):
+    return network_pair
 
 
 def _constant_net(fixed_grid: Grid, world_mm: np.ndarray, seed: int = 0) -> PromptRegNet:
@@ -87,7 +80,7 @@ def test_constant_velocity_becomes_the_known_physical_displacement_and_its_exact
     whole pipeline. The moving image lies on another grid (other direction, spacing and field of view) than the
     fixed one."""
     fixed, _ = pair
-    moving = _image(make_phantom("PIL", "iso", transform=lambda p: p + SHIFT))
+    moving = as_image(make_phantom("PIL", "iso", transform=lambda p: p + SHIFT))
     _save(_constant_net(fixed.grid, -SHIFT), tmp_path / "m")
     reg = register_images(fixed, moving, _config(tmp_path / "m", io="none"))
     assert reg.working_grid.shape == GRID
