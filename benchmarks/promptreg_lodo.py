@@ -12,7 +12,8 @@
 3. Scores each model zero-shot on T: `regcli evaluate OUT/eval/datasets.yaml --task T --method promptreg|foundation
    --io none` (the networks alone, after the affine stage; prostate, `align: none` in the manifest, without it,
    as trained), and the affine stage alone as the reference.
-4. Prints the table (mean Dice per left-out task) and writes OUT/lodo.json.
+4. Prints the table (mean Dice per left-out task) and writes OUT/lodo_<models>.json (``--models`` splits the
+   networks over processes that share OUT).
 
 Training runs that already finished (OUT/<model>_wo_<T>/model/config.json) are not repeated.
 """
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/lodo")
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--tasks", default="brain,ct,prostate")
+    ap.add_argument("--models", default="promptreg,foundation", help="which networks (split them over processes)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ct-pairs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -100,8 +102,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = write_eval_data(out, a.ct_pairs, a.seed)
-    recipes = {"promptreg": ROOT / "docs/recipes/promptreg_small.yaml",
-               "foundation": ROOT / "docs/recipes/foundation_small.yaml"}
+    recipes = {m: ROOT / f"docs/recipes/{m}_small.yaml" for m in a.models.split(",")}
     table = {}
     for task in a.tasks.split(","):
         row = {"affine": evaluate(manifest, task, "affine", None, out / f"eval_affine_{task}", a.threads)}
@@ -119,13 +120,13 @@ def main() -> None:
                                   a.threads)
         table[task] = row
         print(task, json.dumps(row))
-    (out / "lodo.json").write_text(json.dumps(table, indent=1))
+    (out / f"lodo_{a.models.replace(',', '_')}.json").write_text(json.dumps(table, indent=1))
     print("\n| left-out task | pairs | Dice before | affine stage | foundation (zero-shot) | PromptReg (zero-shot) |")
     print("|---|---|---|---|---|---|")
     for task, row in table.items():
         f = lambda r: f"{r['dice']:.3f}" if r.get("dice") is not None else r.get("error", "-")  # noqa: E731
         print(f"| {task} | {row['affine'].get('n', '-')} | {row['affine'].get('dice_initial') or 0:.3f} | "
-              f"{f(row['affine'])} | {f(row['foundation'])} | {f(row['promptreg'])} |")
+              f"{f(row['affine'])} | {f(row.get('foundation', {}))} | {f(row.get('promptreg', {}))} |")
 
 
 if __name__ == "__main__":
