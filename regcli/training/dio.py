@@ -117,21 +117,15 @@ DioJob.model_rebuild()
 
 
 def load_dio_job(path: str | Path, overrides: Optional[dict] = None) -> DioJob:
-    from pydantic import ValidationError
+    from regcli.training.jobs import load_job_file
 
-    from regcli.config import validation_details
-    from regcli.training.jobs import job_data
-
-    data = job_data(path, overrides)
-    try:
-        job = DioJob.model_validate(data)
+    def check(job: DioJob) -> None:
         register_config(job)
         net_config(job)
         if job.validation is not None:
             validation_config(job)
-    except ValidationError as e:
-        raise ConfigError(f"invalid training job '{path}': {validation_details(e)}") from None
-    return job
+
+    return load_job_file(path, overrides, DioJob, check)
 
 
 def register_config(job: DioJob):

@@ -25,7 +25,6 @@ from typing import Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from regcli.errors import ConfigError
 from regcli.manifest import Dataset
 from regcli.models.gradicon import GradICONConfig, GradICONNet, gradicon_loss, identity_map
 from regcli.training.distributed import SINGLE, Distributed
@@ -50,19 +49,10 @@ class FoundationJob(BaseModel):
 
 
 def load_foundation_job(path: str | Path, overrides: Optional[dict] = None) -> FoundationJob:
-    from pydantic import ValidationError
+    from regcli.training.jobs import load_job_file
 
-    from regcli.config import validation_details
-    from regcli.training.jobs import job_data
-
-    data = job_data(path, overrides)
-    try:
-        job = FoundationJob.model_validate(data)
-        if not job.init:
-            GradICONConfig.model_validate(job.net)
-    except ValidationError as e:
-        raise ConfigError(f"invalid training job '{path}': {validation_details(e)}") from None
-    return job
+    return load_job_file(path, overrides, FoundationJob,
+                         lambda job: None if job.init else GradICONConfig.model_validate(job.net))
 
 
 

@@ -98,16 +98,26 @@ def start_run(outdir: str | Path, job: BaseModel, resume: bool, dist: Distribute
     return out, ck_path
 
 
-def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob:
+def load_job_file(path: str | Path, overrides: Optional[dict], model: type, check=None):
+    """A training job file (:func:`job_data`) validated as ``model``, then by ``check(job)`` (which may raise a
+    pydantic ValidationError, e.g. by validating the network's configuration); a bad job is a one-line
+    ConfigError naming the file."""
     from pydantic import ValidationError
 
     from regcli.config import validation_details
 
     data = job_data(path, overrides)
     try:
-        return EmbeddingJob.model_validate(data)
+        job = model.model_validate(data)
+        if check is not None:
+            check(job)
     except ValidationError as e:
         raise ConfigError(f"invalid training job '{path}': {validation_details(e)}") from None
+    return job
+
+
+def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob:
+    return load_job_file(path, overrides, EmbeddingJob)
 
 
 def load_volumes(job: EmbeddingJob, log: Callable[[str], None] = lambda s: None) -> tuple[list, list[int]]:

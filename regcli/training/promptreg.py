@@ -51,19 +51,9 @@ class PromptRegJob(BaseModel):
 
 def load_promptreg_job(path: str | Path, overrides: Optional[dict] = None) -> PromptRegJob:
     """The job file with ``overrides``."""
-    from pydantic import ValidationError
+    from regcli.training.jobs import load_job_file
 
-    from regcli.config import validation_details
-    from regcli.training.jobs import job_data
-
-    data = job_data(path, overrides)
-    try:
-        job = PromptRegJob.model_validate(data)
-        if not job.init:
-            net_config(job)
-    except ValidationError as e:
-        raise ConfigError(f"invalid training job '{path}': {validation_details(e)}") from None
-    return job
+    return load_job_file(path, overrides, PromptRegJob, lambda job: None if job.init else net_config(job))
 
 
 def net_config(job: PromptRegJob) -> PromptRegConfig:
