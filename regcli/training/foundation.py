@@ -23,29 +23,18 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from regcli.manifest import Dataset
 from regcli.models.gradicon import GradICONConfig, GradICONNet, gradicon_loss, identity_map
 from regcli.training.distributed import SINGLE, Distributed
-from regcli.training.pairs import PairNetwork, PairTrainConfig, PairValidation, plot_curves, train_pair_network
-
-FoundationTrainConfig = PairTrainConfig
+from regcli.training.pairs import PairJob, PairNetwork, plot_curves, train_pair_network
 
 
-class FoundationJob(BaseModel):
-    """What ``regcli train foundation`` runs."""
+class FoundationJob(PairJob):
+    """What ``regcli train foundation`` runs (``init`` fine-tunes, e.g. from an imported uniGradICON)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    data: list[Dataset] = Field(min_length=1, description="datasets (regcli.manifest.Dataset, inline or a manifest "
-                                "file): image globs and/or pairs CSVs, modality, align, weight")
     net: dict = Field(default_factory=dict, description="regcli.models.gradicon.GradICONConfig fields (ignored "
                       "with init: the initial model's architecture is kept)")
-    train: PairTrainConfig = PairTrainConfig()
-    checkpoint_every: int = Field(50, ge=1)
-    init: Optional[str] = Field(None, description="fine-tune from these weights (any regcli weights spec)")
-    validation: Optional[PairValidation] = Field(None, description="labelled held-out pairs scored while training")
 
 
 def load_foundation_job(path: str | Path, overrides: Optional[dict] = None) -> FoundationJob:

@@ -225,6 +225,26 @@ def plot_curves(history: list[dict], path: Path, titles: dict[str, str]) -> None
     plt.close(fig)
 
 
+class PairJob(BaseModel):
+    """What a pair-network training task runs (:func:`train_pair_network`); each task's job subclasses it and
+    says in ``net`` which network configuration it takes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: list[Dataset] = Field(min_length=1, description="datasets (regcli.manifest.Dataset, inline or a manifest "
+                                "file): image globs and/or pairs CSVs, modality, align, weight, task")
+    net: dict = Field(default_factory=dict, description="the network's configuration fields (ignored with init)")
+    train: PairTrainConfig = PairTrainConfig()
+    checkpoint_every: int = Field(50, ge=1)
+    init: Optional[str] = Field(None, description="start from these weights (any regcli weights spec)")
+    validation: Optional[PairValidation] = Field(None, description="labelled held-out pairs scored while training")
+
+    @property
+    def tasks(self) -> list[str]:
+        """The training tasks in order of first appearance (a task-prompted network's prompts' order)."""
+        return list(dict.fromkeys(d.task_name for d in self.data))
+
+
 def exclude_tasks(job: BaseModel, tasks: tuple[str, ...]) -> BaseModel:
     """``job`` (a pair-training job) without the datasets of ``tasks`` (unknown task: one-line ConfigError)."""
     if not tasks:

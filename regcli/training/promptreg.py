@@ -20,33 +20,19 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from regcli.errors import ConfigError
-from regcli.manifest import Dataset
 from regcli.models.promptreg import PromptRegConfig, PromptRegNet, promptreg_loss
 from regcli.training.distributed import SINGLE, Distributed
-from regcli.training.pairs import PairNetwork, PairTrainConfig, PairValidation, train_pair_network
+from regcli.training.pairs import PairJob, PairNetwork, train_pair_network
 
 
-class PromptRegJob(BaseModel):
-    """What ``regcli train promptreg`` runs."""
+class PromptRegJob(PairJob):
+    """What ``regcli train promptreg`` runs: each dataset is of a task (:attr:`tasks`, the prompts' order)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    data: list[Dataset] = Field(min_length=1, description="datasets (regcli.manifest.Dataset, inline or a manifest "
-                                "file), each of a task")
     net: dict = Field(default_factory=dict, description="regcli.models.promptreg.PromptRegConfig fields (num_tasks "
                       "defaults to the number of tasks in data; ignored with init)")
-    train: PairTrainConfig = PairTrainConfig()
-    checkpoint_every: int = Field(50, ge=1)
-    init: Optional[str] = Field(None, description="start from these weights (any regcli weights spec)")
-    validation: Optional[PairValidation] = Field(None, description="labelled held-out pairs scored while training")
-
-    @property
-    def tasks(self) -> list[str]:
-        """The training tasks in order of first appearance (the prompts' order)."""
-        return list(dict.fromkeys(d.task_name for d in self.data))
 
 
 def load_promptreg_job(path: str | Path, overrides: Optional[dict] = None) -> PromptRegJob:
