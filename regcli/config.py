@@ -141,16 +141,23 @@ class SamConvexConfig(_Frozen):
         return self
 
 
-class FoundationConfig(_Frozen):
-    """A multi-step GradICON network (uniGradICON-compatible; :mod:`regcli.methods.foundation`), then optional IO."""
+class _NetworkConfig(_Frozen):
+    """What every network method (foundation, promptreg) takes: its weights and how its inputs are prepared
+    (:func:`regcli.methods.foundation.prepare_pair`)."""
 
-    weights: str = Field("foundation-small", description="network: a folder (e.g. from `regcli weights import "
-                         "unigradicon`), hub:org/name@commit, or a registry name (regcli weights list)")
+    weights: str = Field(description="network: a folder, hub:org/name@commit, or a registry name")
     modality: Literal["mri", "ct"] = Field("mri", description="intensity preparation of the fixed image (and of "
                                            "the moving one unless moving_modality): ct clips to [-1000, 1000] HU, "
                                            "mri to [minimum, 99th percentile]; both then scale to [0, 1]")
     moving_modality: Optional[Literal["mri", "ct"]] = Field(None, description="the moving image's, when it "
                                                             "differs (None: modality)")
+
+
+class FoundationConfig(_NetworkConfig):
+    """A multi-step GradICON network (uniGradICON-compatible; :mod:`regcli.methods.foundation`), then optional IO."""
+
+    weights: str = Field("foundation-small", description="network: a folder (e.g. from `regcli weights import "
+                         "unigradicon`), hub:org/name@commit, or a registry name (regcli weights list)")
     io: Literal["none", "network", "field"] = Field(
         "field", description="instance optimisation after the network: field (default: regcli's shared solver, "
         "ConvexAdam's instance optimisation and refinement on MIND-SSC on the usual working grid, started from the "
@@ -164,16 +171,11 @@ class FoundationConfig(_Frozen):
         "io=field changed the forward field) or the fixed-point inverse of the forward field")
 
 
-class PromptRegMethodConfig(_Frozen):
+class PromptRegMethodConfig(_NetworkConfig):
     """The PromptReg network (:mod:`regcli.methods.promptreg`): one task-prompted network, then optional IO."""
 
     weights: str = Field("promptreg-small", description="network: a folder (from `regcli train` or "
                          "save_promptreg_model), hub:org/name@commit, or a registry name (regcli weights list)")
-    modality: Literal["mri", "ct"] = Field("mri", description="intensity preparation of the fixed image (and of "
-                                           "the moving one unless moving_modality): ct clips to [-1000, 1000] HU, "
-                                           "mri to [minimum, 99th percentile]; both then scale to [0, 1]")
-    moving_modality: Optional[Literal["mri", "ct"]] = Field(None, description="the moving image's, when it "
-                                                            "differs (None: modality)")
     input_shape: Optional[tuple[int, int, int]] = Field(
         None, description="network grid in tensor order (Z, Y, X): the fixed image's field of view resampled to "
         "this many voxels per axis (a single number sets all three); None: the grid the network was trained on "

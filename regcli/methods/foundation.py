@@ -88,17 +88,23 @@ def prepare_intensities(data: torch.Tensor, modality: str, what: str = "image", 
     return (x.clamp(lo, hi) - lo) / (hi - lo)
 
 
-def prepare_images(fixed, moving, cfg: RegisterConfig):
-    """Both images' intensities prepared (:func:`prepare_intensities`) on their own grids, before the pipeline
-    resamples them onto the network grid: uniGradICON windows the original images, and the moving image's
-    padding outside its field of view (0) is then the window's lower end (air for CT)."""
-    fcfg = cfg.foundation
+def prepare_pair(fixed, moving, section, method: str):
+    """Both images' intensities prepared (:func:`prepare_intensities`) on their own grids with a network
+    method's ``section`` of the config (``modality``, ``moving_modality``), before the pipeline resamples them
+    onto the network grid: uniGradICON windows the original images, and the moving image's padding outside its
+    field of view (0) is then the window's lower end (air for CT)."""
 
     def prepared(image, role: str, modality: str):
         what = f"{role} image '{image.name}'" if image.name else f"{role} image"
-        return image.with_data(prepare_intensities(_scalar(image, role), modality, what))
+        return image.with_data(prepare_intensities(_scalar(image, role), modality, what, method))
 
-    return prepared(fixed, "fixed", fcfg.modality), prepared(moving, "moving", fcfg.moving_modality or fcfg.modality)
+    return (prepared(fixed, "fixed", section.modality),
+            prepared(moving, "moving", section.moving_modality or section.modality))
+
+
+def prepare_images(fixed, moving, cfg: RegisterConfig):
+    """:func:`prepare_pair` with ``foundation.modality`` / ``foundation.moving_modality``."""
+    return prepare_pair(fixed, moving, cfg.foundation, "foundation")
 
 
 def map_to_world(d: torch.Tensor, grid: Grid) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch
 from regcli.config import RegisterConfig
 from regcli.errors import ConfigError, ConvergenceError, GeometryError
 from regcli.methods.convexadam import DeformableResult, ProgressFn, _scalar, method_setup
-from regcli.methods.foundation import field_io, map_to_world, prepare_intensities
+from regcli.methods.foundation import field_io, map_to_world, prepare_pair
 from regcli.models.promptreg import PromptRegNet, integrate_velocity, promptreg_from
 from regcli.progress import log
 from regcli.spaces.grid import Grid
@@ -116,14 +116,8 @@ def working_grid(fixed_grid: Grid, cfg: RegisterConfig) -> tuple[Grid, bool]:
 def prepare_images(fixed, moving, cfg: RegisterConfig):
     """Both images' intensities prepared to [0, 1] (:func:`regcli.methods.foundation.prepare_intensities`,
     ``promptreg.modality`` / ``promptreg.moving_modality``) on their own grids, before the pipeline resamples
-    them onto the network grid."""
-    pcfg = cfg.promptreg
-
-    def prepared(image, role: str, modality: str):
-        what = f"{role} image '{image.name}'" if image.name else f"{role} image"
-        return image.with_data(prepare_intensities(_scalar(image, role), modality, what, "promptreg"))
-
-    return prepared(fixed, "fixed", pcfg.modality), prepared(moving, "moving", pcfg.moving_modality or pcfg.modality)
+    them onto the network grid (:func:`regcli.methods.foundation.prepare_pair`)."""
+    return prepare_pair(fixed, moving, cfg.promptreg, "promptreg")
 
 
 def voxels_to_world(d: torch.Tensor, grid: Grid) -> torch.Tensor:
