@@ -94,7 +94,7 @@ def batch(
     every pair succeeded, otherwise with the exit code of the first failed pair (after writing the summary).
     """
     from regcli.batch import BatchJob, run_batch, write_batch_results
-    from regcli.cli.common import Ui
+    from regcli.cli.common import Ui, output_folder
     from regcli.cli.evaluate import _log_row, _register_args, results_table
     from regcli.config import build_config
     from regcli.errors import OutputError
@@ -116,12 +116,7 @@ def batch(
     extra = _register_args(device, None, seed, deterministic, working_spacing, affine_metric, iterations,
                            transform, optimizer, fine_spacing, modality, io)
 
-    if output.exists() and not output.is_dir():
-        raise OutputError(f"output folder '{output}' is a file")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create output folder '{output}': {e.strerror or e}") from None
+    output_folder(output)
     if not os.access(output, os.W_OK):
         raise OutputError(f"output folder '{output}' is not writable")
 

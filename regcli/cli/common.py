@@ -433,6 +433,20 @@ PromptLandmarksOpt = Annotated[Optional[bool], typer.Option(
     rich_help_panel=_CFG)]
 
 
+def output_folder(output: Path) -> Path:
+    """A command's output folder, created if missing (checked before anything runs): a one-line OutputError
+    when it is a file or cannot be created."""
+    from regcli.errors import OutputError
+
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"output folder '{output}' is a file")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output folder '{output}': {e.strerror or e}") from None
+    return output
+
+
 def parse_label_ids(text: Optional[str]):
     """``--prompt-labels`` value: None, ``"all"``, or a tuple of label ids (BadParameter otherwise)."""
     if text is None:

@@ -106,7 +106,7 @@ def evaluate(
     mean ± sd row, and writes OUTDIR/evaluation.csv and OUTDIR/evaluation.json. Exits 0 when every pair was
     scored, otherwise with the exit code of the first failed pair (after writing the results).
     """
-    from regcli.cli.common import Ui
+    from regcli.cli.common import Ui, output_folder
     from regcli.config import build_config
     from regcli.errors import ConfigError, OutputError
     from regcli.evaluation import Pair, check_pair, evaluate_pairs, read_pairs, write_results
@@ -134,14 +134,7 @@ def evaluate(
     extra = _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
                            transform, optimizer, fine_spacing, modality, io)
 
-    # outputs: checked before anything runs (O2, O3)
-    if output.exists() and not output.is_dir():
-        raise OutputError(f"output folder '{output}' is a file")
-    if not output.exists():
-        try:
-            output.mkdir(parents=True)
-        except OSError as e:
-            raise OutputError(f"cannot create output folder '{output}': {e.strerror or e}") from None
+    output_folder(output)  # outputs: checked before anything runs (O2, O3)
     outs = OutputSet(overwrite=overwrite)
     outs.claim(output / "evaluation.csv")
     outs.claim(output / "evaluation.json")
