@@ -21,6 +21,7 @@ The convention that makes N processes train like one:
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
@@ -61,7 +62,7 @@ class Distributed:
         if not self.enabled:
             return net
         dev = next(net.parameters()).device
-        return _DDP(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        return _ddp_class()(net, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -79,6 +80,7 @@ class Distributed:
 SINGLE = Distributed()
 
 
+@functools.lru_cache(maxsize=1)
 def _ddp_class():
     from torch.nn.parallel import DistributedDataParallel
 
@@ -93,10 +95,6 @@ def _ddp_class():
                 return getattr(self.module, name)
 
     return DDP
-
-
-def _DDP(net: torch.nn.Module, **kwargs) -> torch.nn.Module:
-    return _ddp_class()(net, **kwargs)
 
 
 def from_environment() -> Distributed:
