@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from regcli.errors import ConfigError
-from regcli.evaluation import Evaluation, Pair, _jsonable, process_pair
+from regcli.evaluation import Evaluation, Pair, _jsonable, pair_prefix, process_pair
 
 SCORES_SUFFIX = "Scores.json"
 
@@ -58,10 +58,6 @@ class BatchResult:
 
     def to_dict(self) -> dict:
         return {**self.evaluation.to_dict(), "n_resumed": len(self.resumed), "resumed": self.resumed}
-
-
-def pair_prefix(outdir: str | os.PathLike, pair: Pair) -> str:
-    return str(Path(outdir) / f"{pair.name}_")
 
 
 def complete_report(prefix: str) -> Optional[str]:

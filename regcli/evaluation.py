@@ -512,6 +512,11 @@ def evaluate_pairs(
     return ev
 
 
+def pair_prefix(outdir: str | os.PathLike, pair: Pair) -> str:
+    """Where a pair's registration outputs go: ``outdir/<pair>_``."""
+    return str(Path(outdir) / f"{pair.name}_")
+
+
 def process_pair(pair: Pair, outdir: str | os.PathLike, method: str, existing_prefix: Optional[str] = None,
                  config: Optional[Path] = None, extra_args: Sequence[str] = (), overwrite: bool = False,
                  label_interp: str = "nearest", hd95: bool = True,
@@ -533,7 +538,7 @@ def process_pair(pair: Pair, outdir: str | os.PathLike, method: str, existing_pr
                 except (json.JSONDecodeError, OSError):
                     pass
         else:
-            prefix = str(Path(outdir) / f"{pair.name}_")
+            prefix = pair_prefix(outdir, pair)
             run = register_fn(pair, prefix, method, config=config, extra_args=extra_args, overwrite=overwrite)
             row["wall_seconds"] = run.wall_seconds
             row.update(_from_report(run.report))
