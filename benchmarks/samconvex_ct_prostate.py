@@ -9,7 +9,8 @@
   ``R`` is a rotation of 2-5 degrees about a random axis through the image centre plus a 5-10 mm shift.
   Intensities get a +-5% gain, +-20 HU offset and Gaussian noise of 25 HU; labels go through the same
   transform (nearest neighbour). Fixed = the original CT. Score: mean Dice over the labels with at least
-  ``--min-voxels`` voxels in the fixed map.
+  ``--min-voxels`` voxels in the fixed map. ``--ct-mask-hu V`` gives every variant the fixed mask CT > V
+  (-500: the body), as a user passes a body mask with ``regcli register --fixed-mask``.
 * **Prostate** (``deepreg_prostate_mrus``: 10 intra-patient MR-US pairs, headers say 0.4 mm, field of view
   18-26 mm). Scores: gland Dice (main), Dice of the landmark labels (1, 2 where present; cases 2, 5, 6
   have none) and their centroid distance (mm, world). The default 2 mm working grid would hold 9-13 voxels
@@ -98,11 +99,14 @@ def ct_pairs(a):
     pairs = []
     for k in range(a.ct_pairs):
         mv, ml, info = synthetic_ct_pair(ct, lab, k, a.seed)
-        pairs.append({"name": f"synthetic{k}", "fixed": ct, "moving": mv, "info": info,
-                      "sets": {"organs": (lab, ml, keep)}})
+        pair = {"name": f"synthetic{k}", "fixed": ct, "moving": mv, "info": info, "sets": {"organs": (lab, ml, keep)}}
+        if a.ct_mask_hu is not None:  # a body mask on the fixed CT, as a user passes with --fixed-mask
+            pair["fixed_mask"] = ct.with_data((ct.data > a.ct_mask_hu).to(torch.float32))
+        pairs.append(pair)
     caption = (f"CT: {a.ct_pairs} synthetic pairs (seed {a.seed}) of the one TotalSegmentator CT (3 mm); "
                f"mean Dice over the {len(keep)} labels with >= {a.min_voxels} voxels; working spacing as in the "
-               "variant (default 2 mm, finer than the 3 mm image)")
+               "variant (default 2 mm, finer than the 3 mm image)"
+               + ("" if a.ct_mask_hu is None else f"; fixed mask: CT > {a.ct_mask_hu:g} HU"))
     return pairs, caption
 
 
@@ -148,7 +152,7 @@ def score_sets(pair, transform):
 def run_pair(pair, cfg):
     t = time.perf_counter()
     try:
-        reg = register_images(pair["fixed"], pair["moving"], cfg)
+        reg = register_images(pair["fixed"], pair["moving"], cfg, fixed_mask=pair.get("fixed_mask"))
     except RegcliError as e:
         return {"pair": pair["name"], "failed": e.one_line()}
     except Exception as e:  # noqa: BLE001 - a crash in one pair must not lose the other results
@@ -202,6 +206,8 @@ def main() -> None:
     ap.add_argument("--ct-pairs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-voxels", type=int, default=200, help="CT: score labels with at least this many voxels")
+    ap.add_argument("--ct-mask-hu", type=float, default=None,
+                    help="CT: pass the fixed mask CT > this value (e.g. -500: the body) to every variant")
     ap.add_argument("--prostate-cases", default="0-9")
     ap.add_argument("--prostate-spacing", type=float, default=0.8,
                     help="working_spacing_mm for prostate (0: keep the variant's)")
