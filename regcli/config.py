@@ -100,6 +100,11 @@ class InstanceConfig(_Frozen):
                                                    "field (default: smoothing_passes)")
     refine_mind_dilation: int = Field(1, ge=1, description="MIND-SSC neighbour distance of the refinement "
                                       "features (working-grid voxels)")
+    refine_intensity_weight: float = Field(
+        0.0, ge=0, description="for images of the same contrast only (e.g. T1w to T1w): the intensities join the "
+        "refinement's MIND-SSC features as one more channel, each image standardised over the working grid (zero "
+        "mean, unit sd) and scaled by this weight (0.5 measured on T1w brains; 0: MIND-SSC only). Also used by "
+        "the fine refinement. Different contrasts (T1w to T2w, MR to US, CT to MR) must keep 0")
     fine_spacing_mm: Optional[float] = Field(
         None, gt=0, description="after any deformable method: a last refinement on the fixed image's grid at this "
         "finer isotropic spacing (e.g. 1.0; MIND-SSC, the refine_* settings, instance.transform); None: the "

@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 import typer
 
 from regcli.cli.common import (
-    AffineMetricOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt, FoundationIOOpt, IterationsOpt,
-    JsonOpt, MethodOpt, ModalityOpt, OptimizerOpt, QuietOpt, SeedOpt, TransformOpt, VerboseOpt, WorkingSpacingOpt,
-    config_overrides, examples, input_file_argument,
+    AffineMetricOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt, FoundationIOOpt,
+    IntensityWeightOpt, IterationsOpt, JsonOpt, MethodOpt, ModalityOpt, OptimizerOpt, QuietOpt, SeedOpt,
+    TransformOpt, VerboseOpt, WorkingSpacingOpt, config_overrides, examples, input_file_argument,
 )
 from regcli.cli.evaluate import ExcludeTaskOpt, LabelInterp, TaskOpt
 
@@ -72,6 +72,7 @@ def batch(
     transform: TransformOpt = None,
     optimizer: OptimizerOpt = None,
     fine_spacing: FineSpacingOpt = None,
+    intensity_weight: IntensityWeightOpt = None,
     modality: ModalityOpt = None,
     io: FoundationIOOpt = None,
     label_interp: Annotated[LabelInterp, typer.Option(
@@ -111,10 +112,11 @@ def batch(
     overrides = config_overrides(method=method, device=device, threads=threads, seed=seed,
                                  deterministic=deterministic, working_spacing=working_spacing,
                                  affine_metric=affine_metric, iterations=iterations, transform=transform,
-                                 optimizer=optimizer, fine_spacing=fine_spacing, modality=modality, io=io)
+                                 optimizer=optimizer, fine_spacing=fine_spacing, modality=modality, io=io,
+                                 intensity_weight=intensity_weight)
     cfg = build_config(config, overrides)  # fail fast on a bad YAML or flag (exit 7)
     extra = _register_args(device, None, seed, deterministic, working_spacing, affine_metric, iterations,
-                           transform, optimizer, fine_spacing, modality, io)
+                           transform, optimizer, fine_spacing, modality, io, intensity_weight)
 
     output_folder(output)
     if not os.access(output, os.W_OK):

@@ -409,6 +409,11 @@ FineSpacingOpt = Annotated[Optional[float], typer.Option(
     "--fine-spacing", metavar="MM", help="After the deformable stage, refine the field on "
     "the fixed image's grid at this finer spacing (e.g. 1): sharper boundaries for some seconds more "
     "(instance.fine_spacing_mm; default: off).", show_default=False, rich_help_panel=_CFG)]
+IntensityWeightOpt = Annotated[Optional[float], typer.Option(
+    "--intensity-weight", metavar="W", help="Same-contrast pairs only (e.g. T1w to T1w): the intensities join "
+    "MIND-SSC in the working-grid and fine refinements with this weight (0.5 measured best on brains; "
+    "instance.refine_intensity_weight; default 0). Never for different contrasts.", show_default=False,
+    rich_help_panel=_CFG)]
 Modality = Enum("Modality", {t: t for t in ("mri", "ct")}, type=str)
 FoundationIO = Enum("FoundationIO", {t: t for t in ("none", "network", "field")}, type=str)
 ModalityOpt = Annotated[Optional[Modality], typer.Option(
@@ -484,7 +489,7 @@ def parse_iterations(text: Optional[str]) -> Optional[tuple[int, ...]]:
 def config_overrides(method=None, device=None, threads=None, seed=None, deterministic=None,
                      working_spacing=None, affine_metric=None, affine_init=None, affine=None, iterations=None,
                      inverse=None, html=None, transform=None, optimizer=None, prompt_labels=None,
-                     prompt_landmarks=None, fine_spacing=None, modality=None, io=None) -> dict:
+                     prompt_landmarks=None, fine_spacing=None, modality=None, io=None, intensity_weight=None) -> dict:
     """Nested override dict for :func:`regcli.config.build_config` (None = not given on the command line)."""
     return {
         "prompts": {"labels": parse_label_ids(prompt_labels), "landmarks": prompt_landmarks},
@@ -497,7 +502,7 @@ def config_overrides(method=None, device=None, threads=None, seed=None, determin
         "affine": {"metric": _value(affine_metric), "init": _value(affine_init), "enabled": affine},
         "iterations": parse_iterations(iterations),
         "instance": {"transform": _value(transform), "optimizer": _value(optimizer),
-                     "fine_spacing_mm": fine_spacing},
+                     "fine_spacing_mm": fine_spacing, "refine_intensity_weight": intensity_weight},
         "modality": _value(modality),  # foundation.* or promptreg.*, by method (regcli.config.network_override)
         "io": _value(io),
         "inverse_warp": inverse,

@@ -5,9 +5,9 @@ import typer
 
 from regcli.cli.common import (
     AffineInitOpt, AffineMetricOpt, AffineOnOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt,
-    FoundationIOOpt, HtmlOpt, InverseOpt, IterationsOpt, JsonOpt, MethodOpt, ModalityOpt, OptimizerOpt,
-    PromptLabelsOpt, PromptLandmarksOpt, SeedOpt, ThreadsOpt, TransformOpt, WorkingSpacingOpt, config_overrides,
-    examples,
+    FoundationIOOpt, HtmlOpt, IntensityWeightOpt, InverseOpt, IterationsOpt, JsonOpt, MethodOpt, ModalityOpt,
+    OptimizerOpt, PromptLabelsOpt, PromptLandmarksOpt, SeedOpt, ThreadsOpt, TransformOpt, WorkingSpacingOpt,
+    config_overrides, examples,
 )
 
 app = typer.Typer(
@@ -55,6 +55,7 @@ def show(
     transform: TransformOpt = None,
     optimizer: OptimizerOpt = None,
     fine_spacing: FineSpacingOpt = None,
+    intensity_weight: IntensityWeightOpt = None,
     modality: ModalityOpt = None,
     io: FoundationIOOpt = None,
     prompt_labels: PromptLabelsOpt = None,
@@ -73,7 +74,7 @@ def show(
     cfg = build_config(config, config_overrides(method, device, threads, seed, deterministic, working_spacing,
                                                 affine_metric, affine_init, affine, iterations, inverse, html,
                                                 transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing,
-                                                modality, io))
+                                                modality, io, intensity_weight))
     data = cfg.model_dump(mode="json")
     if json_out:
         emit_json(data)

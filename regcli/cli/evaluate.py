@@ -10,9 +10,10 @@ from typing import Annotated, Optional
 import typer
 
 from regcli.cli.common import (
-    AffineMetricOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt, FoundationIOOpt, IterationsOpt,
-    JsonOpt, MethodOpt, ModalityOpt, OptimizerOpt, OverwriteOpt, QuietOpt, SeedOpt, ThreadsOpt, TransformOpt,
-    VerboseOpt, WorkingSpacingOpt, config_overrides, examples, input_file_argument, input_file_option,
+    AffineMetricOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt, FoundationIOOpt,
+    IntensityWeightOpt, IterationsOpt, JsonOpt, MethodOpt, ModalityOpt, OptimizerOpt, OverwriteOpt, QuietOpt,
+    SeedOpt, ThreadsOpt, TransformOpt, VerboseOpt, WorkingSpacingOpt, config_overrides, examples,
+    input_file_argument, input_file_option,
 )
 
 EXAMPLES = examples(
@@ -85,6 +86,7 @@ def evaluate(
     transform: TransformOpt = None,
     optimizer: OptimizerOpt = None,
     fine_spacing: FineSpacingOpt = None,
+    intensity_weight: IntensityWeightOpt = None,
     modality: ModalityOpt = None,
     io: FoundationIOOpt = None,
     label_interp: Annotated[LabelInterp, typer.Option(
@@ -129,10 +131,11 @@ def evaluate(
     overrides = config_overrides(method=method, device=device, threads=threads, seed=seed,
                                  deterministic=deterministic, working_spacing=working_spacing,
                                  affine_metric=affine_metric, iterations=iterations, transform=transform,
-                                 optimizer=optimizer, fine_spacing=fine_spacing, modality=modality, io=io)
+                                 optimizer=optimizer, fine_spacing=fine_spacing, modality=modality, io=io,
+                                 intensity_weight=intensity_weight)
     cfg = build_config(config, overrides)  # fail fast on a bad YAML or flag (exit 7)
     extra = _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
-                           transform, optimizer, fine_spacing, modality, io)
+                           transform, optimizer, fine_spacing, modality, io, intensity_weight)
 
     output_folder(output)  # outputs: checked before anything runs (O2, O3)
     outs = OutputSet(overwrite=overwrite)
@@ -175,13 +178,15 @@ def evaluate(
 
 
 def _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
-                   transform=None, optimizer=None, fine_spacing=None, modality=None, io=None) -> list:
+                   transform=None, optimizer=None, fine_spacing=None, modality=None, io=None,
+                   intensity_weight=None) -> list:
     """Flags passed on to each `regcli register` child (HTML reports off: evaluation does not need them)."""
     args = ["--no-html"]
     for flag, v in (("--device", device), ("--threads", threads), ("--seed", seed),
                     ("--working-spacing", working_spacing), ("--affine-metric", affine_metric),
                     ("--iterations", iterations), ("--transform", transform), ("--optimizer", optimizer),
-                    ("--fine-spacing", fine_spacing), ("--modality", modality), ("--io", io)):
+                    ("--fine-spacing", fine_spacing), ("--modality", modality), ("--io", io),
+                    ("--intensity-weight", intensity_weight)):
         if v is not None:
             args += [flag, str(getattr(v, "value", v))]
     if deterministic is not None:

@@ -7,9 +7,9 @@ import typer
 
 from regcli.cli.common import (
     AffineInitOpt, AffineMetricOpt, AffineOnOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt,
-    FoundationIOOpt, HtmlOpt, InverseOpt, IterationsOpt, JsonOpt, MethodOpt, ModalityOpt, OptimizerOpt,
-    OverwriteOpt, PromptLabelsOpt, PromptLandmarksOpt, QuietOpt, SeedOpt, ThreadsOpt, TransformOpt, VerboseOpt,
-    WorkingSpacingOpt, config_overrides, examples, input_file_argument, input_file_option,
+    FoundationIOOpt, HtmlOpt, IntensityWeightOpt, InverseOpt, IterationsOpt, JsonOpt, MethodOpt, ModalityOpt,
+    OptimizerOpt, OverwriteOpt, PromptLabelsOpt, PromptLandmarksOpt, QuietOpt, SeedOpt, ThreadsOpt, TransformOpt,
+    VerboseOpt, WorkingSpacingOpt, config_overrides, examples, input_file_argument, input_file_option,
 )
 
 EXAMPLES = examples(
@@ -60,6 +60,7 @@ def register(
     transform: TransformOpt = None,
     optimizer: OptimizerOpt = None,
     fine_spacing: FineSpacingOpt = None,
+    intensity_weight: IntensityWeightOpt = None,
     modality: ModalityOpt = None,
     io: FoundationIOOpt = None,
     prompt_labels: PromptLabelsOpt = None,
@@ -85,7 +86,7 @@ def register(
     cfg = build_config(config, config_overrides(method, device, threads, seed, deterministic, working_spacing,
                                                 affine_metric, affine_init, affine, iterations, inverse, html,
                                                 transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing,
-                                                modality, io))
+                                                modality, io, intensity_weight))
     from regcli.pipeline import RegisterInputs, run_register
 
     inputs = RegisterInputs(

@@ -197,15 +197,16 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
                     init_grid: Grid, fmask: Optional[torch.Tensor], mmask: Optional[torch.Tensor], icfg,
                     iterations: int, lr: float, stage: str, report: ProgressFn, dev,
                     gradient_floor: float = 0.0, reg_weight: Optional[float] = None,
-                    smoothing_passes: Optional[int] = None, prompts: Sequence = ()
-                    ) -> tuple[torch.Tensor, Grid, list[dict]]:
+                    smoothing_passes: Optional[int] = None, prompts: Sequence = (),
+                    mind_channels: Optional[int] = None) -> tuple[torch.Tensor, Grid, list[dict]]:
     """One level of instance optimisation: features (1, C, Z, Y, X) on ``grid`` average-pooled by ``k``, a
     free-form displacement on the pooled grid initialised with ``init`` (3, ...) mm on ``init_grid``.
 
     ``gradient_floor`` (> 0, Adam only) is Adam's ``eps`` per voxel: the similarity is a mean over the
     voxels, so a voxel's gradient is ``1/V`` of its own misfit gradient and ``eps = gradient_floor / V``.
 
-    ``prompts`` (:mod:`regcli.solvers.prompts`) join the objective.
+    ``prompts`` (:mod:`regcli.solvers.prompts`) join the objective. ``mind_channels``: only the first ones are
+    MIND-SSC (the rest, e.g. intensities, are left out when finding where the features are flat).
 
     Returns the displacement (3, ...) mm on the pooled grid, that grid, and the loss history.
     """
@@ -219,7 +220,8 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
         return start, io_grid, []
     with torch.no_grad():
         warped = FieldWarper(io_grid, io_grid, dev).warp(io_m, start)
-        support = mind_support(io_f, io_grid) | mind_support(warped, io_grid)
+        c = mind_channels or io_f.shape[1]
+        support = mind_support(io_f[:, :c], io_grid) | mind_support(warped[:, :c], io_grid)
         support = dilate(support, io_grid, SUPPORT_MARGIN_MM)
         del warped
     solver = solver_from_config(
@@ -233,12 +235,21 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
     return result.disp, io_grid, result.history
 
 
+def _unit_range(data: torch.Tensor) -> torch.Tensor:
+    """Intensities standardised over the whole grid (zero mean, unit sd): a gain and an offset change nothing,
+    and fixed and moving share the grid and so the field of view."""
+    sd = float(data.std())
+    return (data - float(data.mean())) / (sd if sd > 0 else 1.0)
+
+
 def refine_on_working_grid(fdata: torch.Tensor, mdata: torch.Tensor, grid: Grid, init: torch.Tensor,
                            init_grid: Grid, fmask: Optional[torch.Tensor], mmask: Optional[torch.Tensor],
                            cfg: RegisterConfig, iterations: int, report: ProgressFn, dev, prompts: Sequence = (),
                            stage: str = STAGE_REFINE, lr: Optional[float] = None) -> tuple[torch.Tensor, list[dict]]:
     """The refinement step (``instance.refine_*``): Adam with the gradient floor on the working grid itself,
-    on MIND-SSC of dilation ``refine_mind_dilation`` of the (Z, Y, X) fixed and moving data on ``grid``,
+    on MIND-SSC of dilation ``refine_mind_dilation`` of the (Z, Y, X) fixed and moving data on ``grid`` (and,
+    with ``refine_intensity_weight`` w > 0, the intensities themselves as one more channel, each image
+    standardised over ``grid`` and scaled by w),
     starting from ``init`` (3, ...) mm on ``init_grid``, Adam step ``lr`` mm (default
     ``refine_learning_rate``). Returns the field (3, ...) mm on ``grid`` and the loss history. Also used after
     other methods' own stages (SAMConvex) and, on a finer grid, by the fine refinement of every method
@@ -247,11 +258,15 @@ def refine_on_working_grid(fdata: torch.Tensor, mdata: torch.Tensor, grid: Grid,
     with torch.no_grad():
         feat_f = mind_ssc(fdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
         feat_m = mind_ssc(mdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
+        n_mind = feat_f.shape[1]
+        if icfg.refine_intensity_weight > 0:  # same-contrast pairs: the intensities join MIND-SSC
+            feat_f, feat_m = (torch.cat((f, icfg.refine_intensity_weight * _unit_range(d)[None, None]), 1)
+                              for f, d in ((feat_f, fdata), (feat_m, mdata)))
     disp, _, hist = _instance_level(
         feat_f, feat_m, grid, 1, init, init_grid, fmask, mmask, icfg, iterations,
         icfg.refine_learning_rate if lr is None else lr,
         stage, report, dev, icfg.refine_gradient_floor, icfg.refine_reg_weight, icfg.refine_smoothing_passes,
-        prompts)
+        prompts, n_mind)
     return disp, hist
 
 
