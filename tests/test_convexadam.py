@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from regcli.config import RegisterConfig
 from regcli.errors import GeometryError
 from regcli.methods.convexadam import (
-    _unit_range,
+    _standardised,
     DeformableResult, convexadam, index_to_world_vectors, padded_grid, pooled_grid,
 )
 from regcli.regularizers import diffusion
@@ -301,14 +301,14 @@ def test_similarity_on_its_support_equals_the_dense_solve():
 
 
 # ----------------------------------------------------------------------------------------- intensities in the refinement
-def test_unit_range_standardises_over_the_grid():
+def test_intensities_are_standardised_over_the_grid():
     g = torch.Generator().manual_seed(0)
     data = torch.zeros(20, 20, 20)
     data[4:16, 4:16, 4:16] = 50.0 + 10.0 * torch.randn(12, 12, 12, generator=g)
-    z = _unit_range(data)
+    z = _standardised(data)
     assert abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1.0) < 1e-5
-    assert torch.allclose(_unit_range(3.0 * data + 7.0), z, atol=1e-5)  # a gain and an offset change nothing
-    assert torch.equal(_unit_range(torch.full((5, 5, 5), 4.0)), torch.zeros(5, 5, 5))  # constant: no division by 0
+    assert torch.allclose(_standardised(3.0 * data + 7.0), z, atol=1e-5)  # a gain and an offset change nothing
+    assert torch.equal(_standardised(torch.full((5, 5, 5), 4.0)), torch.zeros(5, 5, 5))  # constant: no division by 0
 
 
 def test_intensities_in_the_refinement_help_and_ignore_gain_and_offset():

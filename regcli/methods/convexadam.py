@@ -235,7 +235,7 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
     return result.disp, io_grid, result.history
 
 
-def _unit_range(data: torch.Tensor) -> torch.Tensor:
+def _standardised(data: torch.Tensor) -> torch.Tensor:
     """Intensities standardised over the whole grid (zero mean, unit sd): a gain and an offset change nothing,
     and fixed and moving share the grid and so the field of view."""
     sd = float(data.std())
@@ -260,7 +260,7 @@ def refine_on_working_grid(fdata: torch.Tensor, mdata: torch.Tensor, grid: Grid,
         feat_m = mind_ssc(mdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
         n_mind = feat_f.shape[1]
         if icfg.refine_intensity_weight > 0:  # same-contrast pairs: the intensities join MIND-SSC
-            feat_f, feat_m = (torch.cat((f, icfg.refine_intensity_weight * _unit_range(d)[None, None]), 1)
+            feat_f, feat_m = (torch.cat((f, icfg.refine_intensity_weight * _standardised(d)[None, None]), 1)
                               for f, d in ((feat_f, fdata), (feat_m, mdata)))
     disp, _, hist = _instance_level(
         feat_f, feat_m, grid, 1, init, init_grid, fmask, mmask, icfg, iterations,
