@@ -300,7 +300,7 @@ def test_similarity_on_its_support_equals_the_dense_solve():
             1.0, abs(dense.history[0]["similarity"]))
 
 
-# ----------------------------------------------------------------------------------------- intensities in the refinement
+# ------------------------------------------------------------------------------- intensities in the refinement
 def test_intensities_are_standardised_over_the_grid():
     g = torch.Generator().manual_seed(0)
     data = torch.zeros(20, 20, 20)
