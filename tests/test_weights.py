@@ -657,3 +657,17 @@ def test_wheel_carries_the_shipped_models(tmp_path):
     assert r.returncode == 0, r.stderr
     where, *sources = json.loads(r.stdout)
     assert where == str(site / "regcli" / "_weights") and all(s == "shipped" for s in sources)
+
+
+def test_summary_counts_batch_norm_statistics_apart_from_parameters(tmp_path):
+    from safetensors.torch import save_file
+
+    from regcli.weights import safetensors_summary
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.BatchNorm3d(4))
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    s = safetensors_summary(path)
+    assert s["tensors"] == 7
+    assert s["parameters"] == sum(p.numel() for p in net.parameters()) == 4 * 27 + 4 + 4 + 4
+    assert s["buffer_values"] == 4 + 4 + 1  # running mean, running variance, batches seen

@@ -53,6 +53,7 @@ def _summary(resolved, with_readme: int = 0) -> dict:
         "checks": list(resolved.checks),
         "tensors": st["tensors"],
         "parameters": st["parameters"],
+        "buffer_values": st["buffer_values"],
     }
     if with_readme:
         lines = []
@@ -120,7 +121,8 @@ def info(spec: SpecArg, json_out: JsonOpt = False, quiet: QuietOpt = False, verb
         rows.append(("hub", f"{data['repo_id']}@{data['revision']}"))
     rows += [("architecture", str(data["architecture"] or "-")), ("version", str(data["version"] or "-")),
              ("tensors", f"{data['tensors']} ({data['parameters']:,} parameters, "
-                         f"{data['size_bytes'] / 1e6:.1f} MB)")]
+                         + (f"{data['buffer_values']:,} batch-norm statistics, " if data["buffer_values"] else "")
+                         + f"{data['size_bytes'] / 1e6:.1f} MB)")]
     if data["readme"]:
         rows.append(("model card", "\n".join(data["readme"])))
     ui.result(data, _table(rows))

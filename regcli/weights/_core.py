@@ -189,8 +189,12 @@ def read_config(folder: Path) -> dict:
     return cfg
 
 
+_BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")  # batch-norm state, not learned
+
+
 def safetensors_summary(path: Path) -> dict:
-    """Names, count and total element count of the tensors in a safetensors file (reads the header only).
+    """Names and count of the tensors in a safetensors file, their learned parameters (elements) and their
+    ``buffer_values`` (elements of batch-norm statistics, told apart by PyTorch's names); reads the header only.
 
     Raises:
         WeightsError: the file is not a valid safetensors file (truncated, wrong format).
@@ -200,17 +204,20 @@ def safetensors_summary(path: Path) -> dict:
     try:
         with safe_open(str(path), framework="numpy") as f:
             names = list(f.keys())
-            numel = 0
+            numel = buffers = 0
             for k in names:
                 n = 1
                 for s in f.get_slice(k).get_shape():
                     n *= int(s)
-                numel += n
+                if k.rsplit(".", 1)[-1] in _BUFFER_NAMES:
+                    buffers += n
+                else:
+                    numel += n
             meta = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError and OSError
         msg = folded(e, 200)
         raise WeightsError(f"weights file '{path}' is not a valid safetensors file: {msg}") from e
-    return {"tensors": len(names), "parameters": numel, "names": names, "metadata": meta}
+    return {"tensors": len(names), "parameters": numel, "buffer_values": buffers, "names": names, "metadata": meta}
 
 
 def _check_sha(path: Path, got: str, want: Optional[str], where: str) -> None:
