@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +28,7 @@ from regcli.solvers.models import box_smooth
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image
 
-from conftest import make_phantom, phantom_mask
+from conftest import as_image, make_phantom, phantom_mask
 
 SIN_AMPLITUDE = 2.0  # mm
 SIN_WAVELENGTH = 60.0  # mm
@@ -42,10 +41,6 @@ def sin_displacement(p: np.ndarray) -> np.ndarray:
     return np.stack([a * np.sin(2 * np.pi * y / L + 0.3),
                      a * np.sin(2 * np.pi * z / (0.9 * L) + 1.0),
                      a * np.sin(2 * np.pi * x / (1.1 * L) + 2.0)], axis=-1)
-
-
-def as_image(img: sitk.Image) -> Image:
-    return Image(torch.from_numpy(sitk.GetArrayFromImage(img).astype(np.float32)), Grid.from_sitk(img))
 
 
 def endpoint_error(result: DeformableResult, T) -> np.ndarray:
