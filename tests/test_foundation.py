@@ -268,7 +268,7 @@ def test_foundation_outputs_pass_the_ants_oracle(tmp_path):
     assert agree(paths["fl"], paths["m"], [f"[{aff},1]", inv], [aff, inv], [True, False]) >= 0.995
 
 
-def test_an_empty_intensity_window_is_a_one_line_error_naming_theas_image(tmp_path):
+def test_an_empty_intensity_window_is_a_one_line_error_naming_the_image(tmp_path):
     """A mostly empty MRI (a few bright voxels, the rest 0): its [minimum, 99th percentile] window is empty."""
     f = write(make_phantom("LPS"), tmp_path / "f.nii.gz")
     arr = np.zeros((40, 44, 48), np.float32)
