@@ -411,7 +411,7 @@ FineSpacingOpt = Annotated[Optional[float], typer.Option(
     "(instance.fine_spacing_mm; default: off).", show_default=False, rich_help_panel=_CFG)]
 IntensityWeightOpt = Annotated[Optional[float], typer.Option(
     "--intensity-weight", metavar="W", help="Same-contrast pairs only (e.g. T1w to T1w): the intensities join "
-    "MIND-SSC in the working-grid and fine refinements with this weight (0.5 measured best on brains; "
+    "MIND-SSC in the working-grid and fine refinements with this weight (0.5 on T1w brains, docs/benchmarks.md; "
     "instance.refine_intensity_weight; default 0). Never for different contrasts.", show_default=False,
     rich_help_panel=_CFG)]
 Modality = Enum("Modality", {t: t for t in ("mri", "ct")}, type=str)
