@@ -116,3 +116,20 @@ def test_optron_trains_on_the_refined_field(tmp_path, task):
     assert all(h["loss"] == h["optron_mse"] for h in hist) and "similarity" not in hist[0]
     assert hist[1]["optron_mse"] > 0
     assert json.loads(res.stdout)["optron"]["iters"] == 3
+
+
+def test_target_prediction_leaves_batch_norm_statistics_alone():
+    """Optron's extra forward pass (the target's prediction) runs in train mode, normalising with the batch's
+    own statistics like the training pass, but must not count the batch in the running statistics."""
+    from regcli.training.optron import running_stats_kept
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3), torch.nn.BatchNorm3d(3)).train()
+    x = torch.randn(2, 1, 6, 6, 6) * 3 + 1
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad(), running_stats_kept(net):
+        y = net(x)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert float(y.mean((0, 2, 3, 4)).abs().max()) < 1e-5  # batch statistics were used
+    net(x)  # an ordinary training pass still updates them
+    assert int(net[1].num_batches_tracked) == 1 and not torch.equal(net[1].running_mean, before["1.running_mean"])

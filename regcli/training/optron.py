@@ -19,7 +19,8 @@ identity direction, where world millimetres are voxels, so the solver's physical
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -69,6 +70,22 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, disp: torch.Tensor, cfg: O
     return torch.stack(out).to(disp.dtype)
 
 
+@contextmanager
+def running_stats_kept(net: torch.nn.Module) -> Iterator[None]:
+    """Run forward passes in train mode (batch statistics, as the training pass) without letting them update
+    the batch-norm running statistics: every normalisation buffer is restored on exit. The prediction of
+    Optron's target is such an extra pass; without this, each step would count the batch twice."""
+    saved = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in net.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, bufs in saved:
+                for k, b in bufs.items():
+                    getattr(m, k).copy_(b)
+
+
 def optron_loss(pred: torch.Tensor, target: torch.Tensor, cfg: OptronConfig,
                 unsupervised: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``mse_weight * mean((pred - target)^2) [+ similarity_weight * unsupervised]``."""
@@ -85,4 +102,4 @@ def gradicon_displacement(phi_minus_identity: torch.Tensor) -> torch.Tensor:
     return phi_minus_identity * n.view(1, 3, 1, 1, 1)
 
 
-__all__ = ["OptronConfig", "refine", "optron_loss", "voxel_grid", "gradicon_displacement"]
+__all__ = ["OptronConfig", "refine", "optron_loss", "voxel_grid", "gradicon_displacement", "running_stats_kept"]

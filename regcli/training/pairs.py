@@ -370,7 +370,7 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
     checkpoint, history and plots (rank 0); returns the summary (without the model folder, which the caller
     writes) and the data sources. ``job`` has ``data``, ``train``, ``checkpoint_every`` and ``validation``."""
     from regcli.training.jobs import start_run
-    from regcli.training.optron import optron_loss, refine
+    from regcli.training.optron import optron_loss, refine, running_stats_kept
     from regcli.training.sam import SAM
 
     out, ck_path = start_run(outdir, job, resume, dist)
@@ -448,7 +448,7 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
         task_ids = torch.tensor([p[1] for p in mine], dtype=torch.int64)
         targets = []
         if tcfg.optron.enabled:  # the pseudo ground truth of this step, at the current weights
-            with torch.no_grad():
+            with torch.no_grad(), running_stats_kept(net):  # the training pass below counts this batch
                 dirs = [(a, b)] + ([(b, a)] if pn.symmetric else [])
                 targets = [(mov, fix, refine(fix, mov, pn.predict(net, mov, fix, task_ids), tcfg.optron))
                            for mov, fix in dirs]
