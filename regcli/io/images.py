@@ -2,14 +2,26 @@
 
 Supported: anything SimpleITK reads (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, ...). Errors name the
 file and the problem in one line (:class:`~regcli.errors.InputError`).
+
+NIfTI qform/sform (RELIABILITY G7): the geometry is always SimpleITK's reading. For .nii/.nii.gz files the
+348-byte NIfTI-1 header is also parsed here (standard library + NumPy, no nibabel) to refuse a sheared
+sform that ITK cannot represent (:class:`~regcli.errors.GeometryError`) and to warn, on the ``regcli``
+logger, when the qform and sform disagree or when SimpleITK's reading differs from the sform. The rule
+SimpleITK follows is in docs/conventions.md ("NIfTI qform and sform").
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
+import math
 import os
+import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -18,6 +30,17 @@ from regcli.errors import GeometryError, InputError, folded
 from regcli.spaces import Grid, Image
 
 IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".img", ".img.gz")
+
+log = logging.getLogger("regcli")
+
+#: qform and sform (or SimpleITK's reading and the sform) that map a voxel corner further apart than this
+#: (mm) give a warning.
+NIFTI_XFORM_TOL_MM = 1e-3
+#: ITK's test for a usable sform: columns normalised, ``R R^T`` equal to the identity within this.
+_ITK_ORTHO_TOL = 1e-4
+#: ITK's test for "unexpected scales in sform": column norms differ from pixdim by more than this (mm).
+_ITK_SCALE_TOL = 1e-3
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 def _diagnose_unreadable(path: Path, err: Exception) -> str:
@@ -28,6 +51,224 @@ def _diagnose_unreadable(path: Path, err: Exception) -> str:
     detail = next((ln for ln in first if "ERROR" in ln or "rror" in ln), first[-1] if first else "")
     detail = folded(detail, 200)
     return f"not a readable image ({detail})" if detail else "not a readable image"
+
+
+# ------------------------------------------------------------------------------------------ NIfTI header
+@dataclass(frozen=True)
+class NiftiXforms:
+    """The geometry fields of a NIfTI-1 header, as index -> RAS mm affines (float64).
+
+    Attributes:
+        size: voxels along (i, j, k); 1 for missing dimensions.
+        pixdim: voxel sizes (mm) as nifti1_io uses them (non-positive or non-finite values read as 1).
+        qform_code, sform_code: the header codes (0 = unset).
+        qform: (4, 4) index -> RAS mm from the quaternion fields, None when ``qform_code <= 0``.
+        sform: (4, 4) index -> RAS mm from ``srow_x/y/z``, None when ``sform_code <= 0``.
+    """
+
+    size: tuple[int, int, int]
+    pixdim: tuple[float, float, float]
+    qform_code: int
+    sform_code: int
+    qform: Optional[np.ndarray]
+    sform: Optional[np.ndarray]
+
+    def sform_problem(self) -> Optional[str]:
+        """Why ITK cannot use the sform (singular or sheared, ITK's own test), or None."""
+        if self.sform is None:
+            return None
+        m = self.sform[:3, :3]
+        norms = np.linalg.norm(m, axis=0)
+        if not np.all(np.isfinite(m)) or norms.min() <= 0 or np.linalg.cond(m / norms) > 1e6:
+            return "degenerate (its 3x3 part is singular)"
+        r = m / norms
+        if np.abs(r @ r.T - np.eye(3)).max() <= _ITK_ORTHO_TOL:
+            return None
+        names = "ijk"
+        worst = max(((a, b) for a in range(3) for b in range(a + 1, 3)),
+                    key=lambda ab: abs(float(r[:, ab[0]] @ r[:, ab[1]])))
+        angle = math.degrees(math.acos(max(-1.0, min(1.0, float(r[:, worst[0]] @ r[:, worst[1]])))))
+        return f"sheared (index axes {names[worst[0]]} and {names[worst[1]]} meet at {angle:.2f} degrees, not 90)"
+
+    def sform_scales_differ(self) -> bool:
+        """True when the sform's column norms differ from pixdim (ITK then warns "unexpected scales in sform")."""
+        if self.sform is None:
+            return False
+        norms = np.linalg.norm(self.sform[:3, :3], axis=0)
+        return bool(np.abs(norms - np.asarray(self.pixdim)).max() > _ITK_SCALE_TOL)
+
+
+def _quatern_to_affine(b: float, c: float, d: float, offset, dx: float, dy: float, dz: float, qfac: float):
+    """nifti1_io's ``nifti_quatern_to_mat44`` in float64: index -> RAS mm."""
+    a = 1.0 - (b * b + c * c + d * d)
+    if a < 1e-7:
+        n = 1.0 / math.sqrt(b * b + c * c + d * d)
+        b, c, d, a = b * n, c * n, d * n, 0.0
+    else:
+        a = math.sqrt(a)
+    r = np.array([
+        [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+        [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+        [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b],
+    ])
+    zd = -dz if qfac < 0 else dz
+    out = np.eye(4)
+    out[:3, :3] = r * np.array([dx, dy, zd])[None, :]
+    out[:3, 3] = offset
+    return out
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+    name = str(path).lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def read_nifti_xforms(path: str | os.PathLike) -> Optional[NiftiXforms]:
+    """Parse the qform/sform fields of a NIfTI-1 file (.nii or .nii.gz) from its first 348 bytes.
+
+    Standard library and NumPy only (nibabel is not a dependency of regcli). Returns None for anything
+    that is not a readable NIfTI-1 single-file header (NIfTI-2, Analyze, short or unreadable files):
+    SimpleITK then reports those itself.
+    """
+    path = Path(path)
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as f:
+            raw = f.read(348)
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(raw) < 348 or raw[344:348] not in (b"n+1\0", b"ni1\0"):
+        return None
+    for e in ("<", ">"):
+        if struct.unpack(e + "i", raw[:4])[0] == 348:
+            break
+    else:
+        return None
+    dim = struct.unpack(e + "8h", raw[40:56])
+    pixdim = struct.unpack(e + "8f", raw[76:108])
+    qform_code, sform_code = struct.unpack(e + "2h", raw[252:256])
+    qb, qc, qd, qx, qy, qz = struct.unpack(e + "6f", raw[256:280])
+    srow = np.asarray(struct.unpack(e + "12f", raw[280:328]), dtype=np.float64).reshape(3, 4)
+    ndim = max(0, min(int(dim[0]), 7))
+    size = tuple(int(dim[i]) if i <= ndim and dim[i] > 0 else 1 for i in (1, 2, 3))
+    pd = tuple(float(p) if math.isfinite(p) and p > 0 else 1.0 for p in pixdim[1:4])
+    qform = None
+    if qform_code > 0:
+        qform = _quatern_to_affine(qb, qc, qd, (qx, qy, qz), *pd, -1.0 if pixdim[0] < 0 else 1.0)
+    sform = None
+    if sform_code > 0:
+        sform = np.eye(4)
+        sform[:3, :] = srow
+    return NiftiXforms(size, pd, int(qform_code), int(sform_code), qform, sform)
+
+
+def _corner_distance_mm(a: np.ndarray, b: np.ndarray, size) -> float:
+    """Largest distance (mm) between where two index -> world affines put the corners of the voxel grid."""
+    lo, hi = -0.5, np.asarray(size, dtype=np.float64) - 0.5
+    corners = np.array([[(hi[0] if i else lo), (hi[1] if j else lo), (hi[2] if k else lo), 1.0]
+                        for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    return float(np.linalg.norm(corners @ (a - b)[:3].T, axis=1).max())
+
+
+def _describe_lps(affine_ras: np.ndarray) -> str:
+    """``origin (..) mm, spacing (..), direction ((..), (..), (..))`` of an index -> RAS affine, in LPS."""
+    m = _LPS_FROM_RAS @ affine_ras[:3, :3]
+    spacing = np.linalg.norm(m, axis=0)
+    direction = m / np.where(spacing > 0, spacing, 1.0)
+    origin = _LPS_FROM_RAS @ affine_ras[:3, 3]
+
+    def vec(v):
+        return "(" + ", ".join(f"{x:.4g}" if abs(x) >= 1e-4 else "0" for x in v) + ")"
+
+    return (f"origin {vec(origin)} mm, spacing {vec(spacing)}, "
+            f"direction ({', '.join(vec(row) for row in direction)})")
+
+
+def _ras_affine_of(source: Any) -> Optional[np.ndarray]:
+    """Index -> RAS mm affine of a SimpleITK image or ImageFileReader (first three axes), None below 3D."""
+    dim = source.GetDimension()
+    if dim < 3:
+        return None
+    d = np.asarray(source.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    out = np.eye(4)
+    out[:3, :3] = _LPS_FROM_RAS @ d @ np.diag(np.asarray(source.GetSpacing(), dtype=np.float64)[:3])
+    out[:3, 3] = _LPS_FROM_RAS @ np.asarray(source.GetOrigin(), dtype=np.float64)[:3]
+    return out
+
+
+def refuse_unusable_sform(xf: NiftiXforms, path: Path, role: str) -> None:
+    """GeometryError when the sform is the only transform and ITK cannot represent it (shear, singular)."""
+    problem = xf.sform_problem()
+    if problem and xf.qform_code <= 0:
+        raise GeometryError(
+            f"{role} '{path}': its NIfTI sform (sform_code={xf.sform_code}) is {problem} and there is no qform "
+            "(qform_code=0); regcli (ITK) needs a rotation with voxel sizes: resample the image onto an "
+            "unsheared grid first"
+        )
+
+
+def check_nifti_geometry(source: Any, xf: NiftiXforms, path: Path, role: str) -> Optional[str]:
+    """Compare SimpleITK's reading of a NIfTI file with its qform and sform; log one warning line if needed.
+
+    Args:
+        source: the SimpleITK image (or an ImageFileReader after ReadImageInformation) read from ``path``.
+        xf: the file's header fields (:func:`read_nifti_xforms`).
+
+    Returns:
+        The warning logged on the ``regcli`` logger, or None. Warns when both codes are set and the two
+        transforms put a voxel corner more than :data:`NIFTI_XFORM_TOL_MM` apart (naming both and the one
+        SimpleITK used), or when only the sform counts and SimpleITK's reading differs from it (ITK takes
+        the voxel sizes from pixdim, not from the sform's columns).
+    """
+    itk = _ras_affine_of(source)
+    if itk is None or xf.sform is None:
+        return None
+    tol = NIFTI_XFORM_TOL_MM
+    d_s = _corner_distance_mm(itk, xf.sform, xf.size)
+    message = None
+    if xf.qform is not None and _corner_distance_mm(xf.qform, xf.sform, xf.size) > tol:
+        d_q = _corner_distance_mm(itk, xf.qform, xf.size)
+        d_qs = _corner_distance_mm(xf.qform, xf.sform, xf.size)
+        if d_s <= tol and d_s <= d_q:
+            used, why = "sform", "as SimpleITK does; nibabel, FSL and NiftyReg use the sform too"
+        elif d_q <= tol:
+            problem = xf.sform_problem()
+            why = (f"as SimpleITK does, because the sform is {problem}" if problem else
+                   "as SimpleITK does (ITK prefers the qform unless sform_code is 1 or the two nearly agree); "
+                   "nibabel, FSL and NiftyReg would use the sform")
+            used = "qform"
+        else:
+            used = "sform's origin and direction with the pixdim voxel sizes"
+            why = "as SimpleITK does"
+        message = (f"{role} '{path}': NIfTI qform (qform_code={xf.qform_code}) and sform "
+                   f"(sform_code={xf.sform_code}) disagree by up to {d_qs:.3g} mm at the voxel corners; "
+                   f"regcli uses the {used}, {why}. sform: {_describe_lps(xf.sform)}; "
+                   f"qform: {_describe_lps(xf.qform)}")
+    elif d_s > tol:
+        norms = np.linalg.norm(xf.sform[:3, :3], axis=0)
+        message = (f"{role} '{path}': NIfTI sform voxel sizes ({', '.join(f'{v:.6g}' for v in norms)}) mm differ "
+                   f"from pixdim ({', '.join(f'{v:.6g}' for v in xf.pixdim)}) mm; regcli uses pixdim with the "
+                   f"sform's origin and direction, as SimpleITK does, so voxels lie up to {d_s:.3g} mm from "
+                   "where the sform (and nibabel or FSL) puts them")
+    if message:
+        log.warning(message)
+    return message
+
+
+@contextlib.contextmanager
+def _itk_warnings_off(off: bool):
+    """Silence ITK's own stderr warnings for one read (regcli reports the same problem in one line)."""
+    if not off:
+        yield
+        return
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(before)
 
 
 def check_readable_file(path: str | os.PathLike, role: str) -> Path:
@@ -54,16 +295,33 @@ def check_gzip_stream(path: Path, role: str) -> None:
 
 
 def read_sitk(path: str | os.PathLike, role: str = "image"):
-    """Read a file with SimpleITK, mapping every failure to an InputError that names the file."""
+    """Read a file with SimpleITK, mapping every failure to an InputError that names the file.
+
+    For NIfTI files the header's qform/sform are checked too (RELIABILITY G7): a sheared or singular
+    sform with no qform is a GeometryError (SimpleITK cannot read it), and a qform/sform disagreement
+    beyond 1e-3 mm logs one warning (see :func:`check_nifti_geometry`). The geometry is SimpleITK's.
+    """
     import SimpleITK as sitk
 
     path = check_readable_file(path, role)
     if path.name.lower().endswith(".gz"):
         check_gzip_stream(path, role)
+    xf = read_nifti_xforms(path) if is_nifti_path(path) else None
+    if xf is not None:
+        refuse_unusable_sform(xf, path, role)
     try:
-        return sitk.ReadImage(str(path))
+        with _itk_warnings_off(xf is not None and (xf.sform_scales_differ() or xf.sform_problem() is not None)):
+            img = sitk.ReadImage(str(path))
     except RuntimeError as e:
+        if "orthonormal" in str(e):
+            raise GeometryError(
+                f"{role} '{path}': SimpleITK cannot read its orientation (sheared or degenerate qform/sform: "
+                f"{folded(str(e).strip().splitlines()[-1], 120)})"
+            ) from None
         raise InputError(f"cannot read {role} '{path}': {_diagnose_unreadable(path, e)}") from None
+    if xf is not None:
+        check_nifti_geometry(img, xf, path, role)
+    return img
 
 
 def _as_3d(img, path: Path, role: str, allow_vector: bool = False):
@@ -98,6 +356,92 @@ def _grid_of(img, path: Path, role: str) -> Grid:
         raise GeometryError(f"{role} '{path}': {e}") from None
 
 
+def _nonfinite_message(role: str, path: Path, count: int, first_xyz: tuple[int, int, int]) -> str:
+    x, y, z = first_xyz
+    return (f"{role} '{path}' has {count} NaN/Inf voxels (first at index x={x}, y={y}, z={z}); "
+            "replace them (e.g. with 0) before registering")
+
+
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes FLOAT32, FLOAT64
+
+
+def nonfinite_in_nifti(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> tuple[int, tuple[int, int, int]] | None:
+    """Count NaN/Inf voxels in the data bytes of a single-file float NIfTI (.nii, .nii.gz).
+
+    ITK 5 (so SimpleITK 2.x) replaces every NaN and +-Inf with 0 while reading NIfTI (``nifti_read_buffer``;
+    ITK PR #6683 keeps them from ITK 6 on), so a check on the array SimpleITK returns never sees them.
+
+    Returns:
+        ``(count, (x, y, z))``: the number of non-finite values and the ITK index of the first one (file order,
+        x fastest), or None when there are none, or the file is not a single-file float32/float64 NIfTI-1/2
+        (other formats keep NaN through SimpleITK).
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return None
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(540)
+            layout = _nifti_layout(head)
+            if layout is None:
+                return None
+            dtype, dims, offset = layout
+            if offset >= len(head):
+                f.read(offset - len(head))  # forward to the data (also in a gzip stream)
+                pending = b""
+            else:  # NIfTI-1 data may start at byte 352, inside what was read as the header
+                pending = head[max(offset, 348):]
+            total = int(np.prod(dims, dtype=np.int64))
+            step = max(dtype.itemsize, chunk_bytes - chunk_bytes % dtype.itemsize)
+            count, first, seen = 0, 0, 0
+            while seen < total:
+                want = min(step, (total - seen) * dtype.itemsize)
+                buf = pending[:want] + f.read(max(0, want - len(pending)))
+                pending = pending[want:]
+                n = len(buf) // dtype.itemsize
+                if n == 0:
+                    break
+                bad = ~np.isfinite(np.frombuffer(buf, dtype, n))
+                k = int(bad.sum())
+                if k and not count:
+                    first = seen + int(np.argmax(bad))
+                count += k
+                seen += n
+    except (OSError, EOFError, zlib.error, ValueError):
+        return None
+    if not count:
+        return None
+    nx, ny, nz = (dims + (1, 1, 1))[:3]
+    return count, (first % nx, (first // nx) % ny, (first // (nx * ny)) % nz)
+
+
+def _nifti_layout(head: bytes):
+    """(float dtype with byte order, dims (x, y, z, ...), data offset) from a NIfTI-1/2 header, or None when the
+    header is not a single-file NIfTI of float32/float64 voxels."""
+    if len(head) < 348:
+        return None
+    for order in "<>":
+        size = int(np.frombuffer(head[:4], order + "i4")[0])
+        if size == 348 and head[344:347] == b"n+1":
+            dim = np.frombuffer(head[40:56], order + "i2")
+            code = int(np.frombuffer(head[70:72], order + "i2")[0])
+            offset = int(np.frombuffer(head[108:112], order + "f4")[0])
+            break
+        if size == 540 and len(head) >= 540 and head[4:7] == b"n+2":
+            dim = np.frombuffer(head[16:80], order + "i8")
+            code = int(np.frombuffer(head[12:14], order + "i2")[0])
+            offset = int(np.frombuffer(head[168:176], order + "i8")[0])
+            break
+    else:
+        return None
+    if code not in _NIFTI_FLOAT_TYPES or not 1 <= int(dim[0]) <= 7:
+        return None
+    dims = tuple(max(1, int(d)) for d in dim[1:int(dim[0]) + 1])
+    return np.dtype(order + _NIFTI_FLOAT_TYPES[code]), dims, offset
+
+
 def read_image(path: str | os.PathLike, role: str = "image", check_variance: bool = True) -> Image:
     """Read a scalar 3D intensity image as float32.
 
@@ -123,10 +467,10 @@ def read_image(path: str | os.PathLike, role: str = "image", check_variance: boo
     if not finite.all():
         bad = np.argwhere(~finite)
         z, y, x = (int(v) for v in bad[0])
-        raise InputError(
-            f"{role} '{path}' has {len(bad)} NaN/Inf voxels (first at index x={x}, y={y}, z={z}); "
-            "replace them (e.g. with 0) before registering"
-        )
+        raise InputError(_nonfinite_message(role, path, len(bad), (x, y, z)))
+    on_disk = nonfinite_in_nifti(path) if (data == 0).any() else None  # ITK 5 reads NaN/Inf as 0
+    if on_disk is not None:
+        raise InputError(_nonfinite_message(role, path, *on_disk))
     if check_variance and float(data.max()) == float(data.min()):
         raise InputError(f"{role} '{path}' has zero intensity variance (every voxel is {float(data.min()):g})")
     meta = {"path": str(path), "pixel_type": pixel_type}
