@@ -165,6 +165,8 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
             landmark point sets (LPS mm); used by the deformable stage only where ``config.prompts`` asks for them.
     """
     check_prompts(config, fixed_labels, moving_labels, landmarks)
+    check_variance(fixed, fixed_mask, "fixed")
+    check_variance(moving, moving_mask, "moving")
     runtime = runtime or setup_runtime(config.device, config.threads, config.seed, config.deterministic)
     dev = runtime.device
     timings: dict[str, float] = {}
@@ -375,13 +377,49 @@ def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks
         raise InputError("--prompt-landmarks needs both --fixed-landmarks and --moving-landmarks")
 
 
+def check_variance(image: Image, mask: Optional[Image], role: str) -> None:
+    """Refuse, before any optimisation, an image that is constant where it is used (E3): everywhere, or inside
+    its mask (e.g. all zero there). ``role`` is "fixed" or "moving"; the mask may be on another grid.
+
+    Raises:
+        InputError: zero intensity variance (in the mask when one is given).
+        GeometryError: the mask has no voxel inside the image.
+    """
+    from regcli.errors import InputError
+
+    data, where = image.data, ""
+    if mask is not None:
+        on = _mask_on(mask, image.grid, f"{role} mask")
+        if on.data.shape != data.shape[-3:]:
+            return  # not a scalar mask of this image: the stages report it
+        data = data[..., on.data > 0]
+        mask_name = f" '{mask.name}'" if mask.name else ""
+        if data.numel() == 0:
+            raise GeometryError(f"{role} mask{mask_name} has 0 voxels inside the {role} image")
+        where = f" inside the {role} mask{mask_name}"
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+        name = f" '{image.name}'" if image.name else ""
+        every = "every voxel there" if where else "every voxel"
+        raise InputError(f"{role} image{name} has zero intensity variance{where} ({every} is {lo:g}); "
+                         "nothing to register")
+
+
 def _mask_on(mask: Image, grid: Grid, role: str) -> Image:
-    """Masks may be on another grid than their image: resample (nearest) in world space."""
+    """Masks may be on another grid than their image: resample (nearest) in world space. Headers that differ by
+    float rounding (within 1e-4 x spacing, :meth:`Grid.allclose`) count as the same grid (G8)."""
     if mask.grid.allclose(grid):
+        if mask.grid != grid:
+            diff = max(float(np.abs(np.subtract(mask.grid.origin, grid.origin)).max()),
+                       float(np.abs(np.subtract(mask.grid.spacing, grid.spacing)).max()))
+            log.debug("%s '%s': header differs from its image's by up to %.3g mm (within 1e-4 x spacing): "
+                      "using the image's grid", role, mask.name, diff)
         return Image(mask.data, grid, mask.name, mask.meta)
     out = resample_to_grid(mask, grid, "nearest")
     if not bool(out.data.any()):
-        raise GeometryError(f"{role} '{mask.name}' does not overlap its image (0 voxels inside)")
+        image = role.replace("mask", "image")
+        raise GeometryError(f"{role} '{mask.name}' does not overlap the {image}: the mask has 0 voxels inside "
+                            f"the {image}")
     return out
 
 

@@ -1,0 +1,250 @@
+"""RELIABILITY rows E3, E4, E5, E7, E10, G8 and O4 through ``regcli register`` (in-process, typer's CliRunner):
+each refusal is one stderr line with its exit code, and leaves neither output files nor temporaries behind.
+
+Phantoms are 32^3 (the ``images`` fixture of test_cli.py); the run is shortened by a small YAML config.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import invoke, one_line, phantom_mask, write
+from test_cli import images  # noqa: F401 - fixture: 32^3 fixed/moving phantoms and labels
+from test_pipeline import _assert_no_outputs
+
+FAST_YAML = """\
+html_report: false
+working_spacing_mm: 2.0
+inverse_iterations: 3
+affine:
+  levels_mm: [4.0]
+  iterations: [20]
+instance:
+  iterations: 10
+  refine_iterations: 3
+"""
+
+
+@pytest.fixture
+def fast(tmp_path):
+    """A config file that keeps a 32^3 registration to about a second."""
+    path = tmp_path / "fast.yaml"
+    path.write_text(FAST_YAML)
+    return path
+
+
+def register(images, fast, *extra, fixed=None, moving=None, prefix="p_"):
+    out = images["fixed"].parent / prefix
+    return invoke("register", fixed or images["fixed"], moving or images["moving"], "-o", out, "--config", fast,
+                  *extra)
+
+
+def error_line(stderr: str) -> str:
+    """The error line of a run that failed after progress logging began: the last line of stderr, the only one
+    that names an error, and no traceback."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines and "Traceback" not in stderr, stderr
+    assert sum("Error:" in ln for ln in lines) == 1, stderr
+    return lines[-1]
+
+
+def _like(reference: sitk.Image, arr: np.ndarray) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(reference)
+    return img
+
+
+def _no_optimisation(monkeypatch):
+    """Make any stage that starts optimising fail the test."""
+    import regcli.methods.convexadam as convexadam
+    import regcli.solvers.affine as affine
+
+    def started(*a, **k):
+        raise AssertionError("optimisation started before the inputs were refused")
+
+    monkeypatch.setattr(affine, "run_affine_stage", started)
+    monkeypatch.setattr(convexadam, "convex_displacement", started)
+
+
+# ------------------------------------------------------------------------------------------------ E3
+def test_e3_constant_fixed_image_is_refused(tmp_path, images, fast, monkeypatch):
+    _no_optimisation(monkeypatch)
+    fixed = sitk.ReadImage(str(images["fixed"]))
+    const = write(_like(fixed, np.full(sitk.GetArrayFromImage(fixed).shape, 5.0, np.float32)),
+                  tmp_path / "const.nii.gz")
+    res = register(images, fast, fixed=const)
+    assert res.exit_code == 3, res.stderr
+    line = one_line(res.stderr)
+    assert line.startswith("InputError:") and "const.nii.gz" in line and "zero intensity variance" in line
+    assert res.stdout == ""
+    _assert_no_outputs(tmp_path)
+
+
+def test_e3_fixed_image_all_zero_inside_its_mask_is_refused(tmp_path, images, fast, monkeypatch):
+    _no_optimisation(monkeypatch)
+    fixed = sitk.ReadImage(str(images["fixed"]))
+    mask = phantom_mask(fixed)
+    assert mask.sum() > 100
+    arr = sitk.GetArrayFromImage(fixed)
+    hollow = write(_like(fixed, np.where(phantom_mask(fixed, erode=0), 0.0, arr).astype(np.float32)),
+                   tmp_path / "hollow.nii.gz")
+    mpath = write(_like(fixed, mask.astype(np.uint8)), tmp_path / "mask.nii.gz")
+    res = register(images, fast, "--fixed-mask", mpath, fixed=hollow)
+    assert res.exit_code == 3, res.stderr
+    line = one_line(res.stderr)
+    assert line.startswith("InputError:") and "hollow.nii.gz" in line and "mask.nii.gz" in line
+    assert "zero intensity variance inside the fixed mask" in line
+    _assert_no_outputs(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ E4
+@pytest.mark.parametrize("ext", ["nii.gz", "nii", "mha"])
+def test_e4_nan_and_inf_in_moving_file_are_counted_and_located(tmp_path, images, fast, ext, monkeypatch):
+    # SimpleITK 2.x (ITK 5) reads NIfTI NaN/Inf as 0; regcli must still see them in the file.
+    _no_optimisation(monkeypatch)
+    moving = sitk.ReadImage(str(images["moving"]))
+    arr = sitk.GetArrayFromImage(moving).copy()
+    arr[3, 4, 5] = np.nan  # (z, y, x): index x=5, y=4, z=3
+    arr[10, 11, 12] = np.inf
+    bad = write(_like(moving, arr), tmp_path / f"bad.{ext}")
+    res = register(images, fast, moving=bad)
+    assert res.exit_code == 3, res.stderr
+    line = one_line(res.stderr)
+    assert line.startswith("InputError:") and f"bad.{ext}" in line
+    assert "2 NaN/Inf voxels" in line and "x=5, y=4, z=3" in line
+    _assert_no_outputs(tmp_path)
+
+
+def test_e4_nifti_without_nan_reads_normally(tmp_path, images):
+    from regcli.io.images import nonfinite_in_nifti, read_image
+
+    assert nonfinite_in_nifti(images["moving"]) is None  # zero background, but no NaN on disk
+    assert read_image(images["moving"], "moving image").data.shape == (32, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------------ E5
+def test_e5_fixed_mask_outside_the_fixed_image_is_refused(tmp_path, images, fast, monkeypatch):
+    _no_optimisation(monkeypatch)
+    fixed = sitk.ReadImage(str(images["fixed"]))
+    mask = _like(fixed, phantom_mask(fixed).astype(np.uint8))
+    mask.SetOrigin(tuple(np.asarray(fixed.GetOrigin()) + np.array([500.0, 0.0, 0.0])))
+    far = write(mask, tmp_path / "farmask.nii.gz")
+    res = register(images, fast, "--fixed-mask", far)
+    assert res.exit_code == 4, res.stderr
+    line = one_line(res.stderr)
+    assert line.startswith("GeometryError:") and "farmask.nii.gz" in line
+    assert "mask has 0 voxels inside the fixed image" in line
+    _assert_no_outputs(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ G8
+def test_g8_mask_header_rounding_is_accepted(tmp_path, images, fast):
+    fixed = sitk.ReadImage(str(images["fixed"]))
+    mask = _like(fixed, phantom_mask(fixed).astype(np.uint8))
+    mask.SetOrigin(tuple(np.asarray(fixed.GetOrigin()) + np.array([1e-5, -1e-5, 1e-5])))
+    mpath = write(mask, tmp_path / "mask.nii.gz")
+    res = register(images, fast, "--fixed-mask", mpath, "--verbose")
+    assert res.exit_code == 0, res.stderr
+    for name in ("0GenericAffine.mat", "1Warp.nii.gz", "Warped.nii.gz", "Report.json"):
+        assert (tmp_path / f"p_{name}").exists(), name
+    assert "within 1e-4 x spacing" in res.stderr  # the debug note
+
+    # the mask is taken on the image's grid as it is, not resampled
+    from regcli.io.images import read_image, read_mask
+    from regcli.pipeline import _mask_on
+
+    img, m = read_image(images["fixed"], "fixed image"), read_mask(mpath, "fixed mask")
+    assert m.grid != img.grid
+    on = _mask_on(m, img.grid, "fixed mask")
+    assert on.grid == img.grid and bool((on.data == m.data).all())
+
+
+# ------------------------------------------------------------------------------------------------ E7
+def test_e7_5d_image_names_the_dimension(tmp_path, images, fast, monkeypatch):
+    _no_optimisation(monkeypatch)
+    fixed = sitk.ReadImage(str(images["fixed"]))
+    vol = sitk.GetArrayFromImage(fixed)
+    five = sitk.GetImageFromArray(np.stack([vol, vol])[:, None])  # numpy (2, 1, Z, Y, X): ITK size X,Y,Z,1,2
+    assert five.GetDimension() == 5
+    path = write(five, tmp_path / "five.nii.gz")
+    assert sitk.ReadImage(str(path)).GetDimension() == 5
+    res = register(images, fast, moving=path)
+    assert res.exit_code == 3, res.stderr
+    line = one_line(res.stderr)
+    assert line.startswith("InputError:") and "five.nii.gz" in line and "5D" in line and "32x32x32x1x2" in line
+    _assert_no_outputs(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ E10 / O4
+def _patch_instance_similarity(monkeypatch, after: int, action):
+    """Wrap the deformable stage's similarity (the instance solver's ``feature_ssd``): from call ``after`` + 1
+    on, ``action(value)`` replaces its value. Counts calls; returns the counter."""
+    import regcli.solvers.instance as instance
+
+    real = instance.make_similarity
+    calls = {"n": 0}
+
+    def make(name, **params):
+        sim = real(name, **params)
+        if name != "feature_ssd":  # the affine stage's metric stays untouched
+            return sim
+
+        def wrapped(fixed, warped, mask=None):
+            calls["n"] += 1
+            value = sim(fixed, warped, mask)
+            return action(value) if calls["n"] > after else value
+
+        wrapped.pointwise = getattr(sim, "pointwise", False)
+        return wrapped
+
+    monkeypatch.setattr(instance, "make_similarity", make)
+    return calls
+
+
+def test_e10_diverging_deformable_stage_is_convergence_error(tmp_path, images, fast, monkeypatch):
+    calls = _patch_instance_similarity(monkeypatch, 3, lambda v: v * float("nan"))
+    res = register(images, fast)
+    assert calls["n"] == 4  # stopped at the first NaN loss
+    assert res.exit_code == 5, res.stderr
+    line = error_line(res.stderr)
+    assert line.startswith("ConvergenceError:")
+    assert "instance optimisation" in line and "iteration 4" in line and "nan" in line
+    assert res.stdout == ""
+    _assert_no_outputs(tmp_path)
+    calls["n"] = 0
+    quiet = register(images, fast, "--quiet", prefix="q_")  # without progress logs: exactly that line
+    assert quiet.exit_code == 5 and one_line(quiet.stderr) == line
+    _assert_no_outputs(tmp_path, "q_")
+
+
+def test_o4_interrupt_during_the_solver_exits_130_and_leaves_nothing(tmp_path, images, fast, monkeypatch):
+    def interrupt(value):
+        raise KeyboardInterrupt
+
+    calls = _patch_instance_similarity(monkeypatch, 2, interrupt)
+    res = register(images, fast)
+    assert calls["n"] == 3
+    assert res.exit_code == 130, res.stderr
+    _assert_no_outputs(tmp_path)
+
+
+def test_o4_interrupt_while_writing_removes_the_temporaries(tmp_path, images, fast, monkeypatch):
+    """Ctrl-C after some outputs are already staged as temporaries: they are all removed, nothing published."""
+    import regcli.io.transforms as transforms
+
+    real = transforms.write_displacement
+    written = []
+
+    def write_then_interrupt(field, path, *a, **k):
+        real(field, path, *a, **k)
+        written.append(path)
+        if len(written) == 2:  # both warps are on disk as temporaries, then Ctrl-C
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(transforms, "write_displacement", write_then_interrupt)
+    res = register(images, fast, "--threads", "1")
+    assert len(written) == 2 and all(".regcli-tmp" in p.name for p in written)
+    assert res.exit_code == 130, res.stderr
+    _assert_no_outputs(tmp_path)
