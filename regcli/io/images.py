@@ -123,6 +123,22 @@ def is_nifti_path(path: str | os.PathLike) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
+def _open_nifti(path: Path):
+    """The file's bytes as a binary stream, decompressed for .gz."""
+    return (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb")
+
+
+def _header_byte_order(head: bytes, sizeof_hdr: int) -> Optional[str]:
+    """``"<"`` or ``">"``: the byte order in which the header's first int32 reads ``sizeof_hdr`` (348 for
+    NIfTI-1, 540 for NIfTI-2); None when it reads neither way or the header is shorter than that."""
+    if len(head) < sizeof_hdr:
+        return None
+    for order in "<>":
+        if struct.unpack(order + "i", head[:4])[0] == sizeof_hdr:
+            return order
+    return None
+
+
 def read_nifti_xforms(path: str | os.PathLike) -> Optional[NiftiXforms]:
     """Parse the qform/sform fields of a NIfTI-1 file (.nii or .nii.gz) from its first 348 bytes.
 
@@ -132,17 +148,12 @@ def read_nifti_xforms(path: str | os.PathLike) -> Optional[NiftiXforms]:
     """
     path = Path(path)
     try:
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rb") as f:
+        with _open_nifti(path) as f:
             raw = f.read(348)
     except (OSError, EOFError, zlib.error):
         return None
-    if len(raw) < 348 or raw[344:348] not in (b"n+1\0", b"ni1\0"):
-        return None
-    for e in ("<", ">"):
-        if struct.unpack(e + "i", raw[:4])[0] == 348:
-            break
-    else:
+    e = _header_byte_order(raw, 348)
+    if e is None or raw[344:348] not in (b"n+1\0", b"ni1\0"):
         return None
     dim = struct.unpack(e + "8h", raw[40:56])
     pixdim = struct.unpack(e + "8f", raw[76:108])
@@ -377,12 +388,10 @@ def nonfinite_in_nifti(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> t
         (other formats keep NaN through SimpleITK).
     """
     path = Path(path)
-    name = path.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+    if not is_nifti_path(path):
         return None
-    opener = gzip.open if name.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with _open_nifti(path) as f:
             head = f.read(540)
             layout = _nifti_layout(head)
             if layout is None:
@@ -420,20 +429,14 @@ def nonfinite_in_nifti(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> t
 def _nifti_layout(head: bytes):
     """(float dtype with byte order, dims (x, y, z, ...), data offset) from a NIfTI-1/2 header, or None when the
     header is not a single-file NIfTI of float32/float64 voxels."""
-    if len(head) < 348:
-        return None
-    for order in "<>":
-        size = int(np.frombuffer(head[:4], order + "i4")[0])
-        if size == 348 and head[344:347] == b"n+1":
-            dim = np.frombuffer(head[40:56], order + "i2")
-            code = int(np.frombuffer(head[70:72], order + "i2")[0])
-            offset = int(np.frombuffer(head[108:112], order + "f4")[0])
-            break
-        if size == 540 and len(head) >= 540 and head[4:7] == b"n+2":
-            dim = np.frombuffer(head[16:80], order + "i8")
-            code = int(np.frombuffer(head[12:14], order + "i2")[0])
-            offset = int(np.frombuffer(head[168:176], order + "i8")[0])
-            break
+    if (order := _header_byte_order(head, 348)) is not None and head[344:347] == b"n+1":
+        dim = np.frombuffer(head[40:56], order + "i2")
+        code = int(np.frombuffer(head[70:72], order + "i2")[0])
+        offset = int(np.frombuffer(head[108:112], order + "f4")[0])
+    elif (order := _header_byte_order(head, 540)) is not None and head[4:7] == b"n+2":
+        dim = np.frombuffer(head[16:80], order + "i8")
+        code = int(np.frombuffer(head[12:14], order + "i2")[0])
+        offset = int(np.frombuffer(head[168:176], order + "i8")[0])
     else:
         return None
     if code not in _NIFTI_FLOAT_TYPES or not 1 <= int(dim[0]) <= 7:
