@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from regcli.io.images import check_readable_file
+from regcli.io.images import check_readable_file, read_grid
 from regcli.errors import ConfigError, InputError, RegcliError
 
 REQUIRED_COLUMNS = ("fixed_image", "moving_image")
@@ -203,28 +203,6 @@ def format_prefix(template: str, pair: Pair, index: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def _grid_of_file(path: Path, role: str):
-    """Grid of an image file from its header (no voxel data)."""
-    import SimpleITK as sitk
-
-    from regcli.io.images import read_sitk
-    from regcli.spaces import Grid
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        read_sitk(path, role)  # raises the diagnosed InputError
-        raise InputError(f"cannot read {role} '{path}'") from None
-    dim = reader.GetDimension()
-    if dim < 3:
-        raise InputError(f"{role} '{path}' is {dim}D; a 3D image is needed")
-    d = list(reader.GetDirection())
-    return Grid(reader.GetSize()[:3], reader.GetSpacing()[:3], reader.GetOrigin()[:3],
-                [d[r * dim + c] for r in range(3) for c in range(3)])
-
-
 def _fixed_mask_on(pair: Pair, grid):
     """The pair's fixed mask as a (Z, Y, X) bool tensor on ``grid`` (None without a mask)."""
     if pair.fixed_mask is None:
@@ -259,7 +237,7 @@ def score_pair(pair: Pair, transform=None, label_interp: str = "nearest", hd95: 
     from regcli.resample import resample_to_grid, warp
 
     out: dict[str, Any] = {}
-    fixed_grid = _grid_of_file(pair.fixed, "fixed image")
+    fixed_grid = read_grid(pair.fixed, "fixed image")  # header only, with the NIfTI qform/sform checks (G7)
     if pair.fixed_labels is not None and pair.moving_labels is not None:
         from regcli.io.images import read_labels
         from regcli.reports.metrics import dice_per_label, hd95_per_label, nanmean

@@ -206,6 +206,55 @@ def test_g7_cli_info_shows_the_warning_as_one_stderr_line(tmp_path):
     assert line.startswith("Warning:") and "both.nii.gz" in line and "qform" in line and "sform" in line
 
 
+def test_g7_read_grid_reads_the_header_like_read_image(tmp_path, caplog):
+    """read_grid (header only: apply's reference, evaluation's fixed grid) gives read_image's grid and warning."""
+    from regcli.io.images import read_grid
+
+    p = _write(tmp_path / "both.nii.gz", qcode=1, scode=2)
+    caplog.set_level(logging.WARNING, logger="regcli")
+    grid = read_grid(p, "reference image")
+    (msg,) = _warnings(caplog)
+    assert "reference image" in msg and str(p) in msg and "regcli uses the qform" in msg
+    caplog.clear()
+    img = read_image(p, "reference image")
+    assert grid.allclose(img.grid) and _corner_distance(_ras(grid), QFORM) < TOL_MM
+    assert _warnings(caplog) == []  # once per file and process: register's pre-flight reads the header first
+    sheared = SFORM.copy()
+    sheared[0, 1] += 0.3
+    with pytest.raises(GeometryError, match="sheared"):
+        read_grid(_write(tmp_path / "shear.nii", qcode=0, sform=sheared), "fixed image")
+
+
+def test_g7_apply_refuses_a_sheared_reference_in_one_line_and_writes_nothing(tmp_path):
+    moving = _write(tmp_path / "in.nii.gz", qcode=1, scode=0)
+    sheared = SFORM.copy()
+    sheared[0, 1] += 0.3
+    ref = _write(tmp_path / "ref.nii.gz", qcode=0, sform=sheared)
+    before = sorted(tmp_path.iterdir())
+    res = invoke("apply", "-i", moving, "-r", ref, "-o", tmp_path / "out.nii.gz")
+    assert res.exit_code == 4, res.stderr
+    assert res.stdout == ""
+    line = one_line(res.stderr)
+    assert line.startswith("GeometryError:") and "reference image" in line and "ref.nii.gz" in line
+    assert "sheared" in line and "qform_code=0" in line
+    assert sorted(tmp_path.iterdir()) == before  # no output, no temporary
+
+
+def test_g7_apply_warns_once_for_a_reference_whose_forms_disagree(tmp_path):
+    moving = _write(tmp_path / "in.nii.gz", qcode=1, scode=0)
+    ref = _write(tmp_path / "ref.nii.gz", qcode=1, scode=2)  # ITK uses the qform
+    out = tmp_path / "out.nii.gz"
+    res = invoke("apply", "-i", moving, "-r", ref, "-o", out)
+    assert res.exit_code == 0, res.stderr
+    warned = [ln for ln in res.stderr.splitlines() if "qform" in ln or "sform" in ln]
+    assert len(warned) == 1, res.stderr
+    (line,) = warned
+    assert line.startswith("Warning:") and "reference image" in line and "ref.nii.gz" in line
+    assert "qform (qform_code=1)" in line and "sform (sform_code=2)" in line and "regcli uses the qform" in line
+    assert "unexpected scales" not in res.stderr
+    # the output takes the grid regcli warned it would use
+    assert _corner_distance(nib.load(str(out)).affine, QFORM) < 1e-4
+
 @pytest.mark.parametrize("endianness", ["<", ">"])
 def test_g7_header_parser_matches_nibabel(tmp_path, endianness):
     rng = np.random.default_rng(3)

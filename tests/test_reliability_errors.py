@@ -124,6 +124,29 @@ def test_e4_nifti_without_nan_reads_normally(tmp_path, images):
     assert read_image(images["moving"], "moving image").data.shape == (32, 32, 32)
 
 
+@pytest.mark.parametrize("option,role", [("--fixed-labels", "fixed labels"), ("--fixed-mask", "fixed mask")])
+def test_e4_nan_in_a_float_label_map_or_mask_is_counted_and_located(tmp_path, images, fast, monkeypatch, option,
+                                                                     role):
+    # the same on-disk count as for images: SimpleITK 2.x would hand these files over with the NaN read as 0
+    _no_optimisation(monkeypatch)
+    fixed = sitk.ReadImage(str(images["fixed"]))
+    if option == "--fixed-labels":
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(images["fixed_labels"]))).astype(np.float32)
+    else:
+        arr = phantom_mask(fixed).astype(np.float32)
+    arr[3, 4, 5] = np.nan  # (z, y, x): index x=5, y=4, z=3
+    bad = write(_like(fixed, arr), tmp_path / "bad_map.nii.gz")
+    assert sitk.ReadImage(str(bad)).GetPixelID() == sitk.sitkFloat32
+    extra = [option, bad] + (["--moving-labels", images["moving_labels"]] if option == "--fixed-labels" else [])
+    res = register(images, fast, *extra)
+    assert res.exit_code == 3, res.stderr
+    assert res.stdout == ""
+    line = one_line(res.stderr)
+    assert line.startswith("InputError:") and role in line and "bad_map.nii.gz" in line
+    assert "1 NaN/Inf voxels" in line and "x=5, y=4, z=3" in line
+    _assert_no_outputs(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ E5
 def test_e5_fixed_mask_outside_the_fixed_image_is_refused(tmp_path, images, fast, monkeypatch):
     _no_optimisation(monkeypatch)

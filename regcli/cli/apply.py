@@ -152,32 +152,6 @@ def _read_input(path: Path):
                      "series of 3D volumes")
 
 
-def _reference_grid(path: Path):
-    """Grid of the reference image, read from its header only (no voxel data)."""
-    import SimpleITK as sitk
-
-    from regcli.errors import InputError
-    from regcli.io.images import check_readable_file
-    from regcli.spaces import Grid
-
-    check_readable_file(path, "reference image")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        from regcli.io.images import read_sitk
-
-        read_sitk(path, "reference image")  # raises the diagnosed InputError
-        raise InputError(f"cannot read reference image '{path}'") from None
-    dim = reader.GetDimension()
-    if dim < 3:
-        raise InputError(f"reference image '{path}' is {dim}D; a 3D reference grid is needed")
-    d = list(reader.GetDirection())
-    D = [d[r * dim + c] for r in range(3) for c in range(3)]
-    return Grid(reader.GetSize()[:3], reader.GetSpacing()[:3], reader.GetOrigin()[:3], D)
-
-
 def resample_volume(vol, reference, transform, interp: str, default: float):
     """Resample one 3D SimpleITK volume (scalar or vector) onto ``reference`` through ``transform``.
 
@@ -234,11 +208,11 @@ def apply_to_image(input: Path, reference: Path, specs: list, output: Path, outs
     import numpy as np
     import SimpleITK as sitk
 
-    from regcli.io.images import smallest_label_dtype
+    from regcli.io.images import read_grid, smallest_label_dtype
     from regcli.io.transforms import read_transform_list
 
     img, vols, is_4d = _read_input(input)
-    ref_grid = _reference_grid(reference)
+    ref_grid = read_grid(reference, "reference image")  # header only, with the NIfTI qform/sform checks (G7)
     transform = read_transform_list(specs) if specs else None
     int_input = "integer" in img.GetPixelIDTypeAsString()
     if int_input and interp == "linear":

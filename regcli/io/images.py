@@ -218,6 +218,9 @@ def refuse_unusable_sform(xf: NiftiXforms, path: Path, role: str) -> None:
         )
 
 
+_WARNED: set[str] = set()
+
+
 def check_nifti_geometry(source: Any, xf: NiftiXforms, path: Path, role: str) -> Optional[str]:
     """Compare SimpleITK's reading of a NIfTI file with its qform and sform; log one warning line if needed.
 
@@ -261,7 +264,8 @@ def check_nifti_geometry(source: Any, xf: NiftiXforms, path: Path, role: str) ->
                    f"from pixdim ({', '.join(f'{v:.6g}' for v in xf.pixdim)}) mm; regcli uses pixdim with the "
                    f"sform's origin and direction, as SimpleITK does, so voxels lie up to {d_s:.3g} mm from "
                    "where the sform (and nibabel or FSL) puts them")
-    if message:
+    if message and message not in _WARNED:  # once per file and process: the pre-flight reads the header first
+        _WARNED.add(message)
         log.warning(message)
     return message
 
@@ -305,6 +309,29 @@ def check_gzip_stream(path: Path, role: str) -> None:
         raise InputError(f"cannot read {role} '{path}': file is truncated or not gzip (compressed data ends early)") from None
 
 
+def _checked_nifti_xforms(path: Path, role: str) -> Optional[NiftiXforms]:
+    """The NIfTI header fields of ``path`` (None for other formats), refusing a sform ITK cannot use (G7)."""
+    xf = read_nifti_xforms(path) if is_nifti_path(path) else None
+    if xf is not None:
+        refuse_unusable_sform(xf, path, role)
+    return xf
+
+
+def _quiet_itk_for(xf: Optional[NiftiXforms]):
+    """Silence ITK's multi-line sform warnings when regcli reports the same problem in one line."""
+    return _itk_warnings_off(xf is not None and (xf.sform_scales_differ() or xf.sform_problem() is not None))
+
+
+def _read_failure(path: Path, role: str, err: RuntimeError) -> Exception:
+    """The one-line error for a SimpleITK read failure: GeometryError for an orientation ITK cannot build."""
+    if "orthonormal" in str(err):
+        return GeometryError(
+            f"{role} '{path}': SimpleITK cannot read its orientation (sheared or degenerate qform/sform: "
+            f"{folded(str(err).strip().splitlines()[-1], 120)})"
+        )
+    return InputError(f"cannot read {role} '{path}': {_diagnose_unreadable(path, err)}")
+
+
 def read_sitk(path: str | os.PathLike, role: str = "image"):
     """Read a file with SimpleITK, mapping every failure to an InputError that names the file.
 
@@ -317,22 +344,57 @@ def read_sitk(path: str | os.PathLike, role: str = "image"):
     path = check_readable_file(path, role)
     if path.name.lower().endswith(".gz"):
         check_gzip_stream(path, role)
-    xf = read_nifti_xforms(path) if is_nifti_path(path) else None
-    if xf is not None:
-        refuse_unusable_sform(xf, path, role)
+    xf = _checked_nifti_xforms(path, role)
     try:
-        with _itk_warnings_off(xf is not None and (xf.sform_scales_differ() or xf.sform_problem() is not None)):
+        with _quiet_itk_for(xf):
             img = sitk.ReadImage(str(path))
     except RuntimeError as e:
-        if "orthonormal" in str(e):
-            raise GeometryError(
-                f"{role} '{path}': SimpleITK cannot read its orientation (sheared or degenerate qform/sform: "
-                f"{folded(str(e).strip().splitlines()[-1], 120)})"
-            ) from None
-        raise InputError(f"cannot read {role} '{path}': {_diagnose_unreadable(path, e)}") from None
+        raise _read_failure(path, role, e) from None
     if xf is not None:
         check_nifti_geometry(img, xf, path, role)
     return img
+
+
+def read_grid(path: str | os.PathLike, role: str = "image") -> Grid:
+    """The grid of an image file, read from its header only (no voxel data).
+
+    The same checks as :func:`read_sitk` (and so :func:`read_image`): a readable file, and for NIfTI the
+    qform/sform rules of RELIABILITY G7 (GeometryError for a sheared or singular sform without a qform, one
+    warning line when the qform and sform disagree or the sform's scales differ from pixdim). For a 4D or
+    vector image the grid is that of its first three axes. A compressed file is only decompressed as far
+    as its header, unless the header cannot be read (then the gzip stream is checked to say why).
+
+    Args:
+        path: image file.
+        role: how the file is named in messages ("reference image", "fixed image", ...).
+
+    Returns:
+        :class:`~regcli.spaces.Grid` (LPS mm), the grid :func:`read_image` gives for the same file.
+
+    Raises:
+        InputError: missing, unreadable, or below 3D.
+        GeometryError: unusable sform, or a direction that is not a rotation/reflection.
+    """
+    import SimpleITK as sitk
+
+    path = check_readable_file(path, role)
+    xf = _checked_nifti_xforms(path, role)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with _quiet_itk_for(xf):
+            reader.ReadImageInformation()
+    except RuntimeError as e:
+        if path.name.lower().endswith(".gz"):
+            check_gzip_stream(path, role)
+        raise _read_failure(path, role, e) from None
+    dim = reader.GetDimension()
+    if dim < 3:
+        shape = "x".join(str(s) for s in reader.GetSize())
+        raise InputError(f"{role} '{path}' is a {dim}D image of size {shape}; a 3D image is needed")
+    if xf is not None:
+        check_nifti_geometry(reader, xf, path, role)
+    return _grid_of(reader, path, role)
 
 
 def _as_3d(img, path: Path, role: str, allow_vector: bool = False):
@@ -360,9 +422,14 @@ def _as_3d(img, path: Path, role: str, allow_vector: bool = False):
     return img
 
 
-def _grid_of(img, path: Path, role: str) -> Grid:
+def _grid_of(source: Any, path: Path, role: str) -> Grid:
+    """Grid of the first three axes of a SimpleITK image or ImageFileReader (after ReadImageInformation)."""
+    dim = source.GetDimension()
     try:
-        return Grid.from_sitk(img)
+        if dim == 3:
+            return Grid.from_sitk(source)
+        direction = np.asarray(source.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+        return Grid(source.GetSize()[:3], source.GetSpacing()[:3], source.GetOrigin()[:3], direction)
     except GeometryError as e:
         raise GeometryError(f"{role} '{path}': {e}") from None
 
@@ -426,6 +493,25 @@ def nonfinite_in_nifti(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> t
     return count, (first % nx, (first // nx) % ny, (first // (nx * ny)) % nz)
 
 
+def refuse_nonfinite(arr: np.ndarray, path: Path, role: str) -> None:
+    """InputError naming the count and first index of NaN/Inf voxels in ``arr`` or, for a float NIfTI file, in
+    the file (ITK 5 reads them as 0, see :func:`nonfinite_in_nifti`).
+
+    Args:
+        arr: (Z, Y, X) voxels as SimpleITK read them from ``path``; integer arrays pass unchecked.
+    """
+    if not np.issubdtype(arr.dtype, np.floating):
+        return
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        z, y, x = (int(v) for v in bad[0])
+        raise InputError(_nonfinite_message(role, path, len(bad), (x, y, z)))
+    on_disk = nonfinite_in_nifti(path) if (arr == 0).any() else None  # ITK 5 reads NaN/Inf as 0
+    if on_disk is not None:
+        raise InputError(_nonfinite_message(role, path, *on_disk))
+
+
 def _nifti_layout(head: bytes):
     """(float dtype with byte order, dims (x, y, z, ...), data offset) from a NIfTI-1/2 header, or None when the
     header is not a single-file NIfTI of float32/float64 voxels."""
@@ -466,14 +552,7 @@ def read_image(path: str | os.PathLike, role: str = "image", check_variance: boo
     grid = _grid_of(img, path, role)
     pixel_type = img.GetPixelIDTypeAsString()
     data = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
-    finite = np.isfinite(data)
-    if not finite.all():
-        bad = np.argwhere(~finite)
-        z, y, x = (int(v) for v in bad[0])
-        raise InputError(_nonfinite_message(role, path, len(bad), (x, y, z)))
-    on_disk = nonfinite_in_nifti(path) if (data == 0).any() else None  # ITK 5 reads NaN/Inf as 0
-    if on_disk is not None:
-        raise InputError(_nonfinite_message(role, path, *on_disk))
+    refuse_nonfinite(data, path, role)
     if check_variance and float(data.max()) == float(data.min()):
         raise InputError(f"{role} '{path}' has zero intensity variance (every voxel is {float(data.min()):g})")
     meta = {"path": str(path), "pixel_type": pixel_type}
@@ -481,16 +560,20 @@ def read_image(path: str | os.PathLike, role: str = "image", check_variance: boo
 
 
 def read_labels(path: str | os.PathLike, role: str = "label map") -> Image:
-    """Read an integer label map (Z, Y, X) int32. Float files must hold integral values."""
+    """Read an integer label map (Z, Y, X) int32. Float files must hold integral values.
+
+    Raises:
+        InputError: unreadable, not 3D, vector-valued, NaN/Inf voxels (counted in the file, as
+            :func:`read_image` does), or non-integer values.
+    """
     import SimpleITK as sitk
 
     path = Path(path)
     img = _as_3d(read_sitk(path, role), path, role)
     grid = _grid_of(img, path, role)
     arr = sitk.GetArrayFromImage(img)
+    refuse_nonfinite(arr, path, role)
     if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
-            raise InputError(f"{role} '{path}' has NaN/Inf values; a label map must be integers")
         rounded = np.rint(arr)
         if np.abs(arr - rounded).max() > 1e-3:
             raise InputError(f"{role} '{path}' has non-integer values; a label map must hold integer labels")
@@ -500,7 +583,7 @@ def read_labels(path: str | os.PathLike, role: str = "label map") -> Image:
 
 
 def read_mask(path: str | os.PathLike, role: str, reference: Grid | None = None) -> Image:
-    """Read a binary mask (non-zero = inside) as float32 {0, 1}; refuse empty masks (E5)."""
+    """Read a binary mask (non-zero = inside) as float32 {0, 1}; refuse empty masks (E5) and NaN/Inf voxels (E4)."""
     img = read_labels(path, role)
     data = (img.data != 0).to(torch.float32)
     if not bool(data.any()):
