@@ -270,10 +270,26 @@ class RegisterConfig(_Frozen):
         "presets use 'moving'")
     write_warped: bool = True
     html_report: bool = True
+    precision: Literal["float32", "float64"] = Field(
+        "float32", description="floating-point type of the solvers (affine, convexadam, samconvex, fine "
+        "refinement): float64 doubles their memory and time, for checking that float32 rounding does not matter; "
+        "geometry (index/world matrices) is always float64, and networks run in float32 (SAMConvex's embedding "
+        "is cast to the solver's type); the network methods (dio, foundation, promptreg) refuse float64; the "
+        "written warps are float32 either way")
+    max_memory_mb: Optional[float] = Field(
+        None, gt=0, description="refuse to start when the pre-flight estimate of the process's peak memory (MB) "
+        "is above this (--max-memory); the estimate is always in the report")
 
     @property
     def deformable(self) -> bool:
         return self.method in ("convexadam", "samconvex", "dio", "foundation", "promptreg")
+
+    @model_validator(mode="after")
+    def _float64_solvers_only(self) -> "RegisterConfig":
+        if self.precision == "float64" and self.method in ("dio", "foundation", "promptreg"):
+            raise ValueError(f"precision float64 is for the classical solvers (convexadam, samconvex, affine, rigid); "
+                             f"method '{self.method}' runs a network in float32: use precision float32")
+        return self
 
     @model_validator(mode="after")
     def _fine_is_finer(self) -> "RegisterConfig":

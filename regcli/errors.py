@@ -16,6 +16,7 @@ code   class                  meaning
 6      OutputError            output exists without --overwrite, or cannot be written
 7      ConfigError            invalid configuration (YAML or flags)
 8      WeightsError           model weights missing, corrupted or checksum mismatch
+9      ResourceError          the pre-flight memory estimate is above --max-memory; nothing ran
 130    (KeyboardInterrupt)    interrupted by the user (SIGINT); temporary files removed
 =====  =====================  ===============================================================
 """
@@ -71,6 +72,11 @@ class ConfigError(RegcliError):
 class WeightsError(RegcliError):
     exit_code = 8
     kind = "WeightsError"
+
+
+class ResourceError(RegcliError):
+    exit_code = 9
+    kind = "ResourceError"
 
 
 EXIT_INTERRUPTED = 130

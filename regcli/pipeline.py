@@ -163,12 +163,16 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
         fixed_mask, moving_mask: optional {0, 1} masks on the fixed/moving grids.
         fixed_labels, moving_labels, landmarks: label maps (on their images' grids) and ``(fixed, moving)``
             landmark point sets (LPS mm); used by the deformable stage only where ``config.prompts`` asks for them.
+
+    ``config.precision`` is the solvers' dtype: the affine stage and the working-grid images get it, and the fields
+    of the result have it (float64 fields are written as float32 files).
     """
     check_prompts(config, fixed_labels, moving_labels, landmarks)
     check_variance(fixed, fixed_mask, "fixed")
     check_variance(moving, moving_mask, "moving")
     runtime = runtime or setup_runtime(config.device, config.threads, config.seed, config.deterministic)
     dev = runtime.device
+    dtype = getattr(torch, config.precision)  # of the solvers (RELIABILITY N3); geometry is float64 anyway
     timings: dict[str, float] = {}
     history: dict[str, list] = {}
     cb = _stage_progress(progress)
@@ -184,7 +188,8 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     if config.affine.enabled:
         from regcli.solvers.affine import run_affine_stage
 
-        res = run_affine_stage(fixed, moving, config.affine, fixed_mask, moving_mask, progress=cb, device=dev)
+        res = run_affine_stage(fixed, moving, config.affine, fixed_mask, moving_mask, progress=cb, device=dev,
+                               dtype=dtype)
         affine = res.transform
         history.update({f"affine/{k}": v for k, v in res.history.items()})
     else:
@@ -203,8 +208,8 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     work, antialias = working_grid(config.method, fixed.grid, config)
     sp = min(work.spacing)
     fixed_p, moving_p = prepare_images(config.method, fixed, moving, config)
-    fixed_w = resample_to_grid(smooth_for(fixed_p, sp) if antialias else fixed_p, work).to(dev)
-    moving_w = warp(smooth_for(moving_p, sp) if antialias else moving_p, affine, work).to(dev)
+    fixed_w = resample_to_grid(smooth_for(fixed_p, sp) if antialias else fixed_p, work).to(dev, dtype)
+    moving_w = warp(smooth_for(moving_p, sp) if antialias else moving_p, affine, work).to(dev, dtype)
     fmask_w = resample_to_grid(fixed_mask, work, "nearest").to(dev) if fixed_mask is not None else None
     mmask_w = warp(moving_mask, affine, work, "nearest").to(dev) if moving_mask is not None else None
     timings["resample"] = time.perf_counter() - t0
@@ -286,6 +291,7 @@ def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool
 
     runtime = setup_runtime(config.device, config.threads, config.seed, config.deterministic)
     t0 = time.perf_counter()
+    memory = preflight_memory(inputs, config)
     fixed = read_image(inputs.fixed, "fixed image")
     moving = read_image(inputs.moving, "moving image")
     fixed_mask = read_mask(inputs.fixed_mask, "fixed mask") if inputs.fixed_mask else None
@@ -352,6 +358,7 @@ def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool
             device=runtime.device,
             grids={"fixed": fixed.grid, "moving": moving.grid},
         )
+        report["memory"].update(memory.as_dict())
         report["wall_seconds"] = round(time.perf_counter() - t_start, 4)
         text = report_json(report)
         outs.stage(paths["report"], lambda tmp: tmp.write_text(text))
@@ -360,6 +367,19 @@ def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool
         outs.abort()
         raise
     return report
+
+
+def preflight_memory(inputs: RegisterInputs, config: RegisterConfig):
+    """The pre-flight memory estimate (:mod:`regcli.memory`) from the two headers, logged; a ResourceError when
+    it is above ``config.max_memory_mb``, before anything is read."""
+    from regcli.io.images import read_grid
+    from regcli.memory import check_memory, estimate_peak_memory
+
+    estimate = estimate_peak_memory(read_grid(inputs.fixed, "fixed image"), read_grid(inputs.moving, "moving image"),
+                                    config)
+    (log.info if config.max_memory_mb is not None else log.debug)("memory estimate: %s", estimate.describe())
+    check_memory(estimate, config.max_memory_mb, config, str(inputs.fixed))
+    return estimate
 
 
 def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks) -> None:

@@ -85,7 +85,7 @@ def sample_at_world(
     """Sample ``data`` (on ``source``) at world points (..., 3) float64. Returns (C?, ...)."""
     shape = points_world.shape[:-1]
     pts = points_world.reshape(1, -1, 1, 1, 3)
-    coords = source.world_to_norm_points(pts).to(torch.float32)
+    coords = source.world_to_norm_points(pts).to(torch.float64 if data.dtype == torch.float64 else torch.float32)
     out = grid_sample(data.to(torch.float32) if not torch.is_floating_point(data) else data, coords, mode,
                       padding, source, default)
     if data.dim() == 3:
@@ -310,14 +310,16 @@ class FieldWarper:
     Args:
         source: grid of the image being sampled (e.g. the moving image on the working grid).
         target: grid on which the displacement lives (e.g. the fixed working grid).
+        dtype: floating type of the coordinates and of the displacements given to :meth:`coords` (the solver's
+            precision); the geometry is composed in float64 and cast to it at the end.
     """
 
-    def __init__(self, source: Grid, target: Grid, device=None) -> None:
+    def __init__(self, source: Grid, target: Grid, device=None, dtype: torch.dtype = torch.float32) -> None:
         self.source = source
         self.target = target
         M = source.world_to_norm() @ target.index_to_world()
-        self.base = apply_affine(M, target.index_coords(torch.float64, device)).to(torch.float32)[None]
-        self.vec = torch.as_tensor(source.vector_world_to_norm(), dtype=torch.float32, device=device)
+        self.base = apply_affine(M, target.index_coords(torch.float64, device)).to(dtype)[None]
+        self.vec = torch.as_tensor(source.vector_world_to_norm(), dtype=dtype, device=device)
 
     def to(self, device) -> "FieldWarper":
         self.base = self.base.to(device)
@@ -369,7 +371,7 @@ def upsample_field(disp: torch.Tensor, field_grid: Grid, reference: Grid) -> tor
     out = resample_separable(disp, field_grid, reference, "border")
     if out is not None:
         return out
-    coords = field_grid.world_to_norm_points(reference.world_coords(torch.float64, disp.device)).to(torch.float32)
+    coords = field_grid.world_to_norm_points(reference.world_coords(torch.float64, disp.device)).to(disp.dtype)
     return grid_sample(disp, coords[None], "bilinear", "border")
 
 

@@ -12,8 +12,8 @@ import typer
 
 from regcli.cli.common import (
     AffineMetricOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt, FoundationIOOpt,
-    IntensityWeightOpt, IterationsOpt, JsonOpt, MethodOpt, ModalityOpt, OptimizerOpt, QuietOpt, SeedOpt,
-    TransformOpt, VerboseOpt, WorkingSpacingOpt, config_overrides, examples, input_file_argument,
+    IntensityWeightOpt, IterationsOpt, JsonOpt, MaxMemoryOpt, MethodOpt, ModalityOpt, OptimizerOpt, PrecisionOpt,
+    QuietOpt, SeedOpt, TransformOpt, VerboseOpt, WorkingSpacingOpt, config_overrides, examples, input_file_argument,
 )
 from regcli.cli.evaluate import ExcludeTaskOpt, LabelInterp, TaskOpt
 
@@ -73,6 +73,8 @@ def batch(
     optimizer: OptimizerOpt = None,
     fine_spacing: FineSpacingOpt = None,
     intensity_weight: IntensityWeightOpt = None,
+    precision: PrecisionOpt = None,
+    max_memory: MaxMemoryOpt = None,
     modality: ModalityOpt = None,
     io: FoundationIOOpt = None,
     label_interp: Annotated[LabelInterp, typer.Option(
@@ -113,10 +115,10 @@ def batch(
                                  deterministic=deterministic, working_spacing=working_spacing,
                                  affine_metric=affine_metric, iterations=iterations, transform=transform,
                                  optimizer=optimizer, fine_spacing=fine_spacing, modality=modality, io=io,
-                                 intensity_weight=intensity_weight)
+                                 intensity_weight=intensity_weight, precision=precision, max_memory=max_memory)
     cfg = build_config(config, overrides)  # fail fast on a bad YAML or flag (exit 7)
     extra = _register_args(device, None, seed, deterministic, working_spacing, affine_metric, iterations,
-                           transform, optimizer, fine_spacing, modality, io, intensity_weight)
+                           transform, optimizer, fine_spacing, modality, io, intensity_weight, precision, max_memory)
 
     output_folder(output)
     if not os.access(output, os.W_OK):

@@ -414,6 +414,15 @@ IntensityWeightOpt = Annotated[Optional[float], typer.Option(
     "MIND-SSC in the working-grid and fine refinements with this weight (0.5 on T1w brains, docs/benchmarks.md; "
     "instance.refine_intensity_weight; default 0). Never for different contrasts.", show_default=False,
     rich_help_panel=_CFG)]
+Precision = Enum("Precision", {t: t for t in ("float32", "float64")}, type=str)
+PrecisionOpt = Annotated[Optional[Precision], typer.Option(
+    "--precision", help="Floating-point type of the solvers: float32 (default) or float64 (about twice the memory "
+    "and time; to check that rounding does not matter). Networks always run in float32 (precision).",
+    case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", metavar="SIZE", help="Refuse to start when the pre-flight estimate of peak memory is above "
+    "SIZE (e.g. 8G, 6000M; a plain number is MB). The estimate is logged and written to the report either way "
+    "(max_memory_mb).", show_default=False, rich_help_panel=_CFG)]
 Modality = Enum("Modality", {t: t for t in ("mri", "ct")}, type=str)
 FoundationIO = Enum("FoundationIO", {t: t for t in ("none", "network", "field")}, type=str)
 ModalityOpt = Annotated[Optional[Modality], typer.Option(
@@ -469,6 +478,29 @@ def parse_label_ids(text: Optional[str]):
     return ids
 
 
+_MEMORY_UNITS = {"": 1.0, "m": 1.0, "mb": 1.0, "mib": 1.0, "g": 1024.0, "gb": 1024.0, "gib": 1024.0,
+                 "t": 1024.0 ** 2, "tb": 1024.0 ** 2, "tib": 1024.0 ** 2, "k": 1 / 1024, "kb": 1 / 1024,
+                 "kib": 1 / 1024}
+
+
+def parse_memory(text: Optional[str]) -> Optional[float]:
+    """``--max-memory``: ``8G``, ``6000M``, ``1.5GiB`` or a plain number of MB, as MB (binary units: 1 G =
+    1024 MB); a BadParameter otherwise."""
+    if text is None:
+        return None
+    raw = str(text).strip().lower().replace(" ", "")
+    num = raw.rstrip("kmgtib")
+    unit = raw[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = float("nan")
+    if unit not in _MEMORY_UNITS or not value > 0:
+        raise typer.BadParameter(f"'{text}' is not a memory size like 8G, 6000M or 512 (MB)",
+                                 param_hint="--max-memory")
+    return value * _MEMORY_UNITS[unit]
+
+
 def _value(v: Any) -> Any:
     return v.value if isinstance(v, Enum) else v
 
@@ -489,7 +521,8 @@ def parse_iterations(text: Optional[str]) -> Optional[tuple[int, ...]]:
 def config_overrides(method=None, device=None, threads=None, seed=None, deterministic=None,
                      working_spacing=None, affine_metric=None, affine_init=None, affine=None, iterations=None,
                      inverse=None, html=None, transform=None, optimizer=None, prompt_labels=None,
-                     prompt_landmarks=None, fine_spacing=None, modality=None, io=None, intensity_weight=None) -> dict:
+                     prompt_landmarks=None, fine_spacing=None, modality=None, io=None, intensity_weight=None,
+                     precision=None, max_memory=None) -> dict:
     """Nested override dict for :func:`regcli.config.build_config` (None = not given on the command line)."""
     return {
         "prompts": {"labels": parse_label_ids(prompt_labels), "landmarks": prompt_landmarks},
@@ -507,4 +540,6 @@ def config_overrides(method=None, device=None, threads=None, seed=None, determin
         "io": _value(io),
         "inverse_warp": inverse,
         "html_report": html,
+        "precision": _value(precision),
+        "max_memory_mb": parse_memory(max_memory),
     }

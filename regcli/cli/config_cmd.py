@@ -5,7 +5,8 @@ import typer
 
 from regcli.cli.common import (
     AffineInitOpt, AffineMetricOpt, AffineOnOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt,
-    FoundationIOOpt, HtmlOpt, IntensityWeightOpt, InverseOpt, IterationsOpt, JsonOpt, MethodOpt, ModalityOpt,
+    FoundationIOOpt, HtmlOpt, IntensityWeightOpt, InverseOpt, IterationsOpt, JsonOpt, MaxMemoryOpt, MethodOpt,
+    ModalityOpt, PrecisionOpt,
     OptimizerOpt, PromptLabelsOpt, PromptLandmarksOpt, SeedOpt, ThreadsOpt, TransformOpt, WorkingSpacingOpt,
     config_overrides, examples,
 )
@@ -56,6 +57,8 @@ def show(
     optimizer: OptimizerOpt = None,
     fine_spacing: FineSpacingOpt = None,
     intensity_weight: IntensityWeightOpt = None,
+    precision: PrecisionOpt = None,
+    max_memory: MaxMemoryOpt = None,
     modality: ModalityOpt = None,
     io: FoundationIOOpt = None,
     prompt_labels: PromptLabelsOpt = None,
@@ -74,7 +77,8 @@ def show(
     cfg = build_config(config, config_overrides(method, device, threads, seed, deterministic, working_spacing,
                                                 affine_metric, affine_init, affine, iterations, inverse, html,
                                                 transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing,
-                                                modality, io, intensity_weight))
+                                                modality, io, intensity_weight, precision,
+                                                max_memory))
     data = cfg.model_dump(mode="json")
     if json_out:
         emit_json(data)

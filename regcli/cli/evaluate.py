@@ -11,9 +11,9 @@ import typer
 
 from regcli.cli.common import (
     AffineMetricOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt, FoundationIOOpt,
-    IntensityWeightOpt, IterationsOpt, JsonOpt, MethodOpt, ModalityOpt, OptimizerOpt, OverwriteOpt, QuietOpt,
-    SeedOpt, ThreadsOpt, TransformOpt, VerboseOpt, WorkingSpacingOpt, config_overrides, examples,
-    input_file_argument, input_file_option,
+    IntensityWeightOpt, IterationsOpt, JsonOpt, MaxMemoryOpt, MethodOpt, ModalityOpt, OptimizerOpt, OverwriteOpt,
+    PrecisionOpt, QuietOpt, SeedOpt, ThreadsOpt, TransformOpt, VerboseOpt, WorkingSpacingOpt, config_overrides,
+    examples, input_file_argument, input_file_option,
 )
 
 EXAMPLES = examples(
@@ -87,6 +87,8 @@ def evaluate(
     optimizer: OptimizerOpt = None,
     fine_spacing: FineSpacingOpt = None,
     intensity_weight: IntensityWeightOpt = None,
+    precision: PrecisionOpt = None,
+    max_memory: MaxMemoryOpt = None,
     modality: ModalityOpt = None,
     io: FoundationIOOpt = None,
     label_interp: Annotated[LabelInterp, typer.Option(
@@ -132,10 +134,10 @@ def evaluate(
                                  deterministic=deterministic, working_spacing=working_spacing,
                                  affine_metric=affine_metric, iterations=iterations, transform=transform,
                                  optimizer=optimizer, fine_spacing=fine_spacing, modality=modality, io=io,
-                                 intensity_weight=intensity_weight)
+                                 intensity_weight=intensity_weight, precision=precision, max_memory=max_memory)
     cfg = build_config(config, overrides)  # fail fast on a bad YAML or flag (exit 7)
     extra = _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
-                           transform, optimizer, fine_spacing, modality, io, intensity_weight)
+                           transform, optimizer, fine_spacing, modality, io, intensity_weight, precision, max_memory)
 
     output_folder(output)  # outputs: checked before anything runs (O2, O3)
     outs = OutputSet(overwrite=overwrite)
@@ -179,14 +181,15 @@ def evaluate(
 
 def _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
                    transform=None, optimizer=None, fine_spacing=None, modality=None, io=None,
-                   intensity_weight=None) -> list:
+                   intensity_weight=None, precision=None, max_memory=None) -> list:
     """Flags passed on to each `regcli register` child (HTML reports off: evaluation does not need them)."""
     args = ["--no-html"]
     for flag, v in (("--device", device), ("--threads", threads), ("--seed", seed),
                     ("--working-spacing", working_spacing), ("--affine-metric", affine_metric),
                     ("--iterations", iterations), ("--transform", transform), ("--optimizer", optimizer),
                     ("--fine-spacing", fine_spacing), ("--modality", modality), ("--io", io),
-                    ("--intensity-weight", intensity_weight)):
+                    ("--intensity-weight", intensity_weight), ("--precision", precision),
+                    ("--max-memory", max_memory)):
         if v is not None:
             args += [flag, str(getattr(v, "value", v))]
     if deterministic is not None:

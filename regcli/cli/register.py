@@ -7,7 +7,8 @@ import typer
 
 from regcli.cli.common import (
     AffineInitOpt, AffineMetricOpt, AffineOnOpt, ConfigFileOpt, DeterministicOpt, DeviceOpt, FineSpacingOpt,
-    FoundationIOOpt, HtmlOpt, IntensityWeightOpt, InverseOpt, IterationsOpt, JsonOpt, MethodOpt, ModalityOpt,
+    FoundationIOOpt, HtmlOpt, IntensityWeightOpt, InverseOpt, IterationsOpt, JsonOpt, MaxMemoryOpt, MethodOpt,
+    ModalityOpt, PrecisionOpt,
     OptimizerOpt, OverwriteOpt, PromptLabelsOpt, PromptLandmarksOpt, QuietOpt, SeedOpt, ThreadsOpt, TransformOpt,
     VerboseOpt, WorkingSpacingOpt, config_overrides, examples, input_file_argument, input_file_option,
 )
@@ -61,6 +62,8 @@ def register(
     optimizer: OptimizerOpt = None,
     fine_spacing: FineSpacingOpt = None,
     intensity_weight: IntensityWeightOpt = None,
+    precision: PrecisionOpt = None,
+    max_memory: MaxMemoryOpt = None,
     modality: ModalityOpt = None,
     io: FoundationIOOpt = None,
     prompt_labels: PromptLabelsOpt = None,
@@ -86,7 +89,8 @@ def register(
     cfg = build_config(config, config_overrides(method, device, threads, seed, deterministic, working_spacing,
                                                 affine_metric, affine_init, affine, iterations, inverse, html,
                                                 transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing,
-                                                modality, io, intensity_weight))
+                                                modality, io, intensity_weight, precision,
+                                                max_memory))
     from regcli.pipeline import RegisterInputs, run_register
 
     inputs = RegisterInputs(

@@ -47,13 +47,15 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
     """MIND-SSC descriptor of a 3D image.
 
     Args:
-        image: (1, 1, Z, Y, X) (or (N, 1, Z, Y, X), or (Z, Y, X)) float32 intensities on any grid; the
-            radius and dilation are in voxels of that grid (use an isotropic grid).
+        image: (1, 1, Z, Y, X) (or (N, 1, Z, Y, X), or (Z, Y, X)) float32 intensities on any grid (float64 is
+            kept, anything else computed in float32); the radius and dilation are in voxels of that grid (use
+            an isotropic grid).
         radius: patch radius r in voxels (box of (2r+1)^3).
         dilation: neighbour distance d in voxels.
         eps: floor of the variance estimate (only matters for images with no contrast at all).
     Returns:
-        (N, 12, Z, Y, X) float32 descriptor in (0, 1], on the same grid as ``image`` (dimensionless).
+        (N, 12, Z, Y, X) float32 (float64 for a float64 image) descriptor in (0, 1], on the same grid as
+        ``image`` (dimensionless).
     """
     if image.dim() == 3:
         image = image[None, None]
@@ -61,7 +63,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
         raise ValueError(f"mind_ssc expects (N, 1, Z, Y, X), got {tuple(image.shape)}")
     if radius < 0 or dilation < 1:
         raise ValueError(f"mind_ssc needs radius >= 0 and dilation >= 1, got {radius}, {dilation}")
-    img = image.to(torch.float32)
+    img = image.to(torch.float64 if image.dtype == torch.float64 else torch.float32)
     # the descriptor ignores intensity offsets; removing the mean keeps float32 differences exact-ish
     # for images far from 0 (CT in HU, MRI with large offsets)
     img = img - img.mean(dim=(1, 2, 3, 4), keepdim=True)
@@ -74,7 +76,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
         return padded[:, :, d + dz:d + dz + Z, d + dy:d + dy + Y, d + dx:d + dx + X]
 
     pairs = ssc_pairs()
-    out = torch.empty((n, len(pairs), Z, Y, X), dtype=torch.float32, device=img.device)
+    out = torch.empty((n, len(pairs), Z, Y, X), dtype=img.dtype, device=img.device)
     for c, (a, b) in enumerate(pairs):
         diff = (shifted(a) - shifted(b)).pow_(2)
         out[:, c:c + 1] = box_filter(diff, radius)

@@ -20,6 +20,9 @@ Both IO levels evaluate the similarity only on its *support* (:func:`mind_suppor
 exactly 1 in every channel where the image is locally constant, so flat background adds nothing.
 5. Trilinear upsampling of the result to the working grid (when the last level is coarser).
 
+Precision: every step computes in the dtype of the working-grid images (float32; float64 when the pipeline
+casts them for ``precision: float64``); masks stay float32 weights.
+
 Units: every field that leaves a helper is world LPS mm on a :class:`Grid`; the discrete stage works in
 coarse-grid voxels and is converted through that grid's index-to-world matrix. Grids whose size is not a
 multiple of a pooling factor are padded at their high-index end (edge values) and the padding is
@@ -43,7 +46,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -70,8 +72,8 @@ class DeformableResult:
     """Output of a deformable method.
 
     Attributes:
-        field: displacement (3, Z, Y, X) float32, world LPS mm, on the fixed (working) grid; maps a fixed
-            point ``x`` to the moving point ``x + u(x)``.
+        field: displacement (3, Z, Y, X) float32 (float64 with ``precision: float64``), world LPS mm, on the
+            fixed (working) grid; maps a fixed point ``x`` to the moving point ``x + u(x)``.
         history: loss curves per stage, e.g. ``{"convex": [...], "instance": [...]}``.
         timings: seconds per step (and ``"total"``).
         inverse: the method's own inverse field on the same grid (e.g. a network's backward map), or None:
@@ -116,7 +118,7 @@ def pooled_weights(mask: Optional[torch.Tensor], grid: Grid, factor: int, dev) -
 
 def index_to_world_vectors(disp_index: torch.Tensor, grid: Grid) -> torch.Tensor:
     """(3, Z, Y, X) displacement in voxels of ``grid`` (components x, y, z) -> world LPS mm."""
-    A = grid.index_to_world()[:3, :3].astype(np.float32)
+    A = grid.index_to_world()[:3, :3]  # float64, cast to the field's dtype by apply_linear
     return apply_linear(A, disp_index.permute(1, 2, 3, 0)).permute(3, 0, 1, 2).contiguous()
 
 
@@ -219,7 +221,7 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
     if iterations <= 0:
         return start, io_grid, []
     with torch.no_grad():
-        warped = FieldWarper(io_grid, io_grid, dev).warp(io_m, start)
+        warped = FieldWarper(io_grid, io_grid, dev, io_m.dtype).warp(io_m, start)
         c = mind_channels or io_f.shape[1]
         support = mind_support(io_f[:, :c], io_grid) | mind_support(warped[:, :c], io_grid)
         support = dilate(support, io_grid, SUPPORT_MARGIN_MM)

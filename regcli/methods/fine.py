@@ -11,7 +11,8 @@ field is refined for ``instance.fine_iterations`` more iterations on the fixed i
   SSD with the ``instance.refine_*`` gradient floor, regulariser weight, smoothing and MIND dilation, and the
   Adam step ``instance.fine_learning_rate``;
 * the transform model is ``instance.transform``, so a diffeomorphic model composes its update before the
-  method's field and the result stays diffeomorphic; prompts, staged on the fine grid, join the objective.
+  method's field and the result stays diffeomorphic; prompts, staged on the fine grid, join the objective;
+* it computes in ``precision`` (the fine-grid images are cast to it).
 """
 
 from __future__ import annotations
@@ -69,13 +70,14 @@ def fine_refinement(fixed: Image, moving: Image, affine, field: DisplacementFiel
     dev = torch.device(device) if device is not None else field.disp.device
     if dev.type == "cpu":
         _warn_if_large(grid)
+    dtype = getattr(torch, config.precision)
     with torch.no_grad():
-        fdata = resample_to_grid(smooth_for(fixed, sp), grid).data.to(dev, torch.float32)
-        mdata = warp(smooth_for(moving, sp), affine, grid).data.to(dev, torch.float32)
+        fdata = resample_to_grid(smooth_for(fixed, sp), grid).data.to(dev, dtype)
+        mdata = warp(smooth_for(moving, sp), affine, grid).data.to(dev, dtype)
         fmask = _mask_on(fixed_mask, grid, "fixed")
         mmask = _mask_on(warp(moving_mask, affine, grid, "nearest"), grid, "moving") if moving_mask is not None \
             else None
-        init = upsample_field(field.disp.to(dev), field.grid, grid)
+        init = upsample_field(field.disp.to(dev, dtype), field.grid, grid)
     disp, history = refine_on_working_grid(fdata, mdata, grid, init, grid, fmask, mmask, config,
                                            config.instance.fine_iterations, progress or (lambda *a: None), dev,
                                            prompts, STAGE_FINE,

@@ -22,12 +22,15 @@ isotropic working grid that fixed and moving already share (the affine stage cam
    initialised with step 2 (Adam with a gradient floor, diffusion regulariser).
 4. ``samconvex.refine_iterations`` (10) Adam iterations of ConvexAdam's working-grid refinement (MIND-SSC).
 
-All fields are world LPS mm on the working grid when they leave a step.
+All fields are world LPS mm on the working grid when they leave a step. The network runs in float32; its maps
+are cast to the dtype of the working-grid images (float64 with ``precision: float64``), in which every later
+step computes.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -82,7 +85,8 @@ def features(image: Image, net: EmbeddingNet, scfg, basis: Optional[tuple[torch.
     hence the SSD costs, are kept up to the discarded variance, and the cost volume and the instance
     optimisation handle k instead of ``global_dim`` channels.
     """
-    emb = embed(image, net)
+    emb = embed(image, net)  # float32 network; its maps take the image's (the solver's) dtype
+    emb = replace(emb, global_=emb.global_.to(dtype=image.data.dtype), local=emb.local.to(dtype=image.data.dtype))
     loc = None
     if scfg.local_features in ("mind", "both"):
         from regcli.features.mind import mind_ssc
@@ -144,7 +148,8 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
 
     ``prompts`` (:mod:`regcli.solvers.prompts`) join the objective of the instance optimisation and refinement.
 
-    Returns the field (3, Z, Y, X) float32 world LPS mm on ``fixed.grid`` (fixed point x -> moving x + u(x)).
+    Returns the field (3, Z, Y, X) world LPS mm on ``fixed.grid`` (fixed point x -> moving x + u(x)), of the
+    images' dtype (float32; float64 with ``precision: float64``).
     """
     t_start = time.perf_counter()
     grid, out_device, dev, report = method_setup("samconvex", fixed, moving, device, progress)
@@ -174,7 +179,7 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
 
     # 2. correlation pyramid -------------------------------------------------------------------------
     t = time.perf_counter()
-    warper = FieldWarper(grid, grid, dev)
+    warper = FieldWarper(grid, grid, dev, fdata.dtype)
     u: Optional[torch.Tensor] = None
     n_lv = len(scfg.levels)
     with torch.no_grad():
@@ -194,7 +199,7 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
             timings[f"level{factor}"] = time.perf_counter() - t
     report(STAGE_PYRAMID, n_lv, n_lv)
     if u is None:
-        u = torch.zeros((3, *grid.shape), device=dev)
+        u = torch.zeros((3, *grid.shape), dtype=fdata.dtype, device=dev)
     timings["pyramid"] = time.perf_counter() - t
 
     # 3. instance optimisation in embedding space ------------------------------------------------------

@@ -79,8 +79,8 @@ class _Level:
     """One pyramid level: normalised fixed/moving data on their level grids (on the device)."""
 
     spacing: float
-    fixed: torch.Tensor  # (1, Z, Y, X) float32 in [0, 1], on ``grid``
-    moving: torch.Tensor  # (1, Z', Y', X') float32 in [0, 1], on ``moving_grid``
+    fixed: torch.Tensor  # (1, Z, Y, X) float32 (the solver's dtype) in [0, 1], on ``grid``
+    moving: torch.Tensor  # (1, Z', Y', X') float32 (the solver's dtype) in [0, 1], on ``moving_grid``
     grid: Grid
     moving_grid: Grid
     fixed_mask: Optional[torch.Tensor]  # (Z, Y, X) weights in [0, 1]
@@ -287,10 +287,11 @@ class _Runner:
     """Builds the pyramid once and runs initialisation and the per-level solves."""
 
     def __init__(self, fixed: Image, moving: Image, cfg: AffineConfig, fixed_mask: Optional[Image],
-                 moving_mask: Optional[Image], progress: Any, device) -> None:
+                 moving_mask: Optional[Image], progress: Any, device, dtype: torch.dtype = torch.float32) -> None:
         self.cfg = cfg
         self.progress = progress
         self.device = torch.device(device) if device is not None else fixed.data.device
+        self.dtype = dtype
         self.fixed_center = fixed.grid.center_world()
         self.moving_center = moving.grid.center_world()
         coarsest = max(cfg.levels_mm)
@@ -307,7 +308,7 @@ class _Runner:
         self.levels: list[_Level] = []  # one per entry of cfg.levels_mm (same order)
         for lv in (effective_level(v, fixed.grid, moving.grid, coarsest) for v in cfg.levels_mm):
             self.levels.append(_Level(
-                lv, f_levels[lv].data[None].to(self.device), m_levels[lv].data[None].to(self.device),
+                lv, f_levels[lv].data[None].to(self.device, dtype), m_levels[lv].data[None].to(self.device, dtype),
                 f_levels[lv].grid, m_levels[lv].grid, fm[lv], mm[lv],
             ))
         coarse = self.levels[int(np.argmax(cfg.levels_mm))]
@@ -374,8 +375,8 @@ class _Runner:
     def score(self, level: _Level, transforms: list[AffineTransform]) -> list[float]:
         """Similarity loss of each transform at ``level`` (no optimisation)."""
         sim = make_similarity(self.cfg.metric, **_similarity_params(self.cfg, level.grid))
-        model = MODELS.get("rigid")(level.grid, init=None, center=self.fixed_com, device=self.device)
-        warper = FieldWarper(level.moving_grid, level.grid, self.device)
+        model = MODELS.get("rigid")(level.grid, init=None, center=self.fixed_com, device=self.device, dtype=self.dtype)
+        warper = FieldWarper(level.moving_grid, level.grid, self.device, self.dtype)
         fixed = level.fixed[None]
         moving = level.moving[None]
         fmask = level.fixed_mask[None, None] if level.fixed_mask is not None else None
@@ -472,7 +473,8 @@ INIT_REFINE_ITERATIONS = 30
 
 
 def run_affine_stage(fixed: Image, moving: Image, cfg: AffineConfig, fixed_mask: Optional[Image] = None,
-                     moving_mask: Optional[Image] = None, progress: Any = None, device=None) -> AffineStageResult:
+                     moving_mask: Optional[Image] = None, progress: Any = None, device=None,
+                     dtype: torch.dtype = torch.float32) -> AffineStageResult:
     """Align ``moving`` to ``fixed`` with a linear transform (see the module docstring).
 
     Args:
@@ -482,6 +484,8 @@ def run_affine_stage(fixed: Image, moving: Image, cfg: AffineConfig, fixed_mask:
             the metric.
         progress: a ``Progress`` object (start/update/finish) or a callable ``progress(stage, i, n)``.
         device: torch device for the optimisation (default: the fixed image's device).
+        dtype: floating type of the solver (``precision``): the normalised level images, the metric and the
+            sampled displacements; the parameters and geometry are float64 either way.
     Returns:
         :class:`AffineStageResult` with the fixed -> moving world transform.
     Raises:
@@ -494,6 +498,6 @@ def run_affine_stage(fixed: Image, moving: Image, cfg: AffineConfig, fixed_mask:
     _check_scalar(moving, "moving")
     if cfg.init in ("none", "geometry"):
         _overlap_or_raise(fixed, moving)
-    runner = _Runner(fixed, moving, cfg, fixed_mask, moving_mask, progress, device)
+    runner = _Runner(fixed, moving, cfg, fixed_mask, moving_mask, progress, device, dtype)
     transform, init = runner.run()
     return AffineStageResult(transform, runner.history, time.perf_counter() - t0, init)

@@ -33,8 +33,9 @@ class Problem:
     """What to align.
 
     Attributes:
-        fixed: (C, Z, Y, X) float32 data (intensities or features) on ``grid``.
-        moving: (C, Z', Y', X') float32 data on ``moving_grid``.
+        fixed: (C, Z, Y, X) float32 data (intensities or features) on ``grid``; its dtype is the solver's (float64
+            with ``precision: float64``: the transform model, the sampling coordinates and the objective follow it).
+        moving: (C, Z', Y', X') data on ``moving_grid``, of the same dtype.
         grid: the grid of ``fixed``; the transform model's displacement lives here.
         moving_grid: grid of ``moving`` (defaults to ``grid``).
         fixed_mask: optional (Z, Y, X) weights on ``grid``.
@@ -95,7 +96,8 @@ class InstanceOptimization:
 
     def build_model(self, problem: Problem, init: Optional[torch.Tensor] = None) -> torch.nn.Module:
         cls = MODELS.get(self.model)
-        return cls(problem.grid, init=init, device=problem.fixed.device, **self.model_params)
+        return cls(problem.grid, init=init, device=problem.fixed.device, dtype=problem.fixed.dtype,
+                   **self.model_params)
 
     def objective(self, problem: Problem) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
         """The function the solver minimises: ``f(disp) -> (loss, parts)`` for a displacement (1, 3, Z, Y, X) mm
@@ -105,7 +107,7 @@ class InstanceOptimization:
         dev = problem.fixed.device
         sim = self.similarity if callable(self.similarity) else make_similarity(self.similarity, **self.similarity_params)
         reg = make_regularizer(self.regularizer, **self.regularizer_params)
-        warper = FieldWarper(problem.moving_grid, problem.grid, dev)
+        warper = FieldWarper(problem.moving_grid, problem.grid, dev, problem.fixed.dtype)
         fixed = problem.fixed[None]
         moving = problem.moving[None]
         fmask = problem.fixed_mask[None, None] if problem.fixed_mask is not None else None

@@ -2,8 +2,10 @@
 
 A model is a ``torch.nn.Module`` built as ``MODELS.get(name)(grid, init=None, device=None, **params)``; keyword
 parameters it does not use are accepted and ignored (one ``model_params`` dict serves every model). Its
-``forward()`` returns the displacement ``u`` (1, 3, Z, Y, X) float32 in world LPS mm on ``grid`` (the grid on
-which the similarity is evaluated); the solver samples the moving data at ``x + u(x)``.
+``forward()`` returns the displacement ``u`` (1, 3, Z, Y, X) in world LPS mm on ``grid`` (the grid on
+which the similarity is evaluated); the solver samples the moving data at ``x + u(x)``. Fields and parameters
+have the model's ``dtype`` (float32 by default; the solver passes its data's dtype, float64 with
+``precision: float64``); the linear models keep their parameters in float64 whatever ``dtype``.
 
 Optional hooks: ``param_groups(lr)`` (per-parameter step sizes), ``transform()`` (linear models: the
 :class:`~regcli.transforms.AffineTransform` they represent), ``after_step()`` (called by the solver after every
@@ -80,8 +82,8 @@ def _is_affine(init) -> bool:
     return init is not None and hasattr(init, "matrix") and hasattr(init, "map_points")
 
 
-def as_field(init, grid: Grid, device=None) -> Optional[torch.Tensor]:
-    """An ``init`` (see the module docstring) as a displacement (1, 3, Z, Y, X) float32 world LPS mm on
+def as_field(init, grid: Grid, device=None, dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+    """An ``init`` (see the module docstring) as a displacement (1, 3, Z, Y, X) ``dtype`` world LPS mm on
     ``grid``, detached, on ``device``; ``None`` stays ``None``.
 
     Raises:
@@ -104,7 +106,7 @@ def as_field(init, grid: Grid, device=None) -> Optional[torch.Tensor]:
     if tuple(disp.shape) != (1, 3, *grid.shape):
         raise GeometryError(f"initial displacement has shape {tuple(disp.shape)}, expected "
                             f"(1, 3, {', '.join(map(str, grid.shape))}) for {grid.describe()}")
-    return disp.detach().to(device=device, dtype=torch.float32).clone()
+    return disp.detach().to(device=device, dtype=dtype).clone()
 
 
 class _Composing(nn.Module):
@@ -117,18 +119,18 @@ class _Composing(nn.Module):
         self.register_buffer("base", base)
         self._warper: Optional[FieldWarper] = None
 
-    def warper(self, device) -> FieldWarper:
-        """``FieldWarper(grid, grid)`` on ``device`` (built once per device)."""
+    def warper(self, device, dtype: torch.dtype = torch.float32) -> FieldWarper:
+        """``FieldWarper(grid, grid)`` on ``device`` for fields of ``dtype`` (built once per device and dtype)."""
         w = self._warper
-        if w is None or w.base.device != torch.device(device):
-            w = self._warper = FieldWarper(self.grid, self.grid, device)
+        if w is None or w.base.device != torch.device(device) or w.base.dtype != dtype:
+            w = self._warper = FieldWarper(self.grid, self.grid, device, dtype)
         return w
 
     def with_base(self, own: torch.Tensor) -> torch.Tensor:
         """``own + b(x + own(x))`` for own (1, 3, Z, Y, X) mm; ``own`` itself without a base field."""
         if self.base is None:
             return own
-        return compose(own, self.base, self.warper(own.device))
+        return compose(own, self.base, self.warper(own.device, own.dtype))
 
 
 @MODELS.register("freeform")
@@ -143,13 +145,14 @@ class FreeformModel(nn.Module):
             they also smooth the ``init`` part.
     """
 
-    def __init__(self, grid: Grid, init=None, smoothing_passes: int = 0, device=None, **_: object) -> None:
+    def __init__(self, grid: Grid, init=None, smoothing_passes: int = 0, device=None,
+                 dtype: torch.dtype = torch.float32, **_: object) -> None:
         super().__init__()
         self.grid = grid
         self.smoothing_passes = int(smoothing_passes)
-        disp = as_field(init, grid, device)
+        disp = as_field(init, grid, device, dtype)
         if disp is None:
-            disp = torch.zeros((1, 3, *grid.shape), dtype=torch.float32, device=device)
+            disp = torch.zeros((1, 3, *grid.shape), dtype=dtype, device=device)
         self.disp = nn.Parameter(disp)
 
     def forward(self) -> torch.Tensor:
@@ -174,11 +177,11 @@ class SVFModel(_Composing):
     """
 
     def __init__(self, grid: Grid, init=None, svf_steps: int = 7, smoothing_passes: int = 0, device=None,
-                 **_: object) -> None:
-        super().__init__(grid, as_field(init, grid, device))
+                 dtype: torch.dtype = torch.float32, **_: object) -> None:
+        super().__init__(grid, as_field(init, grid, device, dtype))
         self.svf_steps = int(svf_steps)
         self.smoothing_passes = int(smoothing_passes)
-        self.vel = nn.Parameter(torch.zeros((1, 3, *grid.shape), dtype=torch.float32, device=device))
+        self.vel = nn.Parameter(torch.zeros((1, 3, *grid.shape), dtype=dtype, device=device))
 
     def velocity(self) -> torch.Tensor:
         """The smoothed velocity (1, 3, Z, Y, X) float32, world LPS mm, on ``grid``."""
@@ -186,7 +189,7 @@ class SVFModel(_Composing):
 
     def forward(self) -> torch.Tensor:
         """Displacement (1, 3, Z, Y, X) float32, world LPS mm, on ``grid``: ``exp(v)`` then the base field."""
-        own = exp_velocity(self.velocity(), self.warper(self.vel.device), self.svf_steps)
+        own = exp_velocity(self.velocity(), self.warper(self.vel.device, self.vel.dtype), self.svf_steps)
         return self.with_base(own)
 
 
@@ -220,12 +223,13 @@ class GreedyModel(_Composing):
     """
 
     def __init__(self, grid: Grid, init=None, greedy_update_sigma_mm: float = 2.0, greedy_total_sigma_mm: float = 1.0,
-                 greedy_max_step_vox: float = 0.5, device=None, **_: object) -> None:
-        super().__init__(grid, as_field(init, grid, device))
+                 greedy_max_step_vox: float = 0.5, device=None, dtype: torch.dtype = torch.float32,
+                 **_: object) -> None:
+        super().__init__(grid, as_field(init, grid, device, dtype))
         self.update_sigma_mm = float(greedy_update_sigma_mm)
         self.total_sigma_mm = float(greedy_total_sigma_mm)
         self.max_step_vox = float(greedy_max_step_vox)
-        self.update = nn.Parameter(torch.zeros((1, 3, *grid.shape), dtype=torch.float32, device=device))
+        self.update = nn.Parameter(torch.zeros((1, 3, *grid.shape), dtype=dtype, device=device))
 
     def step_field(self) -> torch.Tensor:
         """The smoothed, clamped update ``d_s`` (1, 3, Z, Y, X) float32, world LPS mm, on ``grid``."""
@@ -290,17 +294,18 @@ class BSplineModel(_Composing):
         bspline_spacing_mm: control-point spacing in mm (along every index axis).
     """
 
-    def __init__(self, grid: Grid, init=None, bspline_spacing_mm: float = 8.0, device=None, **_: object) -> None:
-        super().__init__(grid, as_field(init, grid, device))
+    def __init__(self, grid: Grid, init=None, bspline_spacing_mm: float = 8.0, device=None,
+                 dtype: torch.dtype = torch.float32, **_: object) -> None:
+        super().__init__(grid, as_field(init, grid, device, dtype))
         if not bspline_spacing_mm > 0:
             raise ValueError(f"bspline_spacing_mm must be > 0, got {bspline_spacing_mm}")
         self.control_spacing_mm = float(bspline_spacing_mm)
         axes = [bspline_axis(n, s, self.control_spacing_mm) for n, s in zip(grid.size, grid.spacing)]
         self.control_index = [c for c, _ in axes]  # per index axis (x, y, z): (K,) continuous voxel index
         for name, (_, W) in zip(("Wx", "Wy", "Wz"), axes):
-            self.register_buffer(name, torch.as_tensor(W, dtype=torch.float32, device=device))
+            self.register_buffer(name, torch.as_tensor(W, dtype=dtype, device=device))
         shape = (len(axes[2][0]), len(axes[1][0]), len(axes[0][0]))  # (Kz, Ky, Kx)
-        self.coef = nn.Parameter(torch.zeros((1, 3, *shape), dtype=torch.float32, device=device))
+        self.coef = nn.Parameter(torch.zeros((1, 3, *shape), dtype=dtype, device=device))
 
     @property
     def control_shape(self) -> tuple[int, int, int]:
@@ -389,8 +394,9 @@ class _LinearModel(_Composing):
     """
 
     def __init__(self, grid: Grid, init=None, center=None, radius_mm: Optional[float] = None,
-                 device=None, lr_mm: bool = False, **_: object) -> None:
-        super().__init__(grid, None if init is None or _is_affine(init) else as_field(init, grid, device))
+                 device=None, lr_mm: bool = False, dtype: torch.dtype = torch.float32, **_: object) -> None:
+        super().__init__(grid, None if init is None or _is_affine(init) else as_field(init, grid, device, dtype))
+        self.dtype = dtype  # of the displacement forward() returns (the linear part is float64 anyway)
         c = np.asarray(grid.center_world() if center is None else center, dtype=np.float64).reshape(3)
         if not _is_affine(init):
             A0 = np.eye(3)
@@ -420,13 +426,13 @@ class _LinearModel(_Composing):
         return [{"params": [linear_param], "lr": base}, {"params": [self.translation], "lr": base * self.radius_mm}]
 
     def forward(self) -> torch.Tensor:
-        """Displacement ``(1, 3, Z, Y, X)`` float32, world LPS mm, on ``grid`` (the linear part computed in
-        float64), followed by the base field if there is one."""
+        """Displacement ``(1, 3, Z, Y, X)`` of the model's ``dtype``, world LPS mm, on ``grid`` (the linear part
+        computed in float64), followed by the base field if there is one."""
         L = self.linear()
         eye = torch.eye(3, dtype=L.dtype, device=L.device)
         # (3, V) = (L - I) (x - c) + t, as one flat (3, 3) @ (3, V) product (fast on CPU)
         disp = (L - eye) @ self.coords_t + self.translation[:, None]
-        return self.with_base(disp.to(torch.float32).reshape(1, 3, *self.grid.shape))
+        return self.with_base(disp.to(self.dtype).reshape(1, 3, *self.grid.shape))
 
     def matrix(self) -> np.ndarray:
         """(4, 4) float64 homogeneous matrix of the current fixed -> moving world mapping."""

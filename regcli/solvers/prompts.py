@@ -187,24 +187,27 @@ class LabelPrompt:
             return self.moving.data
         return _onehot(self.moving.data, self.labels)
 
-    def prepare(self, grid: Grid, device=None) -> tuple[torch.Tensor, torch.Tensor, FieldWarper]:
+    def prepare(self, grid: Grid, device=None, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor, FieldWarper]:
         """Per-grid tensors (cached): fixed one-hot (K, Z, Y, X) on ``grid``, the anti-aliased moving one-hot
-        (K, Z', Y', X') on the moving map's grid, and the warper from that grid to ``grid``."""
+        (K, Z', Y', X') on the moving map's grid, both of ``dtype`` (the solver's), and the warper from that grid
+        to ``grid``."""
         def build():
             with torch.no_grad():
                 f = _onehot(self.fixed.data.to(device), self.labels)
                 f = _antialias(f, _footprint_sigma_vox(self.fixed.grid, grid))
-                f = resample_to_grid(Image(f, self.fixed.grid), grid, "linear", 0.0).data.contiguous()
+                f = resample_to_grid(Image(f, self.fixed.grid), grid, "linear", 0.0).data.contiguous().to(dtype)
                 m = self._moving_onehot().to(device=device, dtype=torch.float32)
-                m = _antialias(m, _footprint_sigma_vox(self.moving.grid, grid)).contiguous()
-                return f, m, FieldWarper(self.moving.grid, grid, device)
+                m = _antialias(m, _footprint_sigma_vox(self.moving.grid, grid)).contiguous().to(dtype)
+                return f, m, FieldWarper(self.moving.grid, grid, device, dtype)
 
-        return _cached(self._cache, (grid, str(torch.device(device) if device is not None else "cpu")), build)
+        key = (grid, str(torch.device(device) if device is not None else "cpu"), dtype)
+        return _cached(self._cache, key, build)
 
     def dice(self, disp: Optional[torch.Tensor], grid: Grid) -> torch.Tensor:
         """Soft Dice (K,) per label (order of :attr:`labels`) for ``disp`` (1, 3, Z, Y, X) mm on ``grid``."""
         device = disp.device if disp is not None else None
-        f, m, warper = self.prepare(grid, device)
+        f, m, warper = self.prepare(grid, device, disp.dtype if disp is not None else torch.float32)
         w = warper.warp(m[None], disp, "bilinear", "zeros")[0]  # (K, Z, Y, X)
         k = f.shape[0]
         f2, w2 = f.reshape(k, -1), w.reshape(k, -1)
@@ -281,11 +284,11 @@ class LandmarkPrompt:
         """Number of fixed landmarks outside ``grid`` (their displacement is clamped to the border)."""
         return int((~grid.inside(torch.from_numpy(self.fixed_points))).sum())
 
-    def _prepare(self, grid: Grid, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare(self, grid: Grid, device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         def build():
             pts = torch.from_numpy(self.fixed_points)
-            coords = grid.world_to_norm_points(pts).to(torch.float32).reshape(1, -1, 1, 1, 3).to(device)
-            offset = torch.from_numpy(self.fixed_points - self.moving_points).to(torch.float32).to(device)  # (P, 3)
+            coords = grid.world_to_norm_points(pts).to(dtype).reshape(1, -1, 1, 1, 3).to(device)
+            offset = torch.from_numpy(self.fixed_points - self.moving_points).to(dtype).to(device)  # (P, 3)
             n_out = self.outside(grid)
             if n_out:
                 log.warning("%s prompt: %d of %d fixed landmarks lie outside the IO grid (%s); their displacement "
@@ -293,13 +296,13 @@ class LandmarkPrompt:
                             grid.describe())
             return coords, offset
 
-        return _cached(self._cache, (grid, str(device)), build)
+        return _cached(self._cache, (grid, str(device), dtype), build)
 
     def displacement_at_points(self, disp: torch.Tensor, grid: Grid) -> torch.Tensor:
         """``u(p_i)``: (P, 3) float32 mm, trilinear (border-clamped) from ``disp`` (1, 3, Z, Y, X) mm on ``grid``."""
         if disp.dim() == 4:
             disp = disp[None]
-        coords, _ = self._prepare(grid, disp.device)
+        coords, _ = self._prepare(grid, disp.device, disp.dtype)
         u = grid_sample(disp[:1], coords, "bilinear", "border")  # (1, 3, P, 1, 1)
         return u.reshape(3, -1).T
 
@@ -307,7 +310,7 @@ class LandmarkPrompt:
         """``p_i + u(p_i) - q_i``: (P, 3) float32 mm."""
         if disp.dim() == 4:
             disp = disp[None]
-        _, offset = self._prepare(grid, disp.device)
+        _, offset = self._prepare(grid, disp.device, disp.dtype)
         return offset + self.displacement_at_points(disp, grid)
 
     def loss(self, disp: torch.Tensor, grid: Grid) -> torch.Tensor:

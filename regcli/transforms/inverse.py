@@ -17,7 +17,7 @@ def inverse_consistency_error(forward: DisplacementField, inverse: DisplacementF
     Returns:
         dict with ``mean_mm``, ``p99_mm`` and ``max_mm`` (over ``mask`` when given).
     """
-    warper = FieldWarper(forward.grid, inverse.grid, inverse.disp.device)
+    warper = FieldWarper(forward.grid, inverse.grid, inverse.disp.device, inverse.disp.dtype)
     v = inverse.disp
     u_at = warper.warp(forward.disp, v, "bilinear", "border")
     err = vector_length(v + u_at)
@@ -47,13 +47,13 @@ def invert_displacement(field: DisplacementField, iterations: int = 40, tol_max_
 
     Returns:
         (inverse field, stats) with stats ``iterations``, ``mean_mm``, ``p99_mm``, ``max_mm``: the residual
-        ``|v(y) + u(y + v(y))|`` in mm over the grid.
+        ``|v(y) + u(y + v(y))|`` in mm over the grid. The inverse has the field's dtype (float32 or float64).
     """
     grid = grid or field.grid
-    warper = FieldWarper(field.grid, grid, field.disp.device)
+    warper = FieldWarper(field.grid, grid, field.disp.device, field.disp.dtype)
     u = field.disp
     if init is not None:
-        v = upsample_field(init.disp.to(field.disp.device), init.grid, grid)
+        v = upsample_field(init.disp.to(field.disp.device, field.disp.dtype), init.grid, grid)
     else:  # -u resampled on the inverse grid
         v = -warper.warp(u, None, "bilinear", "border")
     n_done = 0

@@ -1,0 +1,269 @@
+"""Measure the peak resident memory of each phase of `regcli register`, to calibrate (and check) the
+pre-flight estimate of :mod:`regcli.memory`.
+
+  python benchmarks/memory_calibration.py [--methods convexadam,samconvex] [--json results/memcal.json]
+
+Each case is a fresh process (so start-up memory and allocator caches are its own) that runs
+``regcli.pipeline.run_register`` on a synthseg brain resampled to a chosen voxel size, with the phases wrapped:
+before a phase the kernel's peak-RSS counter is reset (``echo 5 > /proc/self/clear_refs``, Linux ≥ 4.0), after
+it ``VmHWM`` is that phase's peak. The table lists, per case, the voxel counts, the measured peak of every phase,
+the whole process's peak, and what :func:`regcli.memory.estimate_peak_memory` predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "synthseg_brain"
+# (fixed voxel mm, moving voxel mm, working spacing mm, fine spacing mm or None)
+CASES = [(1.0, 1.0, 2.0, None), (1.3, 1.3, 2.0, None), (0.8, 1.0, 2.0, None), (1.0, 1.0, 1.5, None),
+         (1.0, 1.0, 3.0, None), (1.0, 1.3, 2.5, None), (1.0, 1.0, 2.0, 1.0), (1.3, 1.0, 2.0, 1.3),
+         (1.0, 1.0, 2.0, 1.5), (1.0, 1.0, 3.0, 1.0)]
+# held out of the fit: other images, another anatomy, a larger grid (fixed, moving, their labels, method, overrides)
+NEURITE = DATA.parent / "neurite_brain_aseg"
+CT = DATA.parent / "totalsegmentator_ct"
+NA, NB = NEURITE / "subjA_vxm_image.nii.gz", NEURITE / "subjB_l2r_image.nii.gz"
+NLA, NLB = NEURITE / "subjA_vxm_labels.nii.gz", NEURITE / "subjB_l2r_labels.nii.gz"
+CTI, CTL = CT / "ct_image.nii.gz", CT / "ct_labels_total.nii.gz"
+VALIDATION = [
+    (NA, NB, NLA, NLB, "convexadam", {}),
+    (NA, NB, NLA, NLB, "samconvex", {}),
+    (NA, NB, NLA, NLB, "convexadam", {"instance": {"fine_spacing_mm": 1.0}}),
+    (CTI, CTI, CTL, CTL, "convexadam", {}),
+    ("0.7", "1.0", None, None, "convexadam", {}),
+    ("0.7", "1.0", None, None, "foundation", {}),
+]
+TERMS = ("fixed", "moving", "work", "fine")
+# the voxel counts a phase's memory can depend on (the later phases hold the fields of the earlier ones)
+PHASE_TERMS = {"read": ("fixed", "moving"), "affine": ("fixed", "moving"), "deformable": ("fixed", "moving", "work")}
+
+
+def _hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class Phases:
+    """Peak RSS per phase: every wrapped call resets the counter on entry and reads it on exit; the stretches
+    between wrapped calls are recorded under ``after <phase>``."""
+
+    def __init__(self):
+        self.peaks: dict[str, float] = {}
+        self.current = "start"
+        _reset_hwm()
+
+    def _close(self, label: str) -> None:
+        self.peaks[label] = max(self.peaks.get(label, 0.0), _hwm_mb())
+        _reset_hwm()
+
+    def wrap(self, name: str, fn):
+        def wrapped(*a, **k):
+            self._close(self.current)
+            try:
+                return fn(*a, **k)
+            finally:
+                self._close(name)
+                self.current = f"after {name}"
+        return wrapped
+
+    def patch(self, module, attr: str, name: str) -> None:
+        setattr(module, attr, self.wrap(name, getattr(module, attr)))
+
+
+def run_case(case: dict) -> dict:
+    import regcli.io.atomic as atomic
+    import regcli.io.images as images
+    import regcli.methods as methods
+    import regcli.methods.fine as fine
+    import regcli.pipeline as pipeline
+    import regcli.solvers.affine as affine
+    from regcli.config import build_config
+
+    ph = Phases()
+    for mod, attr, name in ((images, "read_image", "read"), (images, "read_labels", "read"),
+                            (affine, "run_affine_stage", "affine"), (fine, "fine_refinement", "fine"),
+                            (pipeline, "invert_displacement", "inverse"), (pipeline, "upsample_field", "upsample"),
+                            (pipeline, "warp_many", "warp"), (pipeline, "_metrics", "metrics"),
+                            (pipeline, "_stage_html", "html")):
+        ph.patch(mod, attr, name)
+    get_method = methods.get_method
+    methods.get_method = lambda name: ph.wrap("deformable", get_method(name))
+    stage_many = atomic.OutputSet.stage_many
+    atomic.OutputSet.stage_many = lambda self, *a, **k: ph.wrap("write", stage_many)(self, *a, **k)
+
+    cfg = build_config(case.get("config"), case["overrides"])
+    inputs = pipeline.RegisterInputs(fixed=case["fixed"], moving=case["moving"], output_prefix=case["prefix"],
+                                     fixed_labels=case["fixed_labels"], moving_labels=case["moving_labels"])
+    try:
+        from regcli.io.images import read_grid
+        from regcli.memory import estimate_peak_memory
+
+        e = estimate_peak_memory(read_grid(case["fixed"]), read_grid(case["moving"]), cfg)
+        est = {"total_mb": e.total_mb, **e.as_dict()}
+    except ImportError:  # before the estimate existed
+        est = {"total_mb": float("nan")}
+    report = pipeline.run_register(inputs, cfg, overwrite=True)
+    ph._close(ph.current)
+    return {"peaks": ph.peaks, "process_peak_mb": max(ph.peaks.values()), "estimate": est,
+            "report_peak_mb": report.get("memory", {}).get("peak_rss_mb")}
+
+
+def make_inputs(tmp: Path, fixed_mm: float, moving_mm: float) -> dict:
+    import SimpleITK as sitk
+
+    out = {}
+    for role, sub, mm in (("fixed", 3, fixed_mm), ("moving", 4, moving_mm)):
+        for kind, interp in (("T1w", sitk.sitkLinear), ("labels", sitk.sitkNearestNeighbor)):
+            path = tmp / f"sub-{sub:02d}_{kind}_{mm:g}.nii.gz"
+            if not path.exists():
+                img = sitk.ReadImage(str(DATA / f"sub-{sub:02d}_{kind}.nii.gz"))
+                size = [int(round(n * s / mm)) for n, s in zip(img.GetSize(), img.GetSpacing())]
+                res = sitk.Resample(img, size, sitk.Transform(), interp, img.GetOrigin(), (mm,) * 3,
+                                    img.GetDirection(), 0, img.GetPixelID())
+                sitk.WriteImage(res, str(path))
+            out[f"{role}_labels" if kind == "labels" else role] = str(path)
+    return out
+
+
+def fit(rows: list[dict], out: Path) -> None:
+    """Fit the per-phase linear model of :mod:`regcli.memory` (non-negative least squares on the voxel counts,
+    per method) to measured rows, with the margin that covers every row's process peak plus 5 %, and write it."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    methods = {}
+    worst = 1.0
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mrows = [r for r in rows if r["method"] == method]
+        phases: dict[str, list[float]] = {}
+        for r in mrows:
+            r["folded"] = {}
+            for k, v in r["peaks"].items():
+                name = "read" if k == "start" else k.removeprefix("after ")
+                r["folded"][name] = max(r["folded"].get(name, 0.0), v)
+            for name in r["folded"]:
+                phases.setdefault(name, [])
+        coef = {}
+        for name in phases:
+            have = [r for r in mrows if name in r["folded"]]
+            use = PHASE_TERMS.get(name, TERMS)
+            A = np.array([[1.0] + [r["counts"][t] / MB if t in use else 0.0 for t in TERMS] for r in have])
+            b = np.array([r["folded"][name] for r in have])
+            x, _ = nnls(A, b)
+            coef[name] = {"mb": round(float(x[0]), 1), **{t: round(float(v), 2) for t, v in zip(TERMS, x[1:])
+                                                          if v > 0}}
+        methods[method] = coef
+        for r in mrows:
+            pred = max(c["mb"] + sum(c.get(t, 0.0) * r["counts"][t] for t in TERMS) / MB
+                       for name, c in coef.items() if name in r["folded"])
+            worst = max(worst, r["process_peak_mb"] / pred)
+    model = {"about": "regcli.memory: peak RSS (MB) per phase = mb + sum(bytes per voxel * voxels) / 2**20; fitted "
+                      "by benchmarks/memory_calibration.py --fit", "margin": round(worst + 0.05, 3),
+             "aliases": {"rigid": "affine"}, "methods": methods}
+    out.write_text(json.dumps(model, indent=1) + "\n")
+    print(f"wrote {out}: margin {model['margin']}")
+
+
+MB = 2.0 ** 20
+
+
+def _counts(files: dict, over: dict) -> dict:
+    """Voxel counts of the fixed and moving images, the working grid and the fine grid, as regcli makes them."""
+    from regcli.config import build_config
+    from regcli.io.images import read_grid
+    from regcli.memory import _voxels
+    from regcli.methods import working_grid
+
+    cfg = build_config(None, over)
+    fixed = read_grid(files["fixed"])
+    fine = cfg.instance.fine_spacing_mm
+    return {"fixed": _voxels(fixed), "moving": _voxels(read_grid(files["moving"])),
+            "work": _voxels(working_grid(cfg.method, fixed, cfg)[0]) if cfg.deformable else 0,
+            "fine": _voxels(fixed.with_spacing(fine)) if fine and cfg.deformable else 0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="convexadam,samconvex,dio,foundation,promptreg,affine")
+    ap.add_argument("--cases", default="all", help="comma-separated case numbers (0-based) or 'all'")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="write every measurement here")
+    ap.add_argument("--validate", action="store_true", help="run the held-out cases (VALIDATION) instead")
+    ap.add_argument("--fit", nargs="+", default=None, metavar="JSON",
+                    help="fit regcli/memory_model.json to these measurement files (no new runs)")
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = ap.parse_args()
+    if args.case:
+        print("RESULT " + json.dumps(run_case(json.loads(args.case))))
+        return
+    if args.fit:
+        rows = [r for f in args.fit for r in json.loads(Path(f).read_text())]
+        for r in rows:
+            if "counts" not in r:
+                fmm, mmm, ws, fine = r["case"]
+                r["counts"] = _counts(make_inputs(Path(tempfile.gettempdir()) / "regcli_memcal", fmm, mmm),
+                                      {"method": r["method"], "working_spacing_mm": ws,
+                                       "instance": {"fine_spacing_mm": fine}})
+        fit(rows, Path(__file__).resolve().parents[1] / "regcli" / "memory_model.json")
+        return
+
+    tmp = Path(tempfile.gettempdir()) / "regcli_memcal"
+    tmp.mkdir(exist_ok=True)
+    todo = []
+    if args.validate:
+        for k, (f, m, fl, ml, method, extra) in enumerate(VALIDATION):
+            if isinstance(f, str):  # synthseg at these voxel sizes
+                files = make_inputs(tmp, float(f), float(m))
+            else:
+                files = {"fixed": str(f), "moving": str(m), "fixed_labels": str(fl), "moving_labels": str(ml)}
+            todo.append((method, files, {"method": method, "threads": args.threads, **extra}, f"v{k}",
+                         (Path(str(f)).name, Path(str(m)).name, json.dumps(extra))))
+    else:
+        idx = range(len(CASES)) if args.cases == "all" else [int(i) for i in args.cases.split(",")]
+        for method in args.methods.split(","):
+            for i in idx:
+                fmm, mmm, ws, fine = CASES[i]
+                if fine is not None and method not in ("convexadam", "samconvex", "dio"):
+                    continue
+                over = {"method": method, "threads": args.threads, "working_spacing_mm": ws,
+                        "instance": {"fine_spacing_mm": fine}}
+                todo.append((method, make_inputs(tmp, fmm, mmm), over, i, CASES[i]))
+    rows = []
+    print(f"{'method':11s} {'case':>32s} {'peak MB':>8s} {'estimate':>8s} {'ratio':>6s}  phase peaks (MB)",
+          flush=True)
+    for method, files, over, i, label in todo:
+        case = {**files, "overrides": over, "prefix": str(tmp / f"out_{method}_{i}_")}
+        p = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not line:
+            print(f"{method} case {i} failed: {p.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        r = json.loads(line[0][7:])
+        r.update(method=method, case=label, counts=_counts(files, over))
+        rows.append(r)
+        est = r["estimate"]["total_mb"]
+        peaks = " ".join(f"{k}={v:.0f}" for k, v in r["peaks"].items() if not k.startswith("after")
+                         or v > 0.9 * r["process_peak_mb"])
+        text = " ".join(str(x) for x in label)[-32:]
+        print(f"{method:11s} {text:>32s} {r['process_peak_mb']:8.0f} {est:8.0f} {est / r['process_peak_mb']:6.2f}  "
+              f"{peaks}", flush=True)
+        if args.json:  # after every case: a long run that stops keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+
+if __name__ == "__main__":
+    main()

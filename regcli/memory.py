@@ -1,0 +1,161 @@
+"""Pre-flight estimate of a registration's peak memory (RELIABILITY P2; ANTs users meet the out-of-memory
+kill after hours, ANTs #1091).
+
+``regcli register`` reads the two headers, predicts the peak resident memory (RSS) of every phase from the voxel
+counts, logs the estimate, writes it to the report (``memory.estimate_mb``), and with ``--max-memory`` refuses to
+start when it is above the limit, naming the phase that needs the memory and what to change.
+
+The model is linear per phase: ``MB = mb + (fixed·N_fixed + moving·N_moving + work·N_work + fine·N_fine) / 2**20``,
+with N the voxel counts of the fixed image, the moving image, the deformable working grid and the fine grid, and
+the coefficients (bytes per voxel) fitted per method by ``benchmarks/memory_calibration.py --fit`` to the peaks it
+measures phase by phase (``/proc/self/clear_refs``) on synthseg brains at several voxel sizes; they live in
+``memory_model.json`` beside this module. The estimate is the largest phase, times the model's margin (the worst
+under-prediction seen in the calibration, plus 5 %). It is calibrated on the CPU with 2 threads, label maps given
+and the HTML report on; on CUDA the solver's tensors live on the GPU, so it is an upper bound of the host memory,
+and the GPU's own memory is not estimated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+from regcli.config import RegisterConfig
+from regcli.errors import ResourceError
+from regcli.spaces import Grid
+
+MODEL_FILE = Path(__file__).with_name("memory_model.json")
+MB = 2.0 ** 20
+
+# what each phase is, for the log and the refusal
+PHASE_NAMES = {
+    "read": "reading the images", "affine": "the affine stage", "deformable": "the deformable stage",
+    "fine": "the fine refinement", "inverse": "the inverse field", "upsample": "the fields on the fixed grid",
+    "warp": "warping the moving image and labels", "metrics": "the Jacobian and label metrics",
+    "write": "writing the outputs", "html": "the HTML report",
+}
+
+
+@lru_cache(maxsize=1)
+def _model() -> dict:
+    return json.loads(MODEL_FILE.read_text())
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The predicted peak RSS (MB) of each phase that will run, and of the whole process (``total_mb``, the
+    largest phase times the model's margin)."""
+
+    total_mb: float
+    phases: dict[str, float]
+    counts: dict[str, int]
+    margin: float
+    method: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def largest(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    def as_dict(self) -> dict:
+        return {"estimate_mb": round(self.total_mb, 1), "estimate_largest_phase": self.largest,
+                "estimate_phases_mb": {k: round(v, 1) for k, v in self.phases.items()},
+                "estimate_voxels": dict(self.counts), "estimate_margin": self.margin}
+
+    def describe(self) -> str:
+        return (f"about {_size(self.total_mb)} at most, largest in {PHASE_NAMES.get(self.largest, self.largest)} "
+                f"({self.counts['fixed'] / 1e6:.1f} M fixed voxels, {self.counts['work'] / 1e6:.2f} M working-grid "
+                f"voxels" + (f", {self.counts['fine'] / 1e6:.1f} M fine-grid voxels" if self.counts["fine"] else "")
+                + ")")
+
+
+def _size(mb: float) -> str:
+    return f"{mb / 1024:.1f} GB" if mb >= 1024 else f"{mb:.0f} MB"
+
+
+def _phases_that_run(config: RegisterConfig) -> list[str]:
+    phases = ["read", "write"]
+    if config.affine.enabled:
+        phases.append("affine")
+    if config.deformable:
+        phases += ["deformable", "upsample", "metrics", "warp"]
+        if config.instance.fine_spacing_mm is not None:
+            phases.append("fine")
+        if config.inverse_warp:
+            phases.append("inverse")
+    elif config.write_warped or config.html_report:
+        phases.append("warp")
+    if config.html_report:
+        phases.append("html")
+    return phases
+
+
+def estimate_peak_memory(fixed: Grid, moving: Grid, config: RegisterConfig) -> MemoryEstimate:
+    """Predicted peak resident memory of ``regcli register`` for images on ``fixed`` and ``moving`` grids with
+    ``config`` (see the module docstring for the model and where its coefficients come from)."""
+    from regcli.methods import working_grid
+
+    model = _model()
+    notes = []
+    method = config.method if config.method in model["methods"] else model["aliases"].get(config.method)
+    if method not in model["methods"]:  # a method added after the last calibration
+        notes.append(f"no calibration for {config.method}; convexadam's coefficients")
+        method = "convexadam"
+    coef = model["methods"][method]
+    counts = {"fixed": _voxels(fixed), "moving": _voxels(moving), "work": 0, "fine": 0}
+    if config.deformable:
+        counts["work"] = _voxels(working_grid(config.method, fixed, config)[0])
+        if config.instance.fine_spacing_mm is not None:
+            counts["fine"] = _voxels(fixed.with_spacing(config.instance.fine_spacing_mm))
+    scale = {"work": 1.0, "fine": 1.0}
+    if config.precision == "float64":  # the solvers' tensors are twice as large (measured: regcli.memory docs)
+        scale = {"work": 2.0, "fine": 2.0}
+        notes.append("float64 solvers: working and fine grid terms doubled")
+    phases = {}
+    for name in _phases_that_run(config):
+        c = coef.get(name)
+        if c is None:
+            continue
+        phases[name] = c["mb"] + sum(c.get(k, 0.0) * counts[k] * scale.get(k, 1.0) for k in counts) / MB
+    margin = float(model["margin"])
+    return MemoryEstimate(max(phases.values()) * margin, phases, counts, margin, method, notes)
+
+
+def _voxels(grid: Grid) -> int:
+    n = 1
+    for s in grid.size:
+        n *= int(s)
+    return n
+
+
+def check_memory(estimate: MemoryEstimate, limit_mb: Optional[float], config: RegisterConfig,
+                 fixed_path: str = "the fixed image") -> None:
+    """Raise :class:`ResourceError` (one line: the estimate, the limit, the phase, what to change) when
+    ``estimate`` is above ``limit_mb``; nothing when no limit is set."""
+    if limit_mb is None or estimate.total_mb <= limit_mb:
+        return
+    raise ResourceError(
+        f"estimated peak memory {_size(estimate.total_mb)} is above --max-memory {_size(limit_mb)} for "
+        f"'{fixed_path}' ({estimate.counts['fixed'] / 1e6:.1f} M voxels), mostly "
+        f"{PHASE_NAMES.get(estimate.largest, estimate.largest)}: {_advice(estimate, config)}")
+
+
+def _advice(estimate: MemoryEstimate, config: RegisterConfig) -> str:
+    phase = estimate.largest
+    tips = []
+    if config.precision == "float64":
+        tips.append("--precision float32")
+    if phase == "fine":
+        tips.append(f"a coarser --fine-spacing than {config.instance.fine_spacing_mm:g} mm, or none")
+    elif phase == "deformable":
+        tips.append(f"a coarser --working-spacing than {config.working_spacing_mm:g} mm")
+    else:
+        tips.append("crop the images or resample the fixed image to larger voxels (every output lives on its grid)")
+        if config.html_report:
+            tips.append("--no-html")
+        if config.inverse_warp and config.deformable:
+            tips.append("--no-inverse")
+    return "try " + ", ".join(tips)

@@ -1,0 +1,97 @@
+"""RELIABILITY P2: the pre-flight memory estimate (regcli.memory) and ``--max-memory``.
+
+The estimate is logged and written to the report; above ``--max-memory`` the run is refused (exit 9) with one line
+that names the phase and what to change, before any image is read, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import typer
+
+from test_cli import images  # noqa: F401 - fixture: 32^3 fixed/moving phantoms and labels
+from test_pipeline import _assert_no_outputs
+from test_reliability_errors import error_line, fast, register  # noqa: F401 - fast: a short registration config
+
+from regcli.cli.common import parse_memory
+from regcli.config import build_config
+from regcli.memory import _model, estimate_peak_memory
+from regcli.spaces import Grid
+
+EYE = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+
+
+def _grid(n: int, mm: float = 1.0) -> Grid:
+    return Grid((n, n, n), (mm,) * 3, (0.0, 0.0, 0.0), EYE)
+
+
+def test_parse_memory_units():
+    assert parse_memory("8G") == parse_memory("8GB") == parse_memory("8 GiB") == 8192.0
+    assert parse_memory("6000M") == parse_memory("6000") == 6000.0
+    assert parse_memory("1.5g") == 1536.0
+    assert parse_memory(None) is None
+    for bad in ("8X", "-1G", "0", "G", "lots"):
+        with pytest.raises(typer.BadParameter):
+            parse_memory(bad)
+
+
+def test_every_method_has_calibrated_coefficients():
+    model = _model()
+    for method in ("convexadam", "samconvex", "dio", "foundation", "promptreg", "affine", "rigid"):
+        est = estimate_peak_memory(_grid(128), _grid(128), build_config(None, {"method": method}))
+        assert not est.notes, (method, est.notes)
+        assert est.method in model["methods"]
+        assert 200 < est.total_mb < 4000, (method, est.total_mb)
+
+
+def test_estimate_grows_with_the_grids_and_knows_which_phases_run():
+    base = build_config(None, {})
+    small = estimate_peak_memory(_grid(128), _grid(128), base)
+    large = estimate_peak_memory(_grid(256), _grid(256), base)
+    assert large.total_mb > 2 * small.total_mb > 0
+    assert {"read", "affine", "deformable", "inverse", "write", "html"} <= set(small.phases)
+    assert "fine" not in small.phases
+
+    fine = estimate_peak_memory(_grid(256), _grid(256), build_config(None, {"instance": {"fine_spacing_mm": 1.0}}))
+    assert fine.counts["fine"] == 256 ** 3 and fine.largest == "fine" and fine.total_mb > large.total_mb
+    coarse = estimate_peak_memory(_grid(256), _grid(256), build_config(None, {"working_spacing_mm": 4.0}))
+    assert coarse.phases["deformable"] < large.phases["deformable"]
+    lean = estimate_peak_memory(_grid(256), _grid(256), build_config(None, {"html_report": False,
+                                                                           "inverse_warp": False}))
+    assert "html" not in lean.phases and "inverse" not in lean.phases
+    affine = estimate_peak_memory(_grid(256), _grid(256), build_config(None, {"method": "affine"}))
+    assert "deformable" not in affine.phases and affine.counts["work"] == 0
+    f64 = estimate_peak_memory(_grid(256), _grid(256), build_config(None, {"precision": "float64"}))
+    assert f64.phases["deformable"] > large.phases["deformable"]
+
+
+def test_over_the_limit_is_refused_before_reading_with_one_line(tmp_path, images, fast, monkeypatch):
+    import regcli.io.images as io_images
+
+    def no_read(*a, **k):
+        raise AssertionError("an image was read before the memory check")
+
+    monkeypatch.setattr(io_images, "read_image", no_read)
+    res = register(images, fast, "--max-memory", "100M")
+    assert res.exit_code == 9, res.stderr
+    line = error_line(res.stderr)
+    assert line.startswith("ResourceError:") and "--max-memory 100 MB" in line and "fixed.nii.gz" in line
+    assert "try " in line and res.stdout == ""
+    _assert_no_outputs(tmp_path)
+
+
+def test_within_the_limit_runs_and_reports_the_estimate_above_the_measured_peak(tmp_path, images, fast):
+    # a process of its own: the peak RSS of the test process is that of every test before
+    res = subprocess.run([sys.executable, "-m", "regcli", "register", str(images["fixed"]), str(images["moving"]),
+                          "-o", str(tmp_path / "p_"), "--config", str(fast), "--max-memory", "64G", "--json",
+                          "--threads", "2"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    mem = json.loads(res.stdout)["memory"]
+    assert mem["estimate_mb"] >= mem["peak_rss_mb"] > 0
+    assert mem["estimate_largest_phase"] in mem["estimate_phases_mb"]
+    assert mem["estimate_voxels"]["fixed"] == 32 ** 3
+    assert json.loads(res.stdout)["config"]["max_memory_mb"] == 65536.0
