@@ -174,7 +174,8 @@ def fit(rows: list[dict], out: Path) -> None:
             worst = max(worst, r["process_peak_mb"] / pred)
     model = {"about": "regcli.memory: peak RSS (MB) per phase = mb + sum(bytes per voxel * voxels) / 2**20; fitted "
                       "by benchmarks/memory_calibration.py --fit", "margin": round(worst + 0.05, 3),
-             "aliases": {"rigid": "affine"}, "methods": methods}
+             "aliases": {"rigid": "affine", "samconvex@float64": "convexadam@float64", "affine@float64": "affine",
+                         "rigid@float64": "affine"}, "methods": methods}
     out.write_text(json.dumps(model, indent=1) + "\n")
     print(f"wrote {out}: margin {model['margin']}")
 
@@ -202,6 +203,8 @@ def main() -> None:
     ap.add_argument("--methods", default="convexadam,samconvex,dio,foundation,promptreg,affine")
     ap.add_argument("--cases", default="all", help="comma-separated case numbers (0-based) or 'all'")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="float32", help="float64: calibrate the solvers in float64 (rows are "
+                    "fitted as METHOD@float64)")
     ap.add_argument("--json", default=None, help="write every measurement here")
     ap.add_argument("--validate", action="store_true", help="run the held-out cases (VALIDATION) instead")
     ap.add_argument("--fit", nargs="+", default=None, metavar="JSON",
@@ -217,7 +220,7 @@ def main() -> None:
             if "counts" not in r:
                 fmm, mmm, ws, fine = r["case"]
                 r["counts"] = _counts(make_inputs(Path(tempfile.gettempdir()) / "regcli_memcal", fmm, mmm),
-                                      {"method": r["method"], "working_spacing_mm": ws,
+                                      {"method": r["method"].split("@")[0], "working_spacing_mm": ws,
                                        "instance": {"fine_spacing_mm": fine}})
         fit(rows, Path(__file__).resolve().parents[1] / "regcli" / "memory_model.json")
         return
@@ -241,8 +244,9 @@ def main() -> None:
                 if fine is not None and method not in ("convexadam", "samconvex", "dio"):
                     continue
                 over = {"method": method, "threads": args.threads, "working_spacing_mm": ws,
-                        "instance": {"fine_spacing_mm": fine}}
-                todo.append((method, make_inputs(tmp, fmm, mmm), over, i, CASES[i]))
+                        "instance": {"fine_spacing_mm": fine}, "precision": args.precision}
+                tag = method if args.precision == "float32" else f"{method}@{args.precision}"
+                todo.append((tag, make_inputs(tmp, fmm, mmm), over, i, CASES[i]))
     rows = []
     print(f"{'method':11s} {'case':>32s} {'peak MB':>8s} {'estimate':>8s} {'ratio':>6s}  phase peaks (MB)",
           flush=True)

@@ -8,11 +8,11 @@ start when it is above the limit, naming the phase that needs the memory and wha
 The model is linear per phase: ``MB = mb + (fixed·N_fixed + moving·N_moving + work·N_work + fine·N_fine) / 2**20``,
 with N the voxel counts of the fixed image, the moving image, the deformable working grid and the fine grid, and
 the coefficients (bytes per voxel) fitted per method by ``benchmarks/memory_calibration.py --fit`` to the peaks it
-measures phase by phase (``/proc/self/clear_refs``) on synthseg brains at several voxel sizes; they live in
-``memory_model.json`` beside this module. The estimate is the largest phase, times the model's margin (the worst
-under-prediction seen in the calibration, plus 5 %). It is calibrated on the CPU with 2 threads, label maps given
-and the HTML report on; on CUDA the solver's tensors live on the GPU, so it is an upper bound of the host memory,
-and the GPU's own memory is not estimated.
+measures phase by phase (``/proc/self/clear_refs``) on synthseg brains at several voxel sizes. They live in
+``memory_model.json`` beside this module (``METHOD@float64`` for ``precision: float64``). The estimate is the
+largest phase times the model's margin (the worst under-prediction seen in the calibration, plus 5 %). It is
+calibrated on the CPU with 2 threads, label maps given and the HTML report on; on CUDA the solver's tensors live
+on the GPU, so it is an upper bound of the host memory, and the GPU's own memory is not estimated.
 """
 
 from __future__ import annotations
@@ -76,21 +76,14 @@ def _size(mb: float) -> str:
     return f"{mb / 1024:.1f} GB" if mb >= 1024 else f"{mb:.0f} MB"
 
 
-def _phases_that_run(config: RegisterConfig) -> list[str]:
-    phases = ["read", "write"]
-    if config.affine.enabled:
-        phases.append("affine")
-    if config.deformable:
-        phases += ["deformable", "upsample", "metrics", "warp"]
-        if config.instance.fine_spacing_mm is not None:
-            phases.append("fine")
-        if config.inverse_warp:
-            phases.append("inverse")
-    elif config.write_warped or config.html_report:
-        phases.append("warp")
-    if config.html_report:
-        phases.append("html")
-    return phases
+def _phase_runs(name: str, config: RegisterConfig) -> bool:
+    """Whether phase ``name`` runs with ``config`` (a phase the calibration measured, e.g. ``metrics``, always
+    runs unless the configuration turns it off)."""
+    off = {"affine": not config.affine.enabled, "html": not config.html_report,
+           "inverse": not (config.deformable and config.inverse_warp),
+           "fine": not (config.deformable and config.instance.fine_spacing_mm is not None),
+           "deformable": not config.deformable, "upsample": not config.deformable}
+    return not off.get(name, False)
 
 
 def estimate_peak_memory(fixed: Grid, moving: Grid, config: RegisterConfig) -> MemoryEstimate:
@@ -100,9 +93,10 @@ def estimate_peak_memory(fixed: Grid, moving: Grid, config: RegisterConfig) -> M
 
     model = _model()
     notes = []
-    method = config.method if config.method in model["methods"] else model["aliases"].get(config.method)
+    key = config.method if config.precision == "float32" else f"{config.method}@{config.precision}"
+    method = key if key in model["methods"] else model["aliases"].get(key)
     if method not in model["methods"]:  # a method added after the last calibration
-        notes.append(f"no calibration for {config.method}; convexadam's coefficients")
+        notes.append(f"no calibration for {key}; convexadam's coefficients")
         method = "convexadam"
     coef = model["methods"][method]
     counts = {"fixed": _voxels(fixed), "moving": _voxels(moving), "work": 0, "fine": 0}
@@ -110,16 +104,10 @@ def estimate_peak_memory(fixed: Grid, moving: Grid, config: RegisterConfig) -> M
         counts["work"] = _voxels(working_grid(config.method, fixed, config)[0])
         if config.instance.fine_spacing_mm is not None:
             counts["fine"] = _voxels(fixed.with_spacing(config.instance.fine_spacing_mm))
-    scale = {"work": 1.0, "fine": 1.0}
-    if config.precision == "float64":  # the solvers' tensors are twice as large (measured: regcli.memory docs)
-        scale = {"work": 2.0, "fine": 2.0}
-        notes.append("float64 solvers: working and fine grid terms doubled")
     phases = {}
-    for name in _phases_that_run(config):
-        c = coef.get(name)
-        if c is None:
-            continue
-        phases[name] = c["mb"] + sum(c.get(k, 0.0) * counts[k] * scale.get(k, 1.0) for k in counts) / MB
+    for name, c in coef.items():
+        if _phase_runs(name, config):
+            phases[name] = c["mb"] + sum(c.get(k, 0.0) * counts[k] for k in counts) / MB
     margin = float(model["margin"])
     return MemoryEstimate(max(phases.values()) * margin, phases, counts, margin, method, notes)
 
