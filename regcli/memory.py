@@ -63,10 +63,11 @@ class MemoryEstimate:
     def as_dict(self) -> dict:
         return {"estimate_mb": round(self.total_mb, 1), "estimate_largest_phase": self.largest,
                 "estimate_phases_mb": {k: round(v, 1) for k, v in self.phases.items()},
-                "estimate_voxels": dict(self.counts), "estimate_margin": self.margin}
+                "estimate_voxels": dict(self.counts), "estimate_margin": self.margin,
+                **({"estimate_notes": list(self.notes)} if self.notes else {})}
 
     def describe(self) -> str:
-        return (f"about {_size(self.total_mb)} at most, largest in {PHASE_NAMES.get(self.largest, self.largest)} "
+        return (f"about {_size(self.total_mb)}, largest in {PHASE_NAMES.get(self.largest, self.largest)} "
                 f"({self.counts['fixed'] / 1e6:.1f} M fixed voxels, {self.counts['work'] / 1e6:.2f} M working-grid "
                 f"voxels" + (f", {self.counts['fine'] / 1e6:.1f} M fine-grid voxels" if self.counts["fine"] else "")
                 + ")")
