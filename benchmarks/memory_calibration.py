@@ -109,18 +109,11 @@ def run_case(case: dict) -> dict:
     cfg = build_config(case.get("config"), case["overrides"])
     inputs = pipeline.RegisterInputs(fixed=case["fixed"], moving=case["moving"], output_prefix=case["prefix"],
                                      fixed_labels=case["fixed_labels"], moving_labels=case["moving_labels"])
-    try:
-        from regcli.io.images import read_grid
-        from regcli.memory import estimate_peak_memory
-
-        e = estimate_peak_memory(read_grid(case["fixed"]), read_grid(case["moving"]), cfg)
-        est = {"total_mb": e.total_mb, **e.as_dict()}
-    except ImportError:  # before the estimate existed
-        est = {"total_mb": float("nan")}
     report = pipeline.run_register(inputs, cfg, overwrite=True)
     ph._close(ph.current)
-    return {"peaks": ph.peaks, "process_peak_mb": max(ph.peaks.values()), "estimate": est,
-            "report_peak_mb": report.get("memory", {}).get("peak_rss_mb")}
+    mem = report["memory"]  # the pipeline's own pre-flight estimate, made from the headers before the run
+    return {"peaks": ph.peaks, "process_peak_mb": max(ph.peaks.values()),
+            "estimate": {"total_mb": mem["estimate_mb"], **mem}, "report_peak_mb": mem.get("peak_rss_mb")}
 
 
 def make_inputs(tmp: Path, fixed_mm: float, moving_mm: float) -> dict:
@@ -184,18 +177,13 @@ MB = 2.0 ** 20
 
 
 def _counts(files: dict, over: dict) -> dict:
-    """Voxel counts of the fixed and moving images, the working grid and the fine grid, as regcli makes them."""
+    """Voxel counts of the fixed and moving images, the working grid and the fine grid, as the estimate counts
+    them (for rows measured before the estimate reported them)."""
     from regcli.config import build_config
     from regcli.io.images import read_grid
-    from regcli.memory import _voxels
-    from regcli.methods import working_grid
+    from regcli.memory import estimate_peak_memory
 
-    cfg = build_config(None, over)
-    fixed = read_grid(files["fixed"])
-    fine = cfg.instance.fine_spacing_mm
-    return {"fixed": _voxels(fixed), "moving": _voxels(read_grid(files["moving"])),
-            "work": _voxels(working_grid(cfg.method, fixed, cfg)[0]) if cfg.deformable else 0,
-            "fine": _voxels(fixed.with_spacing(fine)) if fine and cfg.deformable else 0}
+    return estimate_peak_memory(read_grid(files["fixed"]), read_grid(files["moving"]), build_config(None, over)).counts
 
 
 def main() -> None:
@@ -258,7 +246,7 @@ def main() -> None:
             print(f"{method} case {i} failed: {p.stderr.strip().splitlines()[-1:]}", flush=True)
             continue
         r = json.loads(line[0][7:])
-        r.update(method=method, case=label, counts=_counts(files, over))
+        r.update(method=method, case=label, counts=r["estimate"]["estimate_voxels"])
         rows.append(r)
         est = r["estimate"]["total_mb"]
         peaks = " ".join(f"{k}={v:.0f}" for k, v in r["peaks"].items() if not k.startswith("after")

@@ -100,24 +100,17 @@ def estimate_peak_memory(fixed: Grid, moving: Grid, config: RegisterConfig) -> M
         notes.append(f"no calibration for {key}; convexadam's coefficients")
         method = "convexadam"
     coef = model["methods"][method]
-    counts = {"fixed": _voxels(fixed), "moving": _voxels(moving), "work": 0, "fine": 0}
+    counts = {"fixed": fixed.num_voxels, "moving": moving.num_voxels, "work": 0, "fine": 0}
     if config.deformable:
-        counts["work"] = _voxels(working_grid(config.method, fixed, config)[0])
+        counts["work"] = working_grid(config.method, fixed, config)[0].num_voxels
         if config.instance.fine_spacing_mm is not None:
-            counts["fine"] = _voxels(fixed.with_spacing(config.instance.fine_spacing_mm))
+            counts["fine"] = fixed.with_spacing(config.instance.fine_spacing_mm).num_voxels
     phases = {}
     for name, c in coef.items():
         if _phase_runs(name, config):
             phases[name] = c["mb"] + sum(c.get(k, 0.0) * counts[k] for k in counts) / MB
     margin = float(model["margin"])
     return MemoryEstimate(max(phases.values()) * margin, phases, counts, margin, method, notes)
-
-
-def _voxels(grid: Grid) -> int:
-    n = 1
-    for s in grid.size:
-        n *= int(s)
-    return n
 
 
 def check_memory(estimate: MemoryEstimate, limit_mb: Optional[float], config: RegisterConfig,

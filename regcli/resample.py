@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from regcli.runtime import solver_dtype
 from regcli.spaces.grid import Grid, apply_affine, apply_linear
 from regcli.spaces.image import Image
 
@@ -85,7 +86,7 @@ def sample_at_world(
     """Sample ``data`` (on ``source``) at world points (..., 3) float64. Returns (C?, ...)."""
     shape = points_world.shape[:-1]
     pts = points_world.reshape(1, -1, 1, 1, 3)
-    coords = source.world_to_norm_points(pts).to(torch.float64 if data.dtype == torch.float64 else torch.float32)
+    coords = source.world_to_norm_points(pts).to(solver_dtype(data))
     out = grid_sample(data.to(torch.float32) if not torch.is_floating_point(data) else data, coords, mode,
                       padding, source, default)
     if data.dim() == 3:

@@ -27,6 +27,12 @@ class Runtime:
         return d
 
 
+def solver_dtype(data: torch.Tensor) -> torch.dtype:
+    """The floating type to compute in for ``data``: float64 stays float64 (``precision: float64``), anything
+    else (float32, half, integers, booleans) is computed in float32."""
+    return torch.float64 if data.dtype == torch.float64 else torch.float32
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is a ConfigError."""
     if name == "auto":

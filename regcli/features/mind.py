@@ -24,6 +24,7 @@ import itertools
 import torch
 
 from regcli.features.filters import box_filter
+from regcli.runtime import solver_dtype
 import torch.nn.functional as F
 
 # the six neighbour directions, as (dz, dy, dx) in array order
@@ -63,7 +64,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
         raise ValueError(f"mind_ssc expects (N, 1, Z, Y, X), got {tuple(image.shape)}")
     if radius < 0 or dilation < 1:
         raise ValueError(f"mind_ssc needs radius >= 0 and dilation >= 1, got {radius}, {dilation}")
-    img = image.to(torch.float64 if image.dtype == torch.float64 else torch.float32)
+    img = image.to(solver_dtype(image))
     # the descriptor ignores intensity offsets; removing the mean keeps float32 differences exact-ish
     # for images far from 0 (CT in HU, MRI with large offsets)
     img = img - img.mean(dim=(1, 2, 3, 4), keepdim=True)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from regcli.features.mind import box_filter
 from regcli.resample import FieldWarper
+from regcli.runtime import solver_dtype
 from regcli.spaces.grid import Grid
 
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -76,7 +77,7 @@ def cost_volume(fixed: torch.Tensor, moving: torch.Tensor, disp_hw: int, smooth_
     C, Z, Y, X = fixed.shape
     # |f - m_s|^2 = |f|^2 + |m_s|^2 - 2 <f, m_s>, with channels last so every dot product reads contiguous
     # memory: ~6x faster than differencing channels-first maps (measured on 32 x 41 x 57 x 50, hw 3)
-    dtype = fixed.dtype if fixed.dtype == torch.float64 else torch.float32
+    dtype = solver_dtype(fixed)
     fl = fixed.to(dtype).permute(1, 2, 3, 0).contiguous()  # (Z, Y, X, C)
     mp = F.pad(moving.to(dtype)[None], (hw,) * 6, mode="replicate")[0]  # (C, Z+2hw, Y+2hw, X+2hw)
     m_sq = mp.pow(2).sum(0)  # (Z+2hw, Y+2hw, X+2hw)
