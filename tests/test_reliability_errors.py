@@ -1,5 +1,6 @@
 """RELIABILITY rows E3, E4, E5, E7, E10, G8 and O4 through ``regcli register`` (in-process, typer's CliRunner):
-each refusal is one stderr line with its exit code, and leaves neither output files nor temporaries behind.
+each refusal is one stderr line with its exit code, and leaves neither output files nor temporaries behind
+(and ``regcli apply``, which warns about NaN/Inf in its input and resamples on).
 
 Phantoms are 32^3 (the ``images`` fixture of test_cli.py); the run is shortened by a small YAML config.
 """
@@ -145,6 +146,27 @@ def test_e4_nan_in_a_float_label_map_or_mask_is_counted_and_located(tmp_path, im
     assert line.startswith("InputError:") and role in line and "bad_map.nii.gz" in line
     assert "1 NaN/Inf voxels" in line and "x=5, y=4, z=3" in line
     _assert_no_outputs(tmp_path)
+
+
+@pytest.mark.parametrize("ext,fate", [("nii.gz", "resampled as 0"), ("mha", "are NaN/Inf too")])
+def test_e4_apply_warns_about_nan_in_its_input_and_says_what_becomes_of_them(tmp_path, images, ext, fate):
+    # apply resamples on (statistical maps often carry NaN outside the brain): one warning with the count, the
+    # first index and the format's fate (SimpleITK 2.x reads NIfTI NaN as 0; MetaImage keeps them)
+    moving = sitk.ReadImage(str(images["moving"]))
+    arr = sitk.GetArrayFromImage(moving).copy()
+    arr[3, 4, 5] = np.nan  # (z, y, x): index x=5, y=4, z=3
+    arr[10, 11, 12] = -np.inf
+    bad = write(_like(moving, arr), tmp_path / f"bad.{ext}")
+    out = tmp_path / f"out.{ext}"
+    res = invoke("apply", "-i", bad, "-r", images["fixed"], "-o", out)
+    assert res.exit_code == 0, res.stderr
+    warning = [ln for ln in res.stderr.splitlines() if "NaN/Inf" in ln]
+    assert len(warning) == 1 and f"bad.{ext}" in warning[0], res.stderr
+    assert "2 NaN/Inf voxels" in warning[0] and "x=5, y=4, z=3" in warning[0] and fate in warning[0]
+    result = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert np.isfinite(result).all() == (ext == "nii.gz")
+    clean = invoke("apply", "-i", images["moving"], "-r", images["fixed"], "-o", tmp_path / "clean.nii.gz")
+    assert clean.exit_code == 0 and "NaN" not in clean.stderr, clean.stderr
 
 
 # ------------------------------------------------------------------------------------------------ E5

@@ -152,6 +152,24 @@ def _read_input(path: Path):
                      "series of 3D volumes")
 
 
+def _warn_nonfinite(img, path: Path, is_4d: bool, ui) -> None:
+    """One warning when the input has NaN/Inf voxels, saying what becomes of them (resampling goes on: unlike
+    registration, nothing is optimised on them, and statistical maps often carry NaN outside the brain)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from regcli.io.images import nonfinite_voxels
+
+    arr = sitk.GetArrayViewFromImage(img)
+    found = nonfinite_voxels(np.moveaxis(arr, 0, -1) if is_4d else arr, path)  # (T, Z, Y, X) -> T last
+    if found is None:
+        return
+    count, (x, y, z), read_as_zero = found
+    fate = ("SimpleITK reads NaN/Inf in NIfTI as 0, so they are resampled as 0" if read_as_zero else
+            "output voxels interpolated from them are NaN/Inf too")
+    ui.warn(f"input image '{path}' has {count} NaN/Inf voxels (first at index x={x}, y={y}, z={z}); {fate}")
+
+
 def resample_volume(vol, reference, transform, interp: str, default: float):
     """Resample one 3D SimpleITK volume (scalar or vector) onto ``reference`` through ``transform``.
 
@@ -212,6 +230,7 @@ def apply_to_image(input: Path, reference: Path, specs: list, output: Path, outs
     from regcli.io.transforms import read_transform_list
 
     img, vols, is_4d = _read_input(input)
+    _warn_nonfinite(img, input, is_4d, ui)
     ref_grid = read_grid(reference, "reference image")  # header only, with the NIfTI qform/sform checks (G7)
     transform = read_transform_list(specs) if specs else None
     int_input = "integer" in img.GetPixelIDTypeAsString()

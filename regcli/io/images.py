@@ -493,23 +493,34 @@ def nonfinite_in_nifti(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> t
     return count, (first % nx, (first // nx) % ny, (first // (nx * ny)) % nz)
 
 
-def refuse_nonfinite(arr: np.ndarray, path: Path, role: str) -> None:
-    """InputError naming the count and first index of NaN/Inf voxels in ``arr`` or, for a float NIfTI file, in
-    the file (ITK 5 reads them as 0, see :func:`nonfinite_in_nifti`).
+def nonfinite_voxels(arr: np.ndarray, path: str | os.PathLike) -> tuple[int, tuple[int, int, int], bool] | None:
+    """NaN/Inf values in ``arr`` or, for a float NIfTI file, in the file (ITK 5 reads them as 0, see
+    :func:`nonfinite_in_nifti`).
 
     Args:
-        arr: (Z, Y, X) voxels as SimpleITK read them from ``path``; integer arrays pass unchecked.
+        arr: voxels as SimpleITK read them from ``path``, spatial axes first: (Z, Y, X) or (Z, Y, X, C).
+            Integer arrays have none.
+    Returns:
+        ``(count, (x, y, z) index of the first, read_as_zero)`` or None when there are none; ``read_as_zero``
+        is True when they were found in the file only (SimpleITK gave 0 for them).
     """
     if not np.issubdtype(arr.dtype, np.floating):
-        return
+        return None
     finite = np.isfinite(arr)
     if not finite.all():
         bad = np.argwhere(~finite)
-        z, y, x = (int(v) for v in bad[0])
-        raise InputError(_nonfinite_message(role, path, len(bad), (x, y, z)))
-    on_disk = nonfinite_in_nifti(path) if (arr == 0).any() else None  # ITK 5 reads NaN/Inf as 0
-    if on_disk is not None:
-        raise InputError(_nonfinite_message(role, path, *on_disk))
+        z, y, x = (int(v) for v in bad[0][:3])
+        return len(bad), (x, y, z), False
+    on_disk = nonfinite_in_nifti(path) if (arr == 0).any() else None
+    return None if on_disk is None else (*on_disk, True)
+
+
+def refuse_nonfinite(arr: np.ndarray, path: Path, role: str) -> None:
+    """InputError naming the count and first index of NaN/Inf voxels in ``arr`` (Z, Y, X) or in its file
+    (:func:`nonfinite_voxels`)."""
+    found = nonfinite_voxels(arr, path)
+    if found is not None:
+        raise InputError(_nonfinite_message(role, path, found[0], found[1]))
 
 
 def _nifti_layout(head: bytes):

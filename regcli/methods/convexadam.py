@@ -122,6 +122,37 @@ def index_to_world_vectors(disp_index: torch.Tensor, grid: Grid) -> torch.Tensor
     return apply_linear(A, disp_index.permute(1, 2, 3, 0)).permute(3, 0, 1, 2).contiguous()
 
 
+# the instance optimisation samples both images this far (in voxels of its grid, along every index axis) off the
+# nodes of the trilinear interpolation; see :func:`off_nodes`
+OFF_NODE_VOXELS = 1e-3
+
+
+def off_nodes(fixed: torch.Tensor, start: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pose an instance optimisation on ``grid`` (fixed and moving data both on it) so that no sample of either
+    image lies on a node of the trilinear interpolation.
+
+    The discrete stages give whole-voxel shifts wherever neighbouring shifts agree, so an optimisation started
+    there samples the moving data exactly on nodes, where the derivative has two sides and the last bit of the
+    sampling coordinate decides which one ``grid_sample`` takes. Float32 and float64 (and devices) round that
+    bit differently, and Adam's first, sign-like steps follow the side taken: on a brain the results differed by
+    0.4 mm on average (RELIABILITY N3, docs/conventions.md). Here both images are sampled ``s`` =
+    ``OFF_NODE_VOXELS`` voxels further along every axis, 100 times beyond float32's rounding of a coordinate, so
+    the same side is taken everywhere; an image registered to itself still has a zero residual at the start
+    (moving the start alone would not: Adam would step on the residual it creates).
+
+    Args:
+        fixed: (1, C, Z, Y, X) fixed data on ``grid``.
+        start: (3, Z, Y, X) world mm, the start on ``grid``.
+    Returns:
+        ``(fixed sampled at x + s, start + s, s)``, ``s`` a (3, 1, 1, 1) world-mm vector. The solver's result
+        ``w`` gives the field ``w - s`` (to within ``s`` times the field's gradient: about 1e-4 mm).
+    """
+    s = index_to_world_vectors(torch.full((3, 1, 1, 1), OFF_NODE_VOXELS, dtype=start.dtype, device=start.device),
+                               grid)
+    fixed_s = FieldWarper(grid, grid, fixed.device, fixed.dtype).warp(fixed, s.expand(3, *grid.shape))
+    return fixed_s, start + s, s
+
+
 # ---------------------------------------------------------------------------------------------- the method
 def _scalar(image: Image, role: str) -> torch.Tensor:
     data = image.data
@@ -226,6 +257,7 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
         support = mind_support(io_f[:, :c], io_grid) | mind_support(warped[:, :c], io_grid)
         support = dilate(support, io_grid, SUPPORT_MARGIN_MM)
         del warped
+        io_f, start, shift = off_nodes(io_f, start, io_grid)
     solver = solver_from_config(
         icfg, iterations=iterations, lr=lr, reg_weight=icfg.reg_weight if reg_weight is None else reg_weight,
         smoothing_passes=icfg.smoothing_passes if smoothing_passes is None else smoothing_passes,
@@ -234,7 +266,7 @@ def _instance_level(feat_f: torch.Tensor, feat_m: torch.Tensor, grid: Grid, k: i
     report(stage, 0, iterations)
     result = solver.run(Problem(io_f[0], io_m[0], io_grid, io_grid, w_fixed, w_moving, support, list(prompts)),
                         init=start)
-    return result.disp, io_grid, result.history
+    return result.disp - shift, io_grid, result.history
 
 
 def _standardised(data: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from regcli.config import RegisterConfig
 from regcli.errors import ConvergenceError
 from regcli.features.filters import box_filter
 from regcli.methods.convexadam import (
-    DeformableResult, _mask_on, _scalar, index_to_world_vectors, method_setup, refine_on_working_grid,
+    DeformableResult, _mask_on, _scalar, index_to_world_vectors, method_setup, off_nodes, refine_on_working_grid,
 )
 from regcli.models.embedding import EmbeddingNet, embed, embedding_from
 from regcli.resample import FieldWarper, upsample_field
@@ -207,7 +207,7 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
         t = time.perf_counter()
         with torch.no_grad():
             eg = emb_f.grid
-            init = upsample_field(u, grid, eg)
+            fixed_s, init, shift = off_nodes(emb_f.data[None], upsample_field(u, grid, eg), eg)
             w_fixed = None
             if fmask is not None:
                 w_fixed = upsample_field(fmask[None].to(dev), grid, eg)[0]
@@ -217,10 +217,10 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
             stage="samconvex instance optimisation", progress=lambda i, n, loss: report(STAGE_IO, i, n),
             similarity="feature_ssd")
         report(STAGE_IO, 0, scfg.io_iterations)
-        res = solver.run(Problem(emb_f.data, emb_m0.data, eg, eg, w_fixed, prompts=list(prompts)), init=init)
+        res = solver.run(Problem(fixed_s[0], emb_m0.data, eg, eg, w_fixed, prompts=list(prompts)), init=init)
         history["instance"] = res.history
         with torch.no_grad():
-            u = upsample_field(res.disp, eg, grid)
+            u = upsample_field(res.disp - shift, eg, grid)
         timings["instance"] = time.perf_counter() - t
 
     # 4. optional: ConvexAdam's refinement on the working grid (MIND-SSC, Adam with a gradient floor) ------

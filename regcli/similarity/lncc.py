@@ -79,6 +79,12 @@ def box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     return x
 
 
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the spatial axes of (N, C, Z, Y, X) ``x``, as (N, C, 1, 1, 1) of ``x``'s dtype, accumulated in
+    float64: a float32 sum over a parallel split of the voxels rounds differently for different thread counts."""
+    return x.mean(dim=(2, 3, 4), keepdim=True, dtype=torch.float64).to(x.dtype)
+
+
 def lncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[int], eps: float = 1e-5,
              squared: bool = True) -> torch.Tensor:
     """Local correlation coefficient per voxel.
@@ -97,9 +103,10 @@ def lncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[int], e
     """
     n, c = fixed.shape[:2]
     # centring by the global means (no effect on covariances) keeps the running sums small, so the
-    # float32 sums and E[x^2] - E[x]^2 stay accurate for data with a large offset (CT values, 3 * x + 7)
-    fixed = fixed - fixed.detach().mean(dim=(2, 3, 4), keepdim=True)
-    warped = warped - warped.detach().mean(dim=(2, 3, 4), keepdim=True)
+    # float32 sums and E[x^2] - E[x]^2 stay accurate for data with a large offset (CT values, 3 * x + 7);
+    # the means are accumulated in float64, so that they do not depend on the thread count (RELIABILITY N5)
+    fixed = fixed - global_mean(fixed.detach())
+    warped = warped - global_mean(warped.detach())
     stats = torch.cat((fixed, warped, fixed * fixed, warped * warped, fixed * warped), dim=1)
     m = box_mean(stats, window)
     mf, mw, mff, mww, mfw = m.split(c, dim=1)

@@ -417,7 +417,13 @@ class _Runner:
         rots = _candidate_rotations(self.fixed_cov, m_cov, INIT_ANGLES_DEG)
         cands = [AffineTransform.from_linear(R, shift, c) for R in rots]
         scores = self.score(coarse, cands)
-        order = np.argsort(scores)
+        # best score first; candidates within round-off of the best (ties) go first, the smallest rotation
+        # first, so that an image registered to itself starts from the exact identity, not from a principal-axis
+        # candidate that differs from it by the eigenvectors' round-off and scores the same to the last bit
+        best_score = min(scores)
+        angle = [float(np.linalg.norm(_rotvec(t.linear))) for t in cands]
+        order = sorted(range(len(cands)),
+                       key=lambda i: (1, scores[i]) if _improves(best_score, scores[i]) else (0, angle[i]))
         records = self.history.setdefault("init", [])
         for i in order[:INIT_REFINE]:
             records.append({"candidate": int(i), "score": float(scores[i]),
