@@ -17,7 +17,8 @@ def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor], eps: float =
 
     The sums are accumulated in float64 and the mean returned in ``values``' dtype: a float32 sum over a
     parallel split of the voxels rounds differently for different thread counts, and the solvers compare
-    and stop on these values (RELIABILITY N5). The gradient is the same either way."""
+    and stop on these values (RELIABILITY N5). The gradient (1/N, or the weights over their sum) is unchanged
+    but for its last bit."""
     if mask is None:
         return values.mean(dtype=torch.float64).to(values.dtype)
     w = mask.expand_as(values)

@@ -419,7 +419,7 @@ class _Runner:
         scores = self.score(coarse, cands)
         # best score first; candidates within round-off of the best (ties) go first, the smallest rotation
         # first, so that an image registered to itself starts from the exact identity, not from a principal-axis
-        # candidate that differs from it by the eigenvectors' round-off and scores the same to the last bit
+        # candidate that differs from it by the eigenvectors' round-off and scores the same within round-off
         best_score = min(scores)
         angle = [float(np.linalg.norm(_rotvec(t.linear))) for t in cands]
         order = sorted(range(len(cands)),
