@@ -373,7 +373,7 @@ def register_subprocess(pair: Pair, prefix: str, method: str, config: Optional[P
 
 
 def _from_report(report: Optional[dict]) -> dict:
-    """Registration seconds and peak memory recorded in a register report."""
+    """Registration seconds, peak memory and warnings recorded in a register report."""
     if not report:
         return {}
     out = {}
@@ -387,6 +387,9 @@ def _from_report(report: Optional[dict]) -> dict:
         out["peak_rss_mb"] = float(mem["peak_rss_mb"])
     if isinstance(mem.get("cuda_max_allocated_mb"), (int, float)):
         out["cuda_max_memory_mb"] = float(mem["cuda_max_allocated_mb"])
+    warnings = report.get("warnings")
+    if isinstance(warnings, list) and warnings:
+        out["warnings"] = [str(w) for w in warnings]
     return out
 
 
@@ -524,6 +527,10 @@ def process_pair(pair: Pair, outdir: str | os.PathLike, method: str, existing_pr
                 row["peak_rss_mb"] = run.peak_rss_mb  # the report's own figure is exact; this one is a bound
             if run.returncode != 0:
                 raise _PairFailed(run.error, run.returncode)
+        if row.get("warnings"):  # the registration's own (its stderr is not shown): not again while scoring
+            from regcli.io.images import mark_warned
+
+            mark_warned(row["warnings"])
         files = transform_files(prefix)
         if not files:
             raise InputError(f"no transforms found for prefix '{prefix}' (expected {prefix}1Warp.nii.gz "

@@ -276,8 +276,18 @@ def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool
     """Everything ``regcli register`` does; returns the report dict (with ``outputs``).
 
     Order: check outputs can be written (before any computation), read and validate inputs, register,
-    write every output to temporary files, then publish them all together.
+    write every output to temporary files, then publish them all together. The warnings logged on the way are
+    listed in the report (``warnings``).
     """
+    from regcli.reports.report import WarningLog
+
+    with WarningLog() as warned:
+        return _run_register(inputs, config, overwrite, progress, command, warned.messages)
+
+
+def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool, progress: Optional[Progress],
+                  command: str, warnings: list[str]) -> dict:
+    """:func:`run_register`; ``warnings`` fills with the run's warning messages (``report["warnings"]``)."""
     from regcli.io.images import read_image, read_labels, read_mask, write_image
     from regcli.io.transforms import write_affine, write_displacement
     from regcli.reports.report import build_report, report_json
@@ -359,6 +369,7 @@ def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool
             grids={"fixed": fixed.grid, "moving": moving.grid},
         )
         report["memory"].update(memory.as_dict())
+        report["warnings"] = list(warnings)
         report["wall_seconds"] = round(time.perf_counter() - t_start, 4)
         text = report_json(report)
         outs.stage(paths["report"], lambda tmp: tmp.write_text(text))

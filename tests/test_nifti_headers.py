@@ -373,3 +373,44 @@ def test_r6_2d_image_is_a_one_line_input_error(tmp_path):
         assert "\n" not in str(e.value) and "two.nii.gz" in str(e.value)
     res = invoke("info", tmp_path / "two.nii.gz", "--json")  # info still describes it
     assert res.exit_code == 0 and json.loads(res.stdout)["size"] == [12, 10]
+
+
+def test_g7_evaluate_shows_each_childs_warning_once_and_keeps_it_in_the_row(tmp_path):
+    """`evaluate` registers in a child whose stderr is not shown: the child's report lists its warnings
+    (``warnings``), the parent shows each once with the pair's name (the fixed image's, which the parent's own
+    scoring meets again, not twice) and keeps them in the row of evaluation.json."""
+    import csv
+
+    from conftest import make_phantom, phantom_labels, write as write_sitk
+
+    shift = np.diag([1.0, 1.0, 1.0, 1.0])
+    shift[:3, 3] = (2.0, 0.0, 0.0)
+    paths = {}
+    for role, transform in (("fixed", None), ("moving", lambda p: p + np.array([1.0, 0.0, 0.0]))):
+        img = make_phantom("LPS", "iso", transform=transform)
+        plain = write_sitk(img, tmp_path / f"{role}_plain.nii.gz")
+        nii = nib.load(str(plain))
+        out = nib.Nifti1Image(np.asarray(nii.dataobj), None, nii.header)
+        out.set_qform(nii.affine, code=1)
+        out.set_sform(shift @ nii.affine, code=2)  # 2 mm away: ITK uses the qform, and regcli warns
+        paths[role] = tmp_path / f"{role}.nii.gz"
+        nib.save(out, str(paths[role]))
+        paths[f"{role}_labels"] = write_sitk(phantom_labels(img), tmp_path / f"{role}_labels.nii.gz")
+    manifest = tmp_path / "pairs.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["pair", "fixed_image", "moving_image", "fixed_labels", "moving_labels"])
+        w.writerow(["p1", "fixed.nii.gz", "moving.nii.gz", "fixed_labels.nii.gz", "moving_labels.nii.gz"])
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text("affine:\n  levels_mm: [4.0]\n  iterations: [10]\n")
+    res = invoke("evaluate", manifest, "--method", "affine", "--config", cfg, "-o", tmp_path / "ev", "--threads", "2")
+    assert res.exit_code == 0, res.stderr
+    warned = [ln for ln in res.stderr.splitlines() if "disagree" in ln]
+    assert len(warned) == 2, res.stderr
+    assert any("fixed image" in ln and "fixed.nii.gz" in ln for ln in warned), warned
+    assert any("moving image" in ln and "moving.nii.gz" in ln for ln in warned), warned
+    assert all(ln.startswith("Warning: p1: ") for ln in warned), warned
+    row = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["pairs"][0]
+    assert len(row["warnings"]) == 2 and all("disagree" in w for w in row["warnings"])
+    report = json.loads((tmp_path / "ev" / "p1_Report.json").read_text())
+    assert report["warnings"] == row["warnings"]

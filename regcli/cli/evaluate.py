@@ -213,6 +213,8 @@ def _log_row(ui, i: int, n: int, row: dict) -> None:
     if "seconds" in row:
         parts.append(f"{row['seconds']:.1f} s")
     ui.info(f"[{i}/{n}] {row['pair']}: " + ", ".join(parts))
+    for message in row.get("warnings") or ():  # the registration's (a child's stderr is not shown)
+        ui.warn(f"{row['pair']}: {message}")
 
 
 _COLUMNS = (

@@ -221,6 +221,12 @@ def refuse_unusable_sform(xf: NiftiXforms, path: Path, role: str) -> None:
 _WARNED: set[str] = set()
 
 
+def mark_warned(messages) -> None:
+    """Take ``messages`` (e.g. a ``regcli register`` child's ``report["warnings"]``, already shown to the user) as
+    given in this process: the same header warning is then not logged again."""
+    _WARNED.update(messages)
+
+
 def check_nifti_geometry(source: Any, xf: NiftiXforms, path: Path, role: str) -> Optional[str]:
     """Compare SimpleITK's reading of a NIfTI file with its qform and sform; log one warning line if needed.
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -95,6 +96,28 @@ class StageTimer:
     def elapsed(self) -> float:
         """Wall-clock seconds since the timer was created."""
         return time.perf_counter() - self._t0
+
+
+class WarningLog(logging.Handler):
+    """While entered, collects the distinct WARNING (and worse) messages of the ``regcli`` logger, in order: what
+    a run told its user, for ``report["warnings"]`` (``evaluate`` and ``batch`` show their children's from
+    there, since a child's stderr is not shown)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.messages:
+            self.messages.append(message)
+
+    def __enter__(self) -> "WarningLog":
+        logging.getLogger("regcli").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("regcli").removeHandler(self)
 
 
 def peak_rss_mb() -> float:
