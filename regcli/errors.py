@@ -3,7 +3,7 @@
 The CLI turns these into one line on stderr and ``sys.exit(code)``; the traceback is shown only with
 ``REGCLI_DEBUG=1``. Library code raises them instead of ``assert`` on anything that comes from a user.
 
-Exit codes (documented in docs/usage.md):
+Exit codes (listed in README.md and by ``regcli --help``, from :func:`exit_code_summary`):
 
 =====  =====================  ===============================================================
 code   class                  meaning
@@ -80,3 +80,12 @@ class ResourceError(RegcliError):
 
 
 EXIT_INTERRUPTED = 130
+
+
+def exit_code_summary() -> str:
+    """The exit codes as one help-text line, ``"0 ok, 1 bug, 2 usage, 3 input, ..."``, from the classes above (so
+    the help cannot drift from them)."""
+    codes = [(0, "ok"), (1, "bug"), (2, "usage")]
+    codes += sorted((c.exit_code, c.kind.removesuffix("Error").lower()) for c in RegcliError.__subclasses__())
+    codes.append((EXIT_INTERRUPTED, "interrupted"))
+    return ", ".join(f"{code} {what}" for code, what in codes)

@@ -94,6 +94,38 @@ def test_c1_every_help_ends_with_examples(sub):
     assert "regcli" in tail and "regcli " + " ".join(sub[:1]) in tail
 
 
+def _commands(cmd, path=()):
+    """(path, click command) for every command and group under ``cmd``."""
+    yield path, cmd
+    for name, sub in getattr(cmd, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_c1_help_paragraphs_wrap_to_the_terminal():
+    """Typer keeps a docstring's single line breaks; regcli joins them, so an 80-column help is not ragged."""
+    import typer.main
+    from regcli.cli.app import app
+
+    for path, cmd in _commands(typer.main.get_command(app)):
+        for para in (cmd.help or "").split("\n\n"):
+            assert "\n" not in para or any(ln.startswith(("- ", "* ")) for ln in para.split("\n")), (
+                f"regcli {' '.join(path)} --help: paragraph with hard line breaks: {para[:80]!r}")
+    res = subprocess.run([sys.executable, "-m", "regcli", "register", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "80"})
+    text = res.stdout[res.stdout.index("Works in physical"):res.stdout.index("╭")]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    assert all(len(ln) > 60 for ln in lines[:-1]), lines  # filled lines, only the paragraph's last one short
+
+
+def test_c1_help_lists_every_exit_code():
+    from regcli.errors import EXIT_INTERRUPTED, RegcliError
+
+    out = " ".join(invoke("--help").stdout.split())
+    for cls in RegcliError.__subclasses__():
+        assert f"{cls.exit_code} {cls.kind.removesuffix('Error').lower()}" in out
+    assert f"{EXIT_INTERRUPTED} interrupted" in out
+
+
 def test_version():
     res = invoke("--version")
     assert res.exit_code == 0 and res.stdout.startswith("regcli ")

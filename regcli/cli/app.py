@@ -11,6 +11,7 @@ Only light modules are imported here (typer, the command modules' signatures); t
 regcli internals are imported inside the command functions, so ``regcli --help`` renders fast.
 """
 
+import inspect
 import os
 import sys
 import traceback
@@ -27,7 +28,7 @@ from regcli.cli import register as register_cmd
 from regcli.cli import train as train_cmd
 from regcli.cli import weights as weights_cmd
 from regcli.cli.common import examples
-from regcli.errors import EXIT_INTERRUPTED, RegcliError, folded
+from regcli.errors import EXIT_INTERRUPTED, RegcliError, exit_code_summary, folded
 
 
 def _exception_types() -> tuple[tuple, tuple]:
@@ -113,15 +114,15 @@ class RegcliGroup(TyperGroup):
 app = typer.Typer(
     name="regcli",
     cls=RegcliGroup,
-    help="3D medical image registration (affine + ConvexAdam) in physical space, with ANTs-compatible "
-    "outputs.",
+    help="3D medical image registration in physical space (affine, then ConvexAdam, SAMConvex, a foundation "
+    "network or DIO), with ANTs-compatible outputs.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
-    epilog="Run [bold]regcli COMMAND --help[/bold] for a command's options and examples. Exit codes: 0 ok, "
-    "1 bug, 2 usage, 3 input, 4 geometry, 5 convergence, 6 output, 7 config, 8 weights, 130 interrupted.\n\n"
+    epilog="Run [bold]regcli COMMAND --help[/bold] for a command's options and examples. Exit codes: "
+    f"{exit_code_summary()}.\n\n"
     + examples(
         "regcli info fixed.nii.gz",
         "regcli register fixed.nii.gz moving.nii.gz -o out/pair_",
@@ -144,7 +145,7 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """3D medical image registration (affine + ConvexAdam) in physical space, with ANTs-compatible outputs."""
+    """3D medical image registration in physical space, with ANTs-compatible outputs."""
 
 
 app.command("register", epilog=register_cmd.EXAMPLES)(register_cmd.register)
@@ -156,6 +157,34 @@ app.command("info", epilog=info_cmd.EXAMPLES)(info_cmd.info)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(weights_cmd.app, name="weights")
 app.add_typer(train_cmd.app, name="train")
+
+def reflowed(text: Optional[str]) -> Optional[str]:
+    """``text`` with the single line breaks inside each paragraph joined, so rich wraps it to the terminal.
+
+    Typer (>= 0.2x, rich markup mode) keeps a docstring's line breaks, so a help text written at 110 columns
+    wraps raggedly in an 80-column terminal. Paragraphs are separated by blank lines; a paragraph with
+    bullets (``- ``, ``* ``), indented lines or Click's ``\\b`` marker is kept as written.
+    """
+    if not text:
+        return text
+    out = []
+    for para in inspect.cleandoc(text).split("\n\n"):
+        lines = para.split("\n")
+        keep = any(ln.startswith(("- ", "* ", "\b", " ", "\t")) for ln in lines)
+        out.append(para if keep else " ".join(ln.strip() for ln in lines))
+    return "\n\n".join(out)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    """Reflow the help of every command of ``typer_app`` and its sub-apps (see :func:`reflowed`)."""
+    for info in typer_app.registered_commands:
+        info.help = reflowed(info.help if isinstance(info.help, str) else inspect.getdoc(info.callback))
+    for group in typer_app.registered_groups:
+        _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
+
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -75,7 +75,7 @@ def register(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Register MOVING to FIXED: affine pre-alignment, then ConvexAdam (MIND cost volume + instance optimisation).
+    """Register MOVING to FIXED: affine pre-alignment, then the deformable method of --method (ConvexAdam by default).
 
     Works in physical (LPS mm) space, so images may differ in size, spacing, origin and orientation. The
     transforms map fixed points to moving points, in ANTs files; existing outputs are never overwritten
