@@ -459,3 +459,31 @@ def test_peak_memory_is_the_process_own_not_its_parents():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout) < 700, out.stdout
     del ballast
+
+
+def test_warning_log_keeps_the_distinct_warnings_of_its_own_thread():
+    """Two runs in two threads of one process: each report lists its own warnings, once each, in order."""
+    import logging
+    import threading
+
+    from regcli.reports.report import WarningLog
+
+    log = logging.getLogger("regcli")
+    barrier = threading.Barrier(2)
+    got: dict[str, list[str]] = {}
+
+    def run(name: str) -> None:
+        with WarningLog() as w:
+            barrier.wait()
+            for i in (1, 2, 1):
+                log.warning("%s: warning %d", name, i)
+                barrier.wait()  # interleave the two threads' records
+            log.info("%s: not a warning", name)
+        got[name] = w.messages
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {"a": ["a: warning 1", "a: warning 2"], "b": ["b: warning 1", "b: warning 2"]}

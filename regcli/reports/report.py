@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -101,18 +102,26 @@ class StageTimer:
 class WarningLog(logging.Handler):
     """While entered, collects the distinct WARNING (and worse) messages of the ``regcli`` logger, in order: what
     a run told its user, for ``report["warnings"]`` (``evaluate`` and ``batch`` show their children's from
-    there, since a child's stderr is not shown)."""
+    there, since a child's stderr is not shown).
+
+    Only records of the thread that entered it are kept, so runs in several threads of one process each get
+    their own (a run's warnings come from its own thread; its output-writer threads log none).
+    """
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
+        self.thread: Optional[int] = None
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread:
+            return
         message = record.getMessage()
         if message not in self.messages:
             self.messages.append(message)
 
     def __enter__(self) -> "WarningLog":
+        self.thread = threading.get_ident()
         logging.getLogger("regcli").addHandler(self)
         return self
 
