@@ -29,15 +29,3 @@ class NullProgress:
         pass
 
 
-def solver_callback(progress: Progress | None, stage: str, total: int):
-    """A ``callback(i, n, loss)`` for solvers that forwards to ``progress`` (or None)."""
-    if progress is None:
-        return None
-    progress.start(stage, total)
-
-    def cb(i: int, n: int, loss: float) -> None:
-        progress.update(stage, i, f"loss {loss:.4g}")
-        if i >= n:
-            progress.finish(stage)
-
-    return cb

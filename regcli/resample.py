@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from regcli.runtime import solver_dtype
-from regcli.spaces.grid import Grid, apply_affine, apply_linear
+from regcli.spaces.grid import Grid, apply_affine
 from regcli.spaces.image import Image
 
 Interp = Literal["linear", "nearest", "label"]
@@ -296,10 +296,6 @@ def resample_to_grid(image: Image, reference: Grid, interp: Interp = "linear", d
     return warp(image, None, reference, interp, default)
 
 
-def field_sampler(field_grid: Grid, at_grid: Grid, device=None) -> "FieldWarper":
-    return FieldWarper(field_grid, at_grid, device)
-
-
 class FieldWarper:
     """Fast differentiable warping for optimisation loops.
 
@@ -358,30 +354,12 @@ class FieldWarper:
         return grid_sample(data, self.coords(disp), mode, padding, self.source, default)
 
 
-def resample_field(disp: torch.Tensor, field_grid: Grid, reference: Grid, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Resample a displacement field (3, Z, Y, X) [world mm] onto ``reference`` (trilinear, 0 outside).
-
-    The vectors are world-space quantities, so they are interpolated as they are (no reorientation).
-    """
-    img = Image(disp, field_grid)
-    return warp(img, None, reference, "linear", 0.0, chunk).data
-
-
 def upsample_field(disp: torch.Tensor, field_grid: Grid, reference: Grid) -> torch.Tensor:
-    """Like :func:`resample_field` but with edge values beyond the field grid (for coarse grids)."""
+    """A displacement field (3, Z, Y, X) world mm on ``field_grid``, trilinearly resampled onto ``reference``, with
+    edge values beyond the field grid (for coarse grids). The vectors are world-space quantities, so they are
+    interpolated as they are (no reorientation)."""
     out = resample_separable(disp, field_grid, reference, "border")
     if out is not None:
         return out
     coords = field_grid.world_to_norm_points(reference.world_coords(torch.float64, disp.device)).to(disp.dtype)
     return grid_sample(disp, coords[None], "bilinear", "border")
-
-
-def identity_norm_grid(grid: Grid, device=None) -> torch.Tensor:
-    """(1, Z, Y, X, 3) float32 ``grid_sample`` coordinates of a grid's own voxel centres."""
-    M = grid.index_to_norm()
-    return apply_affine(M, grid.index_coords(torch.float64, device)).to(torch.float32)[None]
-
-
-def to_norm_vectors(disp: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """World-mm displacement (N,3,Z,Y,X) -> normalized displacement (N,Z,Y,X,3) on ``grid``."""
-    return apply_linear(grid.vector_world_to_norm().astype(np.float32), disp.permute(0, 2, 3, 4, 1))

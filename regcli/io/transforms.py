@@ -23,8 +23,6 @@ from regcli.errors import InputError
 from regcli.io.images import IMAGE_EXTENSIONS, check_readable_file, read_sitk
 from regcli.transforms import AffineTransform, CompositeTransform, DisplacementField
 
-AFFINE_EXTENSIONS = (".mat", ".txt", ".tfm")
-COMPOSITE_EXTENSIONS = (".h5", ".hdf5")
 _SPEC = re.compile(r"^\[\s*(?P<path>[^,\]]+?)\s*(,\s*(?P<inv>[01])\s*)?\]$")
 
 

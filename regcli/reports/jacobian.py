@@ -13,7 +13,6 @@ two agree to float rounding. Maths in float64, chunked over z-slabs to bound mem
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -184,9 +183,3 @@ def jacobian_image(field, name: str = "jacobian determinant") -> Image:
     """The determinant map as an Image on the field's grid (Z, Y, X) float32, for ``regcli jacobian``."""
     det = jacobian_determinant(field).cpu()
     return Image(det, field.grid, name, {"kind": "jacobian_determinant"})
-
-
-def is_folding_free(stats: dict) -> bool:
-    """True when no voxel has det <= 0 (whole grid)."""
-    v = stats.get("n_nonpos_jac", 0)
-    return v == 0 and not (isinstance(v, float) and math.isnan(v))

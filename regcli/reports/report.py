@@ -70,7 +70,6 @@ class StageTimer:
     def __init__(self, sync=None) -> None:
         self.stages: dict[str, float] = {}
         self._sync = sync
-        self._t0 = time.perf_counter()
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -92,11 +91,6 @@ class StageTimer:
     def total(self) -> float:
         """Sum of the recorded stages (s)."""
         return float(sum(self.stages.values()))
-
-    @property
-    def elapsed(self) -> float:
-        """Wall-clock seconds since the timer was created."""
-        return time.perf_counter() - self._t0
 
 
 class WarningLog(logging.Handler):

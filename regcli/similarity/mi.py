@@ -82,7 +82,7 @@ def parzen_weights(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: in
 
 def _sparse_parzen(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int, kernel: Kernel,
                    sigma_bins: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The non-zero part of :func:`parzen_weights`: bin indices (N, V, K) int64 and weights (N, V, K)
+    """The part of :func:`parzen_weights` that MI uses: bin indices (N, V, K) int64 and weights (N, V, K)
     summing to 1, for the K bins around each sample (K = 4 for the B-spline, 2 ceil(3 sigma) + 1 for
     the Gaussian). Weights are continuous in ``x``; the bin window moves with ``floor``."""
     first, last = _support(kernel, sigma_bins)

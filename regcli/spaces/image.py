@@ -34,10 +34,6 @@ class Image:
                 f"{self.name or 'image'}: data shape {tuple(self.data.shape)} does not match grid {self.grid.shape}"
             )
 
-    @property
-    def is_labels(self) -> bool:
-        return not torch.is_floating_point(self.data)
-
     def to(self, device=None, dtype=None) -> "Image":
         return replace(self, data=self.data.to(device=device, dtype=dtype))
 

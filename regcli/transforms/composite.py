@@ -8,7 +8,6 @@ from typing import Sequence
 import torch
 
 from regcli.spaces.grid import Grid, apply_affine
-from regcli.transforms.affine import AffineTransform
 from regcli.transforms.displacement import DisplacementField
 
 
@@ -38,16 +37,6 @@ class CompositeTransform:
         for t in self.transforms:
             p = t.map_points(p)
         return p
-
-    def is_linear(self) -> bool:
-        return all(isinstance(t, AffineTransform) for t in self.transforms)
-
-    def collapse_linear(self) -> AffineTransform:
-        """The product of an all-affine list as one :class:`AffineTransform`."""
-        out = AffineTransform.identity()
-        for t in self.transforms:
-            out = t.compose(out)
-        return out
 
     def to_displacement(self, grid: Grid, chunk: int = 1 << 21) -> DisplacementField:
         """Collapse into one displacement field ``u(x) = T(x) - x`` sampled on ``grid``."""
