@@ -62,7 +62,7 @@ def main() -> None:
         captured["stage"] = run_affine(*a, **k)
         return captured["stage"]
 
-    print(f"| method | variant against float32 (2 threads) | mapping difference mm: mean / p95 / max "
+    print("| method | variant against float32 (2 threads) | mapping difference mm: mean / p95 / max "
           f"| affine: linear / translation mm | s |")
     print("|---|---|---|---|---|")
     for method in args.methods.split(","):

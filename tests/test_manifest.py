@@ -7,7 +7,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from conftest import invoke, make_phantom, phantom_labels, write

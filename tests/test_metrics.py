@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import SHARED, make_phantom, phantom_labels, shared_file, bench_metrics
+from conftest import make_phantom, phantom_labels, shared_file, bench_metrics
 from regcli.errors import GeometryError
 from regcli.reports.metrics import (
     assd_per_label,

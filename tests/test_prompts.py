@@ -13,7 +13,6 @@ from conftest import DIRECTIONS, SPACINGS, centred_origin, make_phantom, phantom
 from regcli.errors import InputError
 from regcli.resample import sample_at_world, warp
 from regcli.solvers.instance import InstanceOptimization, Problem
-from regcli.solvers.models import MODELS
 from regcli.solvers.prompts import LabelPrompt, LandmarkPrompt, stage_prompts
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import struct
@@ -14,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import DIRECTIONS, SHARED, SPACINGS, make_phantom, phantom_labels, bench_metrics
+from conftest import DIRECTIONS, SPACINGS, make_phantom, phantom_labels, bench_metrics
 from regcli.errors import InputError
 from regcli.reports.jacobian import jacobian_determinant, jacobian_image, jacobian_matrix, jacobian_stats
 from regcli.reports.landmarks import PointSet, read_points_csv, tre, write_points_csv
