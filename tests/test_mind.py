@@ -60,6 +60,30 @@ def test_box_filter_equals_3d_box_with_replicated_edges():
         assert torch.allclose(box_filter(x, r), ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_box_filter_sums_in_place_bit_for_bit_like_the_padded_sum(dtype):
+    """The in-place slice sums give the padded sum's numbers exactly (same terms in the same order), on axes
+    longer and shorter than the window, and autograd (which takes the padded path) gets the same values."""
+    from regcli.features.filters import _box_1d, _replicate_pad
+
+    def padded(x, r, dim):
+        n, xp = x.shape[dim], _replicate_pad(x, r, dim)
+        acc = xp.narrow(dim, 0, n).clone()
+        for k in range(1, 2 * r + 1):
+            acc += xp.narrow(dim, k, n)
+        return acc.div_(2 * r + 1)
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(2, 3, 9, 10, 11), (1, 4, 2, 7), (5, 1, 3)]:
+        x = torch.randn(*shape, generator=g, dtype=dtype) * 100
+        for r in (1, 2, 3):
+            for dim in range(x.dim()):
+                assert torch.equal(_box_1d(x, r, dim), padded(x, r, dim)), (shape, r, dim)
+    x = torch.randn(1, 3, 6, 7, 8, generator=g, dtype=dtype, requires_grad=True)
+    assert torch.equal(box_filter(x, 1).detach(), box_filter(x.detach(), 1))
+    assert torch.autograd.gradcheck(lambda t: box_filter(t, 1), (x.detach().double().requires_grad_(),))
+
+
 def test_shape_range_and_reference():
     img = _phantom_tensor()
     out = mind_ssc(img, radius=1, dilation=2)
