@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +132,32 @@ def test_lbfgs_needs_no_dynamo():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_solves_on_small_grids_run_on_one_thread_and_restore_the_count():
+    """Below SMALL_GRID_VOXELS the shared solver runs single-threaded (a parallel region's wake-up costs more than
+    its op there); the thread count comes back afterwards, also after an error; large grids keep every thread."""
+    from regcli.runtime import SMALL_GRID_VOXELS, threads_for
+    from regcli.solvers.instance import InstanceOptimization, Problem
+    from regcli.spaces.grid import Grid
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threads_for(SMALL_GRID_VOXELS - 1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with threads_for(SMALL_GRID_VOXELS):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), threads_for(10):
+            raise RuntimeError("solver failed")
+        assert torch.get_num_threads() == 2
+
+        seen = []
+        grid = Grid((12, 10, 8), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+        data = torch.rand(8, 10, 12)
+        sim = lambda f, w, m=None: (seen.append(torch.get_num_threads()) or ((f - w) ** 2).mean())  # noqa: E731
+        InstanceOptimization(similarity=sim, iterations=2).run(Problem(data, data.flip(0), grid))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -189,10 +189,11 @@ _reflow_help(app)
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console-script entry point (``regcli``) and ``python -m regcli``."""
-    # OpenMP's default spin-waiting makes torch 3-4x slower with 2 threads when another process shares the
-    # cores (measured on 2 cores: 434 vs 133 ms per ConvexAdam IO step); on an idle machine passive waiting
-    # costs about 15% (64-72 vs 54-61 ms). Shared machines are the common case for a pipeline tool, so
-    # PASSIVE is the default. Set before torch is imported; a user's own OMP_WAIT_POLICY wins.
+    # OpenMP's default spin-waiting makes torch 2-4x slower with 2 threads when another process shares the
+    # cores (2 cores: 434 vs 133 ms per ConvexAdam IO step; a whole registration 33 vs 17 s). On an idle machine
+    # passive waiting costs 17 % on the CI machine (16.8 vs 14.3 s), after small solves were put on one thread
+    # (runtime.threads_for; docs/methods.md, "Performance notes"). Shared machines are the common case for a
+    # pipeline tool, so PASSIVE is the default. Set before torch is imported; a user's own OMP_WAIT_POLICY wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app(args=argv, prog_name="regcli")
 

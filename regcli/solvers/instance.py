@@ -22,6 +22,7 @@ import torch
 from regcli.errors import ConvergenceError
 from regcli.regularizers import make_regularizer
 from regcli.resample import FieldWarper
+from regcli.runtime import threads_for
 from regcli.similarity import make_similarity
 from regcli.solvers.models import MODELS
 from regcli.solvers.optimizers import OPTIMIZERS
@@ -139,6 +140,12 @@ class InstanceOptimization:
         return f
 
     def run(self, problem: Problem, init: Any = None, model: Optional[torch.nn.Module] = None) -> Result:
+        """Minimise the objective from ``init`` (or ``model``'s start); one CPU thread on small grids
+        (:func:`regcli.runtime.threads_for`)."""
+        with threads_for(problem.grid.num_voxels, problem.fixed.device):
+            return self._run(problem, init, model)
+
+    def _run(self, problem: Problem, init: Any, model: Optional[torch.nn.Module]) -> Result:
         t0 = time.perf_counter()
         dev = problem.fixed.device
         model = model or self.build_model(problem, init)
