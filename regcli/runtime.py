@@ -47,7 +47,9 @@ SMALL_GRID_VOXELS = 1 << 17
 def threads_for(num_voxels: int, device: torch.device | str | None = None) -> Iterator[None]:
     """Run the enclosed CPU work on one thread when its grid has fewer than :data:`SMALL_GRID_VOXELS` voxels (the
     affine stage's levels, an instance optimisation on a 4 mm brain grid); otherwise with the threads set. The
-    thread count is restored afterwards. Results do not depend on it (RELIABILITY N5)."""
+    thread count is restored afterwards. Results do not depend on it (RELIABILITY N5). The count is torch's,
+    for the whole process: solves run at once in several threads of one process may see each other's count (their
+    speed changes, not their results)."""
     n = torch.get_num_threads()
     if n <= 1 or num_voxels >= SMALL_GRID_VOXELS or (device is not None and torch.device(device).type != "cpu"):
         yield

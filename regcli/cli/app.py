@@ -158,6 +158,7 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(weights_cmd.app, name="weights")
 app.add_typer(train_cmd.app, name="train")
 
+
 def reflowed(text: Optional[str]) -> Optional[str]:
     """``text`` with the single line breaks inside each paragraph joined, so rich wraps it to the terminal.
 
@@ -184,7 +185,6 @@ def _reflow_help(typer_app: typer.Typer) -> None:
 
 
 _reflow_help(app)
-
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -13,7 +13,6 @@ two agree to float rounding. Maths in float64, chunked over z-slabs to bound mem
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
