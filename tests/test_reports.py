@@ -468,7 +468,7 @@ def test_warning_log_keeps_the_distinct_warnings_of_its_own_thread():
     from regcli.reports.report import WarningLog
 
     log = logging.getLogger("regcli")
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(2, timeout=60)  # a failing thread breaks the barrier instead of hanging the other
     got: dict[str, list[str]] = {}
 
     def run(name: str) -> None:
