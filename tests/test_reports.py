@@ -486,3 +486,28 @@ def test_warning_log_keeps_the_distinct_warnings_of_its_own_thread():
     for t in threads:
         t.join()
     assert got == {"a": ["a: warning 1", "a: warning 2"], "b": ["b: warning 1", "b: warning 2"]}
+
+
+def test_loss_figure_joins_a_pyramids_levels_and_a_set_of_candidates():
+    """One panel per pyramid (levels one after the other, iterations numbered on) and per set of candidates; a
+    stage with the pyramid's own name keeps its panel; the history passed in is not changed."""
+    import copy
+
+    from regcli.reports.html import _joined_levels
+
+    history = {
+        "affine/init": [{"candidate": 0, "score": -0.3}],
+        "affine/init/candidate0": [{"iteration": 1, "loss": 3.0}, {"iteration": 2, "loss": 2.0}],
+        "affine/init/candidate1": [{"iteration": 1, "loss": 4.0}],
+        "affine/rigid/8mm": [{"iteration": 1, "loss": 1.0}],
+        "affine/rigid/4mm": [{"iteration": 1, "loss": 0.5}, {"iteration": 2, "loss": 0.4}],
+        "convexadam/instance": [{"iteration": 1, "loss": 0.1}],
+    }
+    before = copy.deepcopy(history)
+    out = _joined_levels(history)
+    assert list(out) == ["affine/init", "affine/init (candidates)", "affine/rigid", "convexadam/instance"]
+    assert out["affine/init"] == before["affine/init"]
+    assert [(r["iteration"], r["level"], r["loss"]) for r in out["affine/rigid"]] == [
+        (1, "8mm", 1.0), (2, "4mm", 0.5), (3, "4mm", 0.4)]
+    assert [r["level"] for r in out["affine/init (candidates)"]] == ["candidate0", "candidate0", "candidate1"]
+    assert history == before
