@@ -327,7 +327,7 @@ def _joined_levels(history: Mapping[str, list]) -> dict[str, list]:
     """The stages of one pyramid or one set of candidates (``affine/rigid/8mm``, ``affine/rigid/4mm``;
     ``affine/init/candidate0``, ...) as one stage (``affine/rigid``), one after the other: iterations numbered on,
     ``level`` naming the part, so that a panel shows them with dotted lines between. Other stages are kept as they
-    are. Fewer panels: the figure of a ConvexAdam run draws 8 instead of 13 (matplotlib spends about 0.07 s per
+    are. Fewer panels: the figure of a ConvexAdam run draws 9 instead of 13 (matplotlib spends about 0.07 s per
     axis)."""
     names = {str(k) for k in history}
     out: dict[str, list] = {}
