@@ -226,7 +226,7 @@ def apply_to_image(input: Path, reference: Path, specs: list, output: Path, outs
     import numpy as np
     import SimpleITK as sitk
 
-    from regcli.io.images import read_grid, smallest_label_dtype
+    from regcli.io.images import read_grid, smallest_label_dtype, write_sitk
     from regcli.io.transforms import read_transform_list
 
     img, vols, is_4d = _read_input(input)
@@ -255,7 +255,7 @@ def apply_to_image(input: Path, reference: Path, specs: list, output: Path, outs
         else:
             out = sitk.GetImageFromArray(np.ascontiguousarray(stacked), isVector=ncomp > 1)
             ref_grid.apply_to_sitk(out)
-        sitk.WriteImage(out, str(tmp), useCompression=str(output).lower().endswith(".gz"))
+        write_sitk(out, tmp)
 
     outs.stage(output, write)
     outs.commit()

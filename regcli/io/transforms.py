@@ -108,9 +108,9 @@ def write_affine(transform: AffineTransform, path: str | os.PathLike) -> None:
 
 def write_displacement(field: DisplacementField, path: str | os.PathLike) -> None:
     """Write a displacement field as a float32 vector image (ANTs ``1Warp.nii.gz`` layout)."""
-    import SimpleITK as sitk
+    from regcli.io.images import write_sitk
 
-    sitk.WriteImage(field.to_sitk(), str(path), useCompression=str(path).lower().endswith(".gz"))
+    write_sitk(field.to_sitk(), path)
 
 
 def write_composite(transform: CompositeTransform, path: str | os.PathLike) -> None:
