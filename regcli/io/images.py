@@ -629,7 +629,7 @@ def write_image(image: Image, path: str | os.PathLike, dtype: str | None = None)
 
 #: ``.nii.gz`` payloads that deflate shrinks by less than this fraction are stored in the gzip stream
 #: uncompressed (level 0): float32 displacement fields shrink by about 9 % and cost about 3.3 s per 88 MB to
-#: deflate on these CPUs, against 0.3 s to store (benchmarks/write_speed.py).
+#: deflate on these CPUs, against 0.3 s to store (docs/conventions.md, "Compression").
 GZIP_STORE_BELOW_SAVING = 0.2
 #: the level :func:`gzip_level_for` returns otherwise: ITK's own deflate is used then
 GZIP_LEVEL = 6
