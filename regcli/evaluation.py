@@ -106,7 +106,8 @@ def read_manifest(path: str | os.PathLike) -> list[Pair]:
     check_readable_file(path, "pair manifest")
     base = path.parent
     try:
-        with open(path, newline="") as f:
+        # utf-8-sig: the byte-order mark that Excel's "CSV UTF-8" writes is not part of the first column's name
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
             rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]

@@ -100,7 +100,7 @@ def read_manifest_entries(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise InputError(f"dataset manifest '{path}' does not exist")
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             entries = [_csv_row(r, f"dataset manifest '{path}' line {i + 2}") for i, r in enumerate(csv.DictReader(f))]
     else:
         try:
@@ -159,7 +159,7 @@ def is_dataset_manifest(path: str | Path) -> bool:
         return True
     if path.suffix.lower() != ".csv" or not path.is_file():
         return False
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         header = {h.strip() for h in next(csv.reader(f), [])}
     return "fixed_image" not in header and bool({"glob", "pairs"} & header)
 

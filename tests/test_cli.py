@@ -544,6 +544,15 @@ def test_evaluation_library_reads_manifest_relative_to_csv(tmp_path, images):
     assert pairs[0].fixed_landmarks == tmp_path / "lf.csv" and pairs[0].fixed_mask is None
 
 
+def test_a_manifest_saved_by_excel_with_a_byte_order_mark_reads(tmp_path, images):
+    from regcli.evaluation import read_manifest
+
+    plain = _manifest(tmp_path, images, names=("a",))
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert read_manifest(bom) == read_manifest(plain)
+
+
 # ------------------------------------------------------------------------------------------------ register
 FAST_YAML = "affine:\n  levels_mm: [4.0]\n  iterations: [30]\n"
 

@@ -35,6 +35,8 @@ def test_yaml_and_csv_manifests_resolve_paths_and_parse_fields(tmp_path):
     (c,) = load_datasets(tmp_path / "m.csv")
     assert c.labels_replace == ("_T1w", "_seg") and c.percentiles == (0.5, 99.5) and c.label_ids == (1, 4)
     assert is_dataset_manifest(tmp_path / "m.csv") and is_dataset_manifest(tmp_path / "m.yaml")
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "m.csv").read_bytes())  # Excel "CSV UTF-8"
+    assert is_dataset_manifest(tmp_path / "bom.csv") and load_datasets(tmp_path / "bom.csv") == [c]
     (tmp_path / "p.csv").write_text("fixed_image,moving_image\na,b\n")
     assert not is_dataset_manifest(tmp_path / "p.csv")
     (tmp_path / "bad.yaml").write_text("datasets:\n  - {name: x, glob: a, colour: red}\n")

@@ -87,7 +87,7 @@ def _read_pairs(csv_path: str) -> list[tuple[str, str]]:
     path = Path(csv_path)
     if not path.is_file():
         raise InputError(f"pairs CSV '{path}' does not exist")
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"fixed_image", "moving_image"} <= set(rows[0]):
         raise InputError(f"pairs CSV '{path}' needs fixed_image and moving_image columns and at least one row")
