@@ -3,8 +3,10 @@
 ``regcli batch pairs.csv --method convexadam -o outdir/`` runs, for each pair of the manifest (the CSV that
 ``regcli evaluate`` reads):
 
-1. **Resume.** A pair whose ``outdir/<pair>_Report.json`` exists, parses, and lists outputs that all exist is
-   complete: it is not registered again. The register command writes every output to a temporary file and
+1. **Resume.** A pair whose ``outdir/<pair>_Report.json`` exists, parses, lists outputs that all exist and
+   records the configuration this run asks for (:attr:`BatchJob.config_dump`; the keys of
+   :data:`RESULT_FREE_KEYS` may differ) is complete: it is not registered again. A pair registered before
+   with another method or other options is registered again. The register command writes every output to a temporary file and
    renames the report last, so a pair killed midway has no report and is registered again (``--overwrite``
    for the pair's own files). Its scores come from ``outdir/<pair>_Scores.json`` when that file belongs to
    the same report (same sha256) and the same scoring options; otherwise the pair is scored again from its
@@ -35,6 +37,9 @@ from regcli.errors import ConfigError
 from regcli.evaluation import Evaluation, Pair, _jsonable, pair_prefix, process_pair
 
 SCORES_SUFFIX = "Scores.json"
+#: configuration keys that do not change what a registration computes: a report that differs from the
+#: requested configuration only in these still counts as complete on resume
+RESULT_FREE_KEYS = ("threads", "html_report", "max_memory_mb")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,9 @@ class BatchJob:
     extra_args: tuple[str, ...] = ()
     label_interp: str = "nearest"
     hd95: bool = True
+    #: the effective configuration (``RegisterConfig.model_dump(mode="json")``) that the register command will
+    #: use; a resumed pair's report must record the same (None: any report counts)
+    config_dump: Optional[dict] = field(default=None, compare=False)
 
 
 @dataclass
@@ -60,18 +68,28 @@ class BatchResult:
         return {**self.evaluation.to_dict(), "n_resumed": len(self.resumed), "resumed": self.resumed}
 
 
-def complete_report(prefix: str) -> Optional[str]:
-    """The text of ``prefix``'s report if the pair is complete (the report parses and every output it lists
-    exists), else None."""
+def complete_report(prefix: str, config_dump: Optional[dict] = None) -> Optional[str]:
+    """The text of ``prefix``'s report if the pair is complete (the report parses, every output it lists
+    exists and, when ``config_dump`` is given, its configuration equals that one apart from
+    :data:`RESULT_FREE_KEYS`), else None."""
     path = Path(prefix + "Report.json")
     try:
         text = path.read_text()
-        outputs = json.loads(text).get("outputs", [])
+        report = json.loads(text)
+        outputs = report.get("outputs", [])
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(outputs, list) or not all(isinstance(o, str) and Path(o).is_file() for o in outputs):
         return None
+    if config_dump is not None and _result_config(report.get("config")) != _result_config(config_dump):
+        return None
     return text
+
+
+def _result_config(config) -> Optional[dict]:
+    if not isinstance(config, dict):
+        return None
+    return {k: v for k, v in config.items() if k not in RESULT_FREE_KEYS}
 
 
 def _sha(text: str) -> str:
@@ -87,7 +105,7 @@ def run_pair(pair: Pair, job: BatchJob, resume: bool = True) -> dict:
     from regcli.io.atomic import atomic_write_text
 
     prefix = pair_prefix(job.outdir, pair)
-    report = complete_report(prefix) if resume else None
+    report = complete_report(prefix, job.config_dump) if resume else None
     options = {"label_interp": job.label_interp, "hd95": job.hd95}
     if report is not None:
         try:

@@ -93,6 +93,15 @@ def test_batch_registers_scores_isolates_a_bad_pair_and_resumes(tmp_path):
     assert "s1_Report.json" in after
     assert d3["pairs"][2]["dice_mean"] == pytest.approx(d["pairs"][2]["dice_mean"])
 
+    # other threads change no result: resumed; another option does: registered again, with that option
+    res = invoke("batch", manifest, "-o", out, *REGISTER, "--jobs", "1", "--threads", "2", "--json")
+    assert json.loads(res.stdout)["resumed"] == ["s0", "s1", "s2"]
+    res = invoke("batch", manifest, "-o", out, "--method", "affine", "--affine-metric", "lncc", "--jobs", "2",
+                 "--threads", "1", "--json")
+    assert res.exit_code == 3 and json.loads(res.stdout)["n_resumed"] == 0
+    assert all(json.loads((out / f"s{i}_Report.json").read_text())["config"]["affine"]["metric"] == "lncc"
+               for i in range(3))
+
     res = invoke("batch", manifest, "-o", out, *REGISTER, "--no-resume", "--json")
     assert json.loads(res.stdout)["n_resumed"] == 0
 

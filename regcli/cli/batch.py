@@ -125,7 +125,8 @@ def batch(
         raise OutputError(f"output folder '{output}' is not writable")
 
     job = BatchJob(outdir=str(output), method=cfg.method, config=str(config) if config else None,
-                   extra_args=tuple(extra), label_interp=label_interp.value, hd95=hd95)
+                   extra_args=tuple(extra), label_interp=label_interp.value, hd95=hd95,
+                   config_dump=cfg.model_dump(mode="json"))
     where = f"Ray ({address or 'local'})" if backend is Backend.ray else f"{jobs} job(s)"
     ui.info(f"regcli batch: {len(pairs)} pair(s), method {cfg.method}, {where} x {threads} thread(s)")
     with ui.progress() as progress:
