@@ -80,13 +80,22 @@ class Pair:
 
 # ------------------------------------------------------------------------------------------------ manifest
 def check_pair(pair: Pair, where: str = "") -> Pair:
-    """Refuse a pair with missing files or a labels/landmarks column given for one side only."""
+    """Refuse a pair with missing files, a labels/landmarks column given for one side only, or landmark files
+    that are unreadable or do not correspond (before anything is registered)."""
     where = where or f"pair '{pair.name}'"
     for col, p in pair.files().items():
         check_readable_file(Path(p), f"{where}, {col}")
     for a, b in (("fixed_labels", "moving_labels"), ("fixed_landmarks", "moving_landmarks")):
         if (getattr(pair, a) is None) != (getattr(pair, b) is None):
             raise InputError(f"{where}: {a} and {b} must be given together")
+    if pair.fixed_landmarks is not None:
+        from regcli.reports.landmarks import pair_points, read_points_csv
+
+        try:
+            pair_points(read_points_csv(pair.fixed_landmarks, role="fixed landmarks"),
+                        read_points_csv(pair.moving_landmarks, role="moving landmarks"))
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
     return pair
 
 

@@ -534,6 +534,14 @@ def test_evaluate_manifest_errors(tmp_path, images):
     assert res.exit_code == 3 and "line 2" in one_line(res.stderr) and "gone.nii.gz" in res.stderr
     res = invoke("evaluate", "-o", tmp_path / "ev")
     assert res.exit_code == 2
+    # landmark files that do not correspond are refused before any registration, with the line
+    lf, _ = _landmarks(tmp_path, images)
+    (tmp_path / "one.csv").write_text("x,y,z\n1,2,3\n")
+    bad.write_text(f"fixed_image,moving_image,fixed_landmarks,moving_landmarks\nfixed.nii.gz,moving.nii.gz,"
+                   f"{lf.name},one.csv\n")
+    res = invoke("evaluate", bad, "-o", tmp_path / "ev")
+    msg = one_line(res.stderr)
+    assert res.exit_code == 3 and "line 2" in msg and "has 1" in msg and not (tmp_path / "ev").exists()
 
 
 def test_evaluation_library_reads_manifest_relative_to_csv(tmp_path, images):
