@@ -541,6 +541,23 @@ def test_unreachable_hub_with_nothing_cached_says_what_to_do(published, monkeypa
         resolve("hub:org/tiny@main")
 
 
+def test_a_hub_that_does_not_resolve_is_one_line_without_retries(env, monkeypatch, caplog):
+    """huggingface_hub would retry five times with backoff (~24 s, ten warning lines); regcli probes first."""
+    from regcli.weights._hub import unreachable
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://regcli-test.invalid")  # .invalid never resolves (RFC 2606)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(WeightsError, match="host name 'regcli-test.invalid' does not resolve.*weights pull"):
+            resolve("hub:org/tiny@main")
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]
+    res = invoke("weights", "info", "hub:org/tiny@" + "a" * 40)  # a commit: no "branch" warning line
+    assert res.exit_code == 8 and "does not resolve" in one_line(res.stderr)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # behind a proxy only the request can tell
+    assert unreachable("http://regcli-test.invalid") is None
+
+
 # ------------------------------------------------------------------------------------------------ save / push
 def test_save_model_folder_records_sha_and_refuses_overwrite(tmp_path):
     tensors = make_model(tmp_path / "m")
@@ -606,6 +623,7 @@ def test_push_calls_hfapi_create_upload(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr("regcli.weights._hub.unreachable", lambda url: None)  # the fake Hub needs no server
     make_model(tmp_path / "m")
     out = push(tmp_path / "m", "org/m", revision="dev", private=True, token="tok")
     assert out["revision"] == "d" * 40

@@ -51,6 +51,35 @@ def _silent_tqdm():
     return _Silent
 
 
+#: seconds to wait for a TCP connection to the Hub before a download or an upload (:func:`unreachable`)
+CONNECT_PROBE_S = 5.0
+
+
+def unreachable(url: str) -> Optional[str]:
+    """Why the Hub at ``url`` cannot be reached (its name does not resolve, or nothing accepts a connection
+    within :data:`CONNECT_PROBE_S`), or None when it can, or when a proxy stands between (then only the request
+    itself can tell). huggingface_hub retries a failed connection five times with backoff (about 24 s and ten
+    warning lines) before it gives up; this probe lets regcli say the same in one line at once."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname
+    if not host:
+        return None
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((host, port), timeout=CONNECT_PROBE_S).close()
+    except socket.gaierror as e:
+        return f"the Hub's host name '{host}' does not resolve ({e.strerror or e})"
+    except (OSError, ValueError) as e:
+        return f"the Hub at {url} cannot be reached ({getattr(e, 'strerror', None) or e})"
+    return None
+
+
 def _what_to_do(spec: str) -> str:
     return (f"run `regcli weights pull {spec}` on a machine with network access (then copy its Hugging Face "
             f"cache, HF_HOME), or set HF_ENDPOINT to a reachable Hub mirror")
@@ -87,6 +116,16 @@ def snapshot(repo_id: str, revision: str, *, spec: str, offline: bool, force: bo
                                    f"in the Hugging Face cache '{cache}'; {_what_to_do(spec)}") from e
     if offline:  # force with offline
         raise WeightsError(f"cannot download '{spec}' again: offline mode (HF_HUB_OFFLINE=1) is on")
+    why = unreachable(url)
+    if why is not None:
+        if not force:  # what huggingface_hub would fall back to after its retries: the cached snapshot
+            try:
+                return Path(snapshot_download(**kwargs, local_files_only=True)), "cache"
+            except LocalEntryNotFoundError:
+                pass
+        raise WeightsError(f"cannot download '{spec}': {why}, and {repo_id}@{revision} is not in the Hugging "
+                           f"Face cache '{cache}'; {_what_to_do(spec)}" if not force else
+                           f"cannot download '{spec}' again: {why}")
     try:
         folder = snapshot_download(**kwargs, force_download=force)
     except GatedRepoError as e:
@@ -140,6 +179,9 @@ def push(folder: Path, repo_id: str, *, revision: Optional[str] = None, private:
     from huggingface_hub import HfApi
 
     url = endpoint()
+    why = unreachable(url)
+    if why is not None:
+        raise WeightsError(f"cannot push '{folder}' to {repo_id}: {why}")
     api = HfApi(endpoint=url, token=token)
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
