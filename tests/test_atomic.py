@@ -84,3 +84,64 @@ def test_claim_missing_or_unwritable_directory(tmp_path):
             OutputSet().claim(ro / "a.txt")
     finally:
         os.chmod(ro, 0o700)
+
+
+def _nifti(tmp_path, name="img.nii"):
+    import numpy as np
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.random.default_rng(0).standard_normal((6, 7, 8)).astype(np.float32))
+    sitk.WriteImage(img, str(tmp_path / name))
+    return img, tmp_path / name
+
+
+def test_a_short_or_failed_write_is_a_one_line_output_error_and_leaves_nothing(tmp_path):
+    """A full disk: ITK prints an error on stderr but returns, leaving a short .nii; SimpleITK's own failures
+    are RuntimeErrors, the OS's OSErrors. All become OutputError (exit 6) and the temporary is removed."""
+    import gzip
+
+    _, ref = _nifti(tmp_path)
+    whole = ref.read_bytes()
+    ref.unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    outs = OutputSet()
+    for name, payload in (("short.nii", whole[:-100]), ("short.nii.gz", gzip.compress(whole[:-100])),
+                          ("cut.nii.gz", gzip.compress(whole)[:-8])):
+        with pytest.raises(OutputError, match=f"cannot write '.*{name}'.*(end early|holds).*disk full"):
+            outs.stage(outs.claim(out / name), lambda t, b=payload: t.write_bytes(b))
+    outs.stage(outs.claim(out / "whole.nii.gz"), lambda t: t.write_bytes(gzip.compress(whole)))
+
+    def sitk_fails(t):
+        raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: /tmp/x.cxx:123:\n"
+                           "sitk::ERROR: Failed opening file /proc/.regcli-tmp-1-x.nii for writing")
+
+    with pytest.raises(OutputError, match=r"cannot write '.*x.nii': sitk::ERROR: Failed opening file") as e:
+        outs.stage(outs.claim(out / "x.nii"), sitk_fails)
+    assert "\n" not in str(e.value)
+
+    def disk_full(t):
+        t.write_bytes(b"\0" * 10)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError, match="cannot write '.*y.mat': No space left on device"):
+        outs.stage(outs.claim(out / "y.mat"), disk_full)
+    outs.commit()
+    assert sorted(p.name for p in out.iterdir()) == ["whole.nii.gz"]
+
+
+def test_a_truncated_nifti_is_refused_on_reading(tmp_path):
+    """SimpleITK reads a .nii cut short, or a .nii.gz holding a short payload, and fills the rest with zeros."""
+    import gzip
+
+    from regcli.errors import InputError
+    from regcli.io.images import read_image
+
+    _, ref = _nifti(tmp_path)
+    whole = ref.read_bytes()
+    assert read_image(ref).data.shape == (6, 7, 8)
+    (tmp_path / "cut.nii").write_bytes(whole[:len(whole) * 2 // 3])
+    (tmp_path / "cut_inner.nii.gz").write_bytes(gzip.compress(whole[:len(whole) // 2]))
+    for name in ("cut.nii", "cut_inner.nii.gz"):
+        with pytest.raises(InputError, match=f"'.*{name}': its voxel data end early .* the file is truncated"):
+            read_image(tmp_path / name)

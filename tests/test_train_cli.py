@@ -72,6 +72,15 @@ def test_job_errors_are_one_line(tmp_path):
     bad.write_text(JOB.replace("imgs/*.nii.gz", "nothing/*.nii.gz"))
     res = CliRunner().invoke(app, ["train", "embedding", "--config", str(bad), "-o", str(tmp_path / "r")])
     assert res.exit_code == 3 and "matches no file" in res.output
+    assert not (tmp_path / "r").exists()  # refused for its data: no folder, no job.json
+    # the same for the pair networks, and no "training: started" line before the refusal
+    pairs_job = tmp_path / "pairs.yaml"
+    pairs_job.write_text("data:\n  - glob: nothing/*.nii.gz\ntrain:\n  iterations: 3\n")
+    for task in ("foundation", "promptreg"):
+        res = CliRunner().invoke(app, ["train", task, "--config", str(pairs_job), "-o", str(tmp_path / task),
+                                       "--threads", "1"])
+        assert res.exit_code == 3 and "nothing/*.nii.gz" in res.output, (task, res.output)
+        assert "started" not in res.output and not (tmp_path / task).exists()
 
 
 def test_a_job_can_start_from_an_earlier_run(tmp_path):

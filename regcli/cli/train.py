@@ -58,11 +58,15 @@ def _ui(quiet: bool, verbose: bool, json_out: bool, threads: Optional[int]):
 
 
 def _with_training_bar(ui, total: int, run) -> dict:
-    """``run(step)`` under a "training" progress bar of ``total`` steps; ``step(i, n, record)`` advances it."""
+    """``run(step)`` under a "training" progress bar of ``total`` steps, shown from the first step on (a job
+    refused while its data are read shows none); ``step(i, n, record)`` advances it."""
     with ui.progress() as progress:
-        progress.start("training", total)
+        shown = []
 
         def step(i: int, n: int, rec: dict) -> None:
+            if not shown:
+                progress.start("training", total)
+                shown.append(True)
             progress.update("training", i, f"loss {rec['loss']:.3f}")
 
         summary = run(step)

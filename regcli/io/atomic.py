@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-from regcli.errors import OutputError
+from regcli.errors import OutputError, folded
 
 _TMP_MARK = ".regcli-tmp-"
 
@@ -56,6 +56,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_failure(err: BaseException) -> str:
+    """One line on why a write failed: the OS's reason (``No space left on device``), or the last line of a
+    SimpleITK exception that names none."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).strip()
+    for reason in ("No space left on device", "Permission denied", "Read-only file system", "File too large"):
+        if reason.lower() in text.lower():
+            return reason
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return folded(lines[-1] if lines else type(err).__name__, 160)
 
 
 class OutputSet:
@@ -125,15 +138,25 @@ class OutputSet:
 
     @staticmethod
     def _write_one(path: Path, writer: Callable[[Path], None]) -> tuple[Path, Path]:
+        """Write ``path``'s temporary and check it; a failed write (full disk, a folder that refuses files)
+        is a one-line OutputError, and its temporary is removed."""
+        from regcli.io.images import written_nifti_problem
+
         tmp = temp_path_for(path)
         try:
-            writer(tmp)
+            try:
+                writer(tmp)
+            except (OSError, RuntimeError) as e:  # RuntimeError: SimpleITK's writers
+                raise OutputError(f"cannot write '{path}': {write_failure(e)}") from None
+            if not tmp.exists():
+                raise OutputError(f"writer produced no file for '{path}'")
+            problem = written_nifti_problem(tmp)
+            if problem is not None:
+                raise OutputError(f"cannot write '{path}': {problem} (is the disk full?)")
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        if not tmp.exists():
-            raise OutputError(f"writer produced no file for '{path}'")
         return tmp, path
 
     def commit(self) -> list[Path]:

@@ -303,16 +303,81 @@ def check_readable_file(path: str | os.PathLike, role: str) -> Path:
     return path
 
 
-def check_gzip_stream(path: Path, role: str) -> None:
-    """Read a .gz file to its end: SimpleITK silently zero-fills a truncated .nii.gz, so we check first."""
+def check_gzip_stream(path: Path, role: str) -> int:
+    """Read a .gz file to its end: SimpleITK silently zero-fills a truncated .nii.gz, so we check first.
+    Returns the number of decompressed bytes."""
+    total = 0
     try:
         with gzip.open(path, "rb") as f:
-            while f.read(1 << 22):
-                pass
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
+        return total
     except gzip.BadGzipFile:
         raise InputError(f"cannot read {role} '{path}': file is not gzip although its name ends in .gz") from None
     except (EOFError, zlib.error):
         raise InputError(f"cannot read {role} '{path}': file is truncated or not gzip (compressed data ends early)") from None
+
+
+def nifti_needed_bytes(head: bytes) -> Optional[int]:
+    """How many bytes a single-file NIfTI-1/2 (``n+1``/``n+2``) with this header holds: the voxel offset plus
+    the voxel data; None when ``head`` is not such a header."""
+    if (order := _header_byte_order(head, 348)) is not None and head[344:347] == b"n+1":
+        dim = np.frombuffer(head[40:56], order + "i2").astype(np.int64)
+        bitpix = int(np.frombuffer(head[72:74], order + "i2")[0])
+        offset = int(np.frombuffer(head[108:112], order + "f4")[0])
+    elif (order := _header_byte_order(head, 540)) is not None and head[4:7] == b"n+2":
+        dim = np.frombuffer(head[16:80], order + "i8").astype(np.int64)
+        bitpix = int(np.frombuffer(head[14:16], order + "i2")[0])
+        offset = int(np.frombuffer(head[168:176], order + "i8")[0])
+    else:
+        return None
+    if not 1 <= int(dim[0]) <= 7 or bitpix <= 0 or bitpix % 8:
+        return None
+    voxels = 1
+    for d in dim[1:int(dim[0]) + 1]:
+        voxels *= max(1, int(d))
+    return max(offset, 348) + voxels * (bitpix // 8)
+
+
+def _short_nifti(head: bytes, size: int) -> Optional[str]:
+    need = nifti_needed_bytes(head)
+    if need is None or size >= need:
+        return None
+    return f"its voxel data end early ({size} bytes where the header needs {need})"
+
+
+def check_nifti_length(path: Path, role: str, decompressed: Optional[int] = None) -> None:
+    """Refuse a single-file NIfTI whose voxel data are shorter than its header says: SimpleITK reads such a
+    file (a ``.nii`` cut short, or a ``.nii.gz`` that holds a short payload) and fills the rest with zeros.
+    ``decompressed``: the byte count of a ``.nii.gz`` (:func:`check_gzip_stream`)."""
+    with _open_nifti(path) as f:
+        head = f.read(540)
+    size = decompressed if decompressed is not None else path.stat().st_size
+    if (problem := _short_nifti(head, size)) is not None:
+        raise InputError(f"cannot read {role} '{path}': {problem}; the file is truncated")
+
+
+def written_nifti_problem(path: str | os.PathLike) -> Optional[str]:
+    """What is wrong with a NIfTI file just written (a short write on a full disk, which ITK reports only on
+    stderr), from its size or, for ``.nii.gz``, the length in the gzip trailer (modulo 2^32), without
+    decompressing it; None when it is whole, or not a single-file NIfTI that this check can read."""
+    path = Path(path)
+    if not is_nifti_path(path):
+        return None
+    try:
+        with _open_nifti(path) as f:
+            head = f.read(540)
+        if not path.name.lower().endswith(".gz"):
+            return _short_nifti(head, path.stat().st_size)
+        need = nifti_needed_bytes(head)
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(f.read(4), "little")
+    except (OSError, EOFError, zlib.error):
+        return None  # not a NIfTI this check can read; the writer's own errors stand
+    if need is not None and isize != need % (1 << 32):
+        return f"its gzip stream holds {isize} bytes where the header needs {need}"
+    return None
 
 
 def _checked_nifti_xforms(path: Path, role: str) -> Optional[NiftiXforms]:
@@ -348,9 +413,10 @@ def read_sitk(path: str | os.PathLike, role: str = "image"):
     import SimpleITK as sitk
 
     path = check_readable_file(path, role)
-    if path.name.lower().endswith(".gz"):
-        check_gzip_stream(path, role)
+    decompressed = check_gzip_stream(path, role) if path.name.lower().endswith(".gz") else None
     xf = _checked_nifti_xforms(path, role)
+    if is_nifti_path(path):
+        check_nifti_length(path, role, decompressed)
     try:
         with _quiet_itk_for(xf):
             img = sitk.ReadImage(str(path))

@@ -330,10 +330,10 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     Under torchrun (``dist``) each process computes its share of a global batch of ``world * batch_size``
     pairs; rank 0 validates, writes the files and calls ``progress``."""
     from regcli.models.dio import DioFeatureNet
-    from regcli.training.jobs import start_run
+    from regcli.training.jobs import open_run, start_run
     from regcli.training.sam import SAM
 
-    out, ck_path = start_run(outdir, job, resume, dist)
+    out, ck_path = start_run(outdir, resume)
     cfg = register_config(job)
     ncfg = net_config(job)
     tcfg = job.train
@@ -348,6 +348,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     subjects, held_out = subjects[:len(files)], subjects[len(files):]
     log(f"{len(subjects)} labelled volumes on a {work.size} grid at {ncfg.spacing_mm} mm"
         + (f"; {len(held_out) // 2} validation pair(s)" if held_out else ""))
+    open_run(out, job, dist)
     torch.manual_seed(tcfg.seed)
     net = DioFeatureNet(ncfg)
     if job.init:

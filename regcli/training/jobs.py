@@ -81,21 +81,26 @@ def job_data(path: str | Path, overrides: Optional[dict] = None) -> dict:
     return data
 
 
-def start_run(outdir: str | Path, job: BaseModel, resume: bool, dist: Distributed = SINGLE) -> tuple[Path, Path]:
-    """The output folder of a resumable training run (created) and its ``checkpoint.pt`` path, with
-    ``job.json`` written. ``--resume`` needs the checkpoint; a new run refuses a folder that holds one. Under
-    torchrun every process checks, rank 0 writes, and all wait for it."""
+def start_run(outdir: str | Path, resume: bool) -> tuple[Path, Path]:
+    """The output folder of a resumable training run and its ``checkpoint.pt`` path, checked but not created
+    (:func:`open_run` creates it once the data are read). ``--resume`` needs the checkpoint; a new run refuses a
+    folder that holds one."""
     out = Path(outdir)
     ck_path = out / "checkpoint.pt"
     if resume and not ck_path.is_file():
         raise InputError(f"--resume: '{ck_path}' does not exist")
     if not resume and ck_path.exists():
         raise ConfigError(f"'{out}' already holds a run (checkpoint.pt); use --resume or another folder")
+    return out, ck_path
+
+
+def open_run(out: Path, job: BaseModel, dist: Distributed = SINGLE) -> None:
+    """Create the run's folder and write ``job.json``, after the data have been read, so that a job refused
+    for its data leaves nothing behind. Under torchrun rank 0 writes, and all wait for it."""
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "job.json").write_text(job.model_dump_json(indent=2))
     dist.barrier()
-    return out, ck_path
 
 
 def load_job_file(path: str | Path, overrides: Optional[dict], model: type, check=None):
@@ -151,8 +156,9 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     ``checkpoint.pt`` holds the network (``config``, ``state_dict``) and the training state (``train_state``:
     optimizer, schedule, random generator, history), so ``resume`` continues bit for bit. Under torchrun
     (``dist``) rank 0 writes."""
-    out, ck_path = start_run(outdir, job, resume, dist)
+    out, ck_path = start_run(outdir, resume)
     vols, groups = load_volumes(job, log)
+    open_run(out, job, dist)
     log(f"{len(vols)} training volumes at {job.net.spacing_mm} mm")
     torch.manual_seed(job.train.seed)
     net = EmbeddingNet(job.net)

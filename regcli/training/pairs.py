@@ -369,11 +369,11 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
     """Train ``pn.net`` on ``job.data`` with ``job.train`` (:class:`PairTrainConfig`), writing ``outdir``'s
     checkpoint, history and plots (rank 0); returns the summary (without the model folder, which the caller
     writes) and the data sources. ``job`` has ``data``, ``train``, ``checkpoint_every`` and ``validation``."""
-    from regcli.training.jobs import start_run
+    from regcli.training.jobs import open_run, start_run
     from regcli.training.optron import optron_loss, refine, running_stats_kept
     from regcli.training.sam import SAM
 
-    out, ck_path = start_run(outdir, job, resume, dist)
+    out, ck_path = start_run(outdir, resume)
     tcfg = job.train
     net = pn.net
     shape = tuple(net.cfg.input_shape)
@@ -381,6 +381,7 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
     sources = [PairSource(ds, shape, log) for ds in job.data]
     val_pairs = validation_pairs(list(job.validation.data), shape, log) if job.validation is not None else []
     log(f"prepared {sum(len(s.volumes) for s in sources)} volumes in {time.perf_counter() - t_prep:.1f} s")
+    open_run(out, job, dist)
     opt = torch.optim.Adam(net.parameters(), lr=tcfg.learning_rate)
     sam = SAM(opt, tcfg.sam_rho)
     gen = torch.Generator().manual_seed(tcfg.seed)
