@@ -42,6 +42,27 @@ class RegisterInputs:
     moving_labels: Optional[Path] = None
     fixed_landmarks: Optional[Path] = None
     moving_landmarks: Optional[Path] = None
+    #: where to write the warped moving image instead of ``PREFIXWarped.nii.gz`` (ANTs' ``-o [PREFIX,WARPED]``)
+    warped: Optional[Path] = None
+    #: where to write the fixed image warped into the moving space (ANTs' ``-o [PREFIX,WARPED,INVERSE_WARPED]``)
+    inverse_warped: Optional[Path] = None
+
+
+def parse_output_spec(spec: str) -> tuple[str, Optional[Path], Optional[Path]]:
+    """``PREFIX``, or ANTs' ``[PREFIX,WARPED,INVERSE_WARPED]`` (the last two optional, empty = not written): the
+    prefix, the path of the warped moving image and the path of the fixed image warped into the moving space.
+
+    Raises:
+        ValueError: brackets that do not enclose the whole value, or not 1 to 3 names with a prefix first.
+    """
+    s = spec.strip()
+    if not (s.startswith("[") or s.endswith("]")):
+        return spec, None, None
+    parts = [p.strip() for p in s[1:-1].split(",")] if s.startswith("[") and s.endswith("]") else []
+    if not 1 <= len(parts) <= 3 or not parts[0]:
+        raise ValueError(f"'{spec}' is neither a prefix nor ANTs' [PREFIX,WARPED,INVERSE_WARPED] form")
+    parts += [""] * (3 - len(parts))
+    return parts[0], Path(parts[1]) if parts[1] else None, Path(parts[2]) if parts[2] else None
 
 
 @dataclass
@@ -81,16 +102,20 @@ class Registration:
         return CompositeTransform([self.affine.inverse()] + parts)
 
 
-def output_paths(prefix: str, config: RegisterConfig) -> dict[str, Path]:
-    """ANTs-style output names for a prefix (``out/pair_`` -> ``out/pair_0GenericAffine.mat``, ...)."""
+def output_paths(prefix: str, config: RegisterConfig, warped: Optional[Path] = None,
+                 inverse_warped: Optional[Path] = None) -> dict[str, Path]:
+    """ANTs-style output names for a prefix (``out/pair_`` -> ``out/pair_0GenericAffine.mat``, ...); ``warped``
+    and ``inverse_warped`` name those images explicitly (and are then written whatever ``write_warped`` says)."""
     p = str(prefix)
     out = {"affine": Path(p + "0GenericAffine.mat")}
     if config.deformable:
         out["warp"] = Path(p + "1Warp.nii.gz")
         if config.inverse_warp:
             out["inverse_warp"] = Path(p + "1InverseWarp.nii.gz")
-    if config.write_warped:
-        out["warped"] = Path(p + "Warped.nii.gz")
+    if warped is not None or config.write_warped:
+        out["warped"] = Path(warped) if warped is not None else Path(p + "Warped.nii.gz")
+    if inverse_warped is not None:
+        out["inverse_warped"] = Path(inverse_warped)
     out["report"] = Path(p + "Report.json")
     if config.html_report:
         out["html"] = Path(p + "Report.html")
@@ -293,7 +318,12 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
     from regcli.reports.report import build_report, report_json
 
     t_start = time.perf_counter()
-    paths = output_paths(inputs.output_prefix, config)
+    paths = output_paths(inputs.output_prefix, config, inputs.warped, inputs.inverse_warped)
+    if "inverse_warped" in paths and config.deformable and not config.inverse_warp:
+        from regcli.errors import ConfigError
+
+        raise ConfigError(f"the inverse-warped image '{paths['inverse_warped']}' needs the inverse field: "
+                          f"do not turn it off (--no-inverse / inverse_warp: false)")
     outs = OutputSet(overwrite=overwrite)
     figure_names: list[str] = []
     for p in paths.values():
@@ -312,6 +342,7 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
         moving_mask = _mask_on(moving_mask, moving.grid, "moving mask")
     fixed_labels = read_labels(inputs.fixed_labels, "fixed labels") if inputs.fixed_labels else None
     moving_labels = read_labels(inputs.moving_labels, "moving labels") if inputs.moving_labels else None
+    _check_label_inputs(fixed_labels, moving_labels, fixed.grid, moving.grid)
     landmarks = _read_landmarks(inputs)
     t_read = time.perf_counter() - t0
 
@@ -322,13 +353,16 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
 
     t0 = time.perf_counter()
     items = []
-    if config.write_warped or config.html_report:
+    need_warped = "warped" in paths or config.html_report
+    if need_warped:
         items.append((moving, "linear"))
     if fixed_labels is not None and moving_labels is not None:
         items.append((moving_labels, "nearest"))
     done = warp_many(items, transform, fixed.grid)  # one set of mapped points for both
-    warped = done.pop(0) if (config.write_warped or config.html_report) else None
+    warped = done.pop(0) if need_warped else None
     warped_labels = done.pop(0) if done else None
+    # ANTs' InverseWarped: the fixed image pulled into the moving grid through [Affine^-1, InverseWarp]
+    inverse_warped = warp(fixed, reg.inverse_transform, moving.grid, "linear") if "inverse_warped" in paths else None
     reg.timings["warp"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -348,6 +382,8 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
             images.append((paths["inverse_warp"], lambda tmp: write_displacement(reg.inverse_field, tmp)))
         if "warped" in paths:
             images.append((paths["warped"], lambda tmp: write_image(warped, tmp, "float32")))
+        if inverse_warped is not None:
+            images.append((paths["inverse_warped"], lambda tmp: write_image(inverse_warped, tmp, "float32")))
         t0 = time.perf_counter()
         outs.stage_many(images, workers=max(1, runtime.threads))
         reg.timings["write"] = time.perf_counter() - t0
@@ -452,6 +488,31 @@ def _mask_on(mask: Image, grid: Grid, role: str) -> Image:
         raise GeometryError(f"{role} '{mask.name}' does not overlap the {image}: the mask has 0 voxels inside "
                             f"the {image}")
     return out
+
+
+def _check_label_inputs(fixed_labels: Optional[Image], moving_labels: Optional[Image], fixed_grid: Grid,
+                        moving_grid: Grid) -> None:
+    """Refuse label maps that cannot be scored (no label at all, or none inside their image) before any work,
+    and warn when Dice/HD95 will be missing (one side only, or no label in common)."""
+    from regcli.errors import InputError
+
+    for labels, grid, role in ((fixed_labels, fixed_grid, "fixed"), (moving_labels, moving_grid, "moving")):
+        if labels is None:
+            continue
+        if not bool(labels.data.any()):
+            raise InputError(f"{role} labels '{labels.name}' hold no label (every voxel is 0)")
+        if not labels.grid.allclose(grid) and not bool(resample_to_grid(labels, grid, "nearest").data.any()):
+            raise GeometryError(f"{role} labels '{labels.name}' do not overlap the {role} image: 0 labelled voxels "
+                                f"inside it")
+    if (fixed_labels is None) != (moving_labels is None):
+        given, missing = ("fixed", "moving") if moving_labels is None else ("moving", "fixed")
+        use = " (they only restrict the Jacobian statistics, `jacobian.in_mask`)" if given == "fixed" else ""
+        log.warning("--%s-labels without --%s-labels: no Dice or HD95%s", given, missing, use)
+    elif fixed_labels is not None:
+        common = (set(torch.unique(fixed_labels.data).tolist()) & set(torch.unique(moving_labels.data).tolist())) - {0}
+        if not common:
+            log.warning("the fixed labels '%s' and moving labels '%s' share no label value: no Dice or HD95",
+                        fixed_labels.name, moving_labels.name)
 
 
 def _read_landmarks(inputs: RegisterInputs):

@@ -566,6 +566,34 @@ FAST_YAML = "affine:\n  levels_mm: [4.0]\n  iterations: [30]\n"
 
 
 @needs_pipeline
+def test_register_takes_ants_bracketed_output_names(tmp_path, images):
+    """``-o [PREFIX,WARPED,INVERSE_WARPED]`` as antsRegistration: the warped moving image and the fixed image
+    pulled into the moving grid go where they are named."""
+    y = tmp_path / "fast.yaml"
+    y.write_text(FAST_YAML)
+    out = tmp_path / "o"
+    out.mkdir()
+    spec = f"[{out}/p_,{out}/moved.nii.gz,{out}/fixed_in_moving.nii.gz]"
+    res = invoke("register", images["fixed"], images["moving"], "-o", spec, "--method", "affine", "--config", y,
+                 "--no-html", "--threads", "1")
+    assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["fixed_in_moving.nii.gz", "moved.nii.gz", "p_0GenericAffine.mat",
+                                                     "p_Report.json"]
+
+    def ncc(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+    arr = lambda p: sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(np.float64)  # noqa: E731
+    moving, fixed = arr(images["moving"]), arr(images["fixed"])
+    assert ncc(arr(out / "fixed_in_moving.nii.gz"), moving) > max(0.97, ncc(fixed, moving) + 0.05)
+    assert ncc(arr(out / "moved.nii.gz"), fixed) > max(0.97, ncc(fixed, moving) + 0.05)
+    for bad in ("[a_,b,c,d]", "[,w.nii.gz]", "[a_,w.nii.gz"):
+        res = invoke("register", images["fixed"], images["moving"], "-o", bad, "--method", "affine")
+        assert res.exit_code == 2 and "INVERSE_WARPED" in res.stderr, (bad, res.stderr)
+
+
+@needs_pipeline
 def test_register_json_report_echoes_merged_config(tmp_path, images):
     """CLI wiring of register (the affine stage is switched off so this does not test its accuracy)."""
     y = tmp_path / "fast.yaml"

@@ -184,6 +184,36 @@ def test_e5_fixed_mask_outside_the_fixed_image_is_refused(tmp_path, images, fast
     _assert_no_outputs(tmp_path)
 
 
+def test_e5_label_maps_that_cannot_be_scored_are_refused_or_warned_about(tmp_path, images, fast, monkeypatch):
+    """Labels outside their image or with no label are refused before any work; labels given for one side only,
+    or sharing no value, give a warning (Dice would be missing from the report without a word)."""
+    _no_optimisation(monkeypatch)
+    labels = sitk.ReadImage(str(images["fixed_labels"]))
+    far = sitk.Image(labels)
+    far.SetOrigin(tuple(np.asarray(labels.GetOrigin()) + np.array([0.0, 500.0, 0.0])))
+    write(far, tmp_path / "farlabels.nii.gz")
+    write(_like(labels, np.zeros(sitk.GetArrayFromImage(labels).shape, np.uint8)), tmp_path / "zero.nii.gz")
+    for path, code, words in ((tmp_path / "farlabels.nii.gz", 4, "do not overlap the fixed image"),
+                              (tmp_path / "zero.nii.gz", 3, "hold no label")):
+        res = register(images, fast, "--fixed-labels", path, "--moving-labels", images["moving_labels"])
+        line = one_line(res.stderr)
+        assert res.exit_code == code and path.name in line and words in line, res.stderr
+        _assert_no_outputs(tmp_path)
+    monkeypatch.undo()
+
+    res = register(images, fast, "--fixed-labels", images["fixed_labels"], "--no-html", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert "--fixed-labels without --moving-labels: no Dice" in res.stderr
+    import json
+
+    assert any("no Dice" in w for w in json.loads(res.stdout)["warnings"])
+    shifted = sitk.GetArrayFromImage(labels).astype(np.int32) + 100 * (sitk.GetArrayFromImage(labels) > 0)
+    write(_like(labels, shifted), tmp_path / "other_ids.nii.gz")
+    res = register(images, fast, "--fixed-labels", images["fixed_labels"], "--moving-labels",
+                   tmp_path / "other_ids.nii.gz", "--no-html", "--overwrite", prefix="q_")
+    assert res.exit_code == 0 and "share no label value" in res.stderr, res.stderr
+
+
 # ------------------------------------------------------------------------------------------------ G8
 def test_g8_mask_header_rounding_is_accepted(tmp_path, images, fast):
     fixed = sitk.ReadImage(str(images["fixed"]))

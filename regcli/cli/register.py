@@ -33,7 +33,8 @@ def register(
     output: Annotated[str, typer.Option(
         "--output", "-o", metavar="PREFIX", show_default=False,
         help="Output prefix, as in ANTs: PREFIX0GenericAffine.mat, PREFIX1Warp.nii.gz, PREFIX1InverseWarp.nii.gz, "
-             "PREFIXWarped.nii.gz, PREFIXReport.json, PREFIXReport.html.")],
+             "PREFIXWarped.nii.gz, PREFIXReport.json, PREFIXReport.html. ANTs' form [PREFIX,WARPED,INVERSE_WARPED] "
+             "names the warped moving image and the fixed image warped into the moving space.")],
     config: ConfigFileOpt = None,
     method: MethodOpt = None,
     fixed_mask: Annotated[Optional[Path], input_file_option(
@@ -43,7 +44,8 @@ def register(
     fixed_labels: Annotated[Optional[Path], input_file_option(
         "--fixed-labels", help="Fixed label map: Dice/HD95 in the report.", panel=_IN_PANEL)] = None,
     moving_labels: Annotated[Optional[Path], input_file_option(
-        "--moving-labels", help="Moving label map (warped with per-label interpolation for scoring).",
+        "--moving-labels", help="Moving label map (warped with nearest-neighbour interpolation for scoring, "
+        "as regcli evaluate does by default).",
         panel=_IN_PANEL)] = None,
     fixed_landmarks: Annotated[Optional[Path], input_file_option(
         "--fixed-landmarks", help="Fixed landmarks CSV (LPS mm): TRE in the report.", panel=_IN_PANEL)] = None,
@@ -91,12 +93,16 @@ def register(
                                                 transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing,
                                                 modality, io, intensity_weight, precision,
                                                 max_memory))
-    from regcli.pipeline import RegisterInputs, run_register
+    from regcli.pipeline import RegisterInputs, parse_output_spec, run_register
 
+    try:
+        prefix, warped, inverse_warped = parse_output_spec(output)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="'--output'") from None
     inputs = RegisterInputs(
-        fixed=fixed, moving=moving, output_prefix=output, fixed_mask=fixed_mask, moving_mask=moving_mask,
+        fixed=fixed, moving=moving, output_prefix=prefix, fixed_mask=fixed_mask, moving_mask=moving_mask,
         fixed_labels=fixed_labels, moving_labels=moving_labels, fixed_landmarks=fixed_landmarks,
-        moving_landmarks=moving_landmarks,
+        moving_landmarks=moving_landmarks, warped=warped, inverse_warped=inverse_warped,
     )
     from regcli.cli.common import log
 
