@@ -6,8 +6,8 @@
 1. **Resume.** A pair whose ``outdir/<pair>_Report.json`` exists, parses, lists outputs that all exist and
    records the configuration this run asks for (:attr:`BatchJob.config_dump`; the keys of
    :data:`RESULT_FREE_KEYS` may differ) is complete: it is not registered again. A pair registered before
-   with another method or other options is registered again. The register command writes every output to a temporary file and
-   renames the report last, so a pair killed midway has no report and is registered again (``--overwrite``
+   with another method or other options is registered again. The register command writes every output to a
+   temporary file and renames the report last, so a pair killed midway has no report and is registered again (``--overwrite``
    for the pair's own files). Its scores come from ``outdir/<pair>_Scores.json`` when that file belongs to
    the same report (same sha256) and the same scoring options; otherwise the pair is scored again from its
    transform files.
