@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from regcli.errors import ConfigError, InputError
+from regcli.errors import ConfigError, InputError, OutputError
 from regcli.manifest import Dataset
 from regcli.models.embedding import EmbeddingConfig, EmbeddingNet
 from regcli.training.distributed import SINGLE, Distributed
@@ -90,7 +90,7 @@ def start_run(outdir: str | Path, resume: bool) -> tuple[Path, Path]:
     if resume and not ck_path.is_file():
         raise InputError(f"--resume: '{ck_path}' does not exist")
     if not resume and ck_path.exists():
-        raise ConfigError(f"'{out}' already holds a run (checkpoint.pt); use --resume or another folder")
+        raise OutputError(f"'{out}' already holds a run (checkpoint.pt); use --resume or another folder")
     return out, ck_path
 
 
