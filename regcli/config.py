@@ -409,10 +409,13 @@ def iteration_override(method: str, counts: tuple[int, ...], dio_levels=None) ->
 
 
 def network_override(method: str, modality: Optional[str] = None, io: Optional[str] = None) -> dict:
-    """The config keys that ``--modality`` and ``--io`` set for ``method``: ``promptreg.*`` for --method
-    promptreg, else ``foundation.*`` (the flags only matter to the network methods). PromptReg has no network
-    instance optimisation: ``--io network`` with it is a ConfigError."""
-    section = "promptreg" if method == "promptreg" else "foundation"
+    """The config keys that ``--modality`` and ``--io`` set for ``method``: ``promptreg.*`` or ``foundation.*``.
+    Only those two methods read them, so any other method is a ConfigError (the flags would be ignored), and so
+    is ``--io network`` with promptreg, which has no network instance optimisation."""
+    if method not in ("foundation", "promptreg"):
+        given = " and ".join(f"--{k} {v}" for k, v in (("modality", modality), ("io", io)) if v is not None)
+        raise ConfigError(f"{given}: only --method foundation or promptreg use it, not '{method}'")
+    section = method
     if section == "promptreg" and io == "network":
         raise ConfigError("--io network: --method promptreg has no instance optimisation on the network weights; "
                           "use --io field (default) or --io none")

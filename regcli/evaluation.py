@@ -335,7 +335,11 @@ def register_subprocess(pair: Pair, prefix: str, method: str, config: Optional[P
         cmd += ["--moving-mask", str(pair.moving_mask)]
     if config is not None:
         cmd += ["--config", str(config)]
-    cmd += list(pair.register_flags)  # the dataset's; the user's flags below win
+    flags = list(pair.register_flags)  # the dataset's; the user's flags below win
+    if method not in ("foundation", "promptreg") and "--modality" in flags:  # only the network methods read it
+        i = flags.index("--modality")
+        del flags[i:i + 2]
+    cmd += flags
     if overwrite:
         cmd.append("--overwrite")
     cmd += list(extra_args)

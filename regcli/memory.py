@@ -74,7 +74,9 @@ class MemoryEstimate:
 
 
 def _size(mb: float) -> str:
-    return f"{mb / 1024:.1f} GB" if mb >= 1024 else f"{mb:.0f} MB"
+    if mb >= 1024:
+        return f"{mb / 1024:.1f} GB"
+    return f"{mb:.0f} MB" if mb >= 10 else f"{mb:.3g} MB"  # a limit of 1K is 0.000977 MB, not "0 MB"
 
 
 def _phase_runs(name: str, config: RegisterConfig) -> bool:

@@ -315,7 +315,7 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
     """:func:`run_register`; ``warnings`` fills with the run's warning messages (``report["warnings"]``)."""
     from regcli.io.images import read_image, read_labels, read_mask, write_image
     from regcli.io.transforms import write_affine, write_displacement
-    from regcli.reports.report import build_report, report_json
+    from regcli.reports.report import build_report, peak_memory, report_json
 
     t_start = time.perf_counter()
     paths = output_paths(inputs.output_prefix, config, inputs.warped, inputs.inverse_warped)
@@ -387,12 +387,7 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
         t0 = time.perf_counter()
         outs.stage_many(images, workers=max(1, runtime.threads))
         reg.timings["write"] = time.perf_counter() - t0
-        if "html" in paths:
-            t0 = time.perf_counter()
-            figure_names = _stage_html(outs, paths["html"], inputs, fixed, moving, warped, fixed_labels,
-                                       warped_labels, detj, reg, metrics)
-            reg.timings["html"] = time.perf_counter() - t0
-        stages = {k: v for k, v in reg.timings.items() if "/" not in k}
+        stages = {k: v for k, v in reg.timings.items() if "/" not in k}  # "deformable/..." are details
         report = build_report(
             command=command or "register",
             config=config.model_dump(mode="json"),
@@ -400,12 +395,22 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
             stages=stages,
             metrics=metrics,
             extra=_extra(reg, runtime),
-            outputs=[str(p) for p in paths.values()] + figure_names,
+            outputs=[str(p) for p in paths.values()],
             device=runtime.device,
             grids={"fixed": fixed.grid, "moving": moving.grid},
         )
         report["memory"].update(memory.as_dict())
         report["warnings"] = list(warnings)
+        if "html" in paths:  # the page shows the report so far: run, versions, device, memory, warnings, stages
+            t0 = time.perf_counter()
+            figure_names = _stage_html(outs, paths["html"], inputs, fixed, moving, warped, fixed_labels,
+                                       warped_labels, detj, reg, metrics, report)
+            reg.timings["html"] = time.perf_counter() - t0
+            report["stages"]["html"] = round(reg.timings["html"], 4)
+            report["total_seconds"] = round(sum(report["stages"].values()), 4)
+            report["outputs"] += figure_names
+            report["memory"].update(peak_memory(runtime.device))
+            report["warnings"] = list(warnings)
         report["wall_seconds"] = round(time.perf_counter() - t_start, 4)
         text = report_json(report)
         outs.stage(paths["report"], lambda tmp: tmp.write_text(text))
@@ -438,6 +443,16 @@ def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks
         return
     if not config.deformable:
         raise ConfigError(f"prompts (--prompt-labels/--prompt-landmarks) need a deformable method, not '{config.method}'")
+    if config.method in ("foundation", "promptreg") and getattr(config, config.method).io != "field":
+        raise ConfigError(f"prompts (--prompt-labels/--prompt-landmarks) join the instance optimisation of --io "
+                          f"field; with --method {config.method} --io {getattr(config, config.method).io} nothing "
+                          f"would use them")
+    no_io = ((config.method == "convexadam" and not config.instance.enabled)
+             or (config.method == "samconvex" and config.samconvex.io_iterations == 0
+                 and config.samconvex.refine_iterations == 0))
+    if no_io:
+        raise ConfigError(f"prompts (--prompt-labels/--prompt-landmarks) join the instance optimisation, which this "
+                          f"{config.method} configuration turns off; nothing would use them")
     if pc.labels is not None and (fixed_labels is None or moving_labels is None):
         raise InputError("--prompt-labels needs both --fixed-labels and --moving-labels")
     if pc.landmarks and landmarks is None:
@@ -585,7 +600,7 @@ def _nanmean(values) -> float:
 
 
 def _stage_html(outs: OutputSet, html_path: Path, inputs, fixed, moving, warped, fixed_labels, warped_labels,
-                detj, reg: Registration, metrics: dict) -> list[str]:
+                detj, reg: Registration, metrics: dict, report: dict) -> list[str]:
     from regcli.reports.html import render_html_report
 
     base = html_path.name[: -len(".html")]
@@ -599,7 +614,7 @@ def _stage_html(outs: OutputSet, html_path: Path, inputs, fixed, moving, warped,
         jacobian=None if detj is None else Image(detj, fixed.grid),
         history=reg.history,
         metrics=metrics,
-        timings=reg.timings,
+        report=report,
         title=f"regcli: {Path(inputs.moving).name} -> {Path(inputs.fixed).name}",
     )
     names = []

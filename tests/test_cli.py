@@ -566,6 +566,28 @@ FAST_YAML = "affine:\n  levels_mm: [4.0]\n  iterations: [30]\n"
 
 
 @needs_pipeline
+def test_register_html_page_shows_the_run_and_the_reports_timings(tmp_path, images):
+    """The page shows what report.json holds (command, version, device, warnings) and sums only the top-level
+    stages (the "deformable/..." details were counted twice)."""
+    import re
+
+    y = tmp_path / "fast.yaml"
+    y.write_text(FAST_YAML + "instance:\n  iterations: 5\n  refine_iterations: 2\ninverse_iterations: 3\n")
+    res = invoke("register", images["fixed"], images["moving"], "-o", tmp_path / "h_", "--config", y,
+                 "--fixed-labels", images["fixed_labels"], "--threads", "1", "--json")  # one-sided labels: a warning
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    page = (tmp_path / "h_Report.html").read_text()
+    before_html = {k: v for k, v in report["stages"].items() if k != "html"}
+    shown = float(re.search(r"<td>total time \(s\)</td><td>([0-9.]+)</td>", page).group(1))
+    assert shown == pytest.approx(sum(before_html.values()), abs=2e-3)
+    assert report["total_seconds"] == pytest.approx(sum(report["stages"].values()), abs=2e-3)
+    assert "deformable/" not in page and "<code>" in page and report["regcli_version"] in page
+    assert "threads" in page and "no Dice or HD95" in page  # device row; the warning
+    assert all(Path(o).exists() for o in report["outputs"])
+
+
+@needs_pipeline
 def test_register_takes_ants_bracketed_output_names(tmp_path, images):
     """``-o [PREFIX,WARPED,INVERSE_WARPED]`` as antsRegistration: the warped moving image and the fixed image
     pulled into the moving grid go where they are named."""

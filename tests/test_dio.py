@@ -319,7 +319,18 @@ def test_prompts_need_their_inputs(tmp_path):
     assert res.exit_code != 0 and "prompt-labels" in res.output
     res = invoke("register", f, f, "-o", tmp_path / "o_", "--method", "affine", "--prompt-landmarks", "--quiet")
     assert res.exit_code == 7
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.nii.gz"]
+    # a configuration without instance optimisation would ignore them: refused, not reported as prompted
+    no_io = tmp_path / "no_io.yaml"
+    no_io.write_text("instance:\n  enabled: false\n")
+    for flags in (("--method", "foundation", "--io", "none"), ("--method", "foundation", "--io", "network"),
+                  ("--method", "promptreg", "--io", "none"), ("--method", "convexadam", "--config", no_io)):
+        res = invoke("register", f, f, "-o", tmp_path / "o_", *flags, "--prompt-labels", "1", "--quiet")
+        assert res.exit_code == 7 and "nothing would use them" in res.output, (flags, res.output)
+    # --modality and --io only matter to the network methods: with another method they are refused, not ignored
+    for flags in (("--method", "dio", "--modality", "ct"), ("--method", "convexadam", "--io", "none")):
+        res = invoke("register", f, f, "-o", tmp_path / "o_", *flags, "--quiet")
+        assert res.exit_code == 7 and "only --method foundation or promptreg" in res.output, (flags, res.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.nii.gz", "no_io.yaml"]
 
 
 

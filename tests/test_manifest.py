@@ -114,10 +114,11 @@ def test_evaluate_a_dataset_manifest_by_task(tmp_path):
     assert all(set(r["dice_per_label"]) == {"1", "2"} for r in d["pairs"][:2])  # label_ids
     assert len(d["pairs"][2]["dice_per_label"]) == 3  # every shared label
     assert "task" in (tmp_path / "all" / "evaluation.csv").read_text().splitlines()[0]
-    # each dataset's pairs are registered with its modality, and without the affine stage for align: none
+    # each dataset's pairs are registered without the affine stage for align: none; its modality goes only to the
+    # network methods (foundation, promptreg), which read it: --method affine gets the default
     ct = json.loads((tmp_path / "all" / "ct_pair001_Report.json").read_text())["config"]
     brain = json.loads((tmp_path / "all" / "brain_pair001_Report.json").read_text())["config"]
-    assert (ct["foundation"]["modality"], ct["affine"]["enabled"]) == ("ct", False)
+    assert (ct["foundation"]["modality"], ct["affine"]["enabled"]) == ("mri", False)
     assert (brain["foundation"]["modality"], brain["affine"]["enabled"]) == ("mri", True)
     res = invoke("evaluate", manifest, "-o", tmp_path / "wo", "--method", "affine", "--exclude-task", "brain",
                  "--no-hd95", "--json")

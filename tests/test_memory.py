@@ -95,3 +95,9 @@ def test_within_the_limit_runs_and_reports_the_estimate_above_the_measured_peak(
     assert mem["estimate_largest_phase"] in mem["estimate_phases_mb"]
     assert mem["estimate_voxels"]["fixed"] == 32 ** 3
     assert json.loads(res.stdout)["config"]["max_memory_mb"] == 65536.0
+
+
+def test_limits_below_a_megabyte_are_printed_as_given():
+    from regcli.memory import _size
+
+    assert (_size(1 / 1024), _size(0.5), _size(512.4), _size(3072)) == ("0.000977 MB", "0.5 MB", "512 MB", "3.0 GB")

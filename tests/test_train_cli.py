@@ -128,3 +128,20 @@ def test_sam_rho_flag_is_recorded_and_changes_the_weights(tmp_path):
     assert res.exit_code == 2 and "--sam-rho" in one_line(res.stderr), res.output
     with pytest.raises(ConfigError, match="sam_rho"):
         load_job(job, {"train": {"sam_rho": -1}})
+
+
+def test_resume_refuses_a_changed_job_but_may_run_further(tmp_path):
+    """--resume continues the run its folder holds: another learning rate would make job.json misstate the steps
+    taken, so it is refused; running further (--iterations) is what resume is for."""
+    job = _setup(tmp_path)
+    out = tmp_path / "run"
+    args = ["train", "embedding", "-o", str(out), "--threads", "1"]
+    assert CliRunner().invoke(app, [*args, "--config", str(job), "--iterations", "2"]).exit_code == 0
+    other = tmp_path / "other.yaml"
+    other.write_text(JOB.replace("train: {", "train: {learning_rate: 0.05, "))
+    res = CliRunner().invoke(app, [*args, "--config", str(other), "--resume", "--iterations", "3"])
+    assert res.exit_code == 7 and "train.learning_rate" in res.output and "--resume" in res.output, res.output
+    assert json.loads((out / "job.json").read_text())["train"]["iterations"] == 2  # the record is untouched
+    res = CliRunner().invoke(app, [*args, "--config", str(job), "--resume", "--iterations", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["iterations"] == 3

@@ -677,8 +677,13 @@ def _page(title: str, report: Mapping, metrics: Mapping, figures: list, label_na
                                   f"{dev.get('torch_threads', '?')} threads"])
     if report.get("status") not in (None, "ok"):
         summary.append(["status", report.get("status")])
+    if isinstance(tre, Mapping) and tre.get("landmarks_were_prompts"):
+        summary.append(["note", "the landmarks were prompts of the optimisation: TRE is not an independent check"])
     if summary:
         parts.append("<h2>Summary</h2>" + _table(["", "value"], summary))
+    warnings = [str(w) for w in (report.get("warnings") or [])]
+    if warnings:
+        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{e(w)}</li>" for w in warnings) + "</ul>")
 
     for fname, heading, caption in figures:
         parts.append(f"<h2>{e(heading)}</h2><figure><img src='{e(fname)}' alt='{e(heading)}'>"

@@ -333,7 +333,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     from regcli.training.jobs import open_run, start_run
     from regcli.training.sam import SAM
 
-    out, ck_path = start_run(outdir, resume)
+    out, ck_path = start_run(outdir, resume, job)
     cfg = register_config(job)
     ncfg = net_config(job)
     tcfg = job.train

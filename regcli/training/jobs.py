@@ -81,16 +81,40 @@ def job_data(path: str | Path, overrides: Optional[dict] = None) -> dict:
     return data
 
 
-def start_run(outdir: str | Path, resume: bool) -> tuple[Path, Path]:
+#: job keys a resumed run may change: how far it goes, and SAM's radius (logged by the trainers)
+RESUMABLE_CHANGES = ("train.iterations", "train.stop_after", "train.sam_rho")
+
+
+def _job_differences(old, new, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every key present in both job dicts whose values differ (a key that an older
+    regcli did not write is not a difference)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in old if k in new for d in _job_differences(old[k], new[k], f"{prefix}{k}.")]
+    key = prefix.rstrip(".")
+    return [] if old == new or key in RESUMABLE_CHANGES else [f"{key}: {old!r} -> {new!r}"]
+
+
+def start_run(outdir: str | Path, resume: bool, job: Optional[BaseModel] = None) -> tuple[Path, Path]:
     """The output folder of a resumable training run and its ``checkpoint.pt`` path, checked but not created
-    (:func:`open_run` creates it once the data are read). ``--resume`` needs the checkpoint; a new run refuses a
-    folder that holds one."""
+    (:func:`open_run` creates it once the data are read). ``--resume`` needs the checkpoint and the run's own job
+    (its ``job.json``; only :data:`RESUMABLE_CHANGES` may differ, else the record would misstate the steps
+    already taken); a new run refuses a folder that holds one."""
     out = Path(outdir)
     ck_path = out / "checkpoint.pt"
     if resume and not ck_path.is_file():
         raise InputError(f"--resume: '{ck_path}' does not exist")
     if not resume and ck_path.exists():
         raise OutputError(f"'{out}' already holds a run (checkpoint.pt); use --resume or another folder")
+    if resume and job is not None and (out / "job.json").is_file():
+        try:
+            ran = json.loads((out / "job.json").read_text())
+        except (OSError, ValueError):
+            ran = None
+        diffs = _job_differences(ran, json.loads(job.model_dump_json())) if isinstance(ran, dict) else []
+        if diffs:
+            raise ConfigError(f"--resume: the job differs from the run in '{out}' ({'; '.join(diffs[:4])}"
+                              f"{'; ...' if len(diffs) > 4 else ''}); resume with that run's job (its job.json) "
+                              f"and change only {', '.join(RESUMABLE_CHANGES)}, or start another folder")
     return out, ck_path
 
 
@@ -156,7 +180,7 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     ``checkpoint.pt`` holds the network (``config``, ``state_dict``) and the training state (``train_state``:
     optimizer, schedule, random generator, history), so ``resume`` continues bit for bit. Under torchrun
     (``dist``) rank 0 writes."""
-    out, ck_path = start_run(outdir, resume)
+    out, ck_path = start_run(outdir, resume, job)
     vols, groups = load_volumes(job, log)
     open_run(out, job, dist)
     log(f"{len(vols)} training volumes at {job.net.spacing_mm} mm")

@@ -373,7 +373,7 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
     from regcli.training.optron import optron_loss, refine, running_stats_kept
     from regcli.training.sam import SAM
 
-    out, ck_path = start_run(outdir, resume)
+    out, ck_path = start_run(outdir, resume, job)
     tcfg = job.train
     net = pn.net
     shape = tuple(net.cfg.input_shape)
