@@ -381,6 +381,27 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
         raise ConfigError(_format_validation(e, str(yaml_path) if yaml_path else "flags")) from None
 
 
+def refuse_flags_without_effect(cfg: RegisterConfig, overrides: Optional[dict]) -> None:
+    """A ConfigError for instance-optimisation flags (``overrides["instance"]``: ``--transform``,
+    ``--optimizer``, ``--intensity-weight``) that nothing in ``cfg`` would read, rather than recording them in
+    the report and ignoring them: a linear method; foundation or promptreg with ``io`` other than ``field``
+    (no solver stage) unless a fine refinement runs; and, for ``--intensity-weight``, which only the MIND-SSC
+    refinements read, DIO without a fine refinement."""
+    inst = {k: v for k, v in ((overrides or {}).get("instance") or {}).items() if v is not None}
+    network = cfg.method in ("foundation", "promptreg")
+    fine = cfg.instance.fine_spacing_mm is not None
+    solver = cfg.deformable and (fine or not network or getattr(cfg, cfg.method).io == "field")
+    refinement = solver and (fine or cfg.method != "dio")
+    unused = [flag for key, flag, used in (("transform", "--transform", solver), ("optimizer", "--optimizer", solver),
+                                           ("refine_intensity_weight", "--intensity-weight", refinement))
+              if key in inst and not used]
+    if unused:
+        how = f"--method {cfg.method}" + (f" --io {getattr(cfg, cfg.method).io}" if network else "")
+        raise ConfigError(f"{', '.join(unused)}: nothing in {how} would use "
+                          f"{'it' if len(unused) == 1 else 'them'}"
+                          + (" (the refinement that reads it runs with --fine-spacing)" if cfg.method == "dio" else ""))
+
+
 def iteration_override(method: str, counts: tuple[int, ...], dio_levels=None) -> dict:
     """The config keys that ``--iterations`` sets for ``method``: the iteration count of its deformable stage's
     instance optimisation (convexadam: ``instance.iterations``; samconvex, foundation, promptreg:

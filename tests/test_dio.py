@@ -330,6 +330,14 @@ def test_prompts_need_their_inputs(tmp_path):
     for flags in (("--method", "dio", "--modality", "ct"), ("--method", "convexadam", "--io", "none")):
         res = invoke("register", f, f, "-o", tmp_path / "o_", *flags, "--quiet")
         assert res.exit_code == 7 and "only --method foundation or promptreg" in res.output, (flags, res.output)
+    # and instance-optimisation flags that nothing in the configuration reads
+    for flags in (("--method", "dio", "--intensity-weight", "0.5"), ("--method", "affine", "--transform", "svf"),
+                  ("--method", "foundation", "--io", "none", "--optimizer", "lbfgs")):
+        res = invoke("register", f, f, "-o", tmp_path / "o_", *flags, "--quiet")
+        assert res.exit_code == 7 and "would use" in res.output, (flags, res.output)
+    for flags in (("--method", "dio", "--intensity-weight", "0.5", "--fine-spacing", "1"),
+                  ("--method", "foundation", "--transform", "svf"), ("--method", "samconvex", "--intensity-weight", "1")):
+        assert invoke("config", "show", *flags, "--json").exit_code == 0, flags
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.nii.gz", "no_io.yaml"]
 
 

@@ -99,7 +99,7 @@ def batch(
     from regcli.batch import BatchJob, run_batch, write_batch_results
     from regcli.cli.common import Ui, output_folder
     from regcli.cli.evaluate import _log_row, _register_args, results_table
-    from regcli.config import build_config
+    from regcli.config import build_config, refuse_flags_without_effect
     from regcli.errors import OutputError
     from regcli.evaluation import read_pairs
 
@@ -117,6 +117,7 @@ def batch(
                                  optimizer=optimizer, fine_spacing=fine_spacing, modality=modality, io=io,
                                  intensity_weight=intensity_weight, precision=precision, max_memory=max_memory)
     cfg = build_config(config, overrides)  # fail fast on a bad YAML or flag (exit 7)
+    refuse_flags_without_effect(cfg, overrides)
     extra = _register_args(device, None, seed, deterministic, working_spacing, affine_metric, iterations,
                            transform, optimizer, fine_spacing, modality, io, intensity_weight, precision, max_memory)
 

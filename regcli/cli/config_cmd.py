@@ -72,13 +72,13 @@ def show(
     The same flags as [bold]regcli register[/bold]; unknown keys in the YAML file are rejected (exit code 7).
     """
     from regcli.cli.common import emit_json
-    from regcli.config import build_config
+    from regcli.config import build_config, refuse_flags_without_effect
 
-    cfg = build_config(config, config_overrides(method, device, threads, seed, deterministic, working_spacing,
-                                                affine_metric, affine_init, affine, iterations, inverse, html,
-                                                transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing,
-                                                modality, io, intensity_weight, precision,
-                                                max_memory))
+    overrides = config_overrides(method, device, threads, seed, deterministic, working_spacing, affine_metric,
+                                 affine_init, affine, iterations, inverse, html, transform, optimizer, prompt_labels,
+                                 prompt_landmarks, fine_spacing, modality, io, intensity_weight, precision, max_memory)
+    cfg = build_config(config, overrides)
+    refuse_flags_without_effect(cfg, overrides)
     data = cfg.model_dump(mode="json")
     if json_out:
         emit_json(data)

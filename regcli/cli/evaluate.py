@@ -111,7 +111,7 @@ def evaluate(
     scored, otherwise with the exit code of the first failed pair (after writing the results).
     """
     from regcli.cli.common import Ui, output_folder
-    from regcli.config import build_config
+    from regcli.config import build_config, refuse_flags_without_effect
     from regcli.errors import ConfigError, OutputError
     from regcli.evaluation import Pair, check_pair, evaluate_pairs, read_pairs, write_results
     from regcli.io.atomic import OutputSet
@@ -136,6 +136,7 @@ def evaluate(
                                  optimizer=optimizer, fine_spacing=fine_spacing, modality=modality, io=io,
                                  intensity_weight=intensity_weight, precision=precision, max_memory=max_memory)
     cfg = build_config(config, overrides)  # fail fast on a bad YAML or flag (exit 7)
+    refuse_flags_without_effect(cfg, overrides)
     extra = _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
                            transform, optimizer, fine_spacing, modality, io, intensity_weight, precision, max_memory)
 

@@ -85,14 +85,14 @@ def register(
     --json the report goes to stdout.
     """
     from regcli.cli.common import Ui, command_line
-    from regcli.config import build_config
+    from regcli.config import build_config, refuse_flags_without_effect
 
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
-    cfg = build_config(config, config_overrides(method, device, threads, seed, deterministic, working_spacing,
-                                                affine_metric, affine_init, affine, iterations, inverse, html,
-                                                transform, optimizer, prompt_labels, prompt_landmarks, fine_spacing,
-                                                modality, io, intensity_weight, precision,
-                                                max_memory))
+    overrides = config_overrides(method, device, threads, seed, deterministic, working_spacing, affine_metric,
+                                 affine_init, affine, iterations, inverse, html, transform, optimizer, prompt_labels,
+                                 prompt_landmarks, fine_spacing, modality, io, intensity_weight, precision, max_memory)
+    cfg = build_config(config, overrides)
+    refuse_flags_without_effect(cfg, overrides)
     from regcli.pipeline import RegisterInputs, parse_output_spec, run_register
 
     try:
