@@ -244,6 +244,10 @@ class DioConfig(_Frozen):
         return self
 
 
+#: the methods whose deformable stage is a network (``--modality``, ``--io``; ``foundation.*``, ``promptreg.*``)
+NETWORK_METHODS = ("foundation", "promptreg")
+
+
 class RegisterConfig(_Frozen):
     """Everything ``regcli register`` needs besides the file names."""
 
@@ -282,7 +286,12 @@ class RegisterConfig(_Frozen):
 
     @property
     def deformable(self) -> bool:
-        return self.method in ("convexadam", "samconvex", "dio", "foundation", "promptreg")
+        return self.method in ("convexadam", "samconvex", "dio", *NETWORK_METHODS)
+
+    @property
+    def network_io(self) -> Optional[str]:
+        """The ``io`` of a network method (``none``, ``network`` or ``field``); None for the other methods."""
+        return getattr(self, self.method).io if self.method in NETWORK_METHODS else None
 
     @model_validator(mode="after")
     def _float64_solvers_only(self) -> "RegisterConfig":
@@ -388,15 +397,14 @@ def refuse_flags_without_effect(cfg: RegisterConfig, overrides: Optional[dict]) 
     (no solver stage) unless a fine refinement runs; and, for ``--intensity-weight``, which only the MIND-SSC
     refinements read, DIO without a fine refinement."""
     inst = {k: v for k, v in ((overrides or {}).get("instance") or {}).items() if v is not None}
-    network = cfg.method in ("foundation", "promptreg")
     fine = cfg.instance.fine_spacing_mm is not None
-    solver = cfg.deformable and (fine or not network or getattr(cfg, cfg.method).io == "field")
+    solver = cfg.deformable and (fine or cfg.network_io in (None, "field"))
     refinement = solver and (fine or cfg.method != "dio")
     unused = [flag for key, flag, used in (("transform", "--transform", solver), ("optimizer", "--optimizer", solver),
                                            ("refine_intensity_weight", "--intensity-weight", refinement))
               if key in inst and not used]
     if unused:
-        how = f"--method {cfg.method}" + (f" --io {getattr(cfg, cfg.method).io}" if network else "")
+        how = f"--method {cfg.method}" + (f" --io {cfg.network_io}" if cfg.network_io is not None else "")
         raise ConfigError(f"{', '.join(unused)}: nothing in {how} would use "
                           f"{'it' if len(unused) == 1 else 'them'}"
                           + (" (the refinement that reads it runs with --fine-spacing)" if cfg.method == "dio" else ""))
@@ -433,7 +441,7 @@ def network_override(method: str, modality: Optional[str] = None, io: Optional[s
     """The config keys that ``--modality`` and ``--io`` set for ``method``: ``promptreg.*`` or ``foundation.*``.
     Only those two methods read them, so any other method is a ConfigError (the flags would be ignored), and so
     is ``--io network`` with promptreg, which has no network instance optimisation."""
-    if method not in ("foundation", "promptreg"):
+    if method not in NETWORK_METHODS:
         given = " and ".join(f"--{k} {v}" for k, v in (("modality", modality), ("io", io)) if v is not None)
         raise ConfigError(f"{given}: only --method foundation or promptreg use it, not '{method}'")
     section = method

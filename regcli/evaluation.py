@@ -40,6 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from regcli.config import NETWORK_METHODS
 from regcli.io.images import check_readable_file, read_grid
 from regcli.errors import ConfigError, InputError, RegcliError
 
@@ -336,7 +337,7 @@ def register_subprocess(pair: Pair, prefix: str, method: str, config: Optional[P
     if config is not None:
         cmd += ["--config", str(config)]
     flags = list(pair.register_flags)  # the dataset's; the user's flags below win
-    if method not in ("foundation", "promptreg") and "--modality" in flags:  # only the network methods read it
+    if method not in NETWORK_METHODS and "--modality" in flags:  # only the network methods read it
         i = flags.index("--modality")
         del flags[i:i + 2]
     cmd += flags

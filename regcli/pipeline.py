@@ -443,10 +443,9 @@ def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks
         return
     if not config.deformable:
         raise ConfigError(f"prompts (--prompt-labels/--prompt-landmarks) need a deformable method, not '{config.method}'")
-    if config.method in ("foundation", "promptreg") and getattr(config, config.method).io != "field":
+    if config.network_io not in (None, "field"):
         raise ConfigError(f"prompts (--prompt-labels/--prompt-landmarks) join the instance optimisation of --io "
-                          f"field; with --method {config.method} --io {getattr(config, config.method).io} nothing "
-                          f"would use them")
+                          f"field; with --method {config.method} --io {config.network_io} nothing would use them")
     no_io = ((config.method == "convexadam" and not config.instance.enabled)
              or (config.method == "samconvex" and config.samconvex.io_iterations == 0
                  and config.samconvex.refine_iterations == 0))

@@ -318,25 +318,32 @@ def check_gzip_stream(path: Path, role: str) -> int:
         raise InputError(f"cannot read {role} '{path}': file is truncated or not gzip (compressed data ends early)") from None
 
 
-def nifti_needed_bytes(head: bytes) -> Optional[int]:
-    """How many bytes a single-file NIfTI-1/2 (``n+1``/``n+2``) with this header holds: the voxel offset plus
-    the voxel data; None when ``head`` is not such a header."""
+def _nifti_fields(head: bytes) -> Optional[tuple[str, tuple[int, ...], int, int, int]]:
+    """``(byte order, dims (x, y, z, ...), datatype code, bitpix, voxel offset)`` of a single-file NIfTI-1/2
+    header (``n+1``/``n+2``), or None when ``head`` is not one or its ``dim[0]`` is outside 1..7."""
     if (order := _header_byte_order(head, 348)) is not None and head[344:347] == b"n+1":
-        dim = np.frombuffer(head[40:56], order + "i2").astype(np.int64)
-        bitpix = int(np.frombuffer(head[72:74], order + "i2")[0])
+        dim = np.frombuffer(head[40:56], order + "i2")
+        code, bitpix = (int(v) for v in np.frombuffer(head[70:74], order + "i2"))
         offset = int(np.frombuffer(head[108:112], order + "f4")[0])
     elif (order := _header_byte_order(head, 540)) is not None and head[4:7] == b"n+2":
-        dim = np.frombuffer(head[16:80], order + "i8").astype(np.int64)
-        bitpix = int(np.frombuffer(head[14:16], order + "i2")[0])
+        dim = np.frombuffer(head[16:80], order + "i8")
+        code, bitpix = (int(v) for v in np.frombuffer(head[12:16], order + "i2"))
         offset = int(np.frombuffer(head[168:176], order + "i8")[0])
     else:
         return None
-    if not 1 <= int(dim[0]) <= 7 or bitpix <= 0 or bitpix % 8:
+    if not 1 <= int(dim[0]) <= 7:
         return None
-    voxels = 1
-    for d in dim[1:int(dim[0]) + 1]:
-        voxels *= max(1, int(d))
-    return max(offset, 348) + voxels * (bitpix // 8)
+    return order, tuple(max(1, int(d)) for d in dim[1:int(dim[0]) + 1]), code, bitpix, offset
+
+
+def nifti_needed_bytes(head: bytes) -> Optional[int]:
+    """How many bytes a single-file NIfTI-1/2 (``n+1``/``n+2``) with this header holds: the voxel offset plus
+    the voxel data; None when ``head`` is not such a header."""
+    fields = _nifti_fields(head)
+    if fields is None or fields[3] <= 0 or fields[3] % 8:
+        return None
+    _, dims, _, bitpix, offset = fields
+    return max(offset, 348) + math.prod(dims) * (bitpix // 8)
 
 
 def _short_nifti(head: bytes, size: int) -> Optional[str]:
@@ -598,19 +605,10 @@ def refuse_nonfinite(arr: np.ndarray, path: Path, role: str) -> None:
 def _nifti_layout(head: bytes):
     """(float dtype with byte order, dims (x, y, z, ...), data offset) from a NIfTI-1/2 header, or None when the
     header is not a single-file NIfTI of float32/float64 voxels."""
-    if (order := _header_byte_order(head, 348)) is not None and head[344:347] == b"n+1":
-        dim = np.frombuffer(head[40:56], order + "i2")
-        code = int(np.frombuffer(head[70:72], order + "i2")[0])
-        offset = int(np.frombuffer(head[108:112], order + "f4")[0])
-    elif (order := _header_byte_order(head, 540)) is not None and head[4:7] == b"n+2":
-        dim = np.frombuffer(head[16:80], order + "i8")
-        code = int(np.frombuffer(head[12:14], order + "i2")[0])
-        offset = int(np.frombuffer(head[168:176], order + "i8")[0])
-    else:
+    fields = _nifti_fields(head)
+    if fields is None or fields[2] not in _NIFTI_FLOAT_TYPES:
         return None
-    if code not in _NIFTI_FLOAT_TYPES or not 1 <= int(dim[0]) <= 7:
-        return None
-    dims = tuple(max(1, int(d)) for d in dim[1:int(dim[0]) + 1])
+    order, dims, code, _, offset = fields
     return np.dtype(order + _NIFTI_FLOAT_TYPES[code]), dims, offset
 
 
