@@ -75,8 +75,9 @@ class InstanceConfig(_Frozen):
         "(stationary velocity field, diffeomorphic), greedy (compositive diffeomorphic updates, SyN-style), "
         "bspline (cubic B-spline control points), affine, rigid")
     similarity: str = Field("feature_ssd", description="similarity (registry name)")
-    optimizer: Literal[OPTIMIZERS] = Field("adam", description="adam, sgd (Nesterov), or lbfgs (strong-Wolfe "  # type: ignore[valid-type]
-                                           "line search; the learning rate sets only its first trial step)")
+    optimizer: Literal[OPTIMIZERS] = Field(  # type: ignore[valid-type]
+        "adam", description="adam, sgd (Nesterov; its step in mm calibrated at the first step, see docs/dio.md), "
+        "or lbfgs (strong-Wolfe line search; the learning rate sets only its first trial step)")
     regularizer: str = Field("diffusion", description="regulariser (registry name)")
     reg_weight: float = Field(1.25, ge=0, description="regulariser weight (ConvexAdam's lambda)")
     iterations: int = Field(80, ge=0, description="Adam iterations on the IO grid")

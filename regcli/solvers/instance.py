@@ -233,7 +233,11 @@ def solver_from_config(icfg, *, iterations: int, lr: float, reg_weight: float, s
               "greedy_update_sigma_mm": icfg.greedy_update_sigma_mm,
               "greedy_total_sigma_mm": icfg.greedy_total_sigma_mm, "bspline_spacing_mm": icfg.bspline_spacing_mm,
               "lr_mm": True}
-    opt_params = {"eps": gradient_floor / max(1, num_voxels)} if gradient_floor > 0 and icfg.optimizer == "adam" else {}
+    opt_params: dict = {}
+    if icfg.optimizer == "adam" and gradient_floor > 0:
+        opt_params = {"eps": gradient_floor / max(1, num_voxels)}
+    elif icfg.optimizer == "sgd":
+        opt_params = {"step_mm": True}  # lr is a step in mm, as for Adam (see SGD)
     return InstanceOptimization(
         model=icfg.transform, similarity=similarity or icfg.similarity, optimizer=icfg.optimizer,
         regularizer=regularizer or icfg.regularizer, reg_weight=reg_weight, iterations=iterations, lr=lr,

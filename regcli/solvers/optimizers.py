@@ -81,14 +81,44 @@ class Adam(_Optimizer):
 
 
 class SGD(_Optimizer):
-    """Stochastic gradient descent with Nesterov momentum, as ``torch.optim.SGD(nesterov=True)``."""
+    """Stochastic gradient descent with Nesterov momentum, as ``torch.optim.SGD(nesterov=True)``.
 
-    def __init__(self, params, lr: float, momentum: float = 0.9):
+    ``step_mm=True`` reads each group's ``lr`` as a step length, the way Adam's is read, instead of a factor on
+    the raw gradient (a mean over a million voxels makes that gradient about 1e-6 per voxel, so a plain ``lr``
+    of 1 would not move at all). At the group's first step the gradient's ``reference_quantile`` of absolute
+    values, ``g_ref``, fixes the group's factor to ``lr * (1 - momentum) / g_ref`` for the whole run: a variable
+    whose gradient stays at ``g_ref`` then moves ``lr`` per step once the momentum has built up, about what Adam
+    moves it, and the rest move in proportion to their gradient (plain SGD from then on).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, step_mm: bool = False,
+                 reference_quantile: float = 0.9):
         super().__init__(params, {"lr": lr, "momentum": momentum})
+        self.step_mm = bool(step_mm)
+        self.reference_quantile = float(reference_quantile)
+
+    def _factor(self, g: dict) -> float:
+        """The group's gradient factor: ``lr``, or with ``step_mm`` the factor calibrated at its first step."""
+        if not self.step_mm:
+            return g["lr"]
+        if "factor" not in g:
+            grads = [p.grad.detach().abs().reshape(-1) for p in g["params"] if p.grad is not None]
+            flat = torch.cat(grads).float() if grads else torch.zeros(1)
+            k = max(1, min(flat.numel(), int(math.ceil(self.reference_quantile * flat.numel()))))
+            ref = float(flat.kthvalue(k).values) if flat.numel() > 1 else float(flat[0])
+            if ref <= 0.0:
+                ref = float(flat.max())
+            if ref <= 0.0 or not math.isfinite(ref):
+                return 0.0  # no gradient yet: calibrate at the first step that has one
+            g["factor"] = g["lr"] * (1.0 - g["momentum"]) / ref
+        return g["factor"]
 
     @torch.no_grad()
     def step(self) -> None:
         for g in self.param_groups:
+            if not any(p.grad is not None for p in g["params"]):
+                continue
+            lr = self._factor(g)
             for p in g["params"]:
                 if p.grad is None:
                     continue
@@ -97,7 +127,7 @@ class SGD(_Optimizer):
                     buf = self.state.setdefault(p, {})["buf"] = p.grad.clone()
                 else:
                     buf = st["buf"].mul_(g["momentum"]).add_(p.grad)
-                p.add_(p.grad.add(buf, alpha=g["momentum"]), alpha=-g["lr"])
+                p.add_(p.grad.add(buf, alpha=g["momentum"]), alpha=-lr)
 
 
 @OPTIMIZERS.register("adam")
@@ -106,8 +136,8 @@ def _adam(params, lr: float, eps: float = 1e-8):
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(params, lr: float):
-    return SGD(params, lr=lr, momentum=0.9)
+def _sgd(params, lr: float, step_mm: bool = False):
+    return SGD(params, lr=lr, momentum=0.9, step_mm=step_mm)
 
 
 class LBFGS(_Optimizer):
