@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_phantom
+from conftest import make_phantom, one_line
 from regcli.cli.app import app
 from regcli.errors import ConfigError
 from regcli.models.embedding import EmbeddingConfig, EmbeddingNet
@@ -106,8 +106,6 @@ def test_a_job_can_start_from_an_earlier_run(tmp_path):
 def test_sam_rho_flag_is_recorded_and_changes_the_weights(tmp_path):
     """--sam-rho: sharpness-aware steps (two passes each), recorded in job.json, the summary and the history;
     a negative value is a one-line usage error."""
-    from conftest import one_line
-
     job = _setup(tmp_path)
     runs = {}
     for rho in ("0", "0.05"):
@@ -145,3 +143,7 @@ def test_resume_refuses_a_changed_job_but_may_run_further(tmp_path):
     res = CliRunner().invoke(app, [*args, "--config", str(job), "--resume", "--iterations", "3", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["iterations"] == 3
+    # fewer iterations than the steps taken would make job.json and the model card claim 1 step for 3
+    res = CliRunner().invoke(app, [*args, "--config", str(job), "--resume", "--iterations", "1"])
+    assert res.exit_code == 7 and "3 steps" in one_line(res.output), res.output
+    assert json.loads((out / "job.json").read_text())["train"]["iterations"] == 3

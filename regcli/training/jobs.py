@@ -115,7 +115,22 @@ def start_run(outdir: str | Path, resume: bool, job: Optional[BaseModel] = None)
             raise ConfigError(f"--resume: the job differs from the run in '{out}' ({'; '.join(diffs[:4])}"
                               f"{'; ...' if len(diffs) > 4 else ''}); resume with that run's job (its job.json) "
                               f"and change only {', '.join(RESUMABLE_CHANGES)}, or start another folder")
+    iterations = getattr(getattr(job, "train", None), "iterations", None)
+    if resume and isinstance(iterations, int):
+        done = _steps_taken(ck_path)
+        if done is not None and iterations < done:
+            raise ConfigError(f"--resume: the run in '{out}' has already taken {done} steps, more than the "
+                              f"{iterations} iterations asked; give at least {done}")
     return out, ck_path
+
+
+def _steps_taken(ck_path: Path) -> Optional[int]:
+    """The step count stored in a run's checkpoint (None when it cannot be read: the trainer reports that)."""
+    try:
+        ck = torch.load(ck_path, map_location="cpu", weights_only=False, mmap=True)
+        return int(ck["train_state"]["step"] if "train_state" in ck else ck["step"])  # embedding / pair runs
+    except Exception:  # noqa: BLE001 - a damaged checkpoint is the trainer's error to report
+        return None
 
 
 def open_run(out: Path, job: BaseModel, dist: Distributed = SINGLE) -> None:
