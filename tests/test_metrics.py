@@ -105,6 +105,31 @@ def test_single_voxels_anisotropic_distance():
     assert assd_per_label(fa, fb)[1] == pytest.approx(expected, abs=1e-9)
 
 
+def test_far_surfaces_are_exact_beyond_the_bounded_first_query():
+    """Surfaces farther apart than the first query's bound (NEAR_VOXELS) are found by the unbounded one."""
+    from regcli.reports.metrics import NEAR_VOXELS
+
+    a = np.zeros((4, 5, 40), bool)
+    b = np.zeros_like(a)
+    a[1:3, 1:4, 1:3] = True
+    b[1:3, 1:4, 30:33] = True  # 28 voxels (x) away, and one near piece of b next to a
+    b[2, 2, 4] = True
+    sp = (0.8, 1.0, 1.5)  # (x, y, z) mm
+    d_ab, d_ba = surface_distances(a, b, sp)
+
+    def surface(m):  # brute force: the mask minus its 6-connected erosion (outside = background)
+        from scipy.ndimage import binary_erosion
+
+        pts = np.argwhere(m & ~binary_erosion(m, border_value=0)).astype(float)
+        return pts * np.asarray(sp[::-1])
+
+    sa, sb = surface(a), surface(b)
+    ref_ab = np.sqrt(((sa[:, None] - sb[None]) ** 2).sum(-1)).min(1)
+    ref_ba = np.sqrt(((sb[:, None] - sa[None]) ** 2).sum(-1)).min(1)
+    assert np.allclose(np.sort(d_ab), np.sort(ref_ab)) and np.allclose(np.sort(d_ba), np.sort(ref_ba))
+    assert d_ba.max() > 2 * NEAR_VOXELS * 1.5  # well beyond the bound of the first query
+
+
 def test_identical_masks_have_zero_distance_and_empty_labels_nan():
     a = np.zeros((8, 8, 8), np.int32)
     a[2:6, 2:6, 2:6] = 2

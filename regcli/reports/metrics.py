@@ -44,6 +44,10 @@ __all__ = [
 ]
 
 
+#: radius (voxels of the coarsest axis) of the first, bounded nearest-surface query (:func:`_nearest_distances`)
+NEAR_VOXELS = 4.0
+
+
 # ----------------------------------------------------------------------------- helpers
 def _labels_array(img: Image | np.ndarray | torch.Tensor) -> np.ndarray:
     """(Z, Y, X) integer numpy array of a label image (floats are rounded)."""
@@ -205,7 +209,10 @@ def _nearest_distances(src: np.ndarray, dst: np.ndarray, shape: tuple, spacing_z
     """Distance (N,) float64 mm from each voxel of ``src`` to the nearest voxel of ``dst``.
 
     ``src`` and ``dst`` are sorted flat voxel indices. Voxels that belong to both sets are at distance 0
-    and skip the k-d tree (after a good registration that is a large share of each surface).
+    and skip the k-d tree (after a good registration that is a large share of each surface). The others are
+    queried first within ``NEAR_VOXELS`` voxels, which prunes most of the tree's search (most surface voxels
+    lie a voxel or two from the other surface; 2x faster on a brain), and only the voxels with nothing that
+    near are queried again without a bound: the distances are exact either way.
     """
     from scipy.spatial import cKDTree
 
@@ -213,7 +220,11 @@ def _nearest_distances(src: np.ndarray, dst: np.ndarray, shape: tuple, spacing_z
     todo = ~np.isin(src, dst, assume_unique=True)
     if todo.any():
         tree = cKDTree(_positions(dst, shape, spacing_zyx), balanced_tree=False, compact_nodes=False)
-        d, _ = tree.query(_positions(src[todo], shape, spacing_zyx), k=1, workers=workers)
+        query = _positions(src[todo], shape, spacing_zyx)
+        d, _ = tree.query(query, k=1, workers=workers, distance_upper_bound=NEAR_VOXELS * float(spacing_zyx.max()))
+        far = ~np.isfinite(d)
+        if far.any():
+            d[far], _ = tree.query(query[far], k=1, workers=workers)
         out[todo] = d
     return out
 
