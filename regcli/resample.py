@@ -19,7 +19,6 @@ from regcli.spaces.grid import Grid, apply_affine
 from regcli.spaces.image import Image
 
 Interp = Literal["linear", "nearest", "label"]
-_MODES = {"linear": "bilinear", "nearest": "nearest"}
 DEFAULT_CHUNK = 1 << 21  # points per grid_sample call when warping whole volumes
 
 
@@ -135,13 +134,40 @@ def _linear_1d(x: torch.Tensor, dim: int, scale: float, offset: float, n_out: in
     return torch.lerp(x.index_select(dim, i0), x.index_select(dim, i1), f.view(shape)), inside
 
 
+#: added to a continuous index before rounding it down (ITK rounds halves up): a position computed as
+#: 2.4999999999 in float64 for an exact tie (e.g. a grid downsampled by 2 with aligned corners) rounds as 2.5
+_HALF_UP_SLACK = 1e-6
+
+
+def nearest_index(c: torch.Tensor) -> torch.Tensor:
+    """The voxel nearest to continuous indices ``c`` (float64), halves rounded up as ITK's
+    ``NearestNeighborInterpolateImageFunction`` (and so antsApplyTransforms) does, int64."""
+    return torch.floor(c + (0.5 + _HALF_UP_SLACK)).to(torch.int64)
+
+
 def _nearest_1d(x: torch.Tensor, dim: int, scale: float, offset: float, n_out: int, itk: bool
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Nearest-neighbour resampling along ``dim`` (rounding as ``grid_sample``'s nearest mode)."""
+    """Nearest-neighbour resampling along ``dim`` (halves rounded up, as ITK: :func:`nearest_index`)."""
     n = x.shape[dim]
     c, inside = _source_positions(n, n_out, scale, offset, itk, x.device)
-    i = torch.round(c.to(torch.float32)).clamp(0, n - 1).to(torch.int64)
+    i = nearest_index(c).clamp(0, n - 1)
     return x.index_select(dim, i), inside
+
+
+def _nearest_gather(data: torch.Tensor, index: torch.Tensor, source: Grid, default: float) -> torch.Tensor:
+    """Nearest-neighbour values of (Z, Y, X) or (C, Z, Y, X) ``data`` at continuous indices ``index``
+    (Z', Y', X', 3) float64 (x, y, z), by gathering: any dtype, values copied exactly (no float32 round trip,
+    so int32 labels above 2^24 survive). ``default`` beyond ITK's buffer (half a voxel past the edge)."""
+    n = torch.as_tensor(source.size, dtype=index.dtype, device=index.device)
+    inside = ((index >= -0.5 - _HALF_UP_SLACK) & (index <= n - 0.5 + _HALF_UP_SLACK)).all(dim=-1)
+    r = nearest_index(index)
+    r = torch.minimum(r.clamp(min=0), (n - 1).to(torch.int64))
+    X, Y = source.size[0], source.size[1]
+    flat = ((r[..., 2] * Y + r[..., 1]) * X + r[..., 0]).reshape(-1)
+    lead = data.shape[:-3]
+    vals = data.reshape(*lead, -1).index_select(-1, flat).reshape(*lead, *index.shape[:-1])
+    fill = torch.as_tensor(default, dtype=data.dtype, device=data.device)
+    return torch.where(inside, vals, fill)
 
 
 def resample_separable(data: torch.Tensor, source: Grid, reference: Grid, padding: Literal["border", "itk"],
@@ -246,14 +272,15 @@ def warp_many(items: list[tuple[Image, Interp]], transform, reference: Grid, def
         pts = apply_affine(M_ref, torch.stack((xx, yy, zz), dim=-1))
         if transform is not None:
             pts = _map_reference_points(transform, pts, ref, z0, z1)
-        coords_by_grid: list[tuple[Grid, torch.Tensor]] = []
+        coords_by_grid: dict[tuple[int, bool], torch.Tensor] = {}  # (image index, index coordinates?) -> coords
         for k in todo:
             image, interp = items[k]
-            coords = next((c for g, c in coords_by_grid if g == image.grid), None)
-            if coords is None:
-                coords = image.grid.world_to_norm_points(pts).to(torch.float32)[None]
-                coords_by_grid.append((image.grid, coords))
-            parts[k].append(_sample(image, coords, interp, default))
+            as_index = interp == "nearest"
+            key = next((j for j in todo if items[j][0].grid == image.grid), k), as_index
+            if key not in coords_by_grid:
+                coords_by_grid[key] = image.grid.world_to_index_points(pts) if as_index else \
+                    image.grid.world_to_norm_points(pts).to(torch.float32)[None]
+            parts[k].append(_sample(image, coords_by_grid[key], interp, default))
     for k in todo:
         image = items[k][0]
         cat_dim = 0 if image.data.dim() == 3 else 1
@@ -262,16 +289,16 @@ def warp_many(items: list[tuple[Image, Interp]], transform, reference: Grid, def
 
 
 def _sample(image: Image, coords: torch.Tensor, interp: Interp, default: float) -> torch.Tensor:
+    """``image`` at ``coords``: continuous indices (Z', Y', X', 3) float64 for "nearest" (any dtype, kept),
+    ``grid_sample`` coordinates (1, Z', Y', X', 3) otherwise. "linear" of integer data is float32, not rounded
+    (as antsApplyTransforms interpolates and writes floats); "label" keeps the integer dtype."""
     data = image.data
+    if interp == "nearest":
+        return _nearest_gather(data, coords, image.grid, default)
     if interp == "label":
         return _label_interp(data, coords, image.grid, int(default))
-    is_int = not torch.is_floating_point(data)
-    src = data if not is_int else data.to(torch.float32)
-    res = grid_sample(src, coords, _MODES[interp], "itk", image.grid, default)
-    if not is_int:
-        return res
-    # integer data: rounded; "nearest" keeps the dtype, "linear" gives rounded float32
-    return torch.round(res).to(data.dtype) if interp == "nearest" else torch.round(res)
+    src = data if torch.is_floating_point(data) else data.to(torch.float32)
+    return grid_sample(src, coords, "bilinear", "itk", image.grid, default)
 
 
 def _map_reference_points(transform, pts: torch.Tensor, ref: Grid, z0: int, z1: int) -> torch.Tensor:

@@ -347,7 +347,7 @@ def test_label_interp_keeps_integer_type_and_linear_warns_on_integers(tmp_path):
     base = ["apply", "-i", tmp_path / "l.nii.gz", "-r", tmp_path / "l.nii.gz", "-t", tmp_path / "a.mat"]
     run_ok(base + ["-o", tmp_path / "o.nii.gz", "--interp", "label"])
     out = sitk.ReadImage(str(tmp_path / "o.nii.gz"))
-    assert out.GetPixelID() == sitk.sitkUInt8  # smallest type holding labels 0..3
+    assert out.GetPixelID() == sitk.sitkInt32  # the input's type is kept (as sitk.Resample keeps it)
     assert set(np.unique(sitk.GetArrayFromImage(out)).tolist()) <= {0, 1, 2, 3}
     res = run_ok(base + ["-o", tmp_path / "o2.nii.gz"])
     assert "--interp" in res.stderr and "Warning" in res.stderr
@@ -406,3 +406,103 @@ def test_inverting_a_field_with_brackets_is_refused(tmp_path):
     res = runner.invoke(app, ["apply", "-i", str(tmp_path / "m.nii.gz"), "-r", str(tmp_path / "m.nii.gz"),
                               "-t", f"[{tmp_path / 'w.nii.gz'},1]", "-o", str(tmp_path / "o.nii.gz")])
     assert res.exit_code == 3 and "InverseWarp" in res.stderr
+
+
+# ------------------------------------------------------------------------------ interpolation as ITK does it
+def _step_image(dtype, values=None) -> sitk.Image:
+    """A 12x10x8 image at 2 mm whose voxels are ``values`` along x (default 0..11), cast to ``dtype``."""
+    x = np.arange(12) if values is None else np.asarray(values)
+    arr = np.broadcast_to(x[None, None, :], (8, 10, 12)).copy()
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((2.0, 2.0, 2.0))
+    return sitk.Cast(img, dtype)
+
+
+def test_linear_of_an_integer_image_is_float_and_not_rounded(tmp_path):
+    """antsApplyTransforms and sitk.Resample interpolate integers in float: 0.65 voxel between 0 and 7 is 4.55."""
+    img = _step_image(sitk.sitkUInt8, [0] * 6 + [7] * 6)
+    sitk.WriteImage(img, str(tmp_path / "i.nii.gz"))
+    write_affine(AffineTransform.translation((1.3, 0.0, 0.0)), tmp_path / "a.mat")  # 0.65 voxel
+    run_ok(["apply", "-i", tmp_path / "i.nii.gz", "-r", tmp_path / "i.nii.gz", "-t", tmp_path / "a.mat",
+            "-o", tmp_path / "o.nii.gz", "--default-value", "0.5", "-q"])
+    out = sitk.ReadImage(str(tmp_path / "o.nii.gz"))
+    assert out.GetPixelID() == sitk.sitkFloat32
+    ref = sitk.Resample(sitk.Cast(img, sitk.sitkFloat32), img, sitk.TranslationTransform(3, (1.3, 0.0, 0.0)),
+                        sitk.sitkLinear, 0.5)
+    got, want = sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(ref)
+    assert np.abs(got - want).max() < 1e-4
+    assert np.isclose(got[4, 5, 5], 4.55, atol=1e-4) and np.isclose(got[4, 5, 11], 0.5)  # and the default kept
+
+
+@pytest.mark.parametrize("with_identity", [False, True])
+def test_nearest_rounds_halves_up_as_itk(tmp_path, with_identity):
+    """Exact half-voxel positions (a 2 mm grid downsampled to 4 mm with aligned corners, and a half-voxel shift)
+    take the upper voxel, as ITK's nearest neighbour does, with or without a transform file."""
+    img = _step_image(sitk.sitkInt16)
+    sitk.WriteImage(img, str(tmp_path / "i.nii.gz"))
+    for name, origin, spacing in (("down", (1.0, 1.0, 1.0), (4.0, 4.0, 4.0)), ("half", (1.0, 0.0, 0.0), (2.0,) * 3)):
+        ref = sitk.Image([6 if spacing[0] == 4.0 else 11, 5, 4], sitk.sitkUInt8)
+        ref.SetSpacing(spacing)
+        ref.SetOrigin(origin)
+        sitk.WriteImage(ref, str(tmp_path / f"r_{name}.nii.gz"))
+        extra = ["-t", "identity"]
+        if with_identity:
+            write_affine(AffineTransform.translation((0.0, 0.0, 0.0)), tmp_path / "id.mat")
+            extra = ["-t", tmp_path / "id.mat"]
+        run_ok(["apply", "-i", tmp_path / "i.nii.gz", "-r", tmp_path / f"r_{name}.nii.gz", *extra,
+                "-n", "NearestNeighbor", "-o", tmp_path / f"o_{name}.nii.gz", "-q"])
+        got = sitk.ReadImage(str(tmp_path / f"o_{name}.nii.gz"))
+        want = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, img.GetPixelID())
+        assert got.GetPixelID() == sitk.sitkInt16
+        assert np.array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want)), name
+    assert sitk.GetArrayFromImage(got)[0, 0].tolist() == list(range(1, 12))  # the half shift: 1..11
+
+
+def test_nearest_keeps_large_labels_and_the_default_must_fit_the_integer_output(tmp_path):
+    """int32 labels above 2^24 come through nearest exactly (no float32 round trip); a default value outside the
+    input's type widens it, and one that no integer output can hold is refused (exit 2, nothing written)."""
+    big = [16777217, 1073741825] * 6
+    img = _step_image(sitk.sitkInt32, big)
+    sitk.WriteImage(img, str(tmp_path / "i.nii.gz"))
+    write_affine(AffineTransform.translation((0.3, -0.2, 0.1)), tmp_path / "a.mat")
+    base = ["apply", "-i", tmp_path / "i.nii.gz", "-r", tmp_path / "i.nii.gz", "-t", tmp_path / "a.mat", "-q"]
+    run_ok(base + ["-n", "nearest", "-o", tmp_path / "o.nii.gz"])
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o.nii.gz")))).tolist()) <= set(big)
+    small = _step_image(sitk.sitkUInt8, [0, 3, 7] * 4)
+    sitk.WriteImage(small, str(tmp_path / "u8.nii.gz"))
+    base = ["apply", "-i", tmp_path / "u8.nii.gz", "-r", tmp_path / "u8.nii.gz", "-t", tmp_path / "a.mat", "-q"]
+    run_ok(base + ["-n", "GenericLabel", "--default-value", "-1", "-o", tmp_path / "neg.nii.gz"])
+    assert sitk.ReadImage(str(tmp_path / "neg.nii.gz")).GetPixelID() == sitk.sitkInt16
+    for value in ("-1.7", "nan"):
+        for interp in ("nearest", "label"):
+            res = CliRunner().invoke(app, [str(a) for a in base + ["-n", interp, "--default-value", value,
+                                                                    "-o", tmp_path / "bad.nii.gz"]])
+            assert res.exit_code == 2 and "--default-value" in res.output, res.output
+            assert not (tmp_path / "bad.nii.gz").exists()
+    res = CliRunner().invoke(app, [str(a) for a in base + ["-n", "cubic", "-o", tmp_path / "bad.nii.gz"]])
+    assert res.exit_code == 2 and "NearestNeighbor" in res.output
+
+
+def test_a_bspline_transform_is_refused_not_linearised(tmp_path):
+    """An ITK BSplineTransform (antsRegistration -t BSpline) has no affine equivalent: apply and jacobian refuse
+    it (exit 3, naming the type) alone, inverted, or inside an .h5 composite, instead of probing it as an affine."""
+    img = _step_image(sitk.sitkFloat32)
+    sitk.WriteImage(img, str(tmp_path / "i.nii.gz"))
+    bs = sitk.BSplineTransformInitializer(img, [3, 3, 3])
+    params = np.zeros(len(bs.GetParameters()))
+    params[10] = 3.0  # one control point moved 3 mm
+    bs.SetParameters(tuple(params))
+    sitk.WriteTransform(bs, str(tmp_path / "bs.txt"))
+    comp = sitk.CompositeTransform([sitk.TranslationTransform(3, (1.0, 0.0, 0.0)), bs])
+    sitk.WriteTransform(comp, str(tmp_path / "c.h5"))
+    for spec in (tmp_path / "bs.txt", f"[{tmp_path / 'bs.txt'},1]", tmp_path / "c.h5"):
+        res = CliRunner().invoke(app, ["apply", "-i", str(tmp_path / "i.nii.gz"), "-r", str(tmp_path / "i.nii.gz"),
+                                       "-t", str(spec), "-o", str(tmp_path / "o.nii.gz")])
+        assert res.exit_code == 3 and "BSplineTransform" in res.output, (spec, res.output)
+        assert not (tmp_path / "o.nii.gz").exists()
+    field = sitk.Image(img.GetSize(), sitk.sitkVectorFloat32, 3)
+    field.CopyInformation(img)
+    sitk.WriteImage(field, str(tmp_path / "w.nii.gz"))
+    res = CliRunner().invoke(app, ["jacobian", str(tmp_path / "w.nii.gz"), "-t", str(tmp_path / "bs.txt"),
+                                   "-o", str(tmp_path / "j.nii.gz")])
+    assert res.exit_code == 3 and "BSplineTransform" in res.output, res.output

@@ -16,7 +16,6 @@ the input's time spacing and origin; multi-component (vector) images are resampl
 component, without reorienting the vectors.
 """
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -43,10 +42,18 @@ EXAMPLES = examples(
 )
 
 
-class Interp(str, Enum):
-    linear = "linear"
-    nearest = "nearest"
-    label = "label"
+#: --interp names: regcli's, and antsApplyTransforms' (-n Linear, NearestNeighbor, GenericLabel), any case
+INTERP_NAMES = {"linear": "linear", "nearest": "nearest", "label": "label", "nearestneighbor": "nearest",
+                "genericlabel": "label"}
+
+
+def _interp_name(value: str) -> str:
+    """Typer callback: the interpolator's regcli name, from regcli's or ANTs' spelling (usage error otherwise)."""
+    name = INTERP_NAMES.get(str(value).strip().lower())
+    if name is None:
+        raise typer.BadParameter(f"'{value}' is not one of linear, nearest, label (or ANTs' Linear, "
+                                 "NearestNeighbor, GenericLabel).")
+    return name
 
 
 def _check_transform_specs(values: Optional[List[str]]) -> List[str]:
@@ -83,10 +90,11 @@ def apply(
     reference: Annotated[Optional[Path], input_file_option(
         "--reference", "-r", help="Image whose grid the output takes (required for images, unused with --points).",
         metavar="REFERENCE")] = None,
-    interp: Annotated[Interp, typer.Option(
-        "--interp", "-n", case_sensitive=False,
+    interp: Annotated[str, typer.Option(
+        "--interp", "-n", callback=_interp_name, metavar="[linear|nearest|label]",
         help="linear (intensities), nearest, or label (per-label linear + argmax, ANTs GenericLabel: best for "
-             "label maps).")] = Interp.linear,
+             "label maps). ANTs' names Linear, NearestNeighbor and GenericLabel are accepted too; nearest rounds "
+             "halves up, as ITK does.")] = "linear",
     default_value: Annotated[float, typer.Option("--default-value", help="Value outside the input image.")] = 0.0,
     points: Annotated[bool, typer.Option("--points", help="INPUT is a CSV point set (x,y,z in LPS mm). Points are "
                                          "mapped FIXED -> MOVING by the list as given; pass the inverse list to "
@@ -120,7 +128,7 @@ def apply(
         if reference is None:
             raise typer.BadParameter("missing; an image is resampled onto the reference grid (only --points "
                                      "works without one)", param_hint="'--reference' / '-r'")
-        result = apply_to_image(input, reference, specs, output, outs, interp.value, default_value, ui)
+        result = apply_to_image(input, reference, specs, output, outs, interp, default_value, ui)
     result["seconds"] = time.perf_counter() - t0
     ui.info(f"wrote {output} ({result.pop('summary')}) in {result['seconds']:.1f} s")
     ui.result(result)
@@ -223,10 +231,12 @@ def resample_volume(vol, reference, transform, interp: str, default: float):
 def apply_to_image(input: Path, reference: Path, specs: list, output: Path, outs, interp: str, default: float,
                    ui) -> dict:
     """Resample ``input`` onto ``reference`` through the transform ``specs``; write ``output`` atomically."""
+    import math
+
     import numpy as np
     import SimpleITK as sitk
 
-    from regcli.io.images import read_grid, smallest_label_dtype, write_sitk
+    from regcli.io.images import integer_dtype_holding, read_grid, smallest_label_dtype, write_sitk
     from regcli.io.transforms import read_transform_list
 
     img, vols, is_4d = _read_input(input)
@@ -237,10 +247,21 @@ def apply_to_image(input: Path, reference: Path, specs: list, output: Path, outs
     if int_input and interp == "linear":
         ui.warn(f"input '{input}' has integer voxels ({img.GetPixelIDTypeAsString()}); if it is a label map use "
                 "--interp label (or nearest): linear interpolation mixes label values")
+    in_dtype = sitk.GetArrayViewFromImage(vols[0]).dtype
+    if interp != "linear" and (int_input or interp == "label") and not (
+            math.isfinite(default) and float(default).is_integer() and abs(default) < 2 ** 62):
+        raise typer.BadParameter(f"{default:g}: --interp {interp} of an integer image gives integer voxels; give an "
+                                 "integer value (or --interp linear for float output)", param_hint="'--default-value'")
     arrays = [resample_volume(v, ref_grid, transform, interp, default) for v in vols]
     stacked = np.stack(arrays) if is_4d else arrays[0]
-    # integer results (nearest/label on integer or integral inputs) keep an integer type (E9)
-    dtype = smallest_label_dtype(stacked) if np.issubdtype(stacked.dtype, np.integer) else "float32"
+    # integer results (nearest/label) keep the input's integer type, widened only if the default value needs it;
+    # labels given as integral floats take the smallest integer type that holds them (E9)
+    if not np.issubdtype(stacked.dtype, np.integer):
+        dtype = "float32"
+    elif np.issubdtype(in_dtype, np.integer):
+        dtype = integer_dtype_holding(in_dtype, int(default))
+    else:
+        dtype = smallest_label_dtype(stacked)
     stacked = stacked.astype(dtype)
     ncomp = img.GetNumberOfComponentsPerPixel()
 

@@ -742,6 +742,19 @@ def write_sitk(img, path: str | os.PathLike) -> None:
             raw.unlink()
 
 
+def integer_dtype_holding(dtype, value: int) -> str:
+    """``dtype`` (an integer numpy type) when it holds ``value``, else the smallest signed type that holds both
+    (e.g. uint8 and a default value of -1: int16)."""
+    info = np.iinfo(dtype)
+    if info.min <= value <= info.max:
+        return np.dtype(dtype).name
+    lo, hi = min(int(info.min), value), max(int(info.max), value)
+    for name in ("int16", "int32", "int64"):
+        if np.iinfo(name).min <= lo and hi <= np.iinfo(name).max:
+            return name
+    raise ValueError(f"no integer type holds {value} and {np.dtype(dtype).name}")
+
+
 def smallest_label_dtype(labels: np.ndarray | torch.Tensor) -> str:
     """uint8/uint16/int16/int32, the smallest integer type that holds every label."""
     a = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)

@@ -53,6 +53,10 @@ def _from_sitk_transform(tx, path: Path) -> list:
     if name == "DisplacementFieldTransform":
         field_img = sitk.DisplacementFieldTransform(tx).GetDisplacementField()
         return [DisplacementField.from_sitk(field_img)]
+    if not tx.IsLinear():  # e.g. an ITK BSplineTransform: no affine stands for it
+        raise InputError(f"cannot use transform '{path}': unsupported transform type {name}; regcli reads linear "
+                         "transforms and displacement fields (convert it to a displacement field image, e.g. with "
+                         "SimpleITK's TransformToDisplacementField)")
     try:
         return [AffineTransform.from_sitk(tx)]
     except (AttributeError, ValueError, RuntimeError) as e:

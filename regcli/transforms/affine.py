@@ -47,10 +47,12 @@ class AffineTransform:
 
     @classmethod
     def from_sitk(cls, tx) -> "AffineTransform":
-        """From any SimpleITK matrix-offset transform (Affine, Euler3D, VersorRigid3D, Similarity3D, ...)."""
+        """From any linear SimpleITK transform (Affine, Euler3D, VersorRigid3D, Similarity3D, Translation, ...)."""
         dim = tx.GetDimension()
         if dim != 3:
             raise ValueError(f"expected a 3D transform, got {dim}D")
+        if not tx.IsLinear():
+            raise ValueError(f"{tx.GetName()} is not a linear transform")
         try:
             A = np.asarray(tx.GetMatrix(), dtype=np.float64).reshape(3, 3)
             t = np.asarray(tx.GetTranslation(), dtype=np.float64)
