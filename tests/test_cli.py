@@ -250,6 +250,54 @@ def test_info_on_a_vector_field_and_an_integer_image(tmp_path):
     assert d["dtype"] == "uint8" and d["range"] == [0.0, 3.0]
 
 
+def test_info_counts_nan_in_a_nifti_file_and_describes_transform_files(tmp_path):
+    """SimpleITK reads NaN in NIfTI as 0: info counts them in the file. A .mat/.h5 is described (type, matrix,
+    offset, determinant; a composite part by part), a BSpline as not linear."""
+    arr = np.ones((6, 7, 8), np.float32)
+    arr[2, 3, 4] = np.nan
+    arr[0, 0, :3] = np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "n.nii.gz"))
+    d = json.loads(invoke("info", tmp_path / "n.nii.gz", "--json").stdout)
+    assert d["kind"] == "image" and d["nan_count"] == 4 and d["nan_read_as_zero"] is True
+    assert "4 NaN/Inf in the file" in " ".join(invoke("info", tmp_path / "n.nii.gz").stdout.split())
+    a = sitk.AffineTransform(3)
+    a.SetMatrix((2, 0, 0, 0, 1, 0, 0, 0, 1.5))
+    a.SetTranslation((1, 2, 3))
+    sitk.WriteTransform(a, str(tmp_path / "a.mat"))
+    d = json.loads(invoke("info", tmp_path / "a.mat", "--json").stdout)
+    assert d["kind"] == "transform" and [t["type"] for t in d["transforms"]] == ["AffineTransform"]
+    assert np.allclose(d["transforms"][0]["matrix"], np.diag([2, 1, 1.5]))
+    assert np.allclose(d["transforms"][0]["offset"], (1, 2, 3)) and np.isclose(d["transforms"][0]["determinant"], 3.0)
+    img = sitk.Image([5, 5, 5], sitk.sitkFloat32)
+    comp = sitk.CompositeTransform([sitk.TranslationTransform(3, (1, 0, 0)), sitk.BSplineTransformInitializer(img, [2] * 3)])
+    sitk.WriteTransform(comp, str(tmp_path / "c.h5"))
+    d = json.loads(invoke("info", tmp_path / "c.h5", "--json").stdout)
+    assert [(t["type"], t["linear"]) for t in d["transforms"]] == [("BSplineTransform", False),
+                                                                  ("TranslationTransform", True)]
+    res = invoke("info", tmp_path / "n.mat")
+    assert res.exit_code == 2 and "does not exist" in res.output  # (a missing file: usage error, as for images)
+
+
+def test_a_displacement_field_with_nan_is_refused(tmp_path):
+    """A NaN vector (read as 0 by SimpleITK from NIfTI) would warp and score silently: apply and jacobian refuse
+    the field (exit 3) with the count and the first voxel."""
+    g = Grid.from_sitk(make_phantom("LPS", "iso"))
+    write_displacement(DisplacementField.zeros(g), tmp_path / "w.nii.gz")
+    f = sitk.ReadImage(str(tmp_path / "w.nii.gz"))
+    arr = sitk.GetArrayFromImage(f)
+    arr[3, 4, 5, 1] = np.nan
+    bad = sitk.GetImageFromArray(arr, isVector=True)
+    bad.CopyInformation(f)
+    sitk.WriteImage(bad, str(tmp_path / "bad.nii.gz"))
+    sitk.WriteImage(make_phantom("LPS", "iso"), str(tmp_path / "i.nii.gz"))
+    for args in (["jacobian", tmp_path / "bad.nii.gz", "-o", tmp_path / "j.nii.gz"],
+                 ["apply", "-i", tmp_path / "i.nii.gz", "-r", tmp_path / "i.nii.gz", "-t", tmp_path / "bad.nii.gz",
+                  "-o", tmp_path / "o.nii.gz"]):
+        res = invoke(*args)
+        assert res.exit_code == 3 and "1 NaN/Inf" in res.output and "x=5, y=4, z=3" in res.output, res.output
+    assert not (tmp_path / "j.nii.gz").exists() and not (tmp_path / "o.nii.gz").exists()
+
+
 # ------------------------------------------------------------------------------------------------ E2 / E1
 def _e2_cases(tmp_path, images):
     missing = tmp_path / "nope.nii.gz"

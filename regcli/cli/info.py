@@ -9,6 +9,7 @@ EXAMPLES = examples(
     "regcli info brain.nii.gz",
     "regcli info brain.nii.gz --json | jq .spacing",
     "regcli info case01_1Warp.nii.gz          # a displacement field: 3 components",
+    "regcli info case01_0GenericAffine.mat    # a transform: matrix, offset (LPS mm), determinant",
 )
 
 _NIFTI_KEYS = ("qform_code", "qform_code_name", "sform_code", "sform_code_name", "scl_slope", "scl_inter",
@@ -19,17 +20,18 @@ _INT_KEYS = ("qform_code", "sform_code", "intent_code", "xyzt_units")
 def image_info(path: Path) -> dict:
     """Geometry and content of an image file as a JSON-ready dict.
 
-    Keys: ``path``, ``dimension``, ``size`` (x, y, z[, t]), ``spacing`` (mm), ``origin`` (LPS mm),
+    Keys: ``path``, ``kind`` ("image"), ``dimension``, ``size`` (x, y, z[, t]), ``spacing`` (mm), ``origin`` (LPS mm),
     ``direction`` (row-major, columns = index axes in LPS), ``axcodes`` (letters the index axes point to,
     nibabel spelling, e.g. ``LPS``/``RAS``), ``ras_affine`` (4x4 index -> RAS mm, NIfTI/nibabel convention),
     ``pixel_type`` (SimpleITK name), ``dtype`` (numpy name), ``components``, ``range`` (min, max over all
-    voxels and components), ``nan_count``, and for NIfTI files ``nifti`` with the header codes that
+    voxels and components), ``nan_count`` (with ``nan_read_as_zero`` when they are in a float NIfTI file, which
+    SimpleITK reads as 0), and for NIfTI files ``nifti`` with the header codes that
     SimpleITK exposes (``qform_code``, ``sform_code``, ``scl_slope``, ``intent_code``, ...).
     """
     import numpy as np
     import SimpleITK as sitk
 
-    from regcli.io.images import read_sitk
+    from regcli.io.images import nonfinite_voxels, read_sitk
     from regcli.spaces.grid import _AXIS_LETTERS
 
     img = read_sitk(path, "image")
@@ -38,6 +40,10 @@ def image_info(path: Path) -> dict:
     finite = np.isfinite(arr) if np.issubdtype(arr.dtype, np.floating) else None
     nan_count = int(arr.size - finite.sum()) if finite is not None else 0
     vals = arr[finite] if finite is not None and nan_count else arr
+    # SimpleITK 2.x reads NaN/Inf in a float NIfTI as 0: count them in the file itself
+    on_disk = nonfinite_voxels(arr, path) if finite is not None and not nan_count else None
+    if on_disk is not None:
+        nan_count = on_disk[0]
     d = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)
     d3 = d[:3, :3]
     axcodes = ""
@@ -47,6 +53,7 @@ def image_info(path: Path) -> dict:
         axcodes += _AXIS_LETTERS[a][0 if col[a] > 0 else 1]
     out = {
         "path": str(path),
+        "kind": "image",
         "dimension": dim,
         "size": list(img.GetSize()),
         "spacing": list(img.GetSpacing()),
@@ -59,6 +66,8 @@ def image_info(path: Path) -> dict:
         "range": [float(vals.min()), float(vals.max())] if vals.size else [None, None],
         "nan_count": nan_count,
     }
+    if on_disk is not None:
+        out["nan_read_as_zero"] = True  # the range above counts them as 0, as every regcli command reads them
     if dim >= 3:
         index_to_lps = np.eye(4)
         index_to_lps[:3, :3] = d3 * np.asarray(img.GetSpacing()[:3])[None, :]
@@ -83,8 +92,75 @@ def image_info(path: Path) -> dict:
     return out
 
 
+TRANSFORM_EXTENSIONS = (".mat", ".txt", ".tfm", ".h5", ".hdf5")
+
+
+def transform_info(path: Path) -> dict:
+    """What an ITK transform file holds, as a JSON-ready dict: ``path``, ``kind: "transform"`` and ``transforms``,
+    one entry per transform in the order a point meets them (a composite's last-added first, as regcli and
+    antsApplyTransforms apply them): ``type`` (ITK name), ``linear``, and for linear ones ``matrix`` (3x3,
+    row-major), ``offset`` (mm: x -> matrix @ x + offset, LPS), ``center`` and ``determinant``; for a
+    displacement field its ``size`` and ``spacing``; otherwise the parameter count."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from regcli.errors import InputError
+    from regcli.io.images import check_readable_file
+    from regcli.transforms import AffineTransform
+
+    path = check_readable_file(path, "transform")
+    try:
+        tx = sitk.ReadTransform(str(path))
+    except RuntimeError:
+        raise InputError(f"cannot read transform '{path}': not an ITK transform file (.mat, .txt, .tfm, .h5)") from None
+    parts = []
+    stack = [tx]
+    while stack:
+        t = stack.pop(0)
+        if t.GetName() == "CompositeTransform":
+            comp = sitk.CompositeTransform(t)
+            stack = [comp.GetNthTransform(i) for i in reversed(range(comp.GetNumberOfTransforms()))] + stack
+            continue
+        entry: dict = {"type": t.GetName(), "dimension": t.GetDimension(), "linear": bool(t.IsLinear())}
+        if t.GetName() == "DisplacementFieldTransform":
+            field = sitk.DisplacementFieldTransform(t).GetDisplacementField()
+            entry.update(size=list(field.GetSize()), spacing=list(field.GetSpacing()), origin=list(field.GetOrigin()))
+        elif t.IsLinear() and t.GetDimension() == 3:
+            a = AffineTransform.from_sitk(t)
+            entry.update(matrix=a.linear.tolist(), offset=a.offset.tolist(), center=[float(c) for c in a.center],
+                         determinant=float(np.linalg.det(a.linear)))
+        else:
+            entry["parameters"] = len(t.GetParameters())
+        parts.append(entry)
+    return {"path": str(path), "kind": "transform", "transforms": parts}
+
+
+def _transform_table(data: dict):
+    from rich.table import Table
+
+    from regcli.cli.common import fmt_float
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("file", data["path"])
+    for k, part in enumerate(data["transforms"], 1):
+        t.add_row(f"transform {k}", part["type"] + ("" if part["linear"] else " (not linear)"))
+        if "matrix" in part:
+            t.add_row("  matrix", "\n".join("(" + ", ".join(fmt_float(v, 6) for v in row) + ")" for row in part["matrix"]))
+            t.add_row("  offset (mm)", "(" + ", ".join(fmt_float(v, 4) for v in part["offset"]) + ")")
+            t.add_row("  determinant", fmt_float(part["determinant"], 6))
+        elif "size" in part:
+            t.add_row("  field", " x ".join(map(str, part["size"])) + " at " +
+                      " x ".join(fmt_float(v, 4) for v in part["spacing"]) + " mm")
+        else:
+            t.add_row("  parameters", str(part["parameters"]))
+    return t
+
+
 def info(
-    image: Annotated[Path, input_file_argument("Image file (.nii, .nii.gz, .nrrd, .mha, ...).", "IMAGE")],
+    image: Annotated[Path, input_file_argument("Image file (.nii, .nii.gz, .nrrd, .mha, ...), or an ITK transform "
+                                               "file (.mat, .txt, .tfm, .h5).", "FILE")],
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -100,6 +176,10 @@ def info(
     from regcli.cli.common import Ui, fmt_float
 
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
+    if image.name.lower().endswith(TRANSFORM_EXTENSIONS):
+        data = transform_info(image)
+        ui.result(data, _transform_table(data))
+        return
     data = image_info(image)
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
@@ -118,7 +198,8 @@ def info(
     t.add_row("axcodes", data["axcodes"])
     t.add_row("pixel type", f"{data['pixel_type']} ({data['dtype']}), {data['components']} component(s)")
     t.add_row("range", f"[{fmt_float(data['range'][0], 4)}, {fmt_float(data['range'][1], 4)}]"
-              + (f", {data['nan_count']} NaN/Inf" if data["nan_count"] else ""))
+              + (f", {data['nan_count']} NaN/Inf" if data["nan_count"] else "")
+              + (" in the file (SimpleITK reads them as 0)" if data.get("nan_read_as_zero") else ""))
     if "nifti" in data:
         nf = data["nifti"]
         t.add_row("qform_code", f"{nf.get('qform_code', '-')} ({nf.get('qform_code_name', '')})")

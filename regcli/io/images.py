@@ -513,10 +513,13 @@ def _grid_of(source: Any, path: Path, role: str) -> Grid:
         raise GeometryError(f"{role} '{path}': {e}") from None
 
 
-def _nonfinite_message(role: str, path: Path, count: int, first_xyz: tuple[int, int, int]) -> str:
+_NONFINITE_ADVICE = "replace them (e.g. with 0) before registering"
+
+
+def _nonfinite_message(role: str, path: Path, count: int, first_xyz: tuple[int, int, int],
+                       advice: str = _NONFINITE_ADVICE) -> str:
     x, y, z = first_xyz
-    return (f"{role} '{path}' has {count} NaN/Inf voxels (first at index x={x}, y={y}, z={z}); "
-            "replace them (e.g. with 0) before registering")
+    return f"{role} '{path}' has {count} NaN/Inf voxels (first at index x={x}, y={y}, z={z}); {advice}"
 
 
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes FLOAT32, FLOAT64
@@ -594,12 +597,12 @@ def nonfinite_voxels(arr: np.ndarray, path: str | os.PathLike) -> tuple[int, tup
     return None if on_disk is None else (*on_disk, True)
 
 
-def refuse_nonfinite(arr: np.ndarray, path: Path, role: str) -> None:
+def refuse_nonfinite(arr: np.ndarray, path: Path, role: str, advice: str = _NONFINITE_ADVICE) -> None:
     """InputError naming the count and first index of NaN/Inf voxels in ``arr`` (Z, Y, X) or in its file
     (:func:`nonfinite_voxels`)."""
     found = nonfinite_voxels(arr, path)
     if found is not None:
-        raise InputError(_nonfinite_message(role, path, found[0], found[1]))
+        raise InputError(_nonfinite_message(role, path, found[0], found[1], advice))
 
 
 def _nifti_layout(head: bytes):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from regcli.errors import InputError
-from regcli.io.images import IMAGE_EXTENSIONS, check_readable_file, read_sitk
+from regcli.io.images import IMAGE_EXTENSIONS, check_readable_file, read_sitk, refuse_nonfinite
 from regcli.transforms import AffineTransform, CompositeTransform, DisplacementField
 
 _SPEC = re.compile(r"^\[\s*(?P<path>[^,\]]+?)\s*(,\s*(?P<inv>[01])\s*)?\]$")
@@ -80,6 +80,8 @@ def read_transform(spec: str) -> list:
             raise InputError(
                 f"cannot invert displacement field '{path}' with [file,1]; pass its InverseWarp file instead"
             )
+        refuse_nonfinite(sitk.GetArrayViewFromImage(img), path, "displacement field",
+                         "a field must be finite everywhere: the file is damaged, write it again")
         return [DisplacementField.from_sitk(img)]
     try:
         tx = sitk.ReadTransform(str(path))
