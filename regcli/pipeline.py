@@ -324,10 +324,12 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
 
         raise ConfigError(f"the inverse-warped image '{paths['inverse_warped']}' needs the inverse field: "
                           f"do not turn it off (--no-inverse / inverse_warp: false)")
-    outs = OutputSet(overwrite=overwrite)
+    outs = OutputSet(overwrite=overwrite, inputs=[inputs.fixed, inputs.moving, inputs.fixed_mask, inputs.moving_mask,
+                                                 inputs.fixed_labels, inputs.moving_labels, inputs.fixed_landmarks,
+                                                 inputs.moving_landmarks])
     figure_names: list[str] = []
-    for p in paths.values():
-        outs.claim(p)
+    for key, p in paths.items():
+        outs.claim(p, image=key in ("warp", "inverse_warp", "warped", "inverse_warped"))
 
     runtime = setup_runtime(config.device, config.threads, config.seed, config.deterministic)
     t0 = time.perf_counter()

@@ -506,3 +506,28 @@ def test_a_bspline_transform_is_refused_not_linearised(tmp_path):
     res = CliRunner().invoke(app, ["jacobian", str(tmp_path / "w.nii.gz"), "-t", str(tmp_path / "bs.txt"),
                                    "-o", str(tmp_path / "j.nii.gz")])
     assert res.exit_code == 3 and "BSplineTransform" in res.output, res.output
+
+
+def test_outputs_that_are_inputs_or_not_single_image_files_are_refused_up_front(tmp_path):
+    """-o naming an input is refused even with --overwrite (the warp would be replaced by an image); an output
+    that is not a single image file (.txt, .mhd/.raw pair) is refused before any work, naming the real file; a
+    bracketed spec with another flag than 0/1 says how to write it."""
+    img = _step_image(sitk.sitkFloat32)
+    sitk.WriteImage(img, str(tmp_path / "i.nii.gz"))
+    write_affine(AffineTransform.translation((1.0, 0.0, 0.0)), tmp_path / "a.mat")
+    g = Grid.from_sitk(img)
+    write_displacement(DisplacementField.zeros(g), tmp_path / "w.nii.gz")
+    before = (tmp_path / "w.nii.gz").read_bytes()
+    base = ["apply", "-i", tmp_path / "i.nii.gz", "-r", tmp_path / "i.nii.gz", "-t", tmp_path / "w.nii.gz"]
+    for out in (tmp_path / "w.nii.gz", tmp_path / "i.nii.gz", tmp_path / "." / "w.nii.gz"):
+        res = runner.invoke(app, [str(a) for a in base + ["-o", out, "--overwrite"]])
+        assert res.exit_code == 6 and "is the input" in res.output, res.output
+    assert (tmp_path / "w.nii.gz").read_bytes() == before
+    for name, words in (("o.txt", "not an image file name"), ("o.mhd", "header and a data file")):
+        res = runner.invoke(app, [str(a) for a in base + ["-o", tmp_path / name]])
+        assert res.exit_code == 6 and words in res.output and name in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mat", "i.nii.gz", "w.nii.gz"]  # nothing left
+    res = runner.invoke(app, [str(a) for a in base[:-2] + ["-t", f"[{tmp_path / 'a.mat'},2]", "-o", tmp_path / "o.nii"]])
+    assert res.exit_code == 2 and "[file,1]" in res.output, res.output
+    res = runner.invoke(app, ["jacobian", str(tmp_path / "w.nii.gz"), "-o", str(tmp_path / "w.nii.gz"), "--overwrite"])
+    assert res.exit_code == 6 and "is the input" in res.output

@@ -733,3 +733,17 @@ def test_config_file_may_be_a_pipe(tmp_path):
     writer.join(5)
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["foundation"]["weights"] == "some/folder"
+
+
+def test_register_refuses_an_output_that_is_one_of_its_inputs(tmp_path, images):
+    """Registering again onto the last result with the same prefix and --overwrite would replace the moving
+    image it reads: refused before any work (exit 6); a warped-image name that is not an image file too."""
+    out = tmp_path / "p_Warped.nii.gz"
+    out.write_bytes(images["moving"].read_bytes())
+    res = invoke("register", images["fixed"], out, "-o", tmp_path / "p_", "--overwrite", "--method", "affine")
+    assert res.exit_code == 6 and "is the input" in res.output, res.output
+    assert out.read_bytes() == images["moving"].read_bytes()
+    res = invoke("register", images["fixed"], images["moving"], "-o", f"[{tmp_path / 'q_'},{tmp_path / 'w.png'}]",
+                 "--method", "affine")
+    assert res.exit_code == 6 and "w.png" in res.output, res.output
+    assert not list(tmp_path.glob("q_*"))

@@ -62,10 +62,15 @@ def _check_transform_specs(values: Optional[List[str]]) -> List[str]:
 
     from regcli.io.transforms import parse_spec
 
+    from regcli.errors import InputError
+
     for spec in values or []:
         if spec.strip().lower() == "identity":
             continue
-        path, _ = parse_spec(spec)
+        try:
+            path, _ = parse_spec(spec)
+        except InputError as e:
+            raise typer.BadParameter(str(e)) from None
         p = Path(path)
         if not p.exists():
             raise typer.BadParameter(f"transform file '{path}' does not exist.")
@@ -117,9 +122,11 @@ def apply(
 
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
     t0 = time.perf_counter()
-    outs = OutputSet(overwrite=overwrite)
-    outs.claim(output)  # O2/O3: refuse before reading or computing anything
+    from regcli.io.transforms import parse_spec
+
     specs = [s for s in (transform or []) if s.strip().lower() != "identity"]
+    outs = OutputSet(overwrite=overwrite, inputs=[input, reference, *(parse_spec(s)[0] for s in specs)])
+    outs.claim(output, image=not points)  # O2/O3: refuse before reading or computing anything
     if points:
         if reference is not None:
             ui.info("note: --reference is not used with --points")

@@ -49,13 +49,13 @@ def jacobian(
     from regcli.cli.common import Ui
     from regcli.errors import InputError
     from regcli.io.atomic import OutputSet
-    from regcli.io.transforms import read_transform, read_transform_list
+    from regcli.io.transforms import parse_spec, read_transform, read_transform_list
     from regcli.transforms import AffineTransform, DisplacementField
 
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
     t0 = time.perf_counter()
-    outs = OutputSet(overwrite=overwrite)
-    outs.claim(output)
+    outs = OutputSet(overwrite=overwrite, inputs=[warp, mask, *(parse_spec(s)[0] for s in transform or [])])
+    outs.claim(output, image=True)
     parts = read_transform(str(warp))
     if len(parts) != 1 or not isinstance(parts[0], DisplacementField):
         raise InputError(f"WARP '{warp}' is not a displacement field image")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 from regcli.errors import OutputError, folded
 
@@ -71,6 +71,11 @@ def write_failure(err: BaseException) -> str:
     return folded(lines[-1] if lines else type(err).__name__, 160)
 
 
+#: image formats regcli writes: single files, so a temporary can be renamed into place (.mhd/.raw or
+#: .hdr/.img pairs reference each other by name)
+WRITABLE_IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
 class OutputSet:
     """Files of one command, staged as temporaries and published together.
 
@@ -83,14 +88,36 @@ class OutputSet:
         outs.commit()                     # all renamed at once; on any exception call outs.abort()
     """
 
-    def __init__(self, overwrite: bool = False) -> None:
+    def __init__(self, overwrite: bool = False, inputs: Iterable[Optional[str | os.PathLike]] = ()) -> None:
+        """``inputs``: the command's input files; none of them may be claimed as an output, even with
+        ``overwrite`` (a rerun with ``--overwrite`` and a mistyped name would replace the data it reads)."""
         self.overwrite = overwrite
+        self._inputs = [Path(p) for p in inputs if p]
         self._claimed: list[Path] = []
         self._staged: list[tuple[Path, Path]] = []
 
-    def claim(self, path: str | os.PathLike) -> Path:
-        """Check that ``path`` may be written (directory exists and is writable, no clobbering)."""
+    def _input_at(self, path: Path) -> Optional[Path]:
+        """The input that ``path`` names (the same file, or the same resolved path), if any."""
+        if not self._inputs:
+            return None
+        target = os.path.realpath(path)
+        for p in self._inputs:
+            try:
+                if os.path.realpath(p) == target or (path.exists() and p.exists() and os.path.samefile(p, path)):
+                    return p
+            except OSError:
+                continue
+        return None
+
+    def claim(self, path: str | os.PathLike, image: bool = False) -> Path:
+        """Check that ``path`` may be written (directory exists and is writable, no clobbering, not an input);
+        with ``image``, also that its format is one regcli writes (:data:`WRITABLE_IMAGE_EXTENSIONS`)."""
         path = Path(path)
+        if image and not path.name.lower().endswith(WRITABLE_IMAGE_EXTENSIONS):
+            two = path.name.lower().endswith((".mhd", ".hdr", ".img", ".img.gz", ".nhdr"))
+            raise OutputError(f"output '{path}': " + ("this format writes a header and a data file, which cannot "
+                              "be published atomically" if two else "not an image file name") +
+                              f"; use {', '.join(WRITABLE_IMAGE_EXTENSIONS)}")
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.exists():
             raise OutputError(f"output directory '{parent}' does not exist")
@@ -98,6 +125,9 @@ class OutputSet:
             raise OutputError(f"output directory '{parent}' is not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"output directory '{parent}' is not writable")
+        same = self._input_at(path)
+        if same is not None:
+            raise OutputError(f"output '{path}' is the input '{same}'; write the output elsewhere")
         if path.exists() and not self.overwrite:
             raise OutputError(f"output '{path}' exists; pass --overwrite to replace it")
         if path.is_dir():

@@ -27,11 +27,15 @@ _SPEC = re.compile(r"^\[\s*(?P<path>[^,\]]+?)\s*(,\s*(?P<inv>[01])\s*)?\]$")
 
 
 def parse_spec(spec: str) -> tuple[str, bool]:
-    """``'file'`` -> (file, False); ``'[file,1]'`` -> (file, True) (use the inverse)."""
+    """``'file'`` -> (file, False); ``'[file,1]'`` -> (file, True) (use the inverse); InputError for a bracketed
+    spec that is not ``[file]``, ``[file,0]`` or ``[file,1]``."""
     spec = spec.strip()
     m = _SPEC.match(spec)
     if m:
         return m.group("path"), m.group("inv") == "1"
+    if spec.startswith("[") and spec.endswith("]"):
+        raise InputError(f"transform '{spec}': write [file,1] to use a transform's inverse ([file] or [file,0]: "
+                         "as it is)")
     return spec, False
 
 
