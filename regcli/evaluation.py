@@ -243,21 +243,19 @@ def score_pair(pair: Pair, transform=None, label_interp: str = "nearest", hd95: 
         ``jacobian`` (full stats), ``tre_initial_mean``/``tre_mean`` (mm) and ``tre_per_landmark`` (mm);
         keys are absent when their inputs are.
     """
-    import torch
-
     from regcli.resample import resample_to_grid, warp
 
     out: dict[str, Any] = {}
     fixed_grid = read_grid(pair.fixed, "fixed image")  # header only, with the NIfTI qform/sform checks (G7)
     if pair.fixed_labels is not None and pair.moving_labels is not None:
         from regcli.io.images import read_labels
-        from regcli.reports.metrics import dice_per_label, hd95_per_label, nanmean
+        from regcli.reports.metrics import dice_per_label, hd95_per_label, label_values, nanmean
 
         fl = read_labels(pair.fixed_labels, "fixed labels")
         ml = read_labels(pair.moving_labels, "moving labels")
         if not fl.grid.allclose(fixed_grid):
             fl = resample_to_grid(fl, fixed_grid, "nearest")
-        labels = sorted((set(torch.unique(fl.data).tolist()) & set(torch.unique(ml.data).tolist())) - {0})
+        labels = sorted((label_values(fl) & label_values(ml)) - {0})
         if pair.label_ids is not None:
             labels = [lab for lab in labels if lab in set(pair.label_ids)]
         if not labels:

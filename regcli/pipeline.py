@@ -511,6 +511,7 @@ def _check_label_inputs(fixed_labels: Optional[Image], moving_labels: Optional[I
     """Refuse label maps that cannot be scored (no label at all, or none inside their image) before any work,
     and warn when Dice/HD95 will be missing (one side only, or no label in common)."""
     from regcli.errors import InputError
+    from regcli.reports.metrics import label_values
 
     for labels, grid, role in ((fixed_labels, fixed_grid, "fixed"), (moving_labels, moving_grid, "moving")):
         if labels is None:
@@ -525,7 +526,7 @@ def _check_label_inputs(fixed_labels: Optional[Image], moving_labels: Optional[I
         use = " (they only restrict the Jacobian statistics, `jacobian.in_mask`)" if given == "fixed" else ""
         log.warning("--%s-labels without --%s-labels: no Dice or HD95%s", given, missing, use)
     elif fixed_labels is not None:
-        common = (set(torch.unique(fixed_labels.data).tolist()) & set(torch.unique(moving_labels.data).tolist())) - {0}
+        common = (label_values(fixed_labels) & label_values(moving_labels)) - {0}
         if not common:
             log.warning("the fixed labels '%s' and moving labels '%s' share no label value: no Dice or HD95",
                         fixed_labels.name, moving_labels.name)
@@ -559,7 +560,7 @@ def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, warped_label
     if warped_labels is not None:
         fl = fixed_labels if fixed_labels.grid.allclose(fixed.grid) else resample_to_grid(fixed_labels, fixed.grid, "nearest")
         # labels present in both maps (as `regcli evaluate` scores them): one lost by warping counts as 0
-        labels = sorted((set(torch.unique(fl.data).tolist()) & set(torch.unique(moving_labels.data).tolist())) - {0})
+        labels = sorted((M.label_values(fl) & M.label_values(moving_labels)) - {0})
         dice = M.dice_per_label(fl, warped_labels, labels)
         hd = M.hd95_per_label(fl, warped_labels, labels)
         initial = M.dice_per_label(fl, warp(moving_labels, None, fixed.grid, "nearest"), labels)
