@@ -527,7 +527,8 @@ def test_outputs_that_are_inputs_or_not_single_image_files_are_refused_up_front(
         res = runner.invoke(app, [str(a) for a in base + ["-o", tmp_path / name]])
         assert res.exit_code == 6 and words in res.output and name in res.output, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mat", "i.nii.gz", "w.nii.gz"]  # nothing left
-    res = runner.invoke(app, [str(a) for a in base[:-2] + ["-t", f"[{tmp_path / 'a.mat'},2]", "-o", tmp_path / "o.nii"]])
+    bad_flag = ["-t", f"[{tmp_path / 'a.mat'},2]", "-o", tmp_path / "o.nii"]
+    res = runner.invoke(app, [str(a) for a in base[:-2] + bad_flag])
     assert res.exit_code == 2 and "[file,1]" in res.output, res.output
     res = runner.invoke(app, ["jacobian", str(tmp_path / "w.nii.gz"), "-o", str(tmp_path / "w.nii.gz"), "--overwrite"])
     assert res.exit_code == 6 and "is the input" in res.output

@@ -269,7 +269,8 @@ def test_info_counts_nan_in_a_nifti_file_and_describes_transform_files(tmp_path)
     assert np.allclose(d["transforms"][0]["matrix"], np.diag([2, 1, 1.5]))
     assert np.allclose(d["transforms"][0]["offset"], (1, 2, 3)) and np.isclose(d["transforms"][0]["determinant"], 3.0)
     img = sitk.Image([5, 5, 5], sitk.sitkFloat32)
-    comp = sitk.CompositeTransform([sitk.TranslationTransform(3, (1, 0, 0)), sitk.BSplineTransformInitializer(img, [2] * 3)])
+    comp = sitk.CompositeTransform([sitk.TranslationTransform(3, (1, 0, 0)),
+                                    sitk.BSplineTransformInitializer(img, [2] * 3)])
     sitk.WriteTransform(comp, str(tmp_path / "c.h5"))
     d = json.loads(invoke("info", tmp_path / "c.h5", "--json").stdout)
     assert [(t["type"], t["linear"]) for t in d["transforms"]] == [("BSplineTransform", False),

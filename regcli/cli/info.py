@@ -147,7 +147,8 @@ def _transform_table(data: dict):
     for k, part in enumerate(data["transforms"], 1):
         t.add_row(f"transform {k}", part["type"] + ("" if part["linear"] else " (not linear)"))
         if "matrix" in part:
-            t.add_row("  matrix", "\n".join("(" + ", ".join(fmt_float(v, 6) for v in row) + ")" for row in part["matrix"]))
+            rows = ("(" + ", ".join(fmt_float(v, 6) for v in row) + ")" for row in part["matrix"])
+            t.add_row("  matrix", "\n".join(rows))
             t.add_row("  offset (mm)", "(" + ", ".join(fmt_float(v, 4) for v in part["offset"]) + ")")
             t.add_row("  determinant", fmt_float(part["determinant"], 6))
         elif "size" in part:
