@@ -10,8 +10,10 @@ patch distance::
     D_ab(x) = box_r( (I(· + d·a) - I(· + d·b))^2 )(x)        (box over (2r+1)^3 voxels)
 
 and the descriptor is ``exp(-(D_ab - min_ab D) / V)`` with ``V`` the mean over the twelve channels of
-``D_ab - min_ab D``, clamped to ``[1e-3, 1e3]`` times its mean over the image. It is invariant to a global
-affine change of intensity (``a·I + b``, ``a != 0``) and lies in ``(0, 1]``.
+``D_ab - min_ab D``, clamped to ``[1e-3, 1e3]`` times its mean over the image (in that mean each voxel's ``V``
+counts at most 100 times the 99th percentile, so that a few extreme voxels do not set the clamp:
+:func:`_typical_variance`). It is invariant to a global affine change of intensity (``a·I + b``, ``a != 0``) and
+lies in ``(0, 1]``.
 
 All work is done one channel at a time with separable box filters (``avg_pool3d`` along one axis at a
 time), so the peak memory is the (12, Z, Y, X) output plus a few single-channel volumes.
@@ -42,6 +44,32 @@ def ssc_pairs() -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
         if sum((p - q) ** 2 for p, q in zip(a, b)) == 2:
             pairs.append((a, b))
     return pairs
+
+
+#: in the image's mean variance a voxel counts at most this many times the 99th percentile of the non-zero
+#: variances (on real images the largest variance is 1.1-4.2 times that percentile: brains, CT, US)
+OUTLIER_VARIANCE = 100.0
+
+
+def _typical_variance(var: torch.Tensor) -> torch.Tensor:
+    """The mean of ``var`` (N, 1, Z, Y, X) over each image, each voxel's value capped at :data:`OUTLIER_VARIANCE`
+    times the image's 99th percentile of non-zero variances; (N, 1, 1, 1, 1).
+
+    The published clamp uses the plain mean. One hot voxel (1e6 in a 0-250 brain) then raises it so far that the
+    floor ``1e-3 * mean`` flattens the descriptor everywhere and the deformable stage wanders (mean error 2.1 mm
+    after an affine stage at 0.18 mm). On an image with no such voxel nothing reaches the cap and the value is the
+    plain mean, to the bit.
+    """
+    out = []
+    for v in var.reshape(var.shape[0], -1):
+        pos = v[v > 0]
+        if pos.numel() == 0:
+            out.append(v.mean())
+            continue
+        q99 = pos.float().kthvalue(max(1, int(0.99 * pos.numel()))).values.to(v.dtype)
+        cap = q99 * OUTLIER_VARIANCE
+        out.append(v.clamp(max=cap).mean() if bool((v > cap).any()) else v.mean())
+    return torch.stack(out).reshape(-1, 1, 1, 1, 1)
 
 
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-12) -> torch.Tensor:
@@ -85,7 +113,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
     # MIND: subtract the per-voxel minimum, normalise by the per-voxel mean (clamped), exponentiate
     out.sub_(out.min(dim=1, keepdim=True).values)
     var = out.mean(dim=1, keepdim=True)
-    mean_var = var.mean(dim=(1, 2, 3, 4), keepdim=True)
+    mean_var = _typical_variance(var)
     lo = torch.clamp(mean_var * 1e-3, min=eps)
     hi = torch.clamp(mean_var * 1e3, min=eps)
     var = torch.maximum(torch.minimum(var, hi), lo)
