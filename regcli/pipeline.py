@@ -577,7 +577,14 @@ def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, warped_label
         out["pct_nonpos_jac"] = out["jacobian"]["pct_nonpos_jac"]
         out["sdlogj"] = out["jacobian"]["sdlogj"]
         if reg.inverse_error is not None:
-            out["inverse_consistency_mm"] = reg.inverse_error
+            # of the written Warp and InverseWarp (on the fixed grid, or the moving one): what a user composing the
+            # files gets; the solver's own residual, on the grid it iterated on, is kept under "solver"
+            from regcli.transforms.inverse import written_inverse_consistency
+
+            solver = dict(reg.inverse_error)
+            written = written_inverse_consistency(reg.field, reg.inverse_field) if reg.inverse_field is not None else {}
+            out["inverse_consistency_mm"] = {**written, **({"source": solver["source"]} if "source" in solver else {}),
+                                             "solver": solver}
     out["affine_det"] = float(np.linalg.det(reg.affine.linear))
     if landmarks is not None:
         from regcli.reports.landmarks import tre

@@ -163,10 +163,24 @@ def test_t3_written_transforms_of_both_directions_compose_to_identity_and_report
     assert float(err.mean()) < 0.5  # measured: mean 0.12, p95 0.24, max 0.83 mm
     for rep in (rep_ab, rep_ba):
         ic = rep["metrics"]["inverse_consistency_mm"]
-        assert {"mean_mm", "p99_mm", "max_mm"} <= set(ic)
+        assert {"mean_mm", "p99_mm", "max_mm", "points", "solver"} <= set(ic)
         assert all(np.isfinite(ic[k]) for k in ("mean_mm", "p99_mm", "max_mm"))
         # RELIABILITY T2's bounds for forward∘inverse; measured mean 3e-5, p99 4e-4, max 1.4e-3 mm
         assert ic["mean_mm"] < 0.1 and ic["p99_mm"] < 0.5
+    # the report's numbers describe the files: the written Warp composed with the written InverseWarp, at the
+    # InverseWarp's voxels that the Warp's grid covers (the phantom's 1 mm grid, not the 2 mm working grid)
+    from regcli.io.transforms import read_transform
+
+    fwd = read_transform(str(tmp_path / "ab_1Warp.nii.gz"))[0]
+    inv = read_transform(str(tmp_path / "ab_1InverseWarp.nii.gz"))[0]
+    y = inv.grid.world_coords()
+    q = inv.map_points(y)
+    inside = fwd.grid.inside(q)
+    e = (fwd.map_points(q[inside]) - y[inside]).norm(dim=-1).double()
+    ic = rep_ab["metrics"]["inverse_consistency_mm"]
+    assert ic["points"] == int(inside.sum())
+    assert ic["mean_mm"] == pytest.approx(float(e.mean()), rel=0.02, abs=1e-6)
+    assert ic["max_mm"] == pytest.approx(float(e.max()), rel=0.02, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ T4
