@@ -120,3 +120,26 @@ def test_carried_by_is_exact_for_rigid_maps_and_covers_affine_ones():
     pts = (outer @ M[:3, :3].T + M[:3, 3]) @ sheared[:3, :3].T + sheared[:3, 3]
     idx = k.world_to_index_points(torch.from_numpy(pts)).numpy()
     assert (idx >= -0.5 - 1e-6).all() and (idx <= np.asarray(k.size) - 0.5 + 1e-6).all()  # covers the image
+
+
+def test_centred_lattice_is_the_same_point_set_for_flipped_and_permuted_storage():
+    """centred_lattice keeps the field of view's centre and gives n = remainder (mod multiple) voxels per axis, so
+    the same box stored with flipped or permuted axes gives the same voxel centres (with_spacing, anchored at voxel
+    0, does not when the size is not a whole number of new voxels)."""
+    g = Grid((37, 41, 29), (1.2, 0.9, 1.7), (10.0, -20.0, 5.0), np.eye(3).ravel())
+    flipped = Grid(g.size, g.spacing, tuple(g.index_to_world_points(torch.tensor([36.0, 40.0, 0.0],
+                   dtype=torch.float64)).tolist()), np.diag([-1.0, -1.0, 1.0]).ravel())
+    perm = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], dtype=float)  # index x -> world z, y -> x, z -> y
+    permuted = Grid((41, 29, 37), (0.9, 1.7, 1.2), g.origin, perm.ravel())
+
+    def centres(grid):
+        key = (grid.world_coords().reshape(-1, 3) * 8).round() @ torch.tensor([1e8, 1e4, 1.0], dtype=torch.float64)
+        return torch.sort(key).values
+
+    for multiple, remainder in ((6, 0), (2, 1), (1, 0)):
+        a = g.centred_lattice(2.0, multiple, remainder)
+        assert all(n % multiple == remainder % multiple for n in a.size) and a.spacing == (2.0, 2.0, 2.0)
+        assert np.allclose(a.center_world(), g.center_world())
+        for other in (flipped, permuted):
+            assert torch.equal(centres(other.centred_lattice(2.0, multiple, remainder)), centres(a))
+    assert not torch.equal(centres(flipped.with_spacing(2.0)), centres(g.with_spacing(2.0)))

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -136,7 +137,7 @@ def off_nodes(fixed: torch.Tensor, start: torch.Tensor, grid: Grid) -> tuple[tor
     sampling coordinate decides which one ``grid_sample`` takes. Float32 and float64 (and devices) round that
     bit differently, and Adam's first, sign-like steps follow the side taken: on a brain the results differed by
     0.4 mm on average (RELIABILITY N3, docs/conventions.md). Here both images are sampled ``s`` =
-    ``OFF_NODE_VOXELS`` voxels further along every axis, 100 times beyond float32's rounding of a coordinate, so
+    ``OFF_NODE_VOXELS`` voxels further along every axis (towards the positive LPS direction it points to), 100 times beyond float32's rounding of a coordinate, so
     the same side is taken everywhere; an image registered to itself still has a zero residual at the start
     (moving the start alone would not: Adam would step on the residual it creates).
 
@@ -147,8 +148,13 @@ def off_nodes(fixed: torch.Tensor, start: torch.Tensor, grid: Grid) -> tuple[tor
         ``(fixed sampled at x + s, start + s, s)``, ``s`` a (3, 1, 1, 1) world-mm vector. The solver's result
         ``w`` gives the field ``w - s`` (to within ``s`` times the field's gradient: about 1e-4 mm).
     """
-    s = index_to_world_vectors(torch.full((3, 1, 1, 1), OFF_NODE_VOXELS, dtype=start.dtype, device=start.device),
-                               grid)
+    # along each index axis towards the positive LPS direction that axis mostly points to: the same world vector
+    # however the image is stored (a flipped axis would otherwise shift the other way, and the solve, which
+    # amplifies such differences in flat regions, ended 1 mm apart on a brain stored LIA and LPS)
+    D = grid.direction_matrix
+    signs = [1.0 if D[int(np.argmax(np.abs(D[:, k]))), k] > 0 else -1.0 for k in range(3)]
+    step = torch.tensor(signs, dtype=start.dtype, device=start.device).view(3, 1, 1, 1) * OFF_NODE_VOXELS
+    s = index_to_world_vectors(step, grid)
     fixed_s = FieldWarper(grid, grid, fixed.device, fixed.dtype).warp(fixed, s.expand(3, *grid.shape))
     return fixed_s, start + s, s
 

@@ -221,6 +221,26 @@ class Grid:
         origin = corner[:3] + self.direction_matrix @ (0.5 * sp)
         return Grid(tuple(new_n), tuple(sp), tuple(origin), self.direction)
 
+    def centred_lattice(self, spacing: float, multiple: int = 1, remainder: int = 0) -> "Grid":
+        """An isotropic grid of ``spacing`` mm over this field of view, with this grid's directions, centred on its
+        centre, with ``n = remainder (mod multiple)`` voxels per axis (``round(size * spacing / spacing')`` rounded
+        up to that).
+
+        Its voxel centres do not depend on how the image is stored: a flipped axis maps the centred lattice onto
+        itself, a permutation only reorders it (:meth:`with_spacing` starts at voxel 0, whose place changes with a
+        flip). So do the blocks that pool it by a divisor of ``multiple`` when ``remainder`` is 0, and the voxels
+        that a stride by a divisor of ``multiple`` keeps when ``remainder`` is 1 (both are then symmetric about the
+        centre; pooling would otherwise pad one end, a stride start at one end).
+        """
+        sp = float(spacing)
+        old = np.asarray(self.spacing)
+        n = np.maximum(np.round(np.asarray(self.size, dtype=np.float64) * old / sp), 2).astype(int)
+        m = max(1, int(multiple))
+        n = n + (int(remainder) - n) % m
+        centre = self.index_to_world() @ np.append((np.asarray(self.size, dtype=np.float64) - 1.0) / 2.0, 1.0)
+        origin = centre[:3] - self.direction_matrix @ ((n - 1) / 2.0 * sp)
+        return Grid(tuple(int(v) for v in n), (sp, sp, sp), tuple(origin), self.direction)
+
     def subsampled(self, factor: int) -> "Grid":
         """The grid of every ``factor``-th voxel, starting at voxel 0: voxel ``i`` of the result is voxel
         ``factor * i`` of this grid (what a stride-``factor`` convolution with "same" padding outputs).
