@@ -526,10 +526,18 @@ def _check_label_inputs(fixed_labels: Optional[Image], moving_labels: Optional[I
         use = " (they only restrict the Jacobian statistics, `jacobian.in_mask`)" if given == "fixed" else ""
         log.warning("--%s-labels without --%s-labels: no Dice or HD95%s", given, missing, use)
     elif fixed_labels is not None:
-        common = (label_values(fixed_labels) & label_values(moving_labels)) - {0}
+        fixed_ids, moving_ids = label_values(fixed_labels) - {0}, label_values(moving_labels) - {0}
+        common = fixed_ids & moving_ids
         if not common:
             log.warning("the fixed labels '%s' and moving labels '%s' share no label value: no Dice or HD95",
                         fixed_labels.name, moving_labels.name)
+        elif fixed_ids != moving_ids:
+            def listed(ids: set) -> str:
+                return ", ".join(map(str, sorted(ids)[:8])) + (", ..." if len(ids) > 8 else "") if ids else "none"
+
+            log.warning("Dice and HD95 are over the %d labels both maps hold; only in the fixed labels: %s; only in "
+                        "the moving labels: %s", len(common), listed(fixed_ids - moving_ids),
+                        listed(moving_ids - fixed_ids))
 
 
 def _read_landmarks(inputs: RegisterInputs):

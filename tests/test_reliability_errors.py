@@ -212,6 +212,13 @@ def test_e5_label_maps_that_cannot_be_scored_are_refused_or_warned_about(tmp_pat
     res = register(images, fast, "--fixed-labels", images["fixed_labels"], "--moving-labels",
                    tmp_path / "other_ids.nii.gz", "--no-html", "--overwrite", prefix="q_")
     assert res.exit_code == 0 and "share no label value" in res.stderr, res.stderr
+    partial = sitk.GetArrayFromImage(labels).astype(np.int32)
+    partial[partial == 1] = 7  # label 1 only in the fixed map, 7 only in the moving one
+    write(_like(labels, partial), tmp_path / "partial.nii.gz")
+    res = register(images, fast, "--fixed-labels", images["fixed_labels"], "--moving-labels",
+                   tmp_path / "partial.nii.gz", "--no-html", "--overwrite", prefix="p_")
+    flat = " ".join(res.stderr.split())
+    assert res.exit_code == 0 and "only in the fixed labels: 1" in flat and "only in the moving labels: 7" in flat, flat
 
 
 # ------------------------------------------------------------------------------------------------ G8
