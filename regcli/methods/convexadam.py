@@ -137,8 +137,9 @@ def off_nodes(fixed: torch.Tensor, start: torch.Tensor, grid: Grid) -> tuple[tor
     sampling coordinate decides which one ``grid_sample`` takes. Float32 and float64 (and devices) round that
     bit differently, and Adam's first, sign-like steps follow the side taken: on a brain the results differed by
     0.4 mm on average (RELIABILITY N3, docs/conventions.md). Here both images are sampled ``s`` =
-    ``OFF_NODE_VOXELS`` voxels further along every axis (towards the positive LPS direction it points to), 100 times beyond float32's rounding of a coordinate, so
-    the same side is taken everywhere; an image registered to itself still has a zero residual at the start
+    ``OFF_NODE_VOXELS`` voxels further along every axis (towards the positive LPS direction it points to, so the
+    same world vector however the image is stored), 100 times beyond float32's rounding of a coordinate, so the
+    same side is taken everywhere; an image registered to itself still has a zero residual at the start
     (moving the start alone would not: Adam would step on the residual it creates).
 
     Args:
