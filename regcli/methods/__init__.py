@@ -72,7 +72,5 @@ def lattice_rule(name: str, config) -> Optional[tuple[int, int]]:
 
     if name == "samconvex":
         return None
-    factors = [config.convex.grid_sp, config.instance.grid_sp_adam]
-    if name == "dio":
-        factors += list(config.dio.levels)
+    factors = list(config.dio.levels) if name == "dio" else [config.convex.grid_sp, config.instance.grid_sp_adam]
     return lcm(*(int(f) for f in factors)), 0
