@@ -249,13 +249,13 @@ def score_pair(pair: Pair, transform=None, label_interp: str = "nearest", hd95: 
     fixed_grid = read_grid(pair.fixed, "fixed image")  # header only, with the NIfTI qform/sform checks (G7)
     if pair.fixed_labels is not None and pair.moving_labels is not None:
         from regcli.io.images import read_labels
-        from regcli.reports.metrics import dice_per_label, hd95_per_label, label_values, nanmean
+        from regcli.reports.metrics import dice_per_label, hd95_per_label, nanmean, shared_labels
 
         fl = read_labels(pair.fixed_labels, "fixed labels")
         ml = read_labels(pair.moving_labels, "moving labels")
         if not fl.grid.allclose(fixed_grid):
             fl = resample_to_grid(fl, fixed_grid, "nearest")
-        labels = sorted((label_values(fl) & label_values(ml)) - {0})
+        labels = shared_labels(fl, ml)
         if pair.label_ids is not None:
             labels = [lab for lab in labels if lab in set(pair.label_ids)]
         if not labels:

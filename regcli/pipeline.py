@@ -568,7 +568,7 @@ def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, warped_label
     if warped_labels is not None:
         fl = fixed_labels if fixed_labels.grid.allclose(fixed.grid) else resample_to_grid(fixed_labels, fixed.grid, "nearest")
         # labels present in both maps (as `regcli evaluate` scores them): one lost by warping counts as 0
-        labels = sorted((M.label_values(fl) & M.label_values(moving_labels)) - {0})
+        labels = M.shared_labels(fl, moving_labels)
         dice = M.dice_per_label(fl, warped_labels, labels)
         hd = M.hd95_per_label(fl, warped_labels, labels)
         initial = M.dice_per_label(fl, warp(moving_labels, None, fixed.grid, "nearest"), labels)

@@ -42,6 +42,7 @@ __all__ = [
     "nanmean",
     "label_overlap_metrics",
     "label_values",
+    "shared_labels",
 ]
 
 
@@ -102,9 +103,9 @@ def label_values(labels: Image | np.ndarray | torch.Tensor) -> set[int]:
     return set(_histogram(_labels_array(labels)))
 
 
-def _default_labels(a: np.ndarray, b: np.ndarray) -> list[int]:
-    """Labels != 0 present in both maps, ascending."""
-    return sorted((set(_histogram(a)) & set(_histogram(b))) - {0})
+def shared_labels(a: Image | np.ndarray | torch.Tensor, b: Image | np.ndarray | torch.Tensor) -> list[int]:
+    """Labels != 0 present in both maps, ascending (what Dice and HD95 are scored over by default)."""
+    return sorted((label_values(a) & label_values(b)) - {0})
 
 
 def nanmean(values: Iterable[float]) -> float:
@@ -142,7 +143,7 @@ def dice_per_label(
     """
     a, b = _labels_array(fixed_labels), _labels_array(warped_labels)
     _check_same_grid(fixed_labels, warped_labels, a, b)
-    labs = _default_labels(a, b) if labels is None else sorted({int(v) for v in labels})
+    labs = shared_labels(a, b) if labels is None else sorted({int(v) for v in labels})
     na, nb = _label_counts(a, labs), _label_counts(b, labs)
     same = a[a == b]
     ni = _label_counts(same, labs)
@@ -286,7 +287,7 @@ def surface_distances_per_label(
     """
     a, b = _labels_array(fixed_labels), _labels_array(warped_labels)
     _check_same_grid(fixed_labels, warped_labels, a, b)
-    labs = _default_labels(a, b) if labels is None else sorted({int(v) for v in labels})
+    labs = shared_labels(a, b) if labels is None else sorted({int(v) for v in labels})
     sp = _spacing_zyx(fixed_labels, spacing)
     pa = _surface_points(a, labs)
     pb = _surface_points(b, labs)
@@ -364,7 +365,7 @@ def label_overlap_metrics(
     """
     a, b = _labels_array(fixed_labels), _labels_array(warped_labels)
     _check_same_grid(fixed_labels, warped_labels, a, b)
-    labs = _default_labels(a, b) if labels is None else sorted({int(v) for v in labels})
+    labs = shared_labels(a, b) if labels is None else sorted({int(v) for v in labels})
     d = dice_per_label(fixed_labels, warped_labels, labs)
     out: dict = {"labels": labs, "dice_per_label": d, "dice_mean": nanmean(d.values())}
     if surface:

@@ -45,7 +45,7 @@ def written_inverse_consistency(forward: DisplacementField, inverse: Displacemen
     while g.num_voxels / stride ** 3 > max_points:
         stride += 1
     v = inverse.disp[:, ::stride, ::stride, ::stride]
-    sub = type(g)(tuple(v.shape[1:][::-1]), tuple(s * stride for s in g.spacing), g.origin, g.direction)
+    sub = g.subsampled(stride)
     with torch.no_grad():
         ends = sub.world_coords(torch.float64, v.device) + v.permute(1, 2, 3, 0).to(torch.float64)
         inside = forward.grid.inside(ends)
