@@ -104,23 +104,11 @@ def transform_info(path: Path) -> dict:
     import numpy as np
     import SimpleITK as sitk
 
-    from regcli.errors import InputError
-    from regcli.io.images import check_readable_file
+    from regcli.io.transforms import itk_parts, read_itk_transform
     from regcli.transforms import AffineTransform
 
-    path = check_readable_file(path, "transform")
-    try:
-        tx = sitk.ReadTransform(str(path))
-    except RuntimeError:
-        raise InputError(f"cannot read transform '{path}': not an ITK transform file (.mat, .txt, .tfm, .h5)") from None
     parts = []
-    stack = [tx]
-    while stack:
-        t = stack.pop(0)
-        if t.GetName() == "CompositeTransform":
-            comp = sitk.CompositeTransform(t)
-            stack = [comp.GetNthTransform(i) for i in reversed(range(comp.GetNumberOfTransforms()))] + stack
-            continue
+    for t in itk_parts(read_itk_transform(path)):
         entry: dict = {"type": t.GetName(), "dimension": t.GetDimension(), "linear": bool(t.IsLinear())}
         if t.GetName() == "DisplacementFieldTransform":
             field = sitk.DisplacementFieldTransform(t).GetDisplacementField()
@@ -132,7 +120,7 @@ def transform_info(path: Path) -> dict:
         else:
             entry["parameters"] = len(t.GetParameters())
         parts.append(entry)
-    return {"path": str(path), "kind": "transform", "transforms": parts}
+    return {"path": str(Path(path)), "kind": "transform", "transforms": parts}
 
 
 def _transform_table(data: dict):

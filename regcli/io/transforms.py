@@ -43,17 +43,38 @@ def _is_image_path(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def read_itk_transform(path: str | os.PathLike):
+    """The SimpleITK transform in an ITK transform file (.mat, .txt, .tfm, .h5); InputError naming the file when
+    it is missing, unreadable or not one."""
+    import SimpleITK as sitk
+
+    path = check_readable_file(path, "transform")
+    try:
+        return sitk.ReadTransform(str(path))
+    except RuntimeError:
+        raise InputError(f"cannot read transform '{path}': not an ITK transform file (.mat, .txt, .tfm, .h5)") from None
+
+
+def itk_parts(tx) -> list:
+    """The transforms of a SimpleITK transform in the order a point meets them, composites flattened (ITK applies
+    a composite's last added transform first; regcli's and antsApplyTransforms' lists run in application order)."""
+    import SimpleITK as sitk
+
+    if tx.GetName() != "CompositeTransform":
+        return [tx]
+    comp = sitk.CompositeTransform(tx)
+    return [p for i in reversed(range(comp.GetNumberOfTransforms())) for p in itk_parts(comp.GetNthTransform(i))]
+
+
 def _from_sitk_transform(tx, path: Path) -> list:
+    """regcli transforms for the (flattened) parts of a SimpleITK transform, in application order."""
+    return [part for t in itk_parts(tx) for part in _from_sitk_part(t, path)]
+
+
+def _from_sitk_part(tx, path: Path) -> list:
     import SimpleITK as sitk
 
     name = tx.GetName()
-    if name == "CompositeTransform":
-        comp = sitk.CompositeTransform(tx)
-        out = []
-        # ITK applies the last added transform first; our lists run in application order.
-        for i in reversed(range(comp.GetNumberOfTransforms())):
-            out.extend(_from_sitk_transform(comp.GetNthTransform(i), path))
-        return out
     if name == "DisplacementFieldTransform":
         field_img = sitk.DisplacementFieldTransform(tx).GetDisplacementField()
         return [DisplacementField.from_sitk(field_img)]
@@ -87,10 +108,7 @@ def read_transform(spec: str) -> list:
         refuse_nonfinite(sitk.GetArrayViewFromImage(img), path, "displacement field",
                          "a field must be finite everywhere: the file is damaged, write it again")
         return [DisplacementField.from_sitk(img)]
-    try:
-        tx = sitk.ReadTransform(str(path))
-    except RuntimeError:
-        raise InputError(f"cannot read transform '{path}': not an ITK transform file (.mat, .txt, .tfm, .h5)") from None
+    tx = read_itk_transform(path)
     if tx.GetDimension() != 3:
         raise InputError(f"cannot use transform '{path}': it is {tx.GetDimension()}D, 3D is required")
     parts = _from_sitk_transform(tx, path)
