@@ -101,11 +101,10 @@ class SGD(_Optimizer):
         """The group's gradient factor: ``lr``, or with ``step_mm`` the factor calibrated at its first step."""
         if not self.step_mm:
             return g["lr"]
-        if "factor" not in g:
-            grads = [p.grad.detach().abs().reshape(-1) for p in g["params"] if p.grad is not None]
-            flat = torch.cat(grads).float() if grads else torch.zeros(1)
+        if "factor" not in g:  # (step() calls this only for a group with a gradient)
+            flat = torch.cat([p.grad.detach().abs().reshape(-1) for p in g["params"] if p.grad is not None]).float()
             k = max(1, min(flat.numel(), int(math.ceil(self.reference_quantile * flat.numel()))))
-            ref = float(flat.kthvalue(k).values) if flat.numel() > 1 else float(flat[0])
+            ref = float(flat.kthvalue(k).values)
             if ref <= 0.0:
                 ref = float(flat.max())
             if ref <= 0.0 or not math.isfinite(ref):
