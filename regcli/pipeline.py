@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +21,7 @@ from regcli.errors import GeometryError
 from regcli.features.intensity import smooth_for
 from regcli.io.atomic import OutputSet
 from regcli.progress import Progress, log
-from regcli.resample import resample_to_grid, upsample_field, warp, warp_many
+from regcli.resample import extend_edges, resample_to_grid, upsample_field, warp, warp_many
 from regcli.runtime import Runtime, setup_runtime
 from regcli.spaces import Grid, Image
 from regcli.transforms import (
@@ -235,6 +235,11 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     fixed_p, moving_p = prepare_images(config.method, fixed, moving, config)
     fixed_w = resample_to_grid(smooth_for(fixed_p, sp) if antialias else fixed_p, work).to(dev, dtype)
     moving_w = warp(smooth_for(moving_p, sp) if antialias else moving_p, affine, work).to(dev, dtype)
+    # a working grid rounded up to a pooling multiple reaches past the fixed image by up to a few voxels: replicate
+    # both images' edges there. Zeros would be flat features that a noisy moving image has nowhere else, and the
+    # discrete search pulled every flat (background) cell towards them, with the anatomy (40 mm on a phantom).
+    box = work.voxels_within(fixed.grid)
+    fixed_w, moving_w = (replace(im, data=extend_edges(im.data, box)) for im in (fixed_w, moving_w))
     fmask_w = resample_to_grid(fixed_mask, work, "nearest").to(dev) if fixed_mask is not None else None
     mmask_w = warp(moving_mask, affine, work, "nearest").to(dev) if moving_mask is not None else None
     timings["resample"] = time.perf_counter() - t0

@@ -72,20 +72,18 @@ def _typical_variance(var: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).reshape(-1, 1, 1, 1, 1)
 
 
-def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-12) -> torch.Tensor:
-    """MIND-SSC descriptor of a 3D image.
+#: the variance floor shared by two images is this many times the larger of their noise levels
+#: (:func:`noise_level`) times each image's own typical variance. Chosen on a clean 3 mm brain against the
+#: same brain moved by a known affine plus Gaussian noise (sd 20 of 250) and on three CT pairs (25 HU noise
+#: added); 10 to 40 all help, brains without added noise are unchanged (docs/methods.md, section 1)
+NOISE_FLOOR = 20.0
 
-    Args:
-        image: (1, 1, Z, Y, X) (or (N, 1, Z, Y, X), or (Z, Y, X)) float32 intensities on any grid (float64 is
-            kept, anything else computed in float32); the radius and dilation are in voxels of that grid (use
-            an isotropic grid).
-        radius: patch radius r in voxels (box of (2r+1)^3).
-        dilation: neighbour distance d in voxels.
-        eps: floor of the variance estimate (only matters for images with no contrast at all).
-    Returns:
-        (N, 12, Z, Y, X) float32 (float64 for a float64 image) descriptor in (0, 1], on the same grid as
-        ``image`` (dimensionless).
-    """
+#: the noise level is this quantile of the per-voxel variance estimate over the voxels where it is not ~0
+NOISE_QUANTILE = 0.05
+
+
+def _self_distances(image: torch.Tensor, radius: int, dilation: int) -> torch.Tensor:
+    """The twelve patch distances ``D_ab - min_ab D`` of :func:`mind_ssc`, (N, 12, Z, Y, X)."""
     if image.dim() == 3:
         image = image[None, None]
     if image.dim() != 5 or image.shape[1] != 1:
@@ -95,7 +93,8 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
     img = image.to(solver_dtype(image))
     # the descriptor ignores intensity offsets; removing the mean keeps float32 differences exact-ish
     # for images far from 0 (CT in HU, MRI with large offsets)
-    img = img - img.mean(dim=(1, 2, 3, 4), keepdim=True)
+    # (accumulated in float64: a float32 sum split between threads rounds differently with 1 and 2 threads)
+    img = img - img.mean(dim=(1, 2, 3, 4), keepdim=True, dtype=torch.float64).to(img.dtype)
     n, _, Z, Y, X = img.shape
     d = int(dilation)
     padded = F.pad(img, (d, d, d, d, d, d), mode="replicate")
@@ -110,12 +109,77 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
         diff = (shifted(a) - shifted(b)).pow_(2)
         out[:, c:c + 1] = box_filter(diff, radius)
     del padded
-    # MIND: subtract the per-voxel minimum, normalise by the per-voxel mean (clamped), exponentiate
-    out.sub_(out.min(dim=1, keepdim=True).values)
+    return out.sub_(out.min(dim=1, keepdim=True).values)
+
+
+def _image_noise(out: torch.Tensor) -> float:
+    """:func:`noise_level` from the distances of :func:`_self_distances` (the largest over the batch)."""
+    var = out.mean(dim=1, keepdim=True)
+    levels = [0.0]
+    for v, t in zip(var.reshape(var.shape[0], -1), _typical_variance(var).reshape(-1)):
+        pos = v[v > 1e-6 * v.mean()]
+        if pos.numel() == 0 or float(t) <= 0:
+            continue
+        pos = pos[::max(1, pos.numel() // 1_000_000)].float()  # a regular subsample: fast and deterministic
+        q = pos.kthvalue(max(1, int(NOISE_QUANTILE * pos.numel()))).values
+        levels.append(float(q) / float(t))
+    return max(levels)
+
+
+def noise_level(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> float:
+    """How noisy an image looks to MIND-SSC: the 5th percentile of its per-voxel variance estimate ``V`` (over
+    the voxels where ``V`` is not ~0), relative to its typical variance; dimensionless.
+
+    In white noise every voxel's ``V`` is of the order of the noise variance, so the flattest voxels still
+    have it (a brain with Gaussian noise of sd 20 in 250: about 0.1). A clean image has flat regions whose
+    ``V`` is near 0 (clean brains at 2 mm: about 1e-3 to 1e-5; a 3 mm CT with its own noise of 12 HU: about
+    1e-3). Pass the larger of two images' levels to :func:`mind_ssc` as ``noise``.
+    """
+    return _image_noise(_self_distances(image, radius, dilation))
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-12,
+             noise: float = 0.0) -> torch.Tensor:
+    """MIND-SSC descriptor of a 3D image.
+
+    Args:
+        image: (1, 1, Z, Y, X) (or (N, 1, Z, Y, X), or (Z, Y, X)) float32 intensities on any grid (float64 is
+            kept, anything else computed in float32); the radius and dilation are in voxels of that grid (use
+            an isotropic grid).
+        radius: patch radius r in voxels (box of (2r+1)^3).
+        dilation: neighbour distance d in voxels.
+        eps: floor of the variance estimate (only matters for images with no contrast at all).
+        noise: a noise level (:func:`noise_level`; pass the larger of the fixed and moving images' levels, as
+            :func:`mind_ssc_pair` does). The variance estimate is floored at :data:`NOISE_FLOOR` times it times
+            the image's typical variance, so that differences at the noise level do not count as structure:
+            where one image is clean and the other noisy, the clean image's flat regions would otherwise get
+            sharp, arbitrary descriptors (its variance at the ``1e-3`` clamp) that the other image's noise
+            matches anywhere. 0 (the default) gives the published descriptor.
+    Returns:
+        (N, 12, Z, Y, X) float32 (float64 for a float64 image) descriptor in (0, 1], on the same grid as
+        ``image`` (dimensionless).
+    """
+    return _descriptor(_self_distances(image, radius, dilation), noise, eps)
+
+
+def _descriptor(out: torch.Tensor, noise: float, eps: float = 1e-12) -> torch.Tensor:
+    """MIND-SSC from the distances of :func:`_self_distances`, in place: divided by the per-voxel variance
+    estimate (clamped, floored by ``noise``: :func:`mind_ssc`) and exponentiated."""
     var = out.mean(dim=1, keepdim=True)
     mean_var = _typical_variance(var)
-    lo = torch.clamp(mean_var * 1e-3, min=eps)
+    lo = torch.clamp(mean_var * max(1e-3, NOISE_FLOOR * noise), min=eps)
     hi = torch.clamp(mean_var * 1e3, min=eps)
-    var = torch.maximum(torch.minimum(var, hi), lo)
-    out.div_(var).neg_().exp_()
-    return out
+    return out.div_(torch.maximum(torch.minimum(var, hi), lo)).neg_().exp_()
+
+
+def mind_ssc_pair(fixed: torch.Tensor, moving: torch.Tensor, radius: int = 1, dilation: int = 2
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MIND-SSC of two images that are to be matched, floored by the noisier of the two: :func:`mind_ssc` of
+    each with ``noise`` the larger :func:`noise_level`. Each image (1, 1, Z, Y, X) or (Z, Y, X).
+
+    Below a noise level of ``1e-3 / NOISE_FLOOR`` the floor is the published ``1e-3`` clamp, and the descriptors
+    are the published ones to the bit.
+    """
+    dists = [_self_distances(image, radius, dilation) for image in (fixed, moving)]
+    noise = max(_image_noise(out) for out in dists)
+    return _descriptor(dists[0], noise), _descriptor(dists[1], noise)

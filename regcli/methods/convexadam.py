@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from regcli.config import RegisterConfig
 from regcli.errors import ConvergenceError, GeometryError, InputError
-from regcli.features.mind import mind_ssc
+from regcli.features.mind import mind_ssc_pair
 from regcli.resample import FieldWarper, resample_to_grid, upsample_field
 from regcli.solvers.convex import convex_displacement, symmetrise
 from regcli.solvers.instance import Problem, solver_from_config
@@ -297,8 +297,7 @@ def refine_on_working_grid(fdata: torch.Tensor, mdata: torch.Tensor, grid: Grid,
     (:mod:`regcli.methods.fine`)."""
     icfg = cfg.instance
     with torch.no_grad():
-        feat_f = mind_ssc(fdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
-        feat_m = mind_ssc(mdata[None, None], cfg.convex.mind_radius, icfg.refine_mind_dilation)
+        feat_f, feat_m = mind_ssc_pair(fdata, mdata, cfg.convex.mind_radius, icfg.refine_mind_dilation)
         n_mind = feat_f.shape[1]
         if icfg.refine_intensity_weight > 0:  # same-contrast pairs: the intensities join MIND-SSC
             feat_f, feat_m = (torch.cat((f, icfg.refine_intensity_weight * _standardised(d)[None, None]), 1)
@@ -344,11 +343,9 @@ def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opt
     with torch.no_grad():
         # 1. features ------------------------------------------------------------------------------
         t = time.perf_counter()
-        report(STAGE_FEATURES, 0, 2)
-        feat_f = mind_ssc(fdata[None, None], ccfg.mind_radius, ccfg.mind_dilation)
-        report(STAGE_FEATURES, 1, 2)
-        feat_m = mind_ssc(mdata[None, None], ccfg.mind_radius, ccfg.mind_dilation)
-        report(STAGE_FEATURES, 2, 2)
+        report(STAGE_FEATURES, 0, 1)
+        feat_f, feat_m = mind_ssc_pair(fdata, mdata, ccfg.mind_radius, ccfg.mind_dilation)
+        report(STAGE_FEATURES, 1, 1)
         timings["features"] = time.perf_counter() - t
 
         # 2. discrete coupled-convex stage ----------------------------------------------------------

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from regcli.config import RegisterConfig
 from regcli.errors import ConvergenceError
 from regcli.features.filters import box_filter
+from regcli.features.mind import mind_ssc, noise_level
 from regcli.methods.convexadam import (
     DeformableResult, _mask_on, _scalar, index_to_world_vectors, method_setup, off_nodes, refine_on_working_grid,
 )
@@ -70,8 +71,8 @@ def preflight(cfg: RegisterConfig) -> list[dict]:
     return [_load(cfg.samconvex.weights)[1]]
 
 
-def features(image: Image, net: EmbeddingNet, scfg, basis: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-             ) -> tuple[Image, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+def features(image: Image, net: EmbeddingNet, scfg, basis: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+             noise: float = 0.0) -> tuple[Image, Optional[tuple[torch.Tensor, torch.Tensor]]]:
     """The method's features of an image on ``image.grid.subsampled(2)``, and the projection they used.
 
     The global embedding (resampled there) and a local half (MIND-SSC with radius 1 / dilation 2, centred,
@@ -84,14 +85,14 @@ def features(image: Image, net: EmbeddingNet, scfg, basis: Optional[tuple[torch.
     (pass the fixed image's basis for the moving image, so both live in the same coordinates). Differences,
     hence the SSD costs, are kept up to the discarded variance, and the cost volume and the instance
     optimisation handle k instead of ``global_dim`` channels.
+
+    ``noise``: the MIND-SSC noise level shared by the two images (:func:`regcli.features.mind.mind_ssc`).
     """
     emb = embed(image, net)  # float32 network; its maps take the image's (the solver's) dtype
     emb = replace(emb, global_=emb.global_.to(dtype=image.data.dtype), local=emb.local.to(dtype=image.data.dtype))
     loc = None
     if scfg.local_features in ("mind", "both"):
-        from regcli.features.mind import mind_ssc
-
-        m = mind_ssc(image.data[None, None], 1, 2)[0]
+        m = mind_ssc(image.data[None, None], 1, 2, noise=noise)[0]
         m = box_filter(m - m.mean(0, keepdim=True), 1)[:, ::2, ::2, ::2]  # anti-aliased, centred on voxel 2i
         loc = F.normalize(m, dim=0)
         if scfg.local_features == "both":
@@ -168,12 +169,15 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
     fdata = _scalar(fixed, "fixed").to(dev)
     mdata = _scalar(moving, "moving").to(dev)
     fmask = _mask_on(fixed_mask, grid, "fixed")
+    mmask = _mask_on(moving_mask, grid, "moving")
     report(STAGE_EMBED, 0, 1)
     with torch.no_grad():
-        emb_f, basis = features(Image(fdata, grid), net, scfg)
+        # the noisier image sets MIND-SSC's variance floor for both, at every level
+        noise = 0.0 if scfg.local_features == "embedding" else max(noise_level(d, 1, 2) for d in (fdata, mdata))
+        emb_f, basis = features(Image(fdata, grid), net, scfg, noise=noise)
         timings["embed_fixed"] = time.perf_counter() - t
         t = time.perf_counter()
-        emb_m0, _ = features(Image(mdata, grid), net, scfg, basis)  # unwarped moving: first level and IO
+        emb_m0, _ = features(Image(mdata, grid), net, scfg, basis, noise)  # unwarped moving: first level and IO
     report(STAGE_EMBED, 1, 1)
     timings["embed_moving"] = time.perf_counter() - t
 
@@ -188,7 +192,8 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
             if u is None:
                 emb_m = emb_m0
             else:
-                emb_m, _ = features(Image(warper.warp(mdata, u, "bilinear", "border"), grid), net, scfg, basis)
+                emb_m, _ = features(Image(warper.warp(mdata, u, "bilinear", "border"), grid), net, scfg, basis,
+                                    noise)
             ff, level = level_features(emb_f, grid, factor)
             fm, _ = level_features(emb_m, grid, factor)
             hist: list[dict] = []
@@ -208,16 +213,15 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
         with torch.no_grad():
             eg = emb_f.grid
             fixed_s, init, shift = off_nodes(emb_f.data[None], upsample_field(u, grid, eg), eg)
-            w_fixed = None
-            if fmask is not None:
-                w_fixed = upsample_field(fmask[None].to(dev), grid, eg)[0]
+            w_fixed, w_moving = (None if mk is None else upsample_field(mk[None].to(dev), grid, eg)[0]
+                                 for mk in (fmask, mmask))
         solver = solver_from_config(
             cfg.instance, iterations=scfg.io_iterations, lr=scfg.io_learning_rate, reg_weight=scfg.io_reg_weight,
             smoothing_passes=scfg.smoothing_passes, gradient_floor=scfg.io_gradient_floor, num_voxels=eg.num_voxels,
             stage="samconvex instance optimisation", progress=lambda i, n, loss: report(STAGE_IO, i, n),
             similarity="feature_ssd")
         report(STAGE_IO, 0, scfg.io_iterations)
-        res = solver.run(Problem(fixed_s[0], emb_m0.data, eg, eg, w_fixed, prompts=list(prompts)), init=init)
+        res = solver.run(Problem(fixed_s[0], emb_m0.data, eg, eg, w_fixed, w_moving, prompts=list(prompts)), init=init)
         history["instance"] = res.history
         with torch.no_grad():
             u = upsample_field(res.disp - shift, eg, grid)
@@ -226,7 +230,7 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
     # 4. optional: ConvexAdam's refinement on the working grid (MIND-SSC, Adam with a gradient floor) ------
     if scfg.refine_iterations > 0:
         t = time.perf_counter()
-        u, history["refine"] = refine_on_working_grid(fdata, mdata, grid, u, grid, fmask, None, cfg,
+        u, history["refine"] = refine_on_working_grid(fdata, mdata, grid, u, grid, fmask, mmask, cfg,
                                                       scfg.refine_iterations, report, dev, prompts)
         timings["refine"] = time.perf_counter() - t
 

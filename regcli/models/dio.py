@@ -229,8 +229,10 @@ def mind_levels(x: torch.Tensor, levels) -> dict[int, torch.Tensor]:
     from regcli.features.mind import mind_ssc
 
     def unit_or_zero(f: torch.Tensor) -> torch.Tensor:
+        # MIND lies in (0, 1]: a centred vector shorter than 1e-4 is rounding in a flat region, which unit length
+        # would blow up (1e-12 let float32 rounding that differs with the thread count through: 0.9 mm apart)
         n = f.square().sum(1, keepdim=True)
-        return torch.where(n > 1e-12, f * n.clamp_min(1e-12).rsqrt(), torch.zeros_like(f))
+        return torch.where(n > 1e-8, f * n.clamp_min(1e-8).rsqrt(), torch.zeros_like(f))
 
     with torch.no_grad():
         m = mind_ssc(x, 1, 2)

@@ -26,9 +26,10 @@ def diffusion(disp: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
     """Diffusion energy: sum over axes of the mean squared displacement gradient (dimensionless).
 
     On a grid of spacing h with the displacement in mm this equals ConvexAdam's voxel-unit penalty
-    ``sum_axes mean((u_vox[i+1] - u_vox[i])^2)``, so its published weight (1.25) carries over.
+    ``sum_axes mean((u_vox[i+1] - u_vox[i])^2)``, so its published weight (1.25) carries over. An axis of one
+    voxel (a thin slab's coarse level) has no differences and adds nothing (its empty mean would be NaN).
     """
-    return sum(d.pow(2).mean() for d in forward_differences(disp, spacing))
+    return sum((d.pow(2).mean() for d in forward_differences(disp, spacing) if d.numel() > 0), disp.new_zeros(()))
 
 
 @REGULARIZERS.register("diffusion")
