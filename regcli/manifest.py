@@ -57,7 +57,8 @@ class Dataset(BaseModel):
         "affine", description="foundation training: affine: as --method foundation sees them after regcli's affine "
         "stage (the glob's images aligned to its first image, each pair's moving image to its fixed image); none: "
         "every image's own field of view")
-    percentiles: Optional[tuple[float, float]] = Field(None, description="intensity window (default: the network's)")
+    percentiles: Optional[tuple[float, float]] = Field(None, description="intensity window, percentiles 0 <= low < "
+                                                       "high <= 100 (default: the network's)")
     labels_replace: tuple[str, str] = Field(("_T1w", "_labels"), description="a glob image's label map is its path "
                                             "with the first string replaced by the second")
     label_ids: Optional[tuple[int, ...]] = Field(None, description="the labels that count (default: all shared)")
@@ -70,6 +71,11 @@ class Dataset(BaseModel):
         if not self.name:
             src = Path(self.glob or self.pairs)
             object.__setattr__(self, "name", src.parent.name or src.stem)
+        if self.percentiles is not None and not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError(f"dataset '{self.name}': percentiles must be [low, high] with 0 <= low < high <= 100, "
+                             f"got {list(self.percentiles)}")
+        if not self.labels_replace[0]:
+            raise ValueError(f"dataset '{self.name}': labels_replace needs a non-empty string to replace")
         return self
 
     @property

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
+from pydantic import ValidationError
 
 from conftest import make_phantom
 from regcli.models.embedding import EmbeddingConfig, EmbeddingNet
@@ -101,3 +105,68 @@ def test_volume_sampler_by_source_balances_sources():
     old = volume_sampler(23, "volume", None, np.random.default_rng(5))
     ref = np.random.default_rng(5)
     assert [old() for _ in range(50)] == [int(ref.integers(0, 23)) for _ in range(50)]
+
+
+def test_a_run_resumed_with_more_iterations_follows_the_longer_schedule():
+    """A 4-step run resumed with iterations 8 takes steps 5-8 at the learning rates of a straight 8-step run (bit
+    for bit), decaying to the same end: the cosine is not restarted with the old length. Resumed with the same
+    iterations (stop_after), a run is the straight run, bit for bit."""
+    vol = _volume()
+    base = dict(batch_pairs=1, crop=16, points=32, max_shift_mm=8.0, hard_negatives=16, exclude_mm=(8.0, 3.0), seed=2)
+    states = {}  # step -> (training state, network weights), as a checkpoint holds them
+
+    def run(resume=None, **kw):
+        torch.manual_seed(0)
+        net = EmbeddingNet(SMALL)
+        if resume is not None:
+            net.load_state_dict(resume[1])
+        return train_embedding([vol], EmbeddingTrainConfig(**base, **kw), net=net,
+                               resume=None if resume is None else resume[0],
+                               save=lambda step, st: states.__setitem__(step, copy.deepcopy((st, net.state_dict()))))
+
+    straight = run(iterations=8).history
+    first = run(iterations=4).history
+    assert [h["lr"] for h in first] != [h["lr"] for h in straight[:4]]  # the 4-step schedule decays faster
+    extended = run(resume=states[4], iterations=8).history
+    assert len(extended) == 8 and extended[:4] == first
+    assert [h["lr"] for h in extended[4:]] == [h["lr"] for h in straight[4:]]
+    assert extended[-1]["lr"] == straight[-1]["lr"] == pytest.approx(0.05 * 1e-3)
+    assert all(a["lr"] > b["lr"] for a, b in zip(extended[4:], extended[5:]))  # decays from step 5 on
+
+    states.clear()
+    run(iterations=8, stop_after=3)
+    assert run(resume=states[3], iterations=8).history == straight
+
+
+def test_advance_schedule_is_the_straight_schedule():
+    """The replayed schedule gives the rates a straight run has (PyTorch's cosine computes each from the last)."""
+    from regcli.training.embedding import advance_schedule, cosine_schedule
+
+    cfg = EmbeddingTrainConfig(iterations=50, learning_rate=3e-3)
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([p], lr=cfg.learning_rate)
+    sched = cosine_schedule(opt, cfg)
+    rates = []
+    for _ in range(50):
+        opt.step()
+        sched.step()
+        rates.append(sched.get_last_lr()[0])
+    for step in (1, 17, 49):
+        opt2 = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
+        sched2 = cosine_schedule(opt2, cfg)
+        advance_schedule(sched2, cfg, step)
+        assert opt2.param_groups[0]["lr"] == rates[step - 1]
+        opt2.step()
+        sched2.step()
+        assert sched2.get_last_lr()[0] == rates[step]
+
+
+@pytest.mark.parametrize("bad", [{"scale_range": (1.25, 0.8)}, {"scale_range": (-1, 0.5)}, {"scale_range": (0, 1)},
+                                 {"gamma_range": (0, 1.5)}, {"gamma_range": (1.5, 0.7)}, {"exclude_mm": (-1, 4)},
+                                 {"iterations": True}, {"hard_negatives": True}, {"batch_pairs": 2.0}, {"seed": "1"}])
+def test_out_of_range_recipe_values_are_refused(bad):
+    """Ranges need 0 < low <= high (a reversed or non-positive range crashed mid-run), counts are integers (a
+    YAML `true` is not 1)."""
+    with pytest.raises(ValidationError, match=next(iter(bad))):
+        EmbeddingTrainConfig(**bad)
+    EmbeddingTrainConfig(scale_range=(1.0, 1.0), gamma_range=(1.0, 1.0), exclude_mm=(0, 0), iterations=3)

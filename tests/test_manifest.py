@@ -127,3 +127,18 @@ def test_evaluate_a_dataset_manifest_by_task(tmp_path):
     assert res.exit_code == 7 and "unknown task 'lung'" in res.stderr
     res = invoke("batch", manifest, "-o", tmp_path / "b", "--method", "affine", "--task", "ct", "--json")
     assert res.exit_code == 0 and [r["pair"] for r in json.loads(res.stdout)["pairs"]] == ["ct_pair001"]
+
+
+def test_dataset_percentiles_and_labels_replace_are_checked(tmp_path):
+    """percentiles [99, 1] (or outside 0..100) inverted the intensities and crashed training mid-run; an empty
+    labels_replace source would insert the replacement between every character of a path: both are refused
+    when the manifest is read, naming the dataset."""
+    Dataset(glob="a/*.nii.gz", percentiles=(0, 100))
+    for bad in ((99, 1), (5, 5), (-1, 99), (1, 101)):
+        with pytest.raises(ValueError, match="dataset 'a': percentiles must be"):
+            Dataset(glob="/d/a/*.nii.gz", percentiles=bad)
+    with pytest.raises(ValueError, match="labels_replace"):
+        Dataset(glob="a/*.nii.gz", labels_replace=("", "_labels"))
+    (tmp_path / "m.yaml").write_text("datasets:\n  - {name: brain, glob: b/*.nii.gz, percentiles: [99, 1]}\n")
+    with pytest.raises(ConfigError, match="invalid dataset manifest .*brain.*percentiles"):
+        load_datasets(tmp_path / "m.yaml")

@@ -147,3 +147,126 @@ def test_resume_refuses_a_changed_job_but_may_run_further(tmp_path):
     res = CliRunner().invoke(app, [*args, "--config", str(job), "--resume", "--iterations", "1"])
     assert res.exit_code == 7 and "3 steps" in one_line(res.output), res.output
     assert json.loads((out / "job.json").read_text())["train"]["iterations"] == 3
+
+
+def test_resume_refuses_a_damaged_or_foreign_checkpoint(tmp_path):
+    """--resume with a checkpoint.pt that is truncated, not a checkpoint, of another network or holding a state
+    that does not fit: one line naming the file, InputError (exit 3) or ConfigError for another network (exit 7),
+    never "unexpected ... this is a bug"."""
+    import shutil
+
+    job = _setup(tmp_path)
+    run = tmp_path / "run"
+    assert CliRunner().invoke(app, ["train", "embedding", "--config", str(job), "-o", str(run), "--iterations", "2",
+                                    "--threads", "1", "-q"]).exit_code == 0
+    good = torch.load(run / "checkpoint.pt", weights_only=False)
+
+    def resume(name, damage, config=job, drop_job=False):
+        folder = tmp_path / name
+        shutil.copytree(run, folder)
+        if drop_job:
+            (folder / "job.json").unlink()
+        damage(folder / "checkpoint.pt")
+        res = CliRunner().invoke(app, ["train", "embedding", "--config", str(config), "-o", str(folder), "--resume",
+                                       "--threads", "1", "-q"])
+        line = one_line(res.stderr)
+        assert str(folder / "checkpoint.pt") in line and "bug" not in line, line
+        return res.exit_code, line
+
+    code, line = resume("trunc", lambda p: p.write_bytes(p.read_bytes()[:1000]))
+    assert code == 3 and line.startswith("InputError: --resume:") and "not a readable regcli checkpoint" in line
+    code, line = resume("text", lambda p: p.write_text("garbage\n"))
+    assert code == 3 and "not a readable regcli checkpoint" in line
+    code, line = resume("old", lambda p: torch.save({k: v for k, v in good.items() if k != "train_state"}, p))
+    assert code == 3 and "older regcli" in line
+    code, line = resume("state", lambda p: torch.save({**good, "train_state": {**good["train_state"], "rng": 7}}, p))
+    assert code == 3 and "not a usable checkpoint" in line
+    other = tmp_path / "other.yaml"
+    other.write_text(JOB.replace("global_dim: 8", "global_dim: 6"))
+    code, line = resume("othernet", lambda p: None, config=other, drop_job=True)
+    assert code == 7 and line.startswith("ConfigError:") and "net.global_dim: 8 -> 6" in line
+    # tensors that do not fit, under a configuration that does (no "config" recorded)
+    code, line = resume("tensors", lambda p: torch.save({**{k: v for k, v in good.items() if k != "config"},
+                                                         "state_dict": {"x": torch.zeros(1)}}, p))
+    assert code == 7 and "does not fit the job's" in line
+
+
+def test_pair_and_dio_resume_check_the_checkpoint_before_reading_data(tmp_path):
+    """The pair trainers and DIO read checkpoint.pt before any data: a job whose glob matches nothing is refused
+    for its checkpoint (exit 3 naming it, or 7 for another network), not after the data are read."""
+    nets = {"foundation": "{input_shape: [36, 36, 36], down_channels: [4, 8, 8, 16], up_channels: [4, 4, 8, 8]}",
+            "promptreg": "{input_shape: [24, 24, 24], encoder_channels: [4, 8, 8], decoder_channels: [4, 8]}",
+            "dio": "{arch: unet, widths: [4, 8, 8, 8], feature_channels: [4, 4, 4]}"}
+    jobs = {}
+    for task, net in nets.items():
+        jobs[task] = tmp_path / f"{task}.yaml"
+        jobs[task].write_text(f"data:\n  - glob: nothing/*_T1w.nii.gz\nnet: {net}\ntrain: {{iterations: 3}}\n")
+    pairs_job = jobs["foundation"]
+    for task, job in jobs.items():
+        out = tmp_path / task
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+        res = CliRunner().invoke(app, ["train", task, "--config", str(job), "-o", str(out), "--resume", "-q"])
+        line = one_line(res.stderr)
+        assert res.exit_code == 3 and str(out / "checkpoint.pt") in line and "not a readable" in line, (task, line)
+        torch.save({"config": {}, "state_dict": {}}, out / "checkpoint.pt")  # of another kind of run
+        res = CliRunner().invoke(app, ["train", task, "--config", str(job), "-o", str(out), "--resume", "-q"])
+        assert res.exit_code == 3 and "not a checkpoint of this kind of run" in one_line(res.stderr), res.output
+    out = tmp_path / "foundation"
+    torch.save({"config": {"input_shape": [40, 40, 40]}, "state_dict": {}, "optimizer": {}, "generator": None,
+                "history": [], "order": [], "step": 1}, out / "checkpoint.pt")
+    res = CliRunner().invoke(app, ["train", "foundation", "--config", str(pairs_job), "-o", str(out), "--resume"])
+    line = one_line(res.stderr)
+    assert res.exit_code == 7 and "holds another network" in line and "net.input_shape" in line, line
+
+
+def test_out_of_range_recipe_values_are_refused_before_any_output(tmp_path):
+    """Reversed or non-positive ranges, bad percentiles and non-integer counts are config errors (exit 7) naming
+    the field, before any data are read: no output folder is left behind."""
+    _setup(tmp_path)
+    cases = {"scale_range": JOB.replace("train: {", "train: {scale_range: [1.25, 0.8], "),
+             "gamma_range": JOB.replace("train: {", "train: {gamma_range: [0, 1.5], "),
+             "percentiles": JOB.replace("- glob: imgs/*.nii.gz", "- {glob: imgs/*.nii.gz, percentiles: [99, 1]}"),
+             "iterations": JOB.replace("iterations: 3", "iterations: true"),
+             "checkpoint_every": JOB.replace("checkpoint_every: 2", "checkpoint_every: 2.5")}
+    for field, text in cases.items():
+        job = tmp_path / f"{field}.yaml"
+        job.write_text(text)
+        out = tmp_path / f"out_{field}"
+        res = CliRunner().invoke(app, ["train", "embedding", "--config", str(job), "-o", str(out), "--threads", "1"])
+        line = one_line(res.stderr)
+        assert res.exit_code == 7 and field in line and line.startswith("ConfigError:"), (field, line)
+        assert not out.exists()
+    from regcli.training.dio import load_dio_job
+    from regcli.training.foundation import load_foundation_job
+
+    dio = tmp_path / "dio.yaml"
+    for train, match in (("crop: [4, 16, 16]", "train.crop .* larger than the coarsest solver level"),
+                         ("crop: [0, 16, 16]", "crop"), ("level_weights: [1, -1, 1]", "level_weights"),
+                         ("level_weights: [1, 1]", "one weight per solver level"),
+                         ("level_weights: [0, 0, 0]", "positive sum"), ("batch_size: true", "batch_size")):
+        dio.write_text(f"data:\n  - glob: imgs/*.nii.gz\ntrain: {{iterations: 3, {train}}}\n")
+        with pytest.raises(ConfigError, match=match):
+            load_dio_job(dio)
+    pairs = tmp_path / "pairs.yaml"
+    for train in ("iterations: true", "seed: 1.5"):
+        pairs.write_text(f"data:\n  - glob: imgs/*.nii.gz\ntrain: {{{train}}}\n")
+        with pytest.raises(ConfigError, match=train.split(":")[0]):
+            load_foundation_job(pairs)
+
+
+def test_an_output_that_is_a_file_is_refused_before_reading_data(tmp_path):
+    """-o naming a file (or a path under one) is an OutputError (exit 6), found before the data are read: the
+    job's glob matches nothing, and that is not what is reported."""
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.replace("imgs/*.nii.gz", "nothing/*.nii.gz"))
+    pairs_job = tmp_path / "pairs.yaml"
+    pairs_job.write_text("data:\n  - glob: nothing/*.nii.gz\ntrain:\n  iterations: 3\n")
+    afile = tmp_path / "notadir"
+    afile.write_text("x")
+    for task, config, out in (("embedding", job, afile), ("embedding", job, afile / "sub"),
+                              ("foundation", pairs_job, afile)):
+        res = CliRunner().invoke(app, ["train", task, "--config", str(config), "-o", str(out), "--threads", "1"])
+        line = one_line(res.stderr)
+        assert res.exit_code == 6 and line.startswith("OutputError:") and str(afile) in line, (task, line)
+    assert afile.read_text() == "x"

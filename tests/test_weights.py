@@ -255,6 +255,42 @@ def test_pull_to_dir_copies_a_verified_folder(published, tmp_path):
     pull("tiny", dest, overwrite=True)
 
 
+def test_pull_to_overwrite_removes_the_replaced_models_card(env, tmp_path):
+    """--to DIR --overwrite with a model that has no README.md: DIR must not keep the previous model's card
+    (it would pair one model's weights with another's description)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_model(a, seed=1, version="A")
+    make_model(b, seed=2, version="B")
+    (b / "README.md").unlink()
+    commit_a, commit_b = env.add("org/m", a), env.add("org/m", b)
+    dest = tmp_path / "copy"
+    pull(f"hub:org/m@{commit_a}", dest)
+    assert (dest / "README.md").read_text().startswith("# TinyEmbed A")
+    res = invoke("weights", "pull", f"hub:org/m@{commit_b}", "--to", str(dest), "--overwrite", "-q")
+    assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
+    assert resolve(str(dest)).config["version"] == "B"
+
+
+def test_registry_sha_that_disagrees_with_the_hub_is_not_called_corrupted(env, tmp_path):
+    """A registry sha256 that is not the pinned commit's file: the download is intact, so the error says the
+    entry and the Hub disagree (no --force hint: it would download the same bytes), --force says the same, and
+    `weights list` does not count the unverifiable copy as cached."""
+    src = tmp_path / "src"
+    make_model(src)
+    commit = env.add("org/m", src)
+    write_registry(tmp_path / "weights", m={"repo_id": "org/m", "revision": commit, "sha256": "0" * 64,
+                                            "description": "sha pinned wrong"})
+    for force in (False, True):
+        with pytest.raises(WeightsError, match=r"registry entry 'm' pins sha256 0{64} .* disagree") as e:
+            pull("m", force=force)
+        assert "--force" not in str(e.value) and commit in str(e.value) and "\n" not in str(e.value)
+    res = invoke("weights", "pull", "m")
+    assert res.exit_code == 8 and "disagree" in one_line(res.stderr) and "--force" not in res.stderr
+    (m,) = json.loads(invoke("weights", "list", "--json").stdout)["models"]
+    assert m["cached"] is False and m["cache"] == "fails verification"
+
+
 def test_cli_pull_then_offline_info_in_subprocesses(published, tmp_path):
     """The real environment-variable path: HF_ENDPOINT / HF_HUB_OFFLINE set before huggingface_hub imports."""
     hub, commit = published["hub"], published["commit"]
@@ -308,8 +344,10 @@ def test_hub_spec_checks_config_sha_and_safetensors_format(env, tmp_path):
     make_model(src)
     (src / "model.safetensors").write_bytes(b"\x00" * 40)  # not safetensors, and not the config's sha256
     commit = env.add("org/broken", src)
-    with pytest.raises(WeightsError, match=r"corrupted.*config\.json"):
+    # the bytes are the Hub's own (intact download): its config.json's sha256 is wrong, no --force can mend that
+    with pytest.raises(WeightsError, match=r"config\.json of org/broken@.* does not match its weights") as e:
         resolve(f"hub:org/broken@{commit}")
+    assert "--force" not in str(e.value)
     cfg = json.loads((src / "config.json").read_text())
     del cfg["sha256"]
     (src / "config.json").write_text(json.dumps(cfg))
@@ -442,6 +480,30 @@ def test_repository_registry_file_is_valid():
             raise AssertionError(f"shipped model '{name}' has an architecture no test builds")
 
 
+@pytest.mark.parametrize("key", ["net", "architecture"])
+def test_a_config_without_net_or_architecture_does_not_load(tmp_path, key):
+    """config.json without "net" must not build the network with default settings (a 4 mm model would run at
+    2 mm unnoticed); without "architecture" the error names the missing key, not a 'None' architecture. Every
+    shipped folder (weights/ and the package's regcli/_weights) has both keys."""
+    from regcli.models.embedding import EmbeddingConfig, EmbeddingNet, load_embedding
+    from regcli.weights import save_network
+
+    cfg = EmbeddingConfig(widths=(4, 8, 8, 8), global_dim=8, local_dim=8, context_dilations=(1, 2), spacing_mm=4.0)
+    folder = save_network(EmbeddingNet(cfg), tmp_path / "m4", "regcli-sam-embedding", "# card\n")
+    assert load_embedding(str(folder)).cfg.spacing_mm == 4.0
+    config = json.loads((folder / "config.json").read_text())
+    del config[key]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError) as e:
+        load_embedding(str(folder))
+    msg = str(e.value)
+    assert str(folder / "config.json") in msg and f'no "{key}" key' in msg and "None" not in msg, msg
+    for base in (ROOT / "weights", ROOT / "regcli" / "_weights"):
+        for shipped in sorted(base.glob("*/config.json")):
+            config = json.loads(shipped.read_text())
+            assert "architecture" in config and isinstance(config.get("net"), dict), shipped
+
+
 def test_shipped_embedding_pulled_from_loopback_hub_then_offline_samconvex(env, tmp_path):
     """The whole path a user without the shipped folder takes: the registry names a Hub repo pinned at a
     commit; `regcli weights pull` fills the cache; then, offline, `regcli register --method samconvex` finds
@@ -506,9 +568,10 @@ def test_cli_list_and_info_json(published, tmp_path):
     assert data["registry"] == str(tmp_path / "weights" / "registry.json")
     (m,) = data["models"]
     assert m == {"name": "tiny", "repo_id": "org/tiny", "revision": published["commit"], "sha256": published["sha"],
-                 "description": "test model", "shipped": False, "shipped_path": None, "cached": False}
+                 "description": "test model", "shipped": False, "shipped_path": None, "cached": False, "cache": None}
     pull("tiny")
-    assert json.loads(invoke("weights", "list", "--json").stdout)["models"][0]["cached"] is True
+    m = json.loads(invoke("weights", "list", "--json").stdout)["models"][0]
+    assert m["cached"] is True and m["cache"] == "verified"
 
     res = invoke("weights", "info", "tiny", "--json")
     assert res.exit_code == 0, res.stderr

@@ -29,10 +29,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence
+from typing import Annotated, Callable, Literal, Optional, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from regcli.errors import ConfigError, InputError
 from regcli.manifest import Dataset
@@ -41,15 +41,20 @@ from regcli.spaces.image import Image
 from regcli.training.distributed import SINGLE, Distributed
 
 
+_Voxels = Annotated[StrictInt, Field(ge=1)]
+_Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class DioTrainConfig(BaseModel):
     """Training recipe (stored in the trained model's ``config.json`` under ``"training"``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    iterations: int = Field(500, ge=1, description="training steps (batch_size pairs each)")
+    iterations: StrictInt = Field(500, ge=1, description="training steps (batch_size pairs each)")
     learning_rate: float = Field(1e-3, gt=0)
-    crop: tuple[int, int, int] = Field((64, 64, 64), description="crop of the working grid per step (Z, Y, X "
-                                       "voxels; clipped to the volume)")
+    crop: tuple[_Voxels, _Voxels, _Voxels] = Field((64, 64, 64), description="crop of the working grid per step "
+                                                   "(Z, Y, X voxels; clipped to the volume; each larger than the "
+                                                   "coarsest solver level)")
     synth_prob: float = Field(0.5, ge=0, le=1, description="probability of a synthetic contrast per image")
     image_weight: float = Field(0.1, ge=0, description="weight of -LNCC of the images at each level")
     lncc_radius_mm: float = Field(6.0, gt=0)
@@ -58,11 +63,11 @@ class DioTrainConfig(BaseModel):
                            "(regcli.training.sam; two forward/backward passes per step); 0: plain Adam")
     jfb_step: float = Field(1.0, gt=0, le=1, description="the differentiated solver step's size as a fraction of "
                             "the level's learning rate (small: the loss is taken near the optimum)")
-    level_weights: Optional[tuple[float, ...]] = Field(
+    level_weights: Optional[tuple[_Weight, ...]] = Field(
         None, description="weight of each solver level's loss, coarse to fine (None: the plain average; e.g. "
         "[0, 0, 1]: the finest level only, whose field is the result); a level of weight 0 is not differentiated")
-    batch_size: int = Field(1, ge=1, description="pairs per step (per process under torchrun)")
-    seed: int = 0
+    batch_size: StrictInt = Field(1, ge=1, description="pairs per step (per process under torchrun)")
+    seed: StrictInt = 0
 
 
 class DioJob(BaseModel):
@@ -78,7 +83,7 @@ class DioJob(BaseModel):
     train: DioTrainConfig = DioTrainConfig()
     solver: dict = Field(default_factory=dict, description="RegisterConfig overrides for the training solver "
                          "(usually dio and instance)")
-    checkpoint_every: int = Field(25, ge=1)
+    checkpoint_every: StrictInt = Field(25, ge=1)
     init: Optional[str] = Field(None, description="start from these weights (any regcli weights spec)")
     validation: Optional["DioValidation"] = Field(
         None, description="whole-volume validation on held-out labelled pairs during training")
@@ -102,7 +107,8 @@ class DioValidation(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: list[Dataset] = Field(min_length=1)
-    every: int = Field(50, ge=1, description="validate after every this many steps (and at steps 0 and the last)")
+    every: StrictInt = Field(50, ge=1, description="validate after every this many steps (and at steps 0 and the "
+                             "last)")
     solver: dict = Field(default_factory=dict, description="RegisterConfig overrides for the validation solver "
                          "(default: regcli register --method dio's defaults, with the training solver's "
                          "instance.transform and optimizer)")
@@ -120,12 +126,27 @@ def load_dio_job(path: str | Path, overrides: Optional[dict] = None) -> DioJob:
     from regcli.training.jobs import load_job_file
 
     def check(job: DioJob) -> None:
-        register_config(job)
+        levels = register_config(job).dio.levels
         net_config(job)
         if job.validation is not None:
             validation_config(job)
+        bad = _level_problem(job.train, levels)
+        if bad:
+            raise ConfigError(f"invalid training job '{path}': {bad}")
 
     return load_job_file(path, overrides, DioJob, check)
+
+
+def _level_problem(tcfg: DioTrainConfig, levels: Sequence[int]) -> Optional[str]:
+    """What is wrong with the recipe's ``crop`` and ``level_weights`` for the solver's ``levels`` (None: nothing)."""
+    weights = tcfg.level_weights
+    if weights is not None and (len(weights) != len(levels) or sum(weights) <= 0):
+        return (f"train.level_weights {list(weights)} must give one weight per solver level ({len(levels)}: "
+                f"{list(levels)}) with a positive sum")
+    if min(tcfg.crop) <= max(levels):
+        return (f"train.crop {list(tcfg.crop)} must be larger than the coarsest solver level ({max(levels)}) in every "
+                f"direction: at least 2 voxels there")
+    return None
 
 
 def register_config(job: DioJob):
@@ -330,12 +351,13 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     Under torchrun (``dist``) each process computes its share of a global batch of ``world * batch_size``
     pairs; rank 0 validates, writes the files and calls ``progress``."""
     from regcli.models.dio import DioFeatureNet
-    from regcli.training.jobs import open_run, start_run
+    from regcli.training.jobs import open_run, restore_network, restoring, start_run
     from regcli.training.sam import SAM
 
-    out, ck_path = start_run(outdir, resume, job)
     cfg = register_config(job)
     ncfg = net_config(job)
+    out, ck_path, ck = start_run(outdir, resume, job, net_config=ncfg.model_dump(mode="json"),
+                                 needs=("state_dict", "optimizer", "generator", "history", "step"))
     tcfg = job.train
     t0 = time.perf_counter()
     files = labelled_files(job.data)
@@ -364,15 +386,15 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     validation: list[dict] = []
     best: Optional[dict] = None  # {"step", "dice", "state_dict"} of the best validated network
     start = 0
-    if resume:
-        ck = torch.load(ck_path, weights_only=False)
-        net.load_state_dict(ck["state_dict"])
-        sam.load_state_dict(ck["optimizer"])
-        gen.set_state(ck["generator"])
-        history = ck["history"]
-        validation = ck.get("validation", [])
-        best = ck.get("best")
-        start = ck["step"]
+    if ck is not None:
+        restore_network(net, ck, ck_path)
+        with restoring(ck_path):
+            sam.load_state_dict(ck["optimizer"])
+            gen.set_state(ck["generator"])
+            history = list(ck["history"])
+            validation = list(ck.get("validation", []))
+            best = ck.get("best")
+            start = int(ck["step"])
         log(f"resuming at step {start}")
         if ck.get("world", 1) != dist.world:
             log(f"note: the run had {ck.get('world', 1)} process(es) so far and goes on with {dist.world}")

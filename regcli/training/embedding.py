@@ -27,12 +27,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from regcli.features.intensity import downsample
 from regcli.models.embedding import EmbeddingConfig, EmbeddingNet, normalise_intensity
@@ -48,21 +49,23 @@ class EmbeddingTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    iterations: int = Field(2000, ge=1, description="length of the learning-rate schedule (cosine decay)")
-    stop_after: Optional[int] = Field(None, ge=1, description="end after this many steps, the schedule still "
-                                      "spanning `iterations` (a run cut short on purpose, reproducibly)")
-    batch_pairs: int = Field(2, ge=1, description="view pairs per step")
-    crop: int = Field(48, ge=16, description="view size in voxels (cube)")
+    iterations: StrictInt = Field(2000, ge=1, description="length of the learning-rate schedule (cosine decay)")
+    stop_after: Optional[StrictInt] = Field(None, ge=1, description="end after this many steps, the schedule "
+                                            "still spanning `iterations` (a run cut short on purpose, reproducibly)")
+    batch_pairs: StrictInt = Field(2, ge=1, description="view pairs per step")
+    crop: StrictInt = Field(48, ge=16, description="view size in voxels (cube)")
     max_shift_mm: float = Field(40.0, ge=0, description="largest distance between the two view centres")
-    scale_range: tuple[float, float] = (0.8, 1.25)
-    gamma_range: tuple[float, float] = (0.7, 1.5)
+    scale_range: tuple[float, float] = Field((0.8, 1.25), description="range of each view's random scale (voxel "
+                                             "size = spacing * s); 0 < low <= high")
+    gamma_range: tuple[float, float] = Field((0.7, 1.5), description="range of each view's random gamma (drawn "
+                                             "log-uniformly); 0 < low <= high")
     noise_max: float = Field(0.05, ge=0, description="largest std of added Gaussian noise (normalised units)")
     remap_prob: float = Field(0.3, ge=0, le=1, description="probability of a random intensity remap per view "
                               "(a piecewise-linear, possibly non-monotone curve: synthetic contrasts)")
-    remap_knots: int = Field(5, ge=2)
-    points: int = Field(256, ge=8, description="world points drawn per view pair")
+    remap_knots: StrictInt = Field(5, ge=2)
+    points: StrictInt = Field(256, ge=8, description="world points drawn per view pair")
     temperature: float = Field(0.2, gt=0)
-    hard_negatives: int = Field(64, ge=1)
+    hard_negatives: StrictInt = Field(64, ge=1)
     exclude_mm: tuple[float, float] = Field((16.0, 4.0), description="no negatives closer than this (global, local)")
     learning_rate: float = Field(1e-3, gt=0)
     sam_rho: float = Field(0.0, ge=0, description="sharpness-aware minimization: radius of the weight perturbation "
@@ -70,7 +73,17 @@ class EmbeddingTrainConfig(BaseModel):
     sampling: Literal["volume", "source"] = Field(
         "volume", description="how a view pair picks its volume: uniformly over volumes, or first a data source "
         "(job glob) uniformly, then a volume in it (a source with one volume is seen as often as one with 20)")
-    seed: int = 0
+    seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "EmbeddingTrainConfig":
+        for key in ("scale_range", "gamma_range"):
+            low, high = getattr(self, key)
+            if not (0 < low <= high and math.isfinite(high)):
+                raise ValueError(f"{key} must be [low, high] with 0 < low <= high, got [{low}, {high}]")
+        if not all(0 <= e and math.isfinite(e) for e in self.exclude_mm):
+            raise ValueError(f"exclude_mm must be two distances >= 0 (mm), got {list(self.exclude_mm)}")
+        return self
 
 
 # ------------------------------------------------------------------------------------------- views
@@ -223,13 +236,39 @@ def volume_sampler(n_volumes: int, sampling: str, groups: Optional[Sequence[int]
     return draw
 
 
+def cosine_schedule(opt: torch.optim.Optimizer, cfg: EmbeddingTrainConfig
+                    ) -> torch.optim.lr_scheduler.CosineAnnealingLR:
+    """The learning-rate schedule of a run: cosine decay from ``cfg.learning_rate`` to 5 % of it over
+    ``cfg.iterations`` steps, at step 0."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations, eta_min=cfg.learning_rate * 0.05)
+
+
+def advance_schedule(sched: torch.optim.lr_scheduler.CosineAnnealingLR, cfg: EmbeddingTrainConfig,
+                     step: int) -> None:
+    """Put ``sched`` (from :func:`cosine_schedule`) and its optimizer's learning rate where a straight run of
+    ``cfg.iterations`` steps has them after ``step`` steps.
+
+    The schedule is replayed on a stand-in optimizer, so the rates are bit for bit those of the straight run
+    (PyTorch's cosine schedule computes each rate from the previous one). Only the step count of a resumed run
+    is used, not its stored schedule: a run resumed with more ``iterations`` follows the longer schedule from
+    where it stands, instead of restarting the cosine of its old length."""
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
+    replay = cosine_schedule(stand_in, cfg)
+    for _ in range(step):
+        stand_in.step()  # no gradient: changes nothing, but keeps the scheduler from warning about the order
+        replay.step()
+    sched.load_state_dict(replay.state_dict())
+    for group in sched.optimizer.param_groups:
+        group["lr"] = stand_in.param_groups[0]["lr"]
+
+
 def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
                     net_cfg: Optional[EmbeddingConfig] = None, net: Optional[EmbeddingNet] = None,
                     progress: Optional[Callable[[int, int, dict], None]] = None,
                     groups: Optional[Sequence[int]] = None, weights: Optional[Sequence[float]] = None,
                     resume: Optional[dict] = None,
                     save: Optional[Callable[[int, dict], None]] = None, save_every: int = 0,
-                    dist: Distributed = SINGLE) -> TrainResult:
+                    dist: Distributed = SINGLE, resume_path: Optional[Path] = None) -> TrainResult:
     """Train (or continue training) an embedding network on ``volumes`` (already prepared with
     :func:`prepare_volume`, i.e. on isotropic grids of the network's spacing). ``groups`` gives each volume's
     data source, for ``cfg.sampling == "source"`` (default: one source per volume), drawn in proportion to
@@ -239,8 +278,11 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
 
     ``save(step, state)`` is called every ``save_every`` steps and after the last with the training state
     (optimizer, schedule, random generator, history, step); ``resume`` is such a state, to continue bit for
-    bit. Under torchrun (``dist``) every process draws the global batch of ``world * batch_pairs`` view pairs
-    and computes its share.
+    bit (a state that does not fit is a one-line InputError naming ``resume_path``, the checkpoint it was read
+    from). The learning rate after a resume is the one of a straight ``cfg.iterations``-step run at that step
+    (:func:`advance_schedule`): the same as before when ``iterations`` is unchanged, the longer schedule's
+    when a resumed run goes further. Under torchrun (``dist``) every process draws the global batch of
+    ``world * batch_pairs`` view pairs and computes its share.
     """
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -248,7 +290,7 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
     net = net or EmbeddingNet(net_cfg)
     spacing = net.cfg.spacing_mm
     opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations, eta_min=cfg.learning_rate * 0.05)
+    sched = cosine_schedule(opt, cfg)
     history: list[dict] = []
     net.train()
     steps = min(cfg.iterations, cfg.stop_after or cfg.iterations)
@@ -256,10 +298,13 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
     sam = SAM(opt, cfg.sam_rho)
     start, prior = 0, 0.0
     if resume is not None:
-        sam.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        rng.bit_generator.state = resume["rng"]
-        history, start, prior = list(resume["history"]), int(resume["step"]), float(resume.get("seconds", 0.0))
+        from regcli.training.jobs import restoring
+
+        with restoring(resume_path):
+            sam.load_state_dict(resume["optimizer"])
+            rng.bit_generator.state = resume["rng"]
+            history, start, prior = list(resume["history"]), int(resume["step"]), float(resume.get("seconds", 0.0))
+        advance_schedule(sched, cfg, start)  # the schedule of cfg.iterations (which --iterations may have changed)
     model = dist.wrap(net)
 
     def state(step: int) -> dict:

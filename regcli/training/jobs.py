@@ -20,13 +20,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from regcli.errors import ConfigError, InputError, OutputError
+from regcli.errors import ConfigError, InputError, OutputError, RegcliError, folded
 from regcli.manifest import Dataset
 from regcli.models.embedding import EmbeddingConfig, EmbeddingNet
 from regcli.training.distributed import SINGLE, Distributed
@@ -50,7 +51,7 @@ class EmbeddingJob(BaseModel):
     data: list[Dataset] = Field(min_length=1)
     net: EmbeddingConfig = EmbeddingConfig()
     train: EmbeddingTrainConfig = EmbeddingTrainConfig()
-    checkpoint_every: int = Field(250, ge=1)
+    checkpoint_every: StrictInt = Field(250, ge=1)
     init: Optional[str] = Field(None, description="start from these weights: a model folder (any regcli weights "
                                 "spec) or a checkpoint.pt of an earlier run with the same net (relative to the job file)")
 
@@ -94,18 +95,28 @@ def _job_differences(old, new, prefix: str = "") -> list[str]:
     return [] if old == new or key in RESUMABLE_CHANGES else [f"{key}: {old!r} -> {new!r}"]
 
 
-def start_run(outdir: str | Path, resume: bool, job: Optional[BaseModel] = None) -> tuple[Path, Path]:
-    """The output folder of a resumable training run and its ``checkpoint.pt`` path, checked but not created
-    (:func:`open_run` creates it once the data are read). ``--resume`` needs the checkpoint and the run's own job
-    (its ``job.json``; only :data:`RESUMABLE_CHANGES` may differ, else the record would misstate the steps
-    already taken); a new run refuses a folder that holds one."""
+def start_run(outdir: str | Path, resume: bool, job: Optional[BaseModel] = None,
+              net_config: Optional[dict] = None, needs: Sequence[str] = ("state_dict",)
+              ) -> tuple[Path, Path, Optional[dict]]:
+    """The output folder of a resumable training run, its ``checkpoint.pt`` path and, with ``resume``, the
+    checkpoint's contents; checked before any data are read, but not created (:func:`open_run` creates it once
+    the data are read).
+
+    The folder must be one that can be created or written (else OutputError). ``--resume`` needs the checkpoint,
+    readable and holding the keys ``needs`` (else InputError naming it), a network of the job's configuration
+    ``net_config`` (``cfg.model_dump(mode="json")``; else ConfigError), and the run's own job (its ``job.json``;
+    only :data:`RESUMABLE_CHANGES` may differ, else the record would misstate the steps already taken); a new run
+    refuses a folder that holds one."""
     out = Path(outdir)
     ck_path = out / "checkpoint.pt"
+    _check_output_folder(out)
     if resume and not ck_path.is_file():
         raise InputError(f"--resume: '{ck_path}' does not exist")
     if not resume and ck_path.exists():
         raise OutputError(f"'{out}' already holds a run (checkpoint.pt); use --resume or another folder")
-    if resume and job is not None and (out / "job.json").is_file():
+    if not resume:
+        return out, ck_path, None
+    if job is not None and (out / "job.json").is_file():
         try:
             ran = json.loads((out / "job.json").read_text())
         except (OSError, ValueError):
@@ -115,30 +126,89 @@ def start_run(outdir: str | Path, resume: bool, job: Optional[BaseModel] = None)
             raise ConfigError(f"--resume: the job differs from the run in '{out}' ({'; '.join(diffs[:4])}"
                               f"{'; ...' if len(diffs) > 4 else ''}); resume with that run's job (its job.json) "
                               f"and change only {', '.join(RESUMABLE_CHANGES)}, or start another folder")
+    ck = read_checkpoint(ck_path, needs)
+    if net_config is not None and isinstance(ck.get("config"), dict):
+        diffs = _job_differences(ck["config"], net_config, "net.")
+        if diffs:
+            raise ConfigError(f"--resume: '{ck_path}' holds another network than the job's ({'; '.join(diffs[:4])}"
+                              f"{'; ...' if len(diffs) > 4 else ''}); resume with that run's job, or start another "
+                              f"folder")
+    with restoring(ck_path):
+        done = int(ck["train_state"]["step"] if "train_state" in ck else ck["step"])  # embedding / pair, DIO runs
     iterations = getattr(getattr(job, "train", None), "iterations", None)
-    if resume and isinstance(iterations, int):
-        done = _steps_taken(ck_path)
-        if done is not None and iterations < done:
-            raise ConfigError(f"--resume: the run in '{out}' has already taken {done} steps, more than the "
-                              f"{iterations} iterations asked; give at least {done}")
-    return out, ck_path
+    if isinstance(iterations, int) and iterations < done:
+        raise ConfigError(f"--resume: the run in '{out}' has already taken {done} steps, more than the "
+                          f"{iterations} iterations asked; give at least {done}")
+    return out, ck_path, ck
 
 
-def _steps_taken(ck_path: Path) -> Optional[int]:
-    """The step count stored in a run's checkpoint (None when it cannot be read: the trainer reports that)."""
+def _check_output_folder(out: Path) -> None:
+    """OutputError unless ``out`` is a folder, or can be made one (its first existing ancestor is a writable
+    folder)."""
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"output '{out}' exists and is not a folder")
+        return
+    ancestor = next(p for p in out.absolute().parents if p.exists())
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot create output folder '{out}': '{ancestor}' is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create output folder '{out}': '{ancestor}' is not writable")
+
+
+def read_checkpoint(ck_path: Path, needs: Sequence[str] = ()) -> dict:
+    """The contents of a run's ``checkpoint.pt``, a dict holding the keys ``needs``; a file that is not one (truncated,
+    not a PyTorch file, a checkpoint of another kind of run) is a one-line InputError naming it."""
     try:
-        ck = torch.load(ck_path, map_location="cpu", weights_only=False, mmap=True)
-        return int(ck["train_state"]["step"] if "train_state" in ck else ck["step"])  # embedding / pair runs
-    except Exception:  # noqa: BLE001 - a damaged checkpoint is the trainer's error to report
-        return None
+        ck = torch.load(ck_path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, OSError, UnpicklingError, ...
+        raise InputError(f"--resume: '{ck_path}' is not a readable regcli checkpoint ({type(e).__name__}: "
+                         f"{_first_sentence(e)})") from None
+    missing = [k for k in needs if not isinstance(ck, dict) or k not in ck]
+    if not isinstance(ck, dict) or missing:
+        raise InputError(f"--resume: '{ck_path}' is not a checkpoint of this kind of run, or was written by an "
+                         f"older regcli (it has no {', '.join(missing or needs)})")
+    return ck
+
+
+def _first_sentence(e: Exception, limit: int = 160) -> str:
+    """An exception's message, folded to one line, up to its first sentence's end (torch's go on for lines)."""
+    text = folded(e)
+    cut = text.find(". ")
+    return (text[:cut + 1] if cut > 0 else text)[:limit]
+
+
+@contextmanager
+def restoring(ck_path: Optional[Path]) -> Iterator[None]:
+    """Restoring a trainer's state (optimizer, random generators, step) from a read checkpoint (``ck_path``, None
+    when not from a file): a value that does not fit is a one-line InputError naming the file, not a crash."""
+    try:
+        yield
+    except RegcliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - KeyError, TypeError, ValueError, RuntimeError from load_state_dict's
+        what = f"'{ck_path}' is not a usable checkpoint of this run" if ck_path else "the training state is not usable"
+        raise InputError(f"--resume: {what} ({type(e).__name__}: {folded(e, 160)})") from None
+
+
+def restore_network(net: torch.nn.Module, ck: dict, ck_path: Path) -> None:
+    """Load the network of a read checkpoint into ``net`` (the job's network); tensors that do not fit it are a
+    one-line ConfigError naming the file (the checkpoint is of another network than the job's)."""
+    try:
+        net.load_state_dict(ck["state_dict"])
+    except Exception as e:  # noqa: BLE001 - RuntimeError (missing keys, shapes), TypeError (not a state dict)
+        raise ConfigError(f"--resume: the network in '{ck_path}' does not fit the job's ({folded(e, 200)})") from None
 
 
 def open_run(out: Path, job: BaseModel, dist: Distributed = SINGLE) -> None:
     """Create the run's folder and write ``job.json``, after the data have been read, so that a job refused
     for its data leaves nothing behind. Under torchrun rank 0 writes, and all wait for it."""
     if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "job.json").write_text(job.model_dump_json(indent=2))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "job.json").write_text(job.model_dump_json(indent=2))
+        except OSError as e:
+            raise OutputError(f"cannot write the run's folder '{out}': {e.strerror or folded(e)}") from None
     dist.barrier()
 
 
@@ -195,18 +265,16 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     ``checkpoint.pt`` holds the network (``config``, ``state_dict``) and the training state (``train_state``:
     optimizer, schedule, random generator, history), so ``resume`` continues bit for bit. Under torchrun
     (``dist``) rank 0 writes."""
-    out, ck_path = start_run(outdir, resume, job)
+    out, ck_path, ck = start_run(outdir, resume, job, net_config=job.net.model_dump(mode="json"),
+                                 needs=("state_dict", "train_state"))
     vols, groups = load_volumes(job, log)
     open_run(out, job, dist)
     log(f"{len(vols)} training volumes at {job.net.spacing_mm} mm")
     torch.manual_seed(job.train.seed)
     net = EmbeddingNet(job.net)
     state = None
-    if resume:
-        ck = torch.load(ck_path, weights_only=False)
-        if "train_state" not in ck:
-            raise InputError(f"--resume: '{ck_path}' has no training state (written by an older regcli)")
-        net.load_state_dict(ck["state_dict"])
+    if ck is not None:
+        restore_network(net, ck, ck_path)
         state = ck["train_state"]
         log(f"resuming at step {state['step']}")
     elif job.init:
@@ -225,7 +293,7 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
 
     res = train_embedding(vols, job.train, net=net, progress=progress, groups=groups,
                           weights=[d.weight for d in job.data], resume=state, save=save,
-                          save_every=job.checkpoint_every, dist=dist)
+                          save_every=job.checkpoint_every, dist=dist, resume_path=ck_path)
     history = res.history
     last = history[-min(len(history), 50):]
     summary = {"volumes": len(vols), "iterations": len(history), "seconds": round(res.seconds, 1),
@@ -240,9 +308,13 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
 def load_checkpoint(path: str | Path) -> EmbeddingNet:
     """The network stored in a run's ``checkpoint.pt`` (``{"config", "state_dict"}``, see
     :func:`run_embedding_job`), in eval mode."""
-    ck = torch.load(path, weights_only=True)
-    net = EmbeddingNet(EmbeddingConfig.model_validate(ck["config"]))
-    net.load_state_dict(ck["state_dict"])
+    try:
+        ck = torch.load(path, weights_only=True)
+        net = EmbeddingNet(EmbeddingConfig.model_validate(ck["config"]))
+        net.load_state_dict(ck["state_dict"])
+    except Exception as e:  # noqa: BLE001 - a damaged file, or a checkpoint of another kind of run
+        raise InputError(f"'{path}' is not a readable embedding checkpoint ({type(e).__name__}: "
+                         f"{folded(e, 160)})") from None
     return net.eval()
 
 

@@ -41,7 +41,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from regcli.errors import ConvergenceError, InputError
 from regcli.manifest import Dataset, weighted_counts
@@ -63,14 +63,14 @@ class PairTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    iterations: int = Field(1000, ge=1, description="optimizer steps")
-    batch_size: int = Field(2, ge=1, description="pairs per step (per process under torchrun)")
+    iterations: StrictInt = Field(1000, ge=1, description="optimizer steps")
+    batch_size: StrictInt = Field(2, ge=1, description="pairs per step (per process under torchrun)")
     learning_rate: float = Field(5e-4, gt=0)
     sam_rho: float = Field(0.0, ge=0, description="sharpness-aware minimization radius (0: plain Adam)")
     grad_clip: float = Field(10.0, gt=0)
     augment: Augment = Augment()
     optron: OptronConfig = Field(OptronConfig(), description="Optron training in the loop (iters 0: off)")
-    seed: int = 0
+    seed: StrictInt = 0
 
 
 class PairValidation(BaseModel):
@@ -80,7 +80,7 @@ class PairValidation(BaseModel):
 
     data: list[Dataset] = Field(min_length=1, description="datasets whose pairs CSV has fixed_labels and "
                                 "moving_labels columns")
-    every: int = Field(50, ge=1, description="validate after every this many steps (and at steps 0 and the last)")
+    every: StrictInt = Field(50, ge=1, description="validate after every this many steps (and at steps 0 and the last)")
 
 
 def _read_pairs(csv_path: str) -> list[tuple[str, str]]:
@@ -235,7 +235,7 @@ class PairJob(BaseModel):
                                 "file): image globs and/or pairs CSVs, modality, align, weight, task")
     net: dict = Field(default_factory=dict, description="the network's configuration fields (ignored with init)")
     train: PairTrainConfig = PairTrainConfig()
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: StrictInt = Field(50, ge=1)
     init: Optional[str] = Field(None, description="start from these weights (any regcli weights spec)")
     validation: Optional[PairValidation] = Field(None, description="labelled held-out pairs scored while training")
 
@@ -369,13 +369,14 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
     """Train ``pn.net`` on ``job.data`` with ``job.train`` (:class:`PairTrainConfig`), writing ``outdir``'s
     checkpoint, history and plots (rank 0); returns the summary (without the model folder, which the caller
     writes) and the data sources. ``job`` has ``data``, ``train``, ``checkpoint_every`` and ``validation``."""
-    from regcli.training.jobs import open_run, start_run
+    from regcli.training.jobs import open_run, restore_network, restoring, start_run
     from regcli.training.optron import optron_loss, refine, running_stats_kept
     from regcli.training.sam import SAM
 
-    out, ck_path = start_run(outdir, resume, job)
-    tcfg = job.train
     net = pn.net
+    out, ck_path, ck = start_run(outdir, resume, job, net_config=net.cfg.model_dump(mode="json"),
+                                 needs=("state_dict", "optimizer", "generator", "history", "order", "step"))
+    tcfg = job.train
     shape = tuple(net.cfg.input_shape)
     t_prep = time.perf_counter()
     sources = [PairSource(ds, shape, log) for ds in job.data]
@@ -388,13 +389,13 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
     history: list[dict] = []
     validation: list[dict] = []
     start, order = 0, []
-    if resume:
-        ck = torch.load(ck_path, weights_only=False)
-        net.load_state_dict(ck["state_dict"])
-        sam.load_state_dict(ck["optimizer"])
-        gen.set_state(ck["generator"])
-        history, start, order = ck["history"], ck["step"], ck["order"]
-        validation = ck.get("validation", [])
+    if ck is not None:
+        restore_network(net, ck, ck_path)
+        with restoring(ck_path):
+            sam.load_state_dict(ck["optimizer"])
+            gen.set_state(ck["generator"])
+            history, start, order = list(ck["history"]), int(ck["step"]), list(ck["order"])
+            validation = list(ck.get("validation", []))
         if ck.get("world", 1) != dist.world:
             log(f"note: the run had {ck.get('world', 1)} process(es) so far and goes on with {dist.world}: "
                 f"{tcfg.batch_size * dist.world} pairs per step from now on")

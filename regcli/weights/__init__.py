@@ -63,20 +63,39 @@ def list_models() -> list[dict]:
 
     Returns:
         One dict per registry name: ``name``, ``repo_id``, ``revision``, ``sha256``, ``description``,
-        ``shipped`` (bool), ``shipped_path`` (str or None), ``cached`` (bool: in the Hugging Face cache).
+        ``shipped`` (bool), ``shipped_path`` (str or None), ``cached`` (bool: a copy in the Hugging Face cache
+        whose sha256 is the registry's, usable offline) and ``cache`` (None: no copy; ``"verified"``; ``"fails
+        verification"``: a copy that does not match the registry, which loading refuses).
     """
-    from regcli.weights import _hub
-
     out = []
     for name, ref in sorted(load_registry().items()):
         shipped = shipped_folder(name)
+        cache = _cached_copy(ref)
         out.append({
             "name": name, "repo_id": ref.repo_id, "revision": ref.revision, "sha256": ref.sha256,
             "description": ref.description, "shipped": shipped is not None,
             "shipped_path": str(shipped) if shipped is not None else None,
-            "cached": ref.repo_id is not None and _hub.is_cached(ref.repo_id, ref.revision),
+            "cached": cache == "verified", "cache": cache,
         })
     return out
+
+
+def _cached_copy(ref: ModelRef) -> Optional[str]:
+    """The state of a registry entry's copy in the Hugging Face cache: None (none there), ``"verified"`` (its
+    sha256 is the registry's) or ``"fails verification"`` (a copy that :func:`resolve` would refuse)."""
+    if ref.repo_id is None or ref.revision is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    from regcli.weights import _hub
+
+    found = try_to_load_from_cache(ref.repo_id, WEIGHTS_FILE, cache_dir=_hub.cache_dir(), revision=ref.revision)
+    if not isinstance(found, str) or not os.path.isfile(found):
+        return None
+    try:
+        return "verified" if sha256_file(found) == ref.sha256 else "fails verification"
+    except WeightsError:  # unreadable
+        return "fails verification"
 
 
 def pull(spec: str, to: Optional[str | os.PathLike] = None, *, force: bool = False, overwrite: bool = False,
@@ -85,7 +104,8 @@ def pull(spec: str, to: Optional[str | os.PathLike] = None, *, force: bool = Fal
 
     Without ``to`` the files stay in the Hugging Face cache, where a later :func:`resolve` (even with
     ``HF_HUB_OFFLINE=1``) finds them. With ``to`` the three files are copied into that folder (created if
-    its parent exists), each through a temporary name.
+    its parent exists), each through a temporary name; a model without a card leaves none there (with
+    ``overwrite``, the card of the model it replaces is removed).
 
     Returns:
         (the resolved and verified model, the copy's folder or None).
@@ -113,6 +133,8 @@ def pull(spec: str, to: Optional[str | os.PathLike] = None, *, force: bool = Fal
         for src, name in sources:
             with atomic_path(dest / name) as tmp:
                 shutil.copyfile(src, tmp)  # follows the cache's symlinks
+        if resolved.readme is None and (dest / CARD_FILE).exists():
+            (dest / CARD_FILE).unlink()  # the card of the model replaced (--overwrite) would describe another model
     except OSError as e:
         raise OutputError(f"cannot copy the model into '{dest}': {e.strerror or e}") from e
     if sha256_file(dest / WEIGHTS_FILE) != resolved.sha256:
@@ -188,15 +210,24 @@ def save_network(net, folder, architecture: str, model_card: str, training: Opti
 
 def build_network(model: ResolvedModel, architecture: str, what: str, config_cls, net_cls, device=None):
     """The network of a resolved, verified model (eval mode): its ``config.json`` must name ``architecture``, its
-    ``net`` entry must validate as ``config_cls`` and its tensors fit ``net_cls(cfg)``; anything else is a
-    one-line WeightsError (``what`` names the kind of model in it, e.g. "DIO feature network")."""
+    ``net`` entry must be there (never defaulted: a model trained at other settings would run silently at the
+    defaults) and validate as ``config_cls``, and its tensors fit ``net_cls(cfg)``; anything else is a one-line
+    WeightsError naming the model (``what`` names the kind of model in it, e.g. "DIO feature network")."""
     from regcli.errors import folded
 
-    if model.config.get("architecture") != architecture:
-        raise WeightsError(f"model '{model.spec}' is a '{model.config.get('architecture')}', not {what} "
+    config_path = model.folder / CONFIG_FILE
+    for key in ("architecture", "net"):
+        if key not in model.config:
+            raise WeightsError(f"model '{model.spec}': '{config_path}' has no \"{key}\" key (a regcli model's "
+                               f"{CONFIG_FILE} names its architecture and holds its network configuration, \"net\")")
+    if model.config["architecture"] != architecture:
+        raise WeightsError(f"model '{model.spec}' is a '{model.config['architecture']}', not {what} "
                            f"('{architecture}')")
+    if not isinstance(model.config["net"], dict):
+        raise WeightsError(f"model '{model.spec}': \"net\" in '{config_path}' must be an object (the network's "
+                           f"configuration)")
     try:
-        net = net_cls(config_cls.model_validate(model.config.get("net", {})))
+        net = net_cls(config_cls.model_validate(model.config["net"]))
         net.load_state_dict(load_state_dict(model))
     except Exception as e:  # noqa: BLE001 - any mismatch between config and tensors is a weights problem
         raise WeightsError(f"model '{model.spec}' ({model.folder}) does not load: {folded(e, 300)}") from None

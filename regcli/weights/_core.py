@@ -263,6 +263,53 @@ def verify_folder(folder: Path, weights_file: Optional[Path] = None, expected_sh
     return config, got, checks
 
 
+def hub_sha256(path: Path) -> Optional[str]:
+    """The sha256 the Hub announced for a file of a Hugging Face cache snapshot, None when unknown.
+
+    huggingface_hub stores a snapshot's files as links to ``blobs/<etag>``, and the etag of a Hub LFS file
+    (``model.safetensors``) is the sha256 of its content: the name says what the Hub holds at that commit,
+    whatever bytes arrived."""
+    try:
+        if not path.is_symlink():
+            return None
+        name = Path(os.path.realpath(path)).name
+    except OSError:
+        return None
+    return name if _SHA256.match(name) else None
+
+
+def _pin_disagrees_with_hub(folder: Path, expected_sha256: Optional[str], expected_from: str,
+                            where: str) -> Optional[str]:
+    """Why a Hub snapshot's ``model.safetensors`` fails verification when the file itself is intact (its sha256 is
+    the one the Hub announced for it, :func:`hub_sha256`) but a pinned checksum (``expected_sha256``, from
+    ``expected_from``, or its ``config.json``'s) says otherwise: the pin and the Hub's content disagree, which
+    no download can mend. None when the file is not known to be intact (a damaged download or cache copy)."""
+    weights_file = folder / WEIGHTS_FILE
+    announced = hub_sha256(weights_file)
+    if announced is None:
+        return None
+    try:
+        got = sha256_file(weights_file)
+    except WeightsError:
+        return None
+    if got != announced:
+        return None
+    if expected_sha256 is not None and str(expected_sha256).lower() != got:
+        return (f"the {expected_from} pins sha256 {str(expected_sha256).lower()} for {WEIGHTS_FILE}, but the Hub's "
+                f"{WEIGHTS_FILE} of {where} (downloaded intact) has sha256 {got}: the registry entry and the Hub "
+                f"content disagree, and downloading again gives the same file; fix the entry's sha256 or revision "
+                f"in '{registry_path()}'")
+    try:
+        claimed = read_config(folder).get("sha256")
+    except WeightsError:
+        return None
+    if claimed and str(claimed).lower() != got:
+        return (f"the {CONFIG_FILE} of {where} claims sha256 {str(claimed).lower()} for {WEIGHTS_FILE}, but the "
+                f"Hub's {WEIGHTS_FILE} there (downloaded intact) has sha256 {got}: the model was published with "
+                f"a config.json that does not match its weights, and downloading again gives the same files")
+    return None
+
+
 # --------------------------------------------------------------------------------------------- resolution
 def parse_hub_spec(spec: str) -> tuple[str, Optional[str]]:
     """``hub:org/name@revision`` -> (repo_id, revision or None)."""
@@ -313,13 +360,16 @@ def _from_hub(spec: str, repo_id: str, revision: str, *, offline: bool, expected
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
         raise WeightsError(f"Hub repository '{repo_id}' at revision '{revision}' has no {CONFIG_FILE} and "
                            f"{WEIGHTS_FILE}: it is not a regcli model folder")
+    commit = folder.name if is_commit(folder.name) else revision
     try:
         config, sha, checks = verify_folder(folder, expected_sha256=expected_sha256, expected_from=expected_from)
     except WeightsError as e:
+        pinned_wrong = _pin_disagrees_with_hub(folder, expected_sha256, expected_from, f"{repo_id}@{commit}")
+        if pinned_wrong is not None:  # the file is intact: downloading it again gives the same bytes
+            raise WeightsError(pinned_wrong) from e
         if source == "cache" or not force:
             raise WeightsError(f"{e}; run `regcli weights pull {spec} --force` to download it again") from e
         raise
-    commit = folder.name if is_commit(folder.name) else revision
     return ResolvedModel(spec=spec, folder=folder, config=config, sha256=sha, source=source,
                          weights_file=folder / WEIGHTS_FILE, repo_id=repo_id, revision=commit, name=name,
                          checks=checks)
