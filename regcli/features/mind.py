@@ -74,8 +74,9 @@ def _typical_variance(var: torch.Tensor) -> torch.Tensor:
 
 #: the variance floor shared by two images is this many times the larger of their noise levels
 #: (:func:`noise_level`) times each image's own typical variance. Chosen on a clean 3 mm brain against the
-#: same brain moved by a known affine plus Gaussian noise (sd 20 of 250) and on three CT pairs (25 HU noise
-#: added); 10 to 40 all help, brains without added noise are unchanged (docs/methods.md, section 1)
+#: same brain moved by a known affine plus Gaussian noise (sd 20 of 250), a noisy 96 mm phantom and three CT
+#: pairs (25 HU noise added): 5 and 10 left the phantom 35-45 mm off, 40 cost CT Dice; clean brains are
+#: unchanged (docs/methods.md, section 4)
 NOISE_FLOOR = 20.0
 
 #: the noise level is this quantile of the per-voxel variance estimate over the voxels where it is not ~0
@@ -131,9 +132,9 @@ def noise_level(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> floa
     the voxels where ``V`` is not ~0), relative to its typical variance; dimensionless.
 
     In white noise every voxel's ``V`` is of the order of the noise variance, so the flattest voxels still
-    have it (a brain with Gaussian noise of sd 20 in 250: about 0.1). A clean image has flat regions whose
-    ``V`` is near 0 (clean brains at 2 mm: about 1e-3 to 1e-5; a 3 mm CT with its own noise of 12 HU: about
-    1e-3). Pass the larger of two images' levels to :func:`mind_ssc` as ``noise``.
+    have it (the 0-1 test phantom with noise of sd 0.03: 0.08). A clean image has flat regions whose ``V`` is
+    near 0 (that phantom: 1e-5; the synthseg brains on the 2 mm working grid: 5e-4 to 8e-4; the 3 mm CT: 3e-4,
+    3.5e-3 with 25 HU of noise added). Pass the larger of two images' levels to :func:`mind_ssc` as ``noise``.
     """
     return _image_noise(_self_distances(image, radius, dilation))
 
