@@ -173,7 +173,7 @@ def test_noise_level_tells_a_noisy_image_from_a_clean_one_whatever_its_gain():
 def test_a_clean_pair_gets_the_published_descriptors_to_the_bit():
     a = _phantom_tensor()
     b = torch.roll(a, shifts=(1, -2, 1), dims=(2, 3, 4))
-    fa, fb = mind_ssc_pair(a, b)
+    fa, fb, _ = mind_ssc_pair(a, b)
     assert torch.equal(fa, mind_ssc(a)) and torch.equal(fb, mind_ssc(b))
 
 
@@ -183,7 +183,7 @@ def test_a_noisy_partner_flattens_the_clean_image_where_it_has_no_structure_abov
     img = _phantom_tensor()
     noisy = _noisy(img, 0.03)
     alone = mind_ssc(img)[0]
-    paired, _ = mind_ssc_pair(img, noisy)
+    paired, _, _ = mind_ssc_pair(img, noisy)
     spread = lambda f: (f.max(0).values - f.min(0).values)  # noqa: E731  0 where all channels agree (flat)
     flat_alone, flat_paired = spread(alone), spread(paired[0])
     import regcli.features.mind as mind

@@ -151,8 +151,8 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
         dilation: neighbour distance d in voxels.
         eps: floor of the variance estimate (only matters for images with no contrast at all).
         noise: a noise level (:func:`noise_level`; pass the larger of the fixed and moving images' levels, as
-            :func:`mind_ssc_pair` does). The variance estimate is floored at :data:`NOISE_FLOOR` times it times
-            the image's typical variance, so that differences at the noise level do not count as structure:
+            :func:`mind_ssc_pair` does and returns). The variance estimate is floored at :data:`NOISE_FLOOR` times
+            it times the image's typical variance, so that differences at the noise level do not count as structure:
             where one image is clean and the other noisy, the clean image's flat regions would otherwise get
             sharp, arbitrary descriptors (its variance at the ``1e-3`` clamp) that the other image's noise
             matches anywhere. 0 (the default) gives the published descriptor.
@@ -174,13 +174,14 @@ def _descriptor(out: torch.Tensor, noise: float, eps: float = 1e-12) -> torch.Te
 
 
 def mind_ssc_pair(fixed: torch.Tensor, moving: torch.Tensor, radius: int = 1, dilation: int = 2
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """MIND-SSC of two images that are to be matched, floored by the noisier of the two: :func:`mind_ssc` of
-    each with ``noise`` the larger :func:`noise_level`. Each image (1, 1, Z, Y, X) or (Z, Y, X).
+    each with ``noise`` the larger :func:`noise_level`, and that level (for more descriptors of the same pair,
+    e.g. of the moving image warped). Each image (1, 1, Z, Y, X) or (Z, Y, X).
 
     Below a noise level of ``1e-3 / NOISE_FLOOR`` the floor is the published ``1e-3`` clamp, and the descriptors
     are the published ones to the bit.
     """
     dists = [_self_distances(image, radius, dilation) for image in (fixed, moving)]
     noise = max(_image_noise(out) for out in dists)
-    return _descriptor(dists[0], noise), _descriptor(dists[1], noise)
+    return _descriptor(dists[0], noise), _descriptor(dists[1], noise), noise

@@ -297,7 +297,7 @@ def refine_on_working_grid(fdata: torch.Tensor, mdata: torch.Tensor, grid: Grid,
     (:mod:`regcli.methods.fine`)."""
     icfg = cfg.instance
     with torch.no_grad():
-        feat_f, feat_m = mind_ssc_pair(fdata, mdata, cfg.convex.mind_radius, icfg.refine_mind_dilation)
+        feat_f, feat_m, _ = mind_ssc_pair(fdata, mdata, cfg.convex.mind_radius, icfg.refine_mind_dilation)
         n_mind = feat_f.shape[1]
         if icfg.refine_intensity_weight > 0:  # same-contrast pairs: the intensities join MIND-SSC
             feat_f, feat_m = (torch.cat((f, icfg.refine_intensity_weight * _standardised(d)[None, None]), 1)
@@ -344,7 +344,7 @@ def convexadam(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opt
         # 1. features ------------------------------------------------------------------------------
         t = time.perf_counter()
         report(STAGE_FEATURES, 0, 1)
-        feat_f, feat_m = mind_ssc_pair(fdata, mdata, ccfg.mind_radius, ccfg.mind_dilation)
+        feat_f, feat_m, _ = mind_ssc_pair(fdata, mdata, ccfg.mind_radius, ccfg.mind_dilation)
         report(STAGE_FEATURES, 1, 1)
         timings["features"] = time.perf_counter() - t
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from regcli.config import RegisterConfig
 from regcli.errors import ConvergenceError
 from regcli.features.filters import box_filter
-from regcli.features.mind import mind_ssc, noise_level
+from regcli.features.mind import mind_ssc, mind_ssc_pair
 from regcli.methods.convexadam import (
     DeformableResult, _mask_on, _scalar, index_to_world_vectors, method_setup, off_nodes, refine_on_working_grid,
 )
@@ -72,7 +72,8 @@ def preflight(cfg: RegisterConfig) -> list[dict]:
 
 
 def features(image: Image, net: EmbeddingNet, scfg, basis: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-             noise: float = 0.0) -> tuple[Image, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+             noise: float = 0.0, mind: Optional[torch.Tensor] = None
+             ) -> tuple[Image, Optional[tuple[torch.Tensor, torch.Tensor]]]:
     """The method's features of an image on ``image.grid.subsampled(2)``, and the projection they used.
 
     The global embedding (resampled there) and a local half (MIND-SSC with radius 1 / dilation 2, centred,
@@ -86,13 +87,14 @@ def features(image: Image, net: EmbeddingNet, scfg, basis: Optional[tuple[torch.
     hence the SSD costs, are kept up to the discarded variance, and the cost volume and the instance
     optimisation handle k instead of ``global_dim`` channels.
 
-    ``noise``: the MIND-SSC noise level shared by the two images (:func:`regcli.features.mind.mind_ssc`).
+    ``noise``: the MIND-SSC noise level shared by the two images (:func:`regcli.features.mind.mind_ssc`);
+    ``mind``: the image's MIND-SSC (1, 12, Z, Y, X) with that level when already computed.
     """
     emb = embed(image, net)  # float32 network; its maps take the image's (the solver's) dtype
     emb = replace(emb, global_=emb.global_.to(dtype=image.data.dtype), local=emb.local.to(dtype=image.data.dtype))
     loc = None
     if scfg.local_features in ("mind", "both"):
-        m = mind_ssc(image.data[None, None], 1, 2, noise=noise)[0]
+        m = (mind_ssc(image.data[None, None], 1, 2, noise=noise) if mind is None else mind)[0]
         m = box_filter(m - m.mean(0, keepdim=True), 1)[:, ::2, ::2, ::2]  # anti-aliased, centred on voxel 2i
         loc = F.normalize(m, dim=0)
         if scfg.local_features == "both":
@@ -173,11 +175,12 @@ def samconvex(fixed: Image, moving: Image, cfg: RegisterConfig, fixed_mask: Opti
     report(STAGE_EMBED, 0, 1)
     with torch.no_grad():
         # the noisier image sets MIND-SSC's variance floor for both, at every level
-        noise = 0.0 if scfg.local_features == "embedding" else max(noise_level(d, 1, 2) for d in (fdata, mdata))
-        emb_f, basis = features(Image(fdata, grid), net, scfg, noise=noise)
+        mind_f, mind_m, noise = (None, None, 0.0) if scfg.local_features == "embedding" else \
+            mind_ssc_pair(fdata, mdata, 1, 2)
+        emb_f, basis = features(Image(fdata, grid), net, scfg, noise=noise, mind=mind_f)
         timings["embed_fixed"] = time.perf_counter() - t
         t = time.perf_counter()
-        emb_m0, _ = features(Image(mdata, grid), net, scfg, basis, noise)  # unwarped moving: first level and IO
+        emb_m0, _ = features(Image(mdata, grid), net, scfg, basis, noise, mind_m)  # unwarped: first level and IO
     report(STAGE_EMBED, 1, 1)
     timings["embed_moving"] = time.perf_counter() - t
 
