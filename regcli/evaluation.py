@@ -419,9 +419,10 @@ class Evaluation:
         return [r for r in self.rows if r.get("status") != "ok"]
 
     def summary(self, task: Optional[str] = None) -> dict:
-        """``{metric: {"mean", "sd", "n"}}`` over the pairs (of ``task``) where the metric is finite."""
+        """``{metric: {"mean", "sd", "n"}}`` over the successful pairs (of ``task``) where the metric is finite (a
+        failed pair's time and memory are in its row, not in the summary)."""
         out = {}
-        rows = [r for r in self.rows if task is None or r.get("task") == task]
+        rows = [r for r in self.rows if r.get("status") == "ok" and (task is None or r.get("task") == task)]
         for k in HEADLINE:
             v = np.asarray([r[k] for r in rows if isinstance(r.get(k), (int, float)) and
                             math.isfinite(r[k])], dtype=np.float64)
@@ -517,11 +518,15 @@ def process_pair(pair: Pair, outdir: str | os.PathLike, method: str, existing_pr
                  register_fn: Callable[..., RunResult] = register_subprocess) -> dict:
     """One row of an evaluation: register ``pair`` into ``outdir/<pair>_`` with a ``regcli register`` child (or,
     with ``existing_prefix``, read the transforms written there earlier) and score it. Never raises for a
-    failing pair: its row has ``status`` "failed", ``error`` (one line) and ``exit_code``."""
+    failing pair: its row has ``status`` "failed", ``error`` (one line) and ``exit_code``. A pair fails as a whole:
+    when its registration succeeded but scoring it fails (e.g. an unreadable label map), the outputs the
+    registration wrote are removed, as a failed registration writes none (outputs found with ``existing_prefix``
+    are never removed)."""
     from regcli.io.transforms import read_transform_list
 
     row: dict[str, Any] = {"pair": pair.name, "fixed_image": str(pair.fixed), "moving_image": str(pair.moving),
                            "status": "ok", **({"task": pair.task} if pair.task else {})}
+    run = None
     try:
         if existing_prefix is not None:
             prefix = existing_prefix
@@ -555,7 +560,28 @@ def process_pair(pair: Pair, outdir: str | os.PathLike, method: str, existing_pr
         row.update(status="failed", error=str(e), exit_code=e.exit_code)
     except RegcliError as e:
         row.update(status="failed", error=e.one_line(), exit_code=e.exit_code)
+        if run is not None and run.returncode == 0:  # registered, then scoring failed: the pair fails as a whole
+            _remove_outputs(prefix, run.report)
+            row.pop("transforms", None)
+    except BaseException:  # a bug or an interrupt while scoring: no outputs left that look like a success
+        if run is not None and run.returncode == 0:
+            _remove_outputs(prefix, run.report)
+        raise
     return row
+
+
+def _remove_outputs(prefix: str, report: Optional[dict]) -> None:
+    """Remove what a ``regcli register`` child wrote for ``prefix``: the files its report lists (else the usual
+    ANTs-style names), so that a pair that failed leaves no outputs, as when its registration fails."""
+    listed = report.get("outputs") if isinstance(report, dict) else None
+    if not isinstance(listed, list):
+        listed = [prefix + s for s in ("0GenericAffine.mat", "1Warp.nii.gz", "1InverseWarp.nii.gz", "Warped.nii.gz",
+                                       "Report.html", "Report.json")]
+    folder = Path(prefix).resolve().parent
+    for name in listed:
+        path = Path(str(name))
+        if path.resolve().parent == folder:  # the pair's own outputs, nothing else
+            path.unlink(missing_ok=True)
 
 
 class _PairFailed(Exception):

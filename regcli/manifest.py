@@ -35,7 +35,7 @@ import csv
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from regcli.errors import ConfigError, InputError
 
@@ -61,7 +61,8 @@ class Dataset(BaseModel):
                                                        "high <= 100 (default: the network's)")
     labels_replace: tuple[str, str] = Field(("_T1w", "_labels"), description="a glob image's label map is its path "
                                             "with the first string replaced by the second")
-    label_ids: Optional[tuple[int, ...]] = Field(None, description="the labels that count (default: all shared)")
+    label_ids: Optional[tuple[StrictInt, ...]] = Field(None, description="the labels that count (default: all "
+                                                       "shared)")
     weight: float = Field(1.0, gt=0, description="sampling weight among the datasets")
 
     @model_validator(mode="after")

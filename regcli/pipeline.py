@@ -193,6 +193,7 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     of the result have it (float64 fields are written as float32 files).
     """
     check_prompts(config, fixed_labels, moving_labels, landmarks)
+    check_masks(config, fixed_mask, moving_mask)
     check_variance(fixed, fixed_mask, "fixed")
     check_variance(moving, moving_mask, "moving")
     runtime = runtime or setup_runtime(config.device, config.threads, config.seed, config.deterministic)
@@ -463,6 +464,33 @@ def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks
         raise InputError("--prompt-labels needs both --fixed-labels and --moving-labels")
     if pc.landmarks and landmarks is None:
         raise InputError("--prompt-landmarks needs both --fixed-landmarks and --moving-landmarks")
+    if pc.labels is not None and pc.label_weight > 0:  # the ids, now rather than after the affine stage
+        from regcli.solvers.prompts import check_label_prompt
+
+        check_label_prompt(fixed_labels, moving_labels, None if pc.labels == "all" else list(pc.labels))
+
+
+def check_masks(config: RegisterConfig, fixed_mask, moving_mask) -> None:
+    """Refuse or flag masks that the registration would not use. The deformable stage of a network method takes
+    no mask: only its ``io: field`` instance optimisation (with iterations) and a fine refinement
+    (``--fine-spacing``) read them. Otherwise the masks weight only the affine stage (a warning says so), and
+    without the affine stage nothing reads them: a ConfigError, as for flags nothing would use."""
+    from regcli.config import NETWORK_METHODS
+    from regcli.errors import ConfigError
+
+    given = [flag for flag, m in (("--fixed-mask", fixed_mask), ("--moving-mask", moving_mask)) if m is not None]
+    if not given or config.method not in NETWORK_METHODS or config.instance.fine_spacing_mm is not None:
+        return
+    section = getattr(config, config.method)
+    if section.io == "field" and section.io_iterations > 0:
+        return
+    how = f"--method {config.method} --io {section.io}" + (" with 0 iterations" if section.io == "field" else "")
+    what, it = " and ".join(given), "it" if len(given) == 1 else "them"
+    if not config.affine.enabled:
+        raise ConfigError(f"{what}: nothing in {how} without the affine stage would use {it} (the network takes no "
+                          f"mask; masks weight the affine stage and the instance optimisation of --io field)")
+    log.warning("%s: no effect on the deformable stage of %s (the network takes no mask); only the affine stage "
+                "uses %s", what, how, it)
 
 
 def check_variance(image: Image, mask: Optional[Image], role: str) -> None:

@@ -573,6 +573,63 @@ def test_evaluate_failed_pair_keeps_the_table(tmp_path, images):
     assert (tmp_path / "ev" / "evaluation.csv").exists()
 
 
+def _bad_labels_manifest(tmp_path, images):
+    """Pairs p1 (labels fine) and p2, whose moving labels read as no image (known only when scoring)."""
+    manifest = _manifest(tmp_path, images, landmarks=False)
+    (tmp_path / "bad_labels.nii.gz").write_text("not an image")
+    manifest.write_text(manifest.read_text().replace("p2,fixed.nii.gz,moving.nii.gz,fixed_labels.nii.gz,"
+                                                     "moving_labels.nii.gz", "p2,fixed.nii.gz,moving.nii.gz,"
+                                                     "fixed_labels.nii.gz,bad_labels.nii.gz"))
+    assert "bad_labels" in manifest.read_text()
+    return manifest
+
+
+def test_evaluate_a_pair_whose_scoring_fails_leaves_no_outputs(tmp_path, images):
+    """A pair registered fine but whose scoring fails (moving labels that are not an image) fails as a whole, as a
+    pair whose registration fails: its row says failed with the one-line error and exit code, the files its
+    registration wrote are removed, and the mean ± sd are over the successful pairs only."""
+    from regcli.evaluation import RunResult, evaluate_pairs, read_manifest
+
+    grid = Grid.from_sitk(sitk.ReadImage(str(images["fixed"])))
+
+    def register(pair, prefix, method, **kwargs):  # writes what `regcli register` would, instantly
+        write_affine(AffineTransform.translation((-2.0, 1.5, -1.0)), prefix + "0GenericAffine.mat")
+        write_displacement(DisplacementField.zeros(grid), prefix + "1Warp.nii.gz")
+        report = {"outputs": [prefix + s for s in ("0GenericAffine.mat", "1Warp.nii.gz", "Report.json")],
+                  "total_seconds": 2.0 if pair.name == "p1" else 10.0}
+        Path(prefix + "Report.json").write_text(json.dumps(report))
+        return RunResult(0, report, "", 3.0, 100.0)
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    ev = evaluate_pairs(read_manifest(_bad_labels_manifest(tmp_path, images)), out, "affine", register_fn=register)
+    ok, failed = ev.rows
+    assert ok["status"] == "ok" and ok["dice_mean"] > 0.8
+    assert failed["status"] == "failed" and failed["exit_code"] == 3 and "transforms" not in failed
+    assert failed["error"].startswith("InputError: cannot read moving labels") and "bad_labels" in failed["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["p1_0GenericAffine.mat", "p1_1Warp.nii.gz", "p1_Report.json"]
+    assert ev.summary()["seconds"] == {"mean": 2.0, "sd": 0.0, "n": 1}
+
+
+@needs_pipeline
+@pytest.mark.slow
+def test_evaluate_cli_fails_a_pair_whose_scoring_fails(tmp_path, images):
+    """The same through `regcli evaluate` and real `regcli register` children: exit code 3 (the pair's
+    InputError), the table and evaluation.csv say failed, and none of the failed pair's files are left."""
+    y = tmp_path / "fast.yaml"
+    y.write_text(FAST_YAML)
+    out = tmp_path / "ev"
+    res = invoke("evaluate", _bad_labels_manifest(tmp_path, images), "--method", "affine", "--config", y, "-o", out,
+                 "--threads", "1", "--no-hd95", "--json")
+    assert res.exit_code == 3, res.output
+    d = json.loads(res.stdout)
+    assert [r["status"] for r in d["pairs"]] == ["ok", "failed"] and d["n_failed"] == 1
+    assert d["summary"]["seconds"]["n"] == 1
+    with open(out / "evaluation.csv") as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["ok", "failed"]
+    assert (out / "p1_0GenericAffine.mat").exists() and not list(out.glob("p2_*"))
+
+
 def test_evaluate_manifest_errors(tmp_path, images):
     bad = tmp_path / "bad.csv"
     bad.write_text("fixed_image,moving\nfixed.nii.gz,moving.nii.gz\n")

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import invoke, make_phantom, phantom_labels, phantom_mask
+from conftest import invoke, make_phantom, one_line, phantom_labels, phantom_mask
 from regcli.config import build_config
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image
@@ -308,6 +308,29 @@ def test_label_prompt_through_the_cli_raises_the_prompted_dice(tmp_path):
     d0 = json.loads((tmp_path / "a_Report.json").read_text())["metrics"]["dice_per_label"]["3"]
     d1 = json.loads((tmp_path / "b_Report.json").read_text())["metrics"]["dice_per_label"]["3"]
     assert d1 > d0 + 0.1, (d0, d1)
+
+
+def test_wrong_prompt_label_ids_are_refused_before_the_affine_stage(tmp_path, monkeypatch):
+    """A --prompt-labels id absent from a label map is the same one-line InputError (exit 3) as before, but found
+    in the pre-flight: the affine stage never runs, and nothing is written."""
+    import regcli.solvers.affine
+
+    fixed_img = make_phantom("LPS", (2.0, 2.0, 2.0))
+    fp, flp = tmp_path / "f.nii.gz", tmp_path / "fl.nii.gz"
+    sitk.WriteImage(fixed_img, str(fp))
+    sitk.WriteImage(phantom_labels(fixed_img), str(flp))
+
+    def affine_ran(*args, **kwargs):
+        raise AssertionError("the affine stage ran")
+
+    monkeypatch.setattr(regcli.solvers.affine, "run_affine_stage", affine_ran)
+    for method in ("dio", "convexadam"):
+        res = invoke("register", fp, fp, "-o", tmp_path / "o_", "--method", method, "--fixed-labels", flp,
+                     "--moving-labels", flp, "--prompt-labels", "2,9", "--quiet")
+        assert res.exit_code == 3, (method, res.output)
+        assert one_line(res.stderr) == (f"InputError: label prompt: label ids 9 not in fixed '{flp}'; "
+                                        f"9 not in moving '{flp}'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.nii.gz", "fl.nii.gz"]
 
 
 def test_prompts_need_their_inputs(tmp_path):

@@ -292,3 +292,49 @@ def _yaml(tmp_path, text: str):
     path = tmp_path / "c.yaml"
     path.write_text(text + "\n")
     return path
+
+
+def test_a_mask_the_network_would_ignore_is_flagged_or_refused(tmp_path):
+    """The network takes no mask: with --io none or network, a mask weights only the affine stage (a warning naming
+    the option says so, also in report.json), and without the affine stage it is refused (ConfigError, nothing
+    written); --io field's instance optimisation uses it (no warning)."""
+    import json
+
+    from regcli.errors import ConfigError
+    from regcli.pipeline import check_masks
+
+    f = write(make_phantom("LPS"), tmp_path / "f.nii.gz")
+    m = write(make_phantom("LPS", transform=lambda p: p + SHIFT), tmp_path / "m.nii.gz")
+    mask = write(sitk.Cast(make_phantom("LPS") > 0.2, sitk.sitkUInt8), tmp_path / "mask.nii.gz")
+    torch.manual_seed(0)
+    save_gradicon_model(GradICONNet(SMALL), tmp_path / "net", "# untrained")
+    cfg = _yaml(tmp_path, f"foundation: {{weights: {tmp_path / 'net'}}}")
+    out = tmp_path / "out"
+    out.mkdir()
+    res = invoke("register", f, m, "-o", f"{out}/a_", "--method", "foundation", "--io", "none", "--config", cfg,
+                 "--fixed-mask", mask, "--no-html", "--json")
+    assert res.exit_code == 0, res.output
+    warning = "--fixed-mask: no effect on the deformable stage of --method foundation --io none"
+    assert warning in res.stderr, res.stderr
+    assert any(w.startswith(warning) for w in json.loads(res.stdout)["warnings"])
+    res = invoke("register", f, m, "-o", f"{out}/b_", "--method", "foundation", "--io", "network", "--no-affine",
+                 "--config", cfg, "--moving-mask", mask, "--quiet")
+    line = one_line(res.stderr)
+    assert res.exit_code == 7 and line.startswith("ConfigError: --moving-mask: nothing in --method foundation --io "
+                                                  "network"), line
+    assert not list(out.glob("b_*"))
+    res = invoke("register", f, m, "-o", f"{out}/c_", "--method", "foundation", "--io", "field", "--iterations", "2",
+                 "--config", cfg, "--fixed-mask", mask, "--moving-mask", mask, "--no-html")
+    assert res.exit_code == 0 and "no effect" not in res.stderr, res.output
+    # promptreg alike; a fine refinement reads the masks whatever --io says
+    given = object()
+    for flags, refused in (({"io": "none"}, False), ({"io": "none", "affine": {"enabled": False}}, True),
+                           ({"io": "field", "io_iterations": 0, "affine": {"enabled": False}}, True),
+                           ({"io": "none", "affine": {"enabled": False}, "instance": {"fine_spacing_mm": 1.0}}, False)):
+        top = {k: flags.pop(k) for k in ("affine", "instance") if k in flags}
+        config = build_config(None, {"method": "promptreg", "promptreg": flags, **top})
+        if refused:
+            with pytest.raises(ConfigError, match="--fixed-mask and --moving-mask: nothing in --method promptreg"):
+                check_masks(config, given, given)
+        else:
+            check_masks(config, given, given)

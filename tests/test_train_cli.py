@@ -249,10 +249,15 @@ def test_out_of_range_recipe_values_are_refused_before_any_output(tmp_path):
         with pytest.raises(ConfigError, match=match):
             load_dio_job(dio)
     pairs = tmp_path / "pairs.yaml"
-    for train in ("iterations: true", "seed: 1.5"):
+    for train, key in (("iterations: true", "train.iterations"), ("seed: 1.5", "train.seed"),
+                       ("optron: {iters: true}", "train.optron.iters"),
+                       ("optron: {iters: 10, lncc_window: true}", "train.optron.lncc_window")):
         pairs.write_text(f"data:\n  - glob: imgs/*.nii.gz\ntrain: {{{train}}}\n")
-        with pytest.raises(ConfigError, match=train.split(":")[0]):
+        with pytest.raises(ConfigError, match=key):
             load_foundation_job(pairs)
+    pairs.write_text("data:\n  - {glob: imgs/*.nii.gz, label_ids: [true, 2]}\n")
+    with pytest.raises(ConfigError, match="label_ids"):
+        load_foundation_job(pairs)
 
 
 def test_an_output_that_is_a_file_is_refused_before_reading_data(tmp_path):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -289,6 +290,9 @@ def test_registry_sha_that_disagrees_with_the_hub_is_not_called_corrupted(env, t
     assert res.exit_code == 8 and "disagree" in one_line(res.stderr) and "--force" not in res.stderr
     (m,) = json.loads(invoke("weights", "list", "--json").stdout)["models"]
     assert m["cached"] is False and m["cache"] == "fails verification"
+    table = invoke("weights", "list")  # the table says so too, not "no" (as with nothing cached)
+    (row,) = [ln.split() for ln in table.stdout.splitlines() if ln.startswith("m ")]
+    assert table.exit_code == 0 and row[3:6] == ["no", "fails", "verification"], table.stdout
 
 
 def test_cli_pull_then_offline_info_in_subprocesses(published, tmp_path):
@@ -498,10 +502,46 @@ def test_a_config_without_net_or_architecture_does_not_load(tmp_path, key):
         load_embedding(str(folder))
     msg = str(e.value)
     assert str(folder / "config.json") in msg and f'no "{key}" key' in msg and "None" not in msg, msg
+    res = invoke("weights", "info", folder)  # not "looks fine" for a folder that registration refuses
+    assert res.exit_code == 8 and one_line(res.stderr) == e.value.one_line(), res.output
     for base in (ROOT / "weights", ROOT / "regcli" / "_weights"):
         for shipped in sorted(base.glob("*/config.json")):
             config = json.loads(shipped.read_text())
             assert "architecture" in config and isinstance(config.get("net"), dict), shipped
+
+
+def test_weights_info_builds_regcli_networks_and_refuses_broken_folders(tmp_path):
+    """`weights info` on a regcli network builds it as registration would (and says so in its checks); a folder
+    without config.json, with a config.json that is not JSON, or with an empty model.safetensors (with or without
+    a sha256 in config.json) is a one-line WeightsError (exit 8)."""
+    from regcli.models.embedding import EmbeddingConfig, EmbeddingNet
+    from regcli.weights import save_network
+
+    cfg = EmbeddingConfig(widths=(4, 8, 8, 8), global_dim=8, local_dim=8, context_dilations=(1, 2))
+    good = save_network(EmbeddingNet(cfg), tmp_path / "good", "regcli-sam-embedding", "# card\n")
+    res = invoke("weights", "info", good, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["checks"][-1] == "builds its regcli-sam-embedding network"
+    cases = {"no config.json": "is not a model folder: it needs config.json",
+             "config.json not JSON": "cannot read model config",
+             "empty weights": "is corrupted: sha256",
+             "empty weights, no sha256": "is not a valid safetensors file"}
+    for case, expected in cases.items():
+        folder = tmp_path / case.replace(" ", "_").replace(",", "")
+        shutil.copytree(good, folder)
+        config = folder / "config.json"
+        if case == "no config.json":
+            config.unlink()
+        elif case == "config.json not JSON":
+            config.write_text("{not json")
+        else:
+            (folder / "model.safetensors").write_bytes(b"")
+            if "no sha256" in case:
+                config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                              if k != "sha256"}))
+        res = invoke("weights", "info", folder)
+        line = one_line(res.stderr)
+        assert res.exit_code == 8 and line.startswith("WeightsError: ") and expected in line, (case, line)
 
 
 def test_shipped_embedding_pulled_from_loopback_hub_then_offline_samconvex(env, tmp_path):
@@ -569,9 +609,11 @@ def test_cli_list_and_info_json(published, tmp_path):
     (m,) = data["models"]
     assert m == {"name": "tiny", "repo_id": "org/tiny", "revision": published["commit"], "sha256": published["sha"],
                  "description": "test model", "shipped": False, "shipped_path": None, "cached": False, "cache": None}
+    assert invoke("weights", "list").stdout.splitlines()[1].split()[3:5] == ["no", "no"]  # shipped, cached
     pull("tiny")
     m = json.loads(invoke("weights", "list", "--json").stdout)["models"][0]
     assert m["cached"] is True and m["cache"] == "verified"
+    assert invoke("weights", "list").stdout.splitlines()[1].split()[3:5] == ["no", "yes"]
 
     res = invoke("weights", "info", "tiny", "--json")
     assert res.exit_code == 0, res.stderr

@@ -107,8 +107,9 @@ def evaluate(
 
     Each pair is registered by a fresh [bold]regcli register[/bold] process (so its peak memory is its own, and a
     crash fails one row, not the table), then scored from the transform files it wrote. Prints a table with a
-    mean ± sd row, and writes OUTDIR/evaluation.csv and OUTDIR/evaluation.json. Exits 0 when every pair was
-    scored, otherwise with the exit code of the first failed pair (after writing the results).
+    mean ± sd row (over the pairs that succeeded), and writes OUTDIR/evaluation.csv and OUTDIR/evaluation.json.
+    A pair that fails, registering or scoring, leaves no outputs of its own. Exits 0 when every pair was scored,
+    otherwise with the exit code of the first failed pair (after writing the results).
     """
     from regcli.cli.common import Ui, output_folder
     from regcli.config import build_config, refuse_flags_without_effect

@@ -79,11 +79,16 @@ def _table(rows: list[tuple[str, str]]):
     return t
 
 
+#: ``list_models()``'s ``cache`` (the state of the Hugging Face cache's copy) as the table's "cached" column
+_CACHE_STATUS = {None: "no", "verified": "yes", "fails verification": "fails verification"}
+
+
 def list_(json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     """List the registry's model names, their pinned Hub revision and whether they are shipped or cached.
 
-    Nothing is downloaded. "shipped" means weights/NAME/ holds the model; "cached" means the Hugging Face
-    cache (HF_HOME) has it, so it loads with HF_HUB_OFFLINE=1.
+    Nothing is downloaded. "shipped" means weights/NAME/ holds the model; "cached" is "yes" when the Hugging
+    Face cache (HF_HOME) has a copy that matches the registry's sha256, so it loads with HF_HUB_OFFLINE=1, and
+    "fails verification" when its copy does not (loading refuses it; see `regcli weights pull NAME`).
     """
     from rich.table import Table
 
@@ -95,10 +100,11 @@ def list_(json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOp
     data = {"weights_dir": str(weights_dir()), "registry": str(registry_path()), "models": models}
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("name", "repo", "revision", "shipped", "cached", "description"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col == "cached")
     for m in models:
         t.add_row(esc(m["name"]), esc(m["repo_id"] or "(not on the Hub)"), (m["revision"] or "-")[:12],
-                  "yes" if m["shipped"] else "no", "yes" if m["cached"] else "no", esc(m["description"]))
+                  "yes" if m["shipped"] else "no", _CACHE_STATUS.get(m["cache"], str(m["cache"])),
+                  esc(m["description"]))
     if not models:
         ui.info(f"No models in the registry '{registry_path()}'.")
     ui.result(data, t if models else None)
@@ -107,13 +113,18 @@ def list_(json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOp
 def info(spec: SpecArg, json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     """Resolve SPEC, verify its checksums, and show its folder, source, sha256, config and model card.
 
-    A registry name or hub: spec that is not cached is downloaded first (unless HF_HUB_OFFLINE=1).
+    A registry name or hub: spec that is not cached is downloaded first (unless HF_HUB_OFFLINE=1). A model of one
+    of regcli's network architectures is also built, as registration would load it: a config.json that does not
+    describe the network in the weights (no "net", say) is refused with the error loading it would give.
     """
     from regcli.cli.common import Ui
+    from regcli.models import network_from
     from regcli.weights import resolve
 
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
     resolved = resolve(spec, progress=not quiet and not json_out and _tty())
+    if network_from(resolved) is not None:
+        resolved.checks.append(f"builds its {resolved.config['architecture']} network")
     data = _summary(resolved, with_readme=5)
     rows = [("spec", spec), ("source", data["source"]), ("folder", data["folder"]),
             ("sha256", data["sha256"]), ("checks", ", ".join(data["checks"]))]

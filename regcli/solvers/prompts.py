@@ -94,6 +94,45 @@ def _describe(ids) -> str:
     return ", ".join(str(i) for i in sorted(ids))
 
 
+def _prompt_ids(fixed_ids: set[int], moving_ids: set[int], labels: Optional[Sequence[int]], fixed_name: str,
+                moving_name: str) -> list[int]:
+    """The label ids a prompt aligns: ``labels`` when every one is in both maps, or (``labels`` None) every id > 0
+    the maps share; an InputError naming the ids and maps otherwise."""
+    if labels is None:
+        ids = sorted((fixed_ids & moving_ids) - {0})
+        if not ids:
+            raise InputError(f"fixed '{fixed_name}' and moving '{moving_name}' label maps have no label > 0 in common")
+        return ids
+    ids = [int(v) for v in labels]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"label ids are repeated: {ids}")
+    missing_f = [i for i in ids if i not in fixed_ids]
+    missing_m = [i for i in ids if i not in moving_ids]
+    if missing_f or missing_m:
+        parts = []
+        if missing_f:
+            parts.append(f"{_describe(missing_f)} not in fixed '{fixed_name}'")
+        if missing_m:
+            parts.append(f"{_describe(missing_m)} not in moving '{moving_name}'")
+        raise InputError("label prompt: label ids " + "; ".join(parts))
+    return ids
+
+
+def check_label_prompt(fixed: Image, moving: Image, labels: Optional[Sequence[int]] = None) -> list[int]:
+    """The label ids a :class:`LabelPrompt` on these (integer, original) label maps would align, checked without
+    building it: for a pre-flight, so that a wrong id is refused before any registration work with the message
+    :func:`stage_prompts` would give after the affine stage.
+
+    Raises:
+        InputError: as :class:`LabelPrompt` (not integer 3D label maps, ids absent from either map, repeated
+            ids, or no common label).
+    """
+    _check_label_map(fixed, "fixed")
+    _check_label_map(moving, "moving")
+    return _prompt_ids(_label_ids(fixed.data), _label_ids(moving.data), labels, fixed.name or "fixed",
+                       moving.name or "moving")
+
+
 # ----------------------------------------------------------------------------------------------- labels
 class LabelPrompt:
     """Soft-Dice prompt on label maps: ``loss = 1 - mean_k Dice_k(fixed_k, moving_k ∘ (x + u))``.
@@ -153,24 +192,7 @@ class LabelPrompt:
             moving_ids = {int(k) for k in labels}
         else:
             moving_ids = _label_ids(moving.data)
-        if labels is None:
-            ids = sorted((fixed_ids & moving_ids) - {0})
-            if not ids:
-                raise InputError(f"fixed '{fixed.name or 'fixed'}' and moving '{moving.name or 'moving'}' label maps "
-                                 "have no label > 0 in common")
-        else:
-            ids = [int(v) for v in labels]
-            if len(set(ids)) != len(ids):
-                raise InputError(f"label ids are repeated: {ids}")
-            missing_f = [i for i in ids if i not in fixed_ids]
-            missing_m = [i for i in ids if i not in moving_ids]
-            if missing_f or missing_m:
-                parts = []
-                if missing_f:
-                    parts.append(f"{_describe(missing_f)} not in fixed '{fixed.name or 'fixed'}'")
-                if missing_m:
-                    parts.append(f"{_describe(missing_m)} not in moving '{moving.name or 'moving'}'")
-                raise InputError("label prompt: label ids " + "; ".join(parts))
+        ids = _prompt_ids(fixed_ids, moving_ids, labels, fixed.name or "fixed", moving.name or "moving")
         if weight < 0:
             raise ConfigError(f"label prompt weight must be >= 0, got {weight}")
         self.labels: list[int] = ids

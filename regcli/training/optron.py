@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from regcli.spaces.grid import Grid
 
@@ -33,10 +33,10 @@ class OptronConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    iters: int = Field(0, ge=0, description="refinement steps per training pair (0: Optron off; the paper: 10)")
+    iters: StrictInt = Field(0, ge=0, description="refinement steps per training pair (0: Optron off; the paper: 10)")
     lr: float = Field(0.1, gt=0, description="Adam learning rate of the refinement (voxels)")
     reg_weight: float = Field(0.02, ge=0, description="weight of the diffusion regulariser in the refinement")
-    lncc_window: int = Field(9, ge=3, description="LNCC window of the refinement (voxels)")
+    lncc_window: StrictInt = Field(9, ge=3, description="LNCC window of the refinement (voxels)")
     mse_weight: float = Field(1.0, ge=0, description="weight of the MSE to the refined field")
     similarity_weight: float = Field(0.0, ge=0, description="weight of the network's own unsupervised loss mixed "
                                      "in (the paper found it hurts: 0)")

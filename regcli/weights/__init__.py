@@ -54,7 +54,7 @@ __all__ = [
     "CARD_FILE", "CONFIG_FILE", "MODEL_FILES", "WEIGHTS_FILE", "ModelRef", "ResolvedModel", "list_models",
     "load_registry", "load_state_dict", "offline_mode", "pull", "push", "registry_path", "resolve",
     "safetensors_summary", "save_model_folder", "sha256_file", "shipped_folder", "verify_folder", "weights_dir",
-    "save_network", "build_network",
+    "save_network", "build_network", "require_config_key",
 ]
 
 
@@ -208,6 +208,15 @@ def save_network(net, folder, architecture: str, model_card: str, training: Opti
     return save_model_folder(folder, state, config, model_card, overwrite=overwrite)
 
 
+def require_config_key(model: ResolvedModel, key: str) -> None:
+    """A one-line WeightsError naming the model and its ``config.json`` when that lacks ``key`` (``architecture``
+    or ``net``, which every regcli network needs: :func:`build_network`)."""
+    if key not in model.config:
+        raise WeightsError(f"model '{model.spec}': '{model.folder / CONFIG_FILE}' has no \"{key}\" key (a regcli "
+                           f"model's {CONFIG_FILE} names its architecture and holds its network configuration, "
+                           f"\"net\")")
+
+
 def build_network(model: ResolvedModel, architecture: str, what: str, config_cls, net_cls, device=None):
     """The network of a resolved, verified model (eval mode): its ``config.json`` must name ``architecture``, its
     ``net`` entry must be there (never defaulted: a model trained at other settings would run silently at the
@@ -217,9 +226,7 @@ def build_network(model: ResolvedModel, architecture: str, what: str, config_cls
 
     config_path = model.folder / CONFIG_FILE
     for key in ("architecture", "net"):
-        if key not in model.config:
-            raise WeightsError(f"model '{model.spec}': '{config_path}' has no \"{key}\" key (a regcli model's "
-                               f"{CONFIG_FILE} names its architecture and holds its network configuration, \"net\")")
+        require_config_key(model, key)
     if model.config["architecture"] != architecture:
         raise WeightsError(f"model '{model.spec}' is a '{model.config['architecture']}', not {what} "
                            f"('{architecture}')")
