@@ -7,16 +7,73 @@ CLI flags and ``--config file.yaml`` resolve to one :class:`RegisterConfig`, whi
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from regcli.errors import ConfigError, folded
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+class ConfigModel(BaseModel):
+    """Base of every user-facing configuration model (register config, training jobs and recipes, the networks'
+    ``net`` configurations, dataset manifests): frozen, unknown keys rejected, and no boolean taken for a number.
+
+    pydantic's lax mode reads YAML/JSON ``true`` as 1 for an ``int`` field and 1.0 for a ``float`` one (also as an
+    item of a tuple of numbers): here that is a validation error at the key. Everything else lax mode accepts stays
+    accepted: an integer for a float (``learning_rate: 1``), and, for a plain ``int`` field, a float with an
+    integral value (``iterations: 10.0``); ``StrictInt`` fields refuse the latter too.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, (bool, list, tuple)) and info.field_name in cls.model_fields:
+            where = _boolean_for_number(value, cls.model_fields[info.field_name].annotation)
+            if where is not None:
+                raise PydanticCustomError("bool_for_number", "Input should be a number, not a boolean ({where})",
+                                          {"where": where})
+        return value
+
+
+def _members(tp: Any) -> list:
+    """The alternatives of a type annotation: a union's members, ``Annotated`` and ``Optional`` unwrapped."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return _members(get_args(tp)[0])
+    if origin is Union or origin is types.UnionType:
+        return [m for a in get_args(tp) for m in _members(a)]
+    return [tp]
+
+
+def _boolean_for_number(value: Any, tp: Any) -> Optional[str]:
+    """Where ``value`` (YAML/JSON data) holds a boolean for a number of the annotation ``tp`` (a number type
+    without ``bool`` among its alternatives, or a list/tuple of them): the boolean, as ``true`` or ``item 1:
+    false``; None when it holds none."""
+    members = _members(tp)
+    if isinstance(value, bool):
+        numbers = any(m in (int, float) for m in members) and not any(m in (bool, Any, object) for m in members)
+        return str(value).lower() if numbers else None
+    for m in members:
+        origin, args = get_origin(m), get_args(m)
+        if origin in (tuple, list, set, frozenset) and args:
+            homogeneous = origin is not tuple or (len(args) == 2 and args[1] is Ellipsis)
+            for i, (item, item_tp) in enumerate(zip(value, [args[0]] * len(value) if homogeneous else args)):
+                where = _boolean_for_number(item, item_tp)
+                if where is not None:
+                    return f"item {i}: {where}"
+            return None
+    return None
+
+
+class _Frozen(ConfigModel):
+    model_config = ConfigDict(validate_default=True)
 
 
 class AffineConfig(_Frozen):
@@ -347,11 +404,12 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def validation_details(err: ValidationError) -> str:
-    """A pydantic error as one line: ``key.path: problem; ...`` (unknown keys read "unknown option")."""
+def validation_details(err: ValidationError, under: str = "") -> str:
+    """A pydantic error as one line: ``key.path: problem; ...`` (unknown keys read "unknown option"); ``under``: the
+    dotted key of the validated mapping in its file (e.g. ``net``), which starts every key path."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        loc = ".".join(str(x) for x in (*([under] if under else []), *e["loc"])) or "(root)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown option"
@@ -364,8 +422,11 @@ def _format_validation(err: ValidationError, source: str) -> str:
 
 
 def build_config(yaml_path: str | Path | None = None, overrides: dict | None = None,
-                 model: type[BaseModel] = RegisterConfig) -> BaseModel:
+                 model: type[BaseModel] = RegisterConfig, source: Optional[str] = None) -> BaseModel:
     """YAML file (optional) merged with flag overrides (flags win), method preset applied first.
+
+    A bad configuration is a one-line ConfigError naming the dotted keys and ``source`` (default: the YAML file,
+    else "flags"; e.g. the section of a training job that holds the overrides).
 
     Overrides use nested dicts, e.g. ``{"affine": {"metric": "mi"}, "seed": 3}``; ``None`` values
     are ignored so unset CLI flags do not clobber the file. Three top-level keys are flags whose config key
@@ -388,7 +449,7 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
     try:
         return model.model_validate(merged)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, str(yaml_path) if yaml_path else "flags")) from None
+        raise ConfigError(_format_validation(e, source or (str(yaml_path) if yaml_path else "flags"))) from None
 
 
 def refuse_flags_without_effect(cfg: RegisterConfig, overrides: Optional[dict]) -> None:

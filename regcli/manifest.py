@@ -35,15 +35,14 @@ import csv
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import Field, StrictInt, ValidationError, model_validator
 
+from regcli.config import ConfigModel
 from regcli.errors import ConfigError, InputError
 
 
-class Dataset(BaseModel):
+class Dataset(ConfigModel):
     """One dataset of a manifest (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field("", description="the dataset's name (default: the folder of its glob or pairs CSV)")
     task: Optional[str] = Field(None, description="task name (default: name)")

@@ -471,26 +471,67 @@ def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks
 
 
 def check_masks(config: RegisterConfig, fixed_mask, moving_mask) -> None:
-    """Refuse or flag masks that the registration would not use. The deformable stage of a network method takes
-    no mask: only its ``io: field`` instance optimisation (with iterations) and a fine refinement
-    (``--fine-spacing``) read them. Otherwise the masks weight only the affine stage (a warning says so), and
-    without the affine stage nothing reads them: a ConfigError, as for flags nothing would use."""
-    from regcli.config import NETWORK_METHODS
+    """Refuse or flag masks that the registration would not use. When the deformable stage reads none of them
+    (:func:`_masks_unread`: e.g. a network method without ``io: field`` instance optimisation, ConvexAdam with
+    its instance optimisation off, SAMConvex with only its correlation pyramid), the masks weight only the affine
+    stage (a warning says so); without the affine stage nothing reads them (also a linear method with
+    ``affine.enabled: false``): a ConfigError, as for flags nothing would use."""
     from regcli.errors import ConfigError
 
     given = [flag for flag, m in (("--fixed-mask", fixed_mask), ("--moving-mask", moving_mask)) if m is not None]
-    if not given or config.method not in NETWORK_METHODS or config.instance.fine_spacing_mm is not None:
+    unread = _masks_unread(config) if given else None
+    if unread is None:
         return
-    section = getattr(config, config.method)
-    if section.io == "field" and section.io_iterations > 0:
-        return
-    how = f"--method {config.method} --io {section.io}" + (" with 0 iterations" if section.io == "field" else "")
+    how, why, readers = unread
     what, it = " and ".join(given), "it" if len(given) == 1 else "them"
     if not config.affine.enabled:
-        raise ConfigError(f"{what}: nothing in {how} without the affine stage would use {it} (the network takes no "
-                          f"mask; masks weight the affine stage and the instance optimisation of --io field)")
-    log.warning("%s: no effect on the deformable stage of %s (the network takes no mask); only the affine stage "
-                "uses %s", what, how, it)
+        raise ConfigError(f"{what}: nothing in {how} without the affine stage would use {it} ({why}; {readers})")
+    if config.deformable:
+        log.warning("%s: no effect on the deformable stage of %s (%s); only the affine stage uses %s", what, how,
+                    why, it)
+
+
+def _masks_unread(config: RegisterConfig) -> Optional[tuple[str, str, str]]:
+    """None when the deformable stage of ``config`` reads the masks; else the configuration in words, why it
+    reads none, and what would.
+
+    The stages that read masks are the solver stages: ConvexAdam's instance optimisation and refinement
+    (``instance.enabled`` with ``instance.iterations`` or ``refine_iterations`` > 0; its discrete stage takes
+    none), SAMConvex's feature-space instance optimisation and refinement (its correlation pyramid takes none),
+    the DIO solver (a level of 0 iterations reads nothing), a network method's ``io: field`` instance
+    optimisation (the network takes none), and the fine refinement (``--fine-spacing``) of every deformable
+    method. A linear method has only the affine stage."""
+    m = config.method
+    fine = " and --fine-spacing"
+    if not config.deformable:
+        return f"--method {m}", "a linear method", "masks weight the affine stage"
+    if config.instance.fine_spacing_mm is not None:
+        return None
+    if m == "convexadam":
+        inst = config.instance
+        if inst.enabled and (inst.iterations > 0 or inst.refine_iterations > 0):
+            return None
+        off = "instance.enabled false" if not inst.enabled else "instance.iterations and refine_iterations 0"
+        return (f"--method {m} with {off}", "its discrete stage takes no mask",
+                "masks weight the affine stage, the instance optimisation, its refinement" + fine)
+    if m == "samconvex":
+        sc = config.samconvex
+        if sc.io_iterations > 0 or sc.refine_iterations > 0:
+            return None
+        return (f"--method {m} with samconvex.io_iterations and refine_iterations 0",
+                "its correlation pyramid takes no mask",
+                "masks weight the affine stage, the instance optimisation, the refinement" + fine)
+    if m == "dio":
+        if any(n > 0 for n in config.dio.iterations):
+            return None
+        return (f"--method {m} with dio.iterations {'x'.join(map(str, config.dio.iterations))}",
+                "no solver level iterates", "masks weight the affine stage, the DIO solver" + fine)
+    section = getattr(config, m)  # a network method (NETWORK_METHODS)
+    if section.io == "field" and section.io_iterations > 0:
+        return None
+    return (f"--method {m} --io {section.io}" + (" with 0 iterations" if section.io == "field" else ""),
+            "the network takes no mask", "masks weight the affine stage, the instance optimisation of --io field"
+            + fine)
 
 
 def check_variance(image: Image, mask: Optional[Image], role: str) -> None:

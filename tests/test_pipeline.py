@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import DIRECTIONS, as_image, centred_origin, make_phantom, phantom_labels, phantom_mask, render, write
-from regcli.config import build_config
+from regcli.config import build_config, deep_merge
 from regcli.errors import GeometryError, InputError
 from regcli.pipeline import RegisterInputs, register_images, run_register
 from regcli.io.images import read_image
@@ -24,8 +24,6 @@ FAST = {"affine": {"levels_mm": [4.0, 2.0], "iterations": [60, 40]}, "instance":
 
 
 def _cfg(**over):
-    from regcli.config import deep_merge
-
     return build_config(None, deep_merge(FAST, over))
 
 
@@ -315,3 +313,104 @@ def test_a_noisy_moving_image_against_a_clean_fixed_image_keeps_the_anatomy_in_p
     pts = np.array([f.TransformContinuousIndexToPhysicalPoint(p) for p in idx])
     err = np.linalg.norm(reg.transform.map_points(torch.from_numpy(pts)).numpy() - (pts + shift), axis=1)
     assert err.mean() < 0.6 and err.max() < 2.0, (err.mean(), err.max())
+
+
+# ------------------------------------------------------------------------------ masks nothing would use
+MASK_CASES = [  # (config overrides, does the deformable stage read the masks)
+    ({"method": "convexadam", "instance": {"enabled": False}}, False),
+    ({"method": "convexadam", "instance": {"iterations": 0, "refine_iterations": 0}}, False),
+    ({"method": "convexadam", "instance": {"iterations": 0, "refine_iterations": 2}}, True),
+    ({"method": "convexadam", "instance": {"iterations": 2, "refine_iterations": 0}}, True),
+    ({"method": "samconvex", "samconvex": {"io_iterations": 0, "refine_iterations": 0}}, False),
+    ({"method": "samconvex", "samconvex": {"io_iterations": 0, "refine_iterations": 2}}, True),
+    ({"method": "samconvex", "samconvex": {"io_iterations": 2, "refine_iterations": 0}}, True),
+    ({"method": "dio", "dio": {"iterations": [0, 0, 0]}}, False),
+    ({"method": "dio", "dio": {"iterations": [2, 0, 0]}}, True),
+    ({"method": "affine"}, False),
+    ({"method": "rigid"}, False),
+]
+
+
+def _case_id(over) -> str:
+    return over["method"] + "".join(f"-{k}={v}" for sec in over.values() if isinstance(sec, dict)
+                                    for k, v in sec.items())
+
+
+@pytest.mark.parametrize("over,reads", MASK_CASES, ids=[_case_id(c) for c, _ in MASK_CASES])
+def test_a_mask_the_deformable_stage_would_ignore_is_flagged_or_refused(over, reads, monkeypatch, caplog):
+    """Which configurations' deformable stage reads --fixed-mask/--moving-mask, measured: the field with and without
+    the masks (the affine stage off) is the same to the bit exactly where check_masks says nothing reads them.
+    Then such masks are refused without the affine stage (ConfigError naming the flags and the configuration)
+    and, with it, flagged by a warning that only the affine stage uses them."""
+    import logging
+
+    import regcli.pipeline
+    from regcli.errors import ConfigError
+    from regcli.pipeline import check_masks
+    from regcli.spaces.image import Image
+
+    shift = np.array([2.0, -1.5, 1.0])
+    f, m = make_phantom("LPS"), make_phantom("LPS", transform=lambda p: p + shift)
+    fixed, moving = as_image(f), as_image(m)
+    fmask, mmask = (Image(torch.from_numpy(phantom_mask(img, erode=4)).to(torch.uint8), im.grid, name)
+                    for img, im, name in ((f, fixed, "fmask"), (m, moving, "mmask")))
+    cfg = build_config(None, {**over, "affine": {"enabled": False}, "inverse_warp": False, "threads": 1})
+    with monkeypatch.context() as mp:  # what the stages do with the masks, the check aside
+        mp.setattr(regcli.pipeline, "check_masks", lambda *a: None)
+        plain = register_images(fixed, moving, cfg)
+        results = [register_images(fixed, moving, cfg, fm, mm) for fm, mm in ((fmask, mmask), (fmask, None),
+                                                                              (None, mmask))]
+    if plain.field is not None:
+        same = [torch.equal(plain.field.disp, r.field.disp) for r in results]
+    else:  # a linear method without its affine stage: the identity
+        same = [np.array_equal(plain.affine.matrix, r.affine.matrix) for r in results]
+    assert same == [not reads] * 3, same
+
+    given = object()
+    if reads:
+        check_masks(cfg, given, given)
+        return
+    name = f"--method {over['method']}"
+    with pytest.raises(ConfigError, match=f"^--fixed-mask and --moving-mask: nothing in {name}") as e:
+        check_masks(cfg, given, given)
+    assert "without the affine stage would use them" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=f"^--moving-mask: nothing in {name}.* would use it "):
+        check_masks(cfg, None, given)
+    with_affine = build_config(None, over)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="regcli"):
+        check_masks(with_affine, given, None)
+    warned = [r.getMessage() for r in caplog.records if "--fixed-mask" in r.getMessage()]
+    if with_affine.deformable:
+        assert len(warned) == 1 and warned[0].startswith(f"--fixed-mask: no effect on the deformable stage of {name}")
+        assert warned[0].endswith("only the affine stage uses it"), warned
+    else:  # the affine stage is the whole registration: it reads the mask
+        assert not warned, warned
+    if with_affine.deformable:  # the fine refinement reads the masks whatever the method's own stages do
+        check_masks(build_config(None, deep_merge(over, {"affine": {"enabled": False},
+                                                         "instance": {"fine_spacing_mm": 1.0}})), given, given)
+
+
+def test_a_recipe_without_instance_optimisation_refuses_a_mask_on_the_command_line(tmp_path):
+    """docs/recipes/convexadam_no_io.yaml and samconvex_no_io.yaml with --no-affine and a mask: exit 7, one line,
+    nothing written; with the affine stage, the run goes through and the warning is in the report."""
+    from pathlib import Path
+
+    from conftest import invoke, one_line
+
+    recipes = Path(__file__).resolve().parents[1] / "docs" / "recipes"
+    img = make_phantom("LPS")
+    f = write(img, tmp_path / "f.nii.gz")
+    mask = write(sitk.Cast(img > 0.2, sitk.sitkUInt8), tmp_path / "mask.nii.gz")
+    for method, recipe in (("convexadam", "convexadam_no_io.yaml"), ("samconvex", "samconvex_no_io.yaml")):
+        res = invoke("register", f, f, "-o", tmp_path / "p_", "--method", method, "--config", recipes / recipe,
+                     "--no-affine", "--fixed-mask", mask, "--quiet")
+        line = one_line(res.stderr)
+        assert res.exit_code == 7 and line.startswith(f"ConfigError: --fixed-mask: nothing in --method {method} "
+                                                      "with "), line
+        _assert_no_outputs(tmp_path)
+    res = invoke("register", f, f, "-o", tmp_path / "p_", "--config", recipes / "convexadam_no_io.yaml",
+                 "--moving-mask", mask, "--no-html", "--json")
+    assert res.exit_code == 0, res.output
+    warning = "--moving-mask: no effect on the deformable stage of --method convexadam with instance.enabled false"
+    assert warning in res.stderr and any(w.startswith(warning) for w in json.loads(res.stdout)["warnings"])

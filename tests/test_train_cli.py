@@ -260,6 +260,37 @@ def test_out_of_range_recipe_values_are_refused_before_any_output(tmp_path):
         load_foundation_job(pairs)
 
 
+def test_a_boolean_for_a_number_anywhere_in_a_job_is_a_config_error_naming_its_key(tmp_path):
+    """`true`/`false` for a number (pydantic's lax mode read them as 1 and 0): in the network's `net` section
+    (validated by the network's own model: the key is named under `net`), the recipe, a dataset, and a DIO job's
+    `solver` (named as that section of the file), one line each."""
+    from regcli.training.dio import load_dio_job
+    from regcli.training.foundation import load_foundation_job
+    from regcli.training.promptreg import load_promptreg_job
+
+    job = tmp_path / "job.yaml"
+    data = "data:\n  - glob: imgs/*.nii.gz\n"
+    for load, text, key in (
+            (load_foundation_job, "net: {input_channels: true}", "net.input_channels"),
+            (load_foundation_job, "net: {input_shape: [64, true, 64]}", "net.input_shape"),
+            (load_foundation_job, "train: {augment: {rotation_deg: true}}", "train.augment.rotation_deg"),
+            (load_promptreg_job, "net: {tau: false}", "net.tau"),
+            (load_dio_job, "net: {widths: [8, true, 16]}", "net.widths"),
+            (load_dio_job, "train: {learning_rate: true}", "train.learning_rate"),
+            (load_dio_job, "solver: {dio: {iterations: [true, 1, 1]}}", "dio.iterations"),
+            (load_job, "net: {global_dim: true}", "net.global_dim")):
+        job.write_text(data + text + "\n")
+        with pytest.raises(ConfigError) as e:
+            load(job)
+        msg = str(e.value)
+        assert f"{key}: Input should be a number, not a boolean" in msg and str(job) in msg and "\n" not in msg, msg
+        if "solver" in text:
+            assert msg.startswith(f"invalid configuration (training job '{job}', solver): "), msg
+    job.write_text("data:\n  - {glob: imgs/*.nii.gz, weight: true}\n")
+    with pytest.raises(ConfigError, match=r"data.0.weight: Input should be a number, not a boolean \(true\)"):
+        load_foundation_job(job)
+
+
 def test_an_output_that_is_a_file_is_refused_before_reading_data(tmp_path):
     """-o naming a file (or a path under one) is an OutputError (exit 6), found before the data are read: the
     job's glob matches nothing, and that is not what is reported."""

@@ -52,8 +52,9 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from regcli.config import ConfigModel
 from regcli.spaces.image import Image
 
 ARCHITECTURE = "regcli-dio-features"
@@ -62,10 +63,8 @@ _SLOPE = 0.2  # LeakyReLU negative slope
 MIND_CHANNELS = 12
 
 
-class DioNetConfig(BaseModel):
+class DioNetConfig(ConfigModel):
     """Architecture and preprocessing of a :class:`DioFeatureNet` (stored in the model's ``config.json``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     arch: Literal["unet", "lku"] = "unet"
     in_channels: int = Field(1, ge=1)

@@ -27,15 +27,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from regcli.config import ConfigModel
 from regcli.spaces.image import Image
 
 
-class EmbeddingConfig(BaseModel):
+class EmbeddingConfig(ConfigModel):
     """Architecture and preprocessing of an :class:`EmbeddingNet` (stored in the model's ``config.json``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     architecture: str = "regcli-sam-embedding"
     in_channels: int = Field(1, ge=1)

@@ -38,7 +38,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from regcli.config import ConfigModel
 
 Map = Callable[..., torch.Tensor]  # (coords (B, 3, ...), identity=False) -> coords
 
@@ -49,10 +51,8 @@ OFFICIAL_TENSORS = 188
 OFFICIAL_PARAMETERS = 70_680_916
 
 
-class GradICONConfig(BaseModel):
+class GradICONConfig(ConfigModel):
     """Architecture of a :class:`GradICONNet` and its training objective (stored in ``config.json``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     architecture: str = "gradicon-multistep"
     input_shape: tuple[int, int, int] = Field((175, 175, 175), description="network grid the images are "

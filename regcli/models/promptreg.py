@@ -67,8 +67,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from regcli.config import ConfigModel
 from regcli.features.mind import mind_ssc
 
 __all__ = [
@@ -82,13 +83,11 @@ ARCHITECTURE = "promptreg"
 _SLOPE = 0.2  # LeakyReLU negative slope
 
 
-class PromptRegConfig(BaseModel):
+class PromptRegConfig(ConfigModel):
     """Architecture of a :class:`PromptRegNet` and its training objective (stored in ``config.json``).
 
     The defaults (about 0.9 M parameters) train on two CPU cores at 64^3.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     input_channels: int = Field(1, ge=1, description="channels per image (the network sees both images)")
     input_shape: tuple[int, int, int] = Field((64, 64, 64), description="the grid (Z, Y, X) the network is trained "

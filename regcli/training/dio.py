@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Annotated, Callable, Literal, Optional, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import Field, StrictInt, field_validator
 
+from regcli.config import ConfigModel
 from regcli.errors import ConfigError, InputError
 from regcli.manifest import Dataset
 from regcli.spaces.grid import Grid
@@ -45,10 +46,8 @@ _Voxels = Annotated[StrictInt, Field(ge=1)]
 _Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-class DioTrainConfig(BaseModel):
+class DioTrainConfig(ConfigModel):
     """Training recipe (stored in the trained model's ``config.json`` under ``"training"``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     iterations: StrictInt = Field(500, ge=1, description="training steps (batch_size pairs each)")
     learning_rate: float = Field(1e-3, gt=0)
@@ -70,11 +69,9 @@ class DioTrainConfig(BaseModel):
     seed: StrictInt = 0
 
 
-class DioJob(BaseModel):
+class DioJob(ConfigModel):
     """What ``regcli train dio`` runs: data, network, training recipe, and the solver used while training
     (``solver``: a :class:`regcli.config.RegisterConfig` override, usually ``dio`` and ``instance``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: list[Dataset] = Field(min_length=1, description="datasets with image globs and label maps "
                                 "(regcli.manifest.Dataset, inline or a manifest file); a pair's two images come "
@@ -96,15 +93,13 @@ class DioJob(BaseModel):
         return needs_globs(v, "DIO")
 
 
-class DioValidation(BaseModel):
+class DioValidation(ConfigModel):
     """Held-out labelled images registered whole, with the test-time solver, every ``every`` steps.
 
     Pairs are consecutive images of ``data`` (1<-2, 3<-4, ...), each aligned to the training template like the
     training images. The score is the hard Dice (labels of the fixed image, mean over labels) on the working
     grid: what ``regcli evaluate`` measures, at the working grid's resolution. The model written to ``model/``
     is the best-scoring checkpoint with ``select: best`` (the untrained start, step 0, included)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: list[Dataset] = Field(min_length=1)
     every: StrictInt = Field(50, ge=1, description="validate after every this many steps (and at steps 0 and the "
@@ -126,10 +121,10 @@ def load_dio_job(path: str | Path, overrides: Optional[dict] = None) -> DioJob:
     from regcli.training.jobs import load_job_file
 
     def check(job: DioJob) -> None:
-        levels = register_config(job).dio.levels
+        levels = register_config(job, f"training job '{path}', solver").dio.levels
         net_config(job)
         if job.validation is not None:
-            validation_config(job)
+            validation_config(job, f"training job '{path}', solver and validation.solver")
         bad = _level_problem(job.train, levels)
         if bad:
             raise ConfigError(f"invalid training job '{path}': {bad}")
@@ -149,21 +144,22 @@ def _level_problem(tcfg: DioTrainConfig, levels: Sequence[int]) -> Optional[str]
     return None
 
 
-def register_config(job: DioJob):
-    """The :class:`regcli.config.RegisterConfig` of the training solver (method dio, the job's overrides)."""
+def register_config(job: DioJob, source: Optional[str] = None):
+    """The :class:`regcli.config.RegisterConfig` of the training solver (method dio, the job's overrides);
+    ``source`` names them in a ConfigError (:func:`regcli.config.build_config`)."""
     from regcli.config import build_config
 
-    return build_config(None, {"method": "dio", **job.solver})
+    return build_config(None, {"method": "dio", **job.solver}, source=source)
 
 
-def validation_config(job: DioJob):
+def validation_config(job: DioJob, source: Optional[str] = None):
     """The :class:`regcli.config.RegisterConfig` of the validation solver: test-time defaults, the training
-    solver's transform model and optimizer, then ``validation.solver``."""
+    solver's transform model and optimizer, then ``validation.solver`` (``source``: as for register_config)."""
     from regcli.config import build_config, deep_merge
 
     inst = job.solver.get("instance", {})
     base = {"method": "dio", "instance": {k: inst[k] for k in ("transform", "optimizer") if k in inst}}
-    return build_config(None, deep_merge(base, job.validation.solver if job.validation else {}))
+    return build_config(None, deep_merge(base, job.validation.solver if job.validation else {}), source=source)
 
 
 def net_config(job: DioJob):

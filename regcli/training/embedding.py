@@ -33,8 +33,9 @@ from typing import Callable, Literal, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import Field, StrictInt, model_validator
 
+from regcli.config import ConfigModel
 from regcli.features.intensity import downsample
 from regcli.models.embedding import EmbeddingConfig, EmbeddingNet, normalise_intensity
 from regcli.resample import resample_to_grid, sample_at_world
@@ -44,10 +45,8 @@ from regcli.training.distributed import SINGLE, Distributed
 from regcli.training.sam import SAM
 
 
-class EmbeddingTrainConfig(BaseModel):
+class EmbeddingTrainConfig(ConfigModel):
     """Training recipe (stored in the trained model's ``config.json`` under ``"training"``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     iterations: StrictInt = Field(2000, ge=1, description="length of the learning-rate schedule (cosine decay)")
     stop_after: Optional[StrictInt] = Field(None, ge=1, description="end after this many steps, the schedule "

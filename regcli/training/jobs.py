@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, Field, StrictInt, field_validator
 
+from regcli.config import ConfigModel
 from regcli.errors import ConfigError, InputError, OutputError, RegcliError, folded
 from regcli.manifest import Dataset
 from regcli.models.embedding import EmbeddingConfig, EmbeddingNet
@@ -42,11 +43,9 @@ def needs_globs(datasets: list[Dataset], task: str) -> list[Dataset]:
     return datasets
 
 
-class EmbeddingJob(BaseModel):
+class EmbeddingJob(ConfigModel):
     """What ``regcli train embedding`` runs. ``data``: datasets (:class:`regcli.manifest.Dataset`, inline or a
     manifest file) with image globs; their ``percentiles`` and ``weight`` are used."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: list[Dataset] = Field(min_length=1)
     net: EmbeddingConfig = EmbeddingConfig()
@@ -214,8 +213,8 @@ def open_run(out: Path, job: BaseModel, dist: Distributed = SINGLE) -> None:
 
 def load_job_file(path: str | Path, overrides: Optional[dict], model: type, check=None):
     """A training job file (:func:`job_data`) validated as ``model``, then by ``check(job)`` (which may raise a
-    pydantic ValidationError, e.g. by validating the network's configuration); a bad job is a one-line
-    ConfigError naming the file."""
+    pydantic ValidationError of the network's configuration, the job's ``net`` mapping validated by its model); a
+    bad job is a one-line ConfigError naming the file and the dotted keys."""
     from pydantic import ValidationError
 
     from regcli.config import validation_details
@@ -223,10 +222,13 @@ def load_job_file(path: str | Path, overrides: Optional[dict], model: type, chec
     data = job_data(path, overrides)
     try:
         job = model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid training job '{path}': {validation_details(e)}") from None
+    try:
         if check is not None:
             check(job)
     except ValidationError as e:
-        raise ConfigError(f"invalid training job '{path}': {validation_details(e)}") from None
+        raise ConfigError(f"invalid training job '{path}': {validation_details(e, 'net')}") from None
     return job
 
 

@@ -23,15 +23,14 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import Field, StrictInt
 
+from regcli.config import ConfigModel
 from regcli.spaces.grid import Grid
 
 
-class OptronConfig(BaseModel):
+class OptronConfig(ConfigModel):
     """Optron settings of a training job (``train.optron``; ``iters: 0`` turns it off)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     iters: StrictInt = Field(0, ge=0, description="refinement steps per training pair (0: Optron off; the paper: 10)")
     lr: float = Field(0.1, gt=0, description="Adam learning rate of the refinement (voxels)")

@@ -41,27 +41,24 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, Field, StrictInt
 
+from regcli.config import ConfigModel
 from regcli.errors import ConvergenceError, InputError
 from regcli.manifest import Dataset, weighted_counts
 from regcli.training.distributed import SINGLE, Distributed
 from regcli.training.optron import OptronConfig
 
 
-class Augment(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Augment(ConfigModel):
     prob: float = Field(0.8, ge=0, le=1, description="probability of a random affine map per image")
     rotation_deg: float = Field(10.0, ge=0)
     scale: float = Field(0.1, ge=0, lt=1, description="largest relative change of scale per axis")
     shift: float = Field(0.05, ge=0, description="largest translation, fraction of the field of view")
 
 
-class PairTrainConfig(BaseModel):
+class PairTrainConfig(ConfigModel):
     """Training recipe (stored in the trained model's ``config.json`` under ``"training"``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     iterations: StrictInt = Field(1000, ge=1, description="optimizer steps")
     batch_size: StrictInt = Field(2, ge=1, description="pairs per step (per process under torchrun)")
@@ -73,10 +70,8 @@ class PairTrainConfig(BaseModel):
     seed: StrictInt = 0
 
 
-class PairValidation(BaseModel):
+class PairValidation(ConfigModel):
     """Held-out labelled pairs scored during training (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: list[Dataset] = Field(min_length=1, description="datasets whose pairs CSV has fixed_labels and "
                                 "moving_labels columns")
@@ -225,11 +220,9 @@ def plot_curves(history: list[dict], path: Path, titles: dict[str, str]) -> None
     plt.close(fig)
 
 
-class PairJob(BaseModel):
+class PairJob(ConfigModel):
     """What a pair-network training task runs (:func:`train_pair_network`); each task's job subclasses it and
     says in ``net`` which network configuration it takes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: list[Dataset] = Field(min_length=1, description="datasets (regcli.manifest.Dataset, inline or a manifest "
                                 "file): image globs and/or pairs CSVs, modality, align, weight, task")

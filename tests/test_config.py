@@ -1,0 +1,166 @@
+"""Configuration models (regcli.config.ConfigModel and its subclasses): what they refuse, and that everything
+shipped (docs/recipes, weights/) still loads through the paths the commands use."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from conftest import invoke, one_line
+from regcli.config import METHOD_PRESETS, ConfigModel, RegisterConfig, build_config
+from regcli.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the modules that define user-facing configuration models (register config, training jobs and recipes, the
+#: networks' ``net`` configurations, dataset manifests)
+CONFIG_MODULES = ("regcli.config", "regcli.manifest", "regcli.models.gradicon", "regcli.models.promptreg",
+                  "regcli.models.dio", "regcli.models.embedding", "regcli.training.jobs", "regcli.training.dio",
+                  "regcli.training.pairs", "regcli.training.optron", "regcli.training.embedding",
+                  "regcli.training.foundation", "regcli.training.promptreg")
+
+
+def _config_models() -> list[type]:
+    for name in CONFIG_MODULES:
+        importlib.import_module(name)
+    found, todo = [], list(ConfigModel.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return sorted(set(found), key=lambda c: (c.__module__, c.__name__))
+
+
+def _boolean_where_a_number_goes(prop: dict):
+    """From a field's JSON schema: a value holding a boolean where the field takes a number (the number itself,
+    or the second item of a list of numbers), and the position named in the error; None for other fields."""
+    branches = prop.get("anyOf", [prop])
+    if any(b.get("type") in ("integer", "number") for b in branches):
+        return True, "true"
+    for b in branches:
+        if b.get("type") == "array":
+            items = b.get("prefixItems") or [b.get("items", {})] * 2
+            if all(i.get("type") in ("integer", "number") for i in items):
+                return [1, True, *[1] * (len(items) - 2)], "item 1: true"
+    return None
+
+
+def _numeric_fields():
+    for cls in _config_models():
+        for name, prop in cls.model_json_schema()["properties"].items():
+            probe = _boolean_where_a_number_goes(prop)
+            if probe is not None:
+                yield pytest.param(cls, name, *probe, id=f"{cls.__name__}.{name}")
+
+
+def test_every_config_model_is_covered():
+    names = {c.__name__ for c in _config_models()}
+    assert {"RegisterConfig", "InstanceConfig", "SamConvexConfig", "GradICONConfig", "PromptRegConfig",
+            "DioNetConfig", "EmbeddingConfig", "Dataset", "DioTrainConfig", "PairTrainConfig", "Augment",
+            "OptronConfig", "EmbeddingTrainConfig", "EmbeddingJob", "DioJob", "FoundationJob",
+            "PromptRegJob"} <= names, names
+    assert len(list(_numeric_fields())) > 100
+
+
+@pytest.mark.parametrize("cls,name,value,where", list(_numeric_fields()))
+def test_a_boolean_is_not_taken_for_a_number(cls, name, value, where):
+    """YAML/JSON true/false for an int or float field, or as an item of a tuple of them, is an error at that key
+    (pydantic's lax mode read it as 1 or 0: `instance.iterations: true` ran 1 iteration)."""
+    with pytest.raises(ValidationError) as e:
+        cls.model_validate({name: value})
+    at_key = [err for err in e.value.errors() if err["loc"] == (name,)]
+    assert len(at_key) == 1 and at_key[0]["type"] == "bool_for_number", at_key
+    assert at_key[0]["msg"] == f"Input should be a number, not a boolean ({where})"
+
+
+def test_numbers_are_read_as_before():
+    """Only booleans changed: an integer for a float field, a float with an integral value for a plain int field
+    (as before; StrictInt fields refuse it, as before), and YAML 1.1's dotless exponent (a string) still work."""
+    from regcli.training.pairs import PairTrainConfig
+
+    cfg = build_config(None, {"instance": {"learning_rate": 1, "iterations": 10.0, "refine_learning_rate": "1e-1"},
+                              "samconvex": {"levels": [8.0, 4, 2]}, "prompts": {"labels": [1, 2]}})
+    assert cfg.instance.learning_rate == 1.0 and isinstance(cfg.instance.learning_rate, float)
+    assert cfg.instance.iterations == 10 and isinstance(cfg.instance.iterations, int)
+    assert cfg.instance.refine_learning_rate == 0.1 and cfg.samconvex.levels == (8, 4, 2)
+    assert cfg.prompts.labels == (1, 2) and build_config(None, {"prompts": {"labels": "all"}}).prompts.labels == "all"
+    assert RegisterConfig.model_validate({"instance": {"refine_reg_weight": None}}).instance.refine_reg_weight is None
+    assert build_config(None, {"instance": {"enabled": False}, "affine": {"enabled": True}}).instance.enabled is False
+    with pytest.raises(ConfigError, match=r"instance.iterations: .*fractional part"):
+        build_config(None, {"instance": {"iterations": 10.5}})
+    with pytest.raises(ValidationError, match="iterations"):
+        PairTrainConfig.model_validate({"iterations": 10.0})
+
+
+def test_a_boolean_in_a_config_file_is_a_one_line_config_error(tmp_path):
+    """Through the command line: exit 7, one line naming the file and the dotted key; the flags refuse it before
+    (click parses them as numbers: usage error, exit 2)."""
+    for text, key in (("instance: {iterations: true}", "instance.iterations: Input should be a number, not a "
+                                                           "boolean (true)"),
+                      ("samconvex: {levels: [8, false, 2]}", "samconvex.levels: Input should be a number, not a "
+                                                             "boolean (item 1: false)"),
+                      ("working_spacing_mm: true", "working_spacing_mm:"), ("threads: true", "threads:"),
+                      ("affine: {learning_rate: true}", "affine.learning_rate:")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text + "\n")
+        res = invoke("config", "show", "--config", bad)
+        line = one_line(res.stderr)
+        assert res.exit_code == 7 and line.startswith(f"ConfigError: invalid configuration ({bad}): {key}"), line
+    for flag in ("--iterations", "--threads", "--seed", "--working-spacing", "--fine-spacing", "--intensity-weight",
+                 "--max-memory"):
+        res = invoke("config", "show", flag, "true")
+        assert res.exit_code == 2 and "Invalid value for" in res.output and flag in res.output, (flag, res.output)
+
+
+# ------------------------------------------------------------------------------ what is shipped still loads
+def _job_loader(name: str):
+    from regcli.training.dio import load_dio_job
+    from regcli.training.foundation import load_foundation_job
+    from regcli.training.jobs import load_job
+    from regcli.training.promptreg import load_promptreg_job
+
+    for prefix, load in (("dio_", load_dio_job), ("foundation_", load_foundation_job),
+                         ("promptreg_", load_promptreg_job), ("sam_embedding_", load_job)):
+        if name.startswith(prefix):
+            return load
+    return None
+
+
+RECIPES = sorted((ROOT / "docs" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_every_shipped_recipe_loads(recipe):
+    """Training jobs (a top-level `data`) through the loader `regcli train <task> --config` uses; registration
+    configs through `regcli config show --config` (build_config, as `regcli register --config`) with every
+    method."""
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text())
+    load = _job_loader(recipe.name)
+    if "data" in data:
+        assert load is not None, f"{recipe.name}: a training job whose task the test does not know"
+        job = load(recipe)
+        assert job.model_dump(mode="json")
+        return
+    assert load is None
+    for method in METHOD_PRESETS:
+        res = invoke("config", "show", "--config", recipe, "--method", method, "--json")
+        assert res.exit_code == 0, (method, res.output)
+        assert json.loads(res.stdout)["method"] == method
+
+
+MODELS = sorted(p.parent for p in (ROOT / "weights").glob("*/config.json"))
+
+
+@pytest.mark.parametrize("folder", MODELS, ids=[m.name for m in MODELS])
+def test_every_shipped_network_loads(folder):
+    """Each shipped model folder's `net` section builds its network (regcli.models.network_from, as registration
+    and `regcli weights info` load it)."""
+    from regcli.models import network_from
+    from regcli.weights import resolve
+
+    assert network_from(resolve(str(folder))) is not None
