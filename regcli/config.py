@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, NamedTuple, Optional, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
@@ -76,6 +76,10 @@ class _Frozen(ConfigModel):
     model_config = ConfigDict(validate_default=True)
 
 
+#: an iteration count, as an item of a tuple (one per level): 0 skips that level's optimisation
+_Iterations = Annotated[int, Field(ge=0)]
+
+
 class AffineConfig(_Frozen):
     """Linear pre-alignment: initialisation, then rigid and/or affine, coarse to fine."""
 
@@ -90,7 +94,7 @@ class AffineConfig(_Frozen):
         "lncc", description="lncc for the same contrast, mi (mutual information) across contrasts"
     )
     levels_mm: tuple[float, ...] = Field((8.0, 4.0), description="pyramid voxel sizes, coarse to fine")
-    iterations: tuple[int, ...] = Field((40, 20), description="iterations per pyramid level (per stage)")
+    iterations: tuple[_Iterations, ...] = Field((40, 20), description="iterations per pyramid level (per stage)")
     learning_rate: float = Field(0.02, gt=0, description="Adam step (per-parameter scales in mm and radians)")
     lncc_radius_mm: float = Field(
         5.0, gt=0, description="half-width of the LNCC window in mm (at least one voxel of each level)"
@@ -288,7 +292,7 @@ class DioConfig(_Frozen):
         "baseline with the same solver)")
     levels: tuple[int, ...] = Field((4, 2, 1), description="solver levels, factors of the working grid, coarse "
                                     "to fine (each uses the network's features of that level)")
-    iterations: tuple[int, ...] = Field((80, 40, 20), description="solver iterations per level")
+    iterations: tuple[_Iterations, ...] = Field((80, 40, 20), description="solver iterations per level")
     learning_rates: tuple[float, ...] = Field((1.0, 1.0, 0.5), description="Adam/SGD step per level, mm")
     reg_weight: float = Field(1.0, ge=0, description="diffusion regulariser weight")
     smoothing_passes: int = Field(1, ge=0, description="freeform/svf: 3x3x3 box passes on the parameters")
@@ -367,6 +371,60 @@ class RegisterConfig(_Frozen):
         return self
 
 
+class SolverStages(NamedTuple):
+    """What :func:`solver_stages` finds: ``running``, the solver stages that run, in order (empty: none); ``setting``,
+    the configuration in words (e.g. ``--method convexadam with instance.enabled false``); ``stages``, the solver
+    stages the method has, in words, ``--fine-spacing`` included (empty for a linear method)."""
+
+    running: tuple[str, ...]
+    setting: str
+    stages: str
+
+
+def solver_stages(cfg: RegisterConfig) -> SolverStages:
+    """The solver stages of ``cfg``'s deformable stage that run: exactly the stages that read the masks and the
+    prompts (each gives them to the shared instance-optimisation solver, :mod:`regcli.solvers.instance`, whose
+    objective a stage of 0 iterations never evaluates). The other parts of a method read neither: ConvexAdam's
+    discrete stage, SAMConvex's correlation pyramid, DIO's feature network, the networks of foundation and
+    promptreg. One answer for the mask and the prompt checks (:func:`regcli.pipeline.check_masks`,
+    :func:`regcli.pipeline.check_prompts`).
+
+    The stages: ConvexAdam's instance optimisation and refinement (``instance.enabled`` and ``instance.iterations``
+    / ``refine_iterations`` > 0); SAMConvex's instance optimisation in embedding space (``samconvex.io_iterations``)
+    and refinement (``samconvex.refine_iterations``); each DIO solver level with > 0 ``dio.iterations``; a network
+    method's ``io: field`` with ``io_iterations`` > 0 (its instance optimisation, then the refinement of
+    ``instance.refine_iterations``); and, with every deformable method, the fine refinement (``--fine-spacing``).
+    A linear method has none."""
+    m, inst = cfg.method, cfg.instance
+    if not cfg.deformable:
+        return SolverStages((), f"--method {m}", "")
+    running: list[str] = []
+    if m == "convexadam":
+        running += [name for name, n in (("instance optimisation", inst.iterations),
+                                         ("refinement", inst.refine_iterations)) if inst.enabled and n > 0]
+        off = "instance.enabled false" if not inst.enabled else "instance.iterations and refine_iterations 0"
+        setting, stages = f"--method {m} with {off}", "the instance optimisation, its refinement"
+    elif m == "samconvex":
+        sc = cfg.samconvex
+        running += [name for name, n in (("instance optimisation", sc.io_iterations),
+                                         ("refinement", sc.refine_iterations)) if n > 0]
+        setting = f"--method {m} with samconvex.io_iterations and refine_iterations 0"
+        stages = "the instance optimisation, the refinement"
+    elif m == "dio":
+        running += [f"DIO solver level {lv}" for lv, n in zip(cfg.dio.levels, cfg.dio.iterations) if n > 0]
+        setting = f"--method {m} with dio.iterations {'x'.join(map(str, cfg.dio.iterations))}"
+        stages = "the DIO solver"
+    else:  # a network method (NETWORK_METHODS)
+        section = getattr(cfg, m)
+        if section.io == "field" and section.io_iterations > 0:
+            running += ["instance optimisation"] + (["refinement"] if inst.refine_iterations > 0 else [])
+        setting = f"--method {m} --io {section.io}" + (" with 0 iterations" if section.io == "field" else "")
+        stages = "the instance optimisation of --io field"
+    if inst.fine_spacing_mm is not None:
+        running.append("fine refinement")
+    return SolverStages(tuple(running), setting, stages + " and --fine-spacing")
+
+
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "convexadam": {},
     "samconvex": {},
@@ -422,18 +480,26 @@ def _format_validation(err: ValidationError, source: str) -> str:
 
 
 def build_config(yaml_path: str | Path | None = None, overrides: dict | None = None,
-                 model: type[BaseModel] = RegisterConfig, source: Optional[str] = None) -> BaseModel:
+                 model: type[BaseModel] = RegisterConfig, source: Optional[str] = None,
+                 data: Optional[dict] = None) -> BaseModel:
     """YAML file (optional) merged with flag overrides (flags win), method preset applied first.
 
+    ``data`` instead of ``yaml_path``: the configuration mapping as a file holds it, e.g. a section of a training
+    job (a DIO job's ``solver``). It is read as the YAML file would be: an explicit null is a value (what
+    ``refine_reg_weight: null`` means in a ``--config`` file, or an error where the key takes none).
+
     A bad configuration is a one-line ConfigError naming the dotted keys and ``source`` (default: the YAML file,
-    else "flags"; e.g. the section of a training job that holds the overrides).
+    "configuration" for ``data``, else "flags"; e.g. the section of a training job that holds ``data``).
 
     Overrides use nested dicts, e.g. ``{"affine": {"metric": "mi"}, "seed": 3}``; ``None`` values
     are ignored so unset CLI flags do not clobber the file. Three top-level keys are flags whose config key
     depends on the method (taken from the merged file and flags): ``iterations`` (:func:`iteration_override`),
     ``modality`` and ``io`` (:func:`network_override`).
     """
-    data = load_yaml(yaml_path) if yaml_path else {}
+    if yaml_path and data is not None:
+        raise TypeError("build_config: give yaml_path or data, not both")
+    source = source or (str(yaml_path) if yaml_path else "flags" if data is None else "configuration")
+    data = load_yaml(yaml_path) if yaml_path else dict(data or {})
     overrides = _drop_none(overrides or {})
     iterations = overrides.pop("iterations", None)
     network_flags = {k: overrides.pop(k) for k in ("modality", "io") if k in overrides}
@@ -449,7 +515,7 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
     try:
         return model.model_validate(merged)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, source or (str(yaml_path) if yaml_path else "flags"))) from None
+        raise ConfigError(_format_validation(e, source)) from None
 
 
 def refuse_flags_without_effect(cfg: RegisterConfig, overrides: Optional[dict]) -> None:

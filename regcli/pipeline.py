@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field as dc_field, replace
+from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +21,7 @@ from regcli.errors import GeometryError
 from regcli.features.intensity import smooth_for
 from regcli.io.atomic import OutputSet
 from regcli.progress import Progress, log
-from regcli.resample import extend_edges, resample_to_grid, upsample_field, warp, warp_many
+from regcli.resample import resample_to_grid, upsample_field, warp, warp_many
 from regcli.runtime import Runtime, setup_runtime
 from regcli.spaces import Grid, Image
 from regcli.transforms import (
@@ -236,11 +236,6 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     fixed_p, moving_p = prepare_images(config.method, fixed, moving, config)
     fixed_w = resample_to_grid(smooth_for(fixed_p, sp) if antialias else fixed_p, work).to(dev, dtype)
     moving_w = warp(smooth_for(moving_p, sp) if antialias else moving_p, affine, work).to(dev, dtype)
-    # a working grid rounded up to a pooling multiple reaches past the fixed image by up to a few voxels: replicate
-    # both images' edges there. Zeros would be flat features that a noisy moving image has nowhere else, and the
-    # discrete search pulled every flat (background) cell towards them, with the anatomy (40 mm on a phantom).
-    box = work.voxels_within(fixed.grid)
-    fixed_w, moving_w = (replace(im, data=extend_edges(im.data, box)) for im in (fixed_w, moving_w))
     fmask_w = resample_to_grid(fixed_mask, work, "nearest").to(dev) if fixed_mask is not None else None
     mmask_w = warp(moving_mask, affine, work, "nearest").to(dev) if moving_mask is not None else None
     timings["resample"] = time.perf_counter() - t0
@@ -443,23 +438,26 @@ def preflight_memory(inputs: RegisterInputs, config: RegisterConfig):
 
 
 def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks) -> None:
-    """Refuse prompts that lack their inputs, or that a linear method cannot use (one-line errors)."""
+    """Refuse prompts that lack their inputs, or that nothing in ``config`` would use (one-line errors): prompts join
+    the objective of the solver stages only (:func:`regcli.config.solver_stages`, as the masks), so a linear
+    method, a network method without ``io: field`` instance optimisation, ConvexAdam with its instance
+    optimisation and refinement off, SAMConvex or DIO with 0 iterations in every solver stage would ignore them,
+    unless ``--fine-spacing`` adds its fine refinement."""
+    from regcli.config import solver_stages
     from regcli.errors import ConfigError, InputError
 
     pc = config.prompts
     if pc.labels is None and not pc.landmarks:
         return
+    flags = " and ".join(f for f, on in (("--prompt-labels", pc.labels is not None),
+                                         ("--prompt-landmarks", pc.landmarks)) if on)
     if not config.deformable:
-        raise ConfigError(f"prompts (--prompt-labels/--prompt-landmarks) need a deformable method, not '{config.method}'")
-    if config.network_io not in (None, "field"):
-        raise ConfigError(f"prompts (--prompt-labels/--prompt-landmarks) join the instance optimisation of --io "
-                          f"field; with --method {config.method} --io {config.network_io} nothing would use them")
-    no_io = ((config.method == "convexadam" and not config.instance.enabled)
-             or (config.method == "samconvex" and config.samconvex.io_iterations == 0
-                 and config.samconvex.refine_iterations == 0))
-    if no_io:
-        raise ConfigError(f"prompts (--prompt-labels/--prompt-landmarks) join the instance optimisation, which this "
-                          f"{config.method} configuration turns off; nothing would use them")
+        raise ConfigError(f"prompts ({flags}) need a deformable method: --method {config.method} has only the affine "
+                          f"stage, so nothing would use them")
+    stages = solver_stages(config)
+    if not stages.running:
+        raise ConfigError(f"prompts ({flags}) join the objective of {stages.stages}; {stages.setting} runs none of "
+                          f"them, so nothing would use them")
     if pc.labels is not None and (fixed_labels is None or moving_labels is None):
         raise InputError("--prompt-labels needs both --fixed-labels and --moving-labels")
     if pc.landmarks and landmarks is None:
@@ -495,43 +493,22 @@ def _masks_unread(config: RegisterConfig) -> Optional[tuple[str, str, str]]:
     """None when the deformable stage of ``config`` reads the masks; else the configuration in words, why it
     reads none, and what would.
 
-    The stages that read masks are the solver stages: ConvexAdam's instance optimisation and refinement
-    (``instance.enabled`` with ``instance.iterations`` or ``refine_iterations`` > 0; its discrete stage takes
-    none), SAMConvex's feature-space instance optimisation and refinement (its correlation pyramid takes none),
-    the DIO solver (a level of 0 iterations reads nothing), a network method's ``io: field`` instance
-    optimisation (the network takes none), and the fine refinement (``--fine-spacing``) of every deformable
-    method. A linear method has only the affine stage."""
-    m = config.method
-    fine = " and --fine-spacing"
+    The stages that read masks are the solver stages (:func:`regcli.config.solver_stages`, which also decides
+    where the prompts go): ConvexAdam's instance optimisation and refinement (its discrete stage takes none),
+    SAMConvex's feature-space instance optimisation and refinement (its correlation pyramid takes none), the DIO
+    solver (a level of 0 iterations reads nothing), a network method's ``io: field`` instance optimisation (the
+    network takes none), and the fine refinement (``--fine-spacing``) of every deformable method. A linear method
+    has only the affine stage."""
+    from regcli.config import solver_stages
+
+    stages = solver_stages(config)
+    if stages.running:
+        return None
     if not config.deformable:
-        return f"--method {m}", "a linear method", "masks weight the affine stage"
-    if config.instance.fine_spacing_mm is not None:
-        return None
-    if m == "convexadam":
-        inst = config.instance
-        if inst.enabled and (inst.iterations > 0 or inst.refine_iterations > 0):
-            return None
-        off = "instance.enabled false" if not inst.enabled else "instance.iterations and refine_iterations 0"
-        return (f"--method {m} with {off}", "its discrete stage takes no mask",
-                "masks weight the affine stage, the instance optimisation, its refinement" + fine)
-    if m == "samconvex":
-        sc = config.samconvex
-        if sc.io_iterations > 0 or sc.refine_iterations > 0:
-            return None
-        return (f"--method {m} with samconvex.io_iterations and refine_iterations 0",
-                "its correlation pyramid takes no mask",
-                "masks weight the affine stage, the instance optimisation, the refinement" + fine)
-    if m == "dio":
-        if any(n > 0 for n in config.dio.iterations):
-            return None
-        return (f"--method {m} with dio.iterations {'x'.join(map(str, config.dio.iterations))}",
-                "no solver level iterates", "masks weight the affine stage, the DIO solver" + fine)
-    section = getattr(config, m)  # a network method (NETWORK_METHODS)
-    if section.io == "field" and section.io_iterations > 0:
-        return None
-    return (f"--method {m} --io {section.io}" + (" with 0 iterations" if section.io == "field" else ""),
-            "the network takes no mask", "masks weight the affine stage, the instance optimisation of --io field"
-            + fine)
+        return stages.setting, "a linear method", "masks weight the affine stage"
+    why = {"convexadam": "its discrete stage takes no mask", "samconvex": "its correlation pyramid takes no mask",
+           "dio": "no solver level iterates"}.get(config.method, "the network takes no mask")
+    return stages.setting, why, f"masks weight the affine stage, {stages.stages}"
 
 
 def check_variance(image: Image, mask: Optional[Image], role: str) -> None:

@@ -8,7 +8,7 @@ repeated; anything further out gets the default value. Coordinates are built in 
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -316,17 +316,6 @@ def _map_reference_points(transform, pts: torch.Tensor, ref: Grid, z0: int, z1: 
     for t in (parts[1:] if parts else []):
         pts = t.map_points(pts)
     return pts
-
-
-def extend_edges(data: torch.Tensor, box: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """``data`` (..., Z, Y, X) with every voxel outside ``box`` ((first, last) per axis z, y, x, e.g.
-    :meth:`Grid.voxels_within`) replaced by the nearest voxel inside it: edges replicated, as ``grid_sample``'s
-    "border" padding does. A new tensor where anything changes, ``data`` itself otherwise."""
-    for axis, (lo, hi) in zip((-3, -2, -1), box):
-        n = data.shape[axis]
-        if lo > 0 or hi < n - 1:
-            data = data.index_select(axis, torch.arange(n, device=data.device).clamp_(lo, hi))
-    return data
 
 
 def resample_to_grid(image: Image, reference: Grid, interp: Interp = "linear", default: float = 0.0) -> Image:

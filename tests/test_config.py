@@ -115,6 +115,61 @@ def test_a_boolean_in_a_config_file_is_a_one_line_config_error(tmp_path):
         assert res.exit_code == 2 and "Invalid value for" in res.output and flag in res.output, (flag, res.output)
 
 
+#: integer fields where a negative number means something: seeds, and label ids (a label map may hold any integer)
+SIGNED_INTEGERS = {"RegisterConfig.seed", "DioTrainConfig.seed", "PairTrainConfig.seed", "EmbeddingTrainConfig.seed",
+                   "PromptConfig.labels", "Dataset.label_ids"}
+
+
+def _validation_errors(cls, data: dict) -> set:
+    try:
+        cls.model_validate(data)
+    except ValidationError as e:
+        return {(tuple(err["loc"]), err["msg"]) for err in e.errors()}
+    return set()
+
+
+def _negative_integer_probes():
+    """From the JSON schemas: every integer field, or tuple of integers (the default's items with the first one
+    -1), of every config model, with a negative value to validate."""
+    for cls in _config_models():
+        for name, prop in cls.model_json_schema()["properties"].items():
+            branches = prop.get("anyOf", [prop])
+            if any(b.get("type") == "integer" for b in branches):
+                probe = -1
+            else:
+                arrays = [b.get("prefixItems") or [b.get("items", {})] for b in branches if b.get("type") == "array"]
+                arrays = [items for items in arrays if all(i.get("type") == "integer" for i in items)]
+                if not arrays:
+                    continue
+                default = cls.model_fields[name].default
+                probe = list(default) if isinstance(default, (tuple, list)) else [2] * len(arrays[0])
+                probe[0] = -1
+            yield pytest.param(cls, name, probe, id=f"{cls.__name__}.{name}")
+
+
+@pytest.mark.parametrize("cls,name,probe", list(_negative_integer_probes()))
+def test_no_count_takes_a_negative_number(cls, name, probe):
+    """Iteration counts, voxel and channel counts, levels, radii, dilations, steps: a negative one is refused at
+    validation (`dio.iterations: [-1, 40, 20]` and `affine.iterations: [-5, 20]` ran as 0 iterations at that
+    level); only seeds and label ids take any integer."""
+    new = _validation_errors(cls, {name: probe}) - _validation_errors(cls, {})
+    assert bool(new) == (f"{cls.__name__}.{name}" not in SIGNED_INTEGERS), new
+
+
+def test_a_negative_iteration_count_in_a_config_file_is_a_one_line_config_error(tmp_path):
+    """Per-level iteration counts are bounded item by item (0 still skips a level); the error names the item."""
+    for text, key in (("dio: {iterations: [40, -1, 10]}", "dio.iterations.1"),
+                      ("affine: {iterations: [-5, 20]}", "affine.iterations.0")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text + "\n")
+        res = invoke("config", "show", "--config", bad)
+        line = one_line(res.stderr)
+        assert res.exit_code == 7 and line == (f"ConfigError: invalid configuration ({bad}): {key}: Input should be "
+                                               "greater than or equal to 0"), line
+    cfg = build_config(None, {"dio": {"iterations": [0, 0, 2]}, "affine": {"iterations": [0, 20]}})
+    assert cfg.dio.iterations == (0, 0, 2) and cfg.affine.iterations == (0, 20)
+
+
 # ------------------------------------------------------------------------------ what is shipped still loads
 def _job_loader(name: str):
     from regcli.training.dio import load_dio_job

@@ -345,10 +345,20 @@ def test_prompts_need_their_inputs(tmp_path):
     # a configuration without instance optimisation would ignore them: refused, not reported as prompted
     no_io = tmp_path / "no_io.yaml"
     no_io.write_text("instance:\n  enabled: false\n")
+    no_iterations = tmp_path / "no_iterations.yaml"
+    no_iterations.write_text("instance: {iterations: 0, refine_iterations: 0}\n"
+                             "samconvex: {io_iterations: 0, refine_iterations: 0}\n")
     for flags in (("--method", "foundation", "--io", "none"), ("--method", "foundation", "--io", "network"),
-                  ("--method", "promptreg", "--io", "none"), ("--method", "convexadam", "--config", no_io)):
-        res = invoke("register", f, f, "-o", tmp_path / "o_", *flags, "--prompt-labels", "1", "--quiet")
-        assert res.exit_code == 7 and "nothing would use them" in res.output, (flags, res.output)
+                  ("--method", "promptreg", "--io", "none"), ("--method", "convexadam", "--config", no_io),
+                  ("--method", "convexadam", "--config", no_iterations),
+                  ("--method", "samconvex", "--config", no_iterations), ("--method", "dio", "--iterations", "0x0x0"),
+                  ("--method", "foundation", "--iterations", "0"), ("--method", "promptreg", "--iterations", "0")):
+        for prompt in (("--prompt-labels", "1"), ("--prompt-landmarks",)):
+            res = invoke("register", f, f, "-o", tmp_path / "o_", *flags, *prompt, "--quiet")
+            line = one_line(res.stderr)
+            assert res.exit_code == 7 and line.startswith(f"ConfigError: prompts ({prompt[0]}) "), (flags, line)
+            assert "nothing would use them" in line and f"--method {flags[1]}" in line, (flags, line)
+            assert not list(tmp_path.glob("o_*")), (flags, list(tmp_path.glob("o_*")))
     # --modality and --io only matter to the network methods: with another method they are refused, not ignored
     for flags in (("--method", "dio", "--modality", "ct"), ("--method", "convexadam", "--io", "none")):
         res = invoke("register", f, f, "-o", tmp_path / "o_", *flags, "--quiet")
@@ -361,7 +371,7 @@ def test_prompts_need_their_inputs(tmp_path):
     for flags in (("--method", "dio", "--intensity-weight", "0.5", "--fine-spacing", "1"),
                   ("--method", "foundation", "--transform", "svf"), ("--method", "samconvex", "--intensity-weight", "1")):
         assert invoke("config", "show", *flags, "--json").exit_code == 0, flags
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.nii.gz", "no_io.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.nii.gz", "no_io.yaml", "no_iterations.yaml"]
 
 
 

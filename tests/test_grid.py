@@ -143,21 +143,3 @@ def test_centred_lattice_is_the_same_point_set_for_flipped_and_permuted_storage(
         for other in (flipped, permuted):
             assert torch.equal(centres(other.centred_lattice(2.0, multiple, remainder)), centres(a))
     assert not torch.equal(centres(flipped.with_spacing(2.0)), centres(g.with_spacing(2.0)))
-
-
-def test_voxels_within_and_extend_edges_replicate_past_the_field_of_view():
-    """A centred lattice rounded up to a multiple reaches past the image; those voxels repeat the edge voxels."""
-    from regcli.resample import extend_edges
-
-    g = Grid((38, 43, 48), (1.0, 1.0, 1.0), (3.0, -2.0, 5.0), tuple(np.eye(3).ravel()))
-    work = g.centred_lattice(2.0, 6)
-    assert work.size == (24, 24, 24)  # 19, 21.5, 24 -> multiples of 6
-    box = work.voxels_within(g)
-    assert box == ((0, 23), (1, 22), (2, 21))  # (z, y, x): 48 mm fit; 43 mm leave one voxel out each side, 38 two
-    data = torch.arange(24.0 ** 3).reshape(24, 24, 24)
-    out = extend_edges(data, box)
-    assert torch.equal(out[:, 1:23, 2:22], data[:, 1:23, 2:22])
-    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 23], out[:, 22])
-    assert torch.equal(out[:, :, 0], out[:, :, 2]) and torch.equal(out[:, :, 23], out[:, :, 21])
-    assert extend_edges(data, ((0, 23),) * 3) is data
-    assert g.voxels_within(g) == ((0, 47), (0, 42), (0, 37))

@@ -414,3 +414,51 @@ def test_a_recipe_without_instance_optimisation_refuses_a_mask_on_the_command_li
     assert res.exit_code == 0, res.output
     warning = "--moving-mask: no effect on the deformable stage of --method convexadam with instance.enabled false"
     assert warning in res.stderr and any(w.startswith(warning) for w in json.loads(res.stdout)["warnings"])
+
+
+# ------------------------------------------------------------------------------ prompts nothing would use
+PROMPT_CASES = MASK_CASES + [  # (config overrides, does a solver stage run, and so take prompts as masks)
+    ({"method": "convexadam", "instance": {"enabled": False, "iterations": 5, "refine_iterations": 5}}, False),
+    ({"method": "convexadam"}, True),
+    ({"method": "samconvex"}, True),
+    ({"method": "dio"}, True),
+    ({"method": "dio", "dio": {"iterations": [0, 0, 2]}}, True),
+    ({"method": "foundation", "foundation": {"io": "none"}}, False),
+    ({"method": "foundation", "foundation": {"io": "network"}}, False),
+    ({"method": "foundation", "foundation": {"io": "field", "io_iterations": 0}}, False),
+    ({"method": "foundation", "foundation": {"io": "field", "io_iterations": 2}}, True),
+    ({"method": "promptreg", "promptreg": {"io": "none"}}, False),
+    ({"method": "promptreg", "promptreg": {"io": "field", "io_iterations": 0}}, False),
+    ({"method": "promptreg", "promptreg": {"io": "field", "io_iterations": 2}}, True),
+]
+
+
+@pytest.mark.parametrize("over,runs", PROMPT_CASES, ids=[_case_id(c) for c, _ in PROMPT_CASES])
+def test_prompts_that_no_solver_stage_would_use_are_refused(over, runs):
+    """Prompts join the objective of the solver stages only (the methods hand them to the shared solver there, and
+    a stage of 0 iterations never evaluates its objective): check_prompts refuses them, a ConfigError (exit 7)
+    naming the flag and the configuration, exactly where no solver stage runs, which is exactly where the masks
+    are unread (one function decides both: regcli.config.solver_stages). --fine-spacing's refinement takes them
+    with every deformable method; a linear method has no solver stage."""
+    from regcli.config import solver_stages
+    from regcli.errors import ConfigError
+    from regcli.pipeline import _masks_unread, check_prompts
+
+    from regcli.spaces.image import Image
+
+    labels = Image(torch.arange(3).repeat(4, 4, 1).to(torch.int32), Grid.from_sitk(sitk.Image(3, 4, 4, sitk.sitkUInt8)))
+    for prompts, flag, inputs in (({"labels": [1, 2]}, "--prompt-labels", (labels, labels, None)),
+                                  ({"landmarks": True}, "--prompt-landmarks", (None, None, object()))):
+        cfg = build_config(None, {**over, "prompts": prompts})
+        assert bool(solver_stages(cfg).running) == runs and (_masks_unread(cfg) is None) == runs
+        if runs:
+            check_prompts(cfg, *inputs)
+        else:
+            with pytest.raises(ConfigError, match=f"^prompts \\({flag}\\) ") as e:
+                check_prompts(cfg, *inputs)
+            msg = str(e.value)
+            assert "\n" not in msg and f"--method {over['method']}" in msg and "nothing would use them" in msg, msg
+        if cfg.deformable:  # the fine refinement takes them whatever the method's own stages do
+            fine = build_config(None, deep_merge(over, {"prompts": prompts, "instance": {"fine_spacing_mm": 1.0}}))
+            assert solver_stages(fine).running[-1] == "fine refinement"
+            check_prompts(fine, *inputs)

@@ -291,6 +291,37 @@ def test_a_boolean_for_a_number_anywhere_in_a_job_is_a_config_error_naming_its_k
         load_foundation_job(job)
 
 
+def test_a_null_in_a_dio_jobs_solver_means_what_it_means_in_a_register_config_file(tmp_path):
+    """A DIO job's `solver` (and `validation.solver`) is a RegisterConfig mapping in a file: an explicit null is
+    read as in `regcli register --config` (`refine_reg_weight: null`: the same as reg_weight; a null where the key
+    takes none: a ConfigError naming it), not dropped like a flag left out (it silently stayed 1.5)."""
+    from regcli.config import build_config
+    from regcli.training.dio import load_dio_job, register_config, validation_config
+
+    data = "data:\n  - glob: imgs/*.nii.gz\n"
+    register_yaml = tmp_path / "register.yaml"
+    register_yaml.write_text("instance: {refine_reg_weight: null, refine_smoothing_passes: null}\n")
+    assert build_config(register_yaml).instance.refine_reg_weight is None  # what the register command reads
+    job = tmp_path / "job.yaml"
+    job.write_text(data + "solver: {instance: {refine_reg_weight: null, refine_smoothing_passes: null}}\n"
+                   "validation: {data: [{glob: imgs/*.nii.gz}], solver: {instance: {refine_reg_weight: null}}}\n")
+    loaded = load_dio_job(job)
+    assert register_config(loaded).instance == build_config(register_yaml).instance
+    assert validation_config(loaded).instance.refine_reg_weight is None
+    val = "validation: {data: [{glob: imgs/*.nii.gz}], solver: %s}"
+    for section, text, key in (("solver: %s", "{dio: {iterations: null}}", "dio.iterations"),
+                               ("solver: %s", "{instance: null}", "instance"),
+                               (val, "{dio: {reg_weight: null}}", "dio.reg_weight")):
+        job.write_text(data + section % text + "\n")
+        with pytest.raises(ConfigError) as e:
+            load_dio_job(job)
+        msg = str(e.value)
+        assert f"{key}: Input should be a valid" in msg and str(job) in msg and "\n" not in msg, msg
+        register_yaml.write_text(text + "\n")  # the same, for regcli register --config
+        with pytest.raises(ConfigError, match=f"{key}: Input should be a valid"):
+            build_config(register_yaml)
+
+
 def test_an_output_that_is_a_file_is_refused_before_reading_data(tmp_path):
     """-o naming a file (or a path under one) is an OutputError (exit 6), found before the data are read: the
     job's glob matches nothing, and that is not what is reported."""

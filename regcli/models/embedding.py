@@ -22,7 +22,7 @@ non-background voxels) go to 0 and 1, then clipped to [-0.5, 1.5].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn as nn
@@ -41,7 +41,8 @@ class EmbeddingConfig(ConfigModel):
     widths: tuple[int, int, int, int] = Field((8, 16, 24, 32), description="channels at 1, 1/2, 1/4, 1/8")
     global_dim: int = Field(16, ge=1, description="channels of the global (1/8) embedding")
     local_dim: int = Field(16, ge=1, description="channels of the local (1/2) embedding")
-    context_dilations: tuple[int, ...] = Field((1, 2, 4, 8), description="dilated 3x3x3 convolutions at 1/8")
+    context_dilations: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        (1, 2, 4, 8), description="dilated 3x3x3 convolutions at 1/8")
     spacing_mm: float = Field(2.0, gt=0, description="isotropic input spacing the network was trained for")
     percentiles: tuple[float, float] = Field((1.0, 99.0), description="intensity window mapped to [0, 1]")
 

@@ -62,7 +62,7 @@ LPS ``(x, y, z)`` fields of the rest of regcli) is the job of the method that us
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn as nn
@@ -81,6 +81,7 @@ __all__ = [
 
 ARCHITECTURE = "promptreg"
 _SLOPE = 0.2  # LeakyReLU negative slope
+_Voxels = Annotated[int, Field(ge=1)]
 
 
 class PromptRegConfig(ConfigModel):
@@ -90,8 +91,9 @@ class PromptRegConfig(ConfigModel):
     """
 
     input_channels: int = Field(1, ge=1, description="channels per image (the network sees both images)")
-    input_shape: tuple[int, int, int] = Field((64, 64, 64), description="the grid (Z, Y, X) the network is trained "
-                                              "on; --method promptreg resizes the fixed field of view to it")
+    input_shape: tuple[_Voxels, _Voxels, _Voxels] = Field(
+        (64, 64, 64), description="the grid (Z, Y, X) the network is trained on; --method promptreg resizes the "
+        "fixed field of view to it")
     encoder_channels: tuple[int, ...] = Field((16, 32, 48, 64), description="channels of encoder level k, at 1/2**k "
                                               "of the input grid; the last level is the bottleneck")
     decoder_channels: tuple[int, ...] = Field((16, 32, 48), description="channels of the decoder stage at level k "

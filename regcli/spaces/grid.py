@@ -194,24 +194,6 @@ class Grid:
         n = torch.as_tensor(self.size, dtype=idx.dtype, device=idx.device)
         return ((idx >= -margin_vox) & (idx <= n - 1 + margin_vox)).all(dim=-1)
 
-    def voxels_within(self, other: "Grid") -> tuple[tuple[int, int], ...]:
-        """Per array axis (z, y, x), the first and last voxel of this grid whose centre lies within ``other``'s field
-        of view (its voxel corners, the ITK buffer), e.g. a working grid that a pooling multiple made larger than the
-        fixed image. The box in this grid's index space that holds ``other``'s corners; with differently oriented
-        grids, the box around them. The whole axis where the two do not overlap."""
-        n = np.asarray(other.size, dtype=np.float64)
-        corners = np.array([[a, b, c] for a in (-0.5, n[0] - 0.5) for b in (-0.5, n[1] - 0.5) for c in (-0.5, n[2] - 0.5)])
-        world = corners @ other.index_to_world()[:3, :3].T + other.index_to_world()[:3, 3]
-        M = self.world_to_index()
-        idx = world @ M[:3, :3].T + M[:3, 3]  # (8, 3) continuous (x, y, z) indices of this grid
-        box = []
-        for axis in (2, 1, 0):  # array order z, y, x
-            last = self.size[axis] - 1
-            lo = max(0, int(np.ceil(idx[:, axis].min() - 1e-6)))
-            hi = min(last, int(np.floor(idx[:, axis].max() + 1e-6)))
-            box.append((lo, hi) if lo <= hi else (0, last))
-        return tuple(box)
-
     def center_world(self) -> np.ndarray:
         """World position (3,) of the grid centre."""
         c = (np.asarray(self.size, dtype=np.float64) - 1.0) / 2.0

@@ -145,21 +145,24 @@ def _level_problem(tcfg: DioTrainConfig, levels: Sequence[int]) -> Optional[str]
 
 
 def register_config(job: DioJob, source: Optional[str] = None):
-    """The :class:`regcli.config.RegisterConfig` of the training solver (method dio, the job's overrides);
-    ``source`` names them in a ConfigError (:func:`regcli.config.build_config`)."""
+    """The :class:`regcli.config.RegisterConfig` of the training solver (method dio, the job's ``solver``
+    section, read as a ``regcli register --config`` file is: an explicit null is a value, not a flag left out);
+    ``source`` names it in a ConfigError (:func:`regcli.config.build_config`)."""
     from regcli.config import build_config
 
-    return build_config(None, {"method": "dio", **job.solver}, source=source)
+    return build_config(data={"method": "dio", **job.solver}, source=source)
 
 
 def validation_config(job: DioJob, source: Optional[str] = None):
     """The :class:`regcli.config.RegisterConfig` of the validation solver: test-time defaults, the training
-    solver's transform model and optimizer, then ``validation.solver`` (``source``: as for register_config)."""
+    solver's transform model and optimizer, then ``validation.solver`` (read as a file, as for register_config;
+    ``source``: as there)."""
     from regcli.config import build_config, deep_merge
 
-    inst = job.solver.get("instance", {})
+    inst = job.solver.get("instance")
+    inst = inst if isinstance(inst, dict) else {}  # anything else: register_config names it
     base = {"method": "dio", "instance": {k: inst[k] for k in ("transform", "optimizer") if k in inst}}
-    return build_config(None, deep_merge(base, job.validation.solver if job.validation else {}), source=source)
+    return build_config(data=deep_merge(base, job.validation.solver if job.validation else {}), source=source)
 
 
 def net_config(job: DioJob):
