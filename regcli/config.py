@@ -78,6 +78,10 @@ class _Frozen(ConfigModel):
 
 #: an iteration count, as an item of a tuple (one per level): 0 skips that level's optimisation
 _Iterations = Annotated[int, Field(ge=0)]
+#: a length or step in mm, as an item of a tuple (one per level)
+_PositiveMm = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+#: a coupling weight of the coupled-convex scheme (a negative one would reward leaving the smooth field)
+_Coupling = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class AffineConfig(_Frozen):
@@ -93,7 +97,8 @@ class AffineConfig(_Frozen):
     metric: Literal["lncc", "mi", "mse"] = Field(
         "lncc", description="lncc for the same contrast, mi (mutual information) across contrasts"
     )
-    levels_mm: tuple[float, ...] = Field((8.0, 4.0), description="pyramid voxel sizes, coarse to fine")
+    levels_mm: tuple[_PositiveMm, ...] = Field((8.0, 4.0), min_length=1, description="pyramid voxel sizes, coarse "
+                                               "to fine")
     iterations: tuple[_Iterations, ...] = Field((40, 20), description="iterations per pyramid level (per stage)")
     learning_rate: float = Field(0.02, gt=0, description="Adam step (per-parameter scales in mm and radians)")
     lncc_radius_mm: float = Field(
@@ -115,7 +120,7 @@ class ConvexConfig(_Frozen):
     mind_dilation: int = Field(2, ge=1, description="MIND-SSC neighbour distance (working-grid voxels)")
     grid_sp: int = Field(6, ge=1, description="cost-volume grid spacing (working-grid voxels)")
     disp_hw: int = Field(4, ge=1, description="search half-width in cost-volume voxels: (2*disp_hw+1)^3 shifts")
-    coupling_weights: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    coupling_weights: tuple[_Coupling, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     inverse_consistency: bool = Field(True, description="symmetrise forward/backward coarse fields")
 
 
@@ -190,7 +195,7 @@ class SamConvexConfig(_Frozen):
     levels: tuple[int, ...] = Field((8, 4, 2), description="pyramid levels as factors of the working grid (2: the "
                                     "embedding grid, 1/2 of the working grid, as the paper's finest level)")
     search_radius: tuple[int, ...] = Field((2, 3, 3), description="search half-width per level (level voxels)")
-    coupling_weights: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    coupling_weights: tuple[_Coupling, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     io_iterations: int = Field(50, ge=0, description="instance optimisation in embedding space (0: none)")
     io_learning_rate: float = Field(1.0, gt=0, description="Adam step in mm")
     io_reg_weight: float = Field(1.25, ge=0)
@@ -290,10 +295,10 @@ class DioConfig(_Frozen):
     features: Literal["network", "intensity"] = Field(
         "network", description="network: the learned features; intensity: the normalised image itself (the "
         "baseline with the same solver)")
-    levels: tuple[int, ...] = Field((4, 2, 1), description="solver levels, factors of the working grid, coarse "
-                                    "to fine (each uses the network's features of that level)")
+    levels: tuple[int, ...] = Field((4, 2, 1), min_length=1, description="solver levels, factors of the working "
+                                    "grid, coarse to fine (each uses the network's features of that level)")
     iterations: tuple[_Iterations, ...] = Field((80, 40, 20), description="solver iterations per level")
-    learning_rates: tuple[float, ...] = Field((1.0, 1.0, 0.5), description="Adam/SGD step per level, mm")
+    learning_rates: tuple[_PositiveMm, ...] = Field((1.0, 1.0, 0.5), description="Adam/SGD step per level, mm")
     reg_weight: float = Field(1.0, ge=0, description="diffusion regulariser weight")
     smoothing_passes: int = Field(1, ge=0, description="freeform/svf: 3x3x3 box passes on the parameters")
 

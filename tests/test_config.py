@@ -170,6 +170,25 @@ def test_a_negative_iteration_count_in_a_config_file_is_a_one_line_config_error(
     assert cfg.dio.iterations == (0, 0, 2) and cfg.affine.iterations == (0, 20)
 
 
+@pytest.mark.parametrize("over,key,problem", [
+    ({"method": "dio", "dio": {"levels": [], "iterations": [], "learning_rates": []}}, "dio.levels",
+     "at least 1 item"),
+    ({"affine": {"levels_mm": [], "iterations": []}}, "affine.levels_mm", "at least 1 item"),
+    ({"affine": {"levels_mm": [-8, 4]}}, "affine.levels_mm.0", "greater than 0"),
+    ({"method": "dio", "dio": {"learning_rates": [1, 0, 0.5]}}, "dio.learning_rates.1", "greater than 0"),
+    ({"convex": {"coupling_weights": [0.1, -1]}}, "convex.coupling_weights.1", "greater than or equal to 0"),
+    ({"method": "samconvex", "samconvex": {"coupling_weights": [-0.5]}}, "samconvex.coupling_weights.0",
+     "greater than or equal to 0"),
+])
+def test_per_level_sizes_steps_and_coupling_weights_are_bounded(over, key, problem):
+    """An empty level list (DIO indexed its last level: an IndexError), a negative or zero level size or step, and a
+    negative coupling weight (it rewards leaving the smooth field) are ConfigErrors naming the item."""
+    with pytest.raises(ConfigError) as e:
+        build_config(None, over)
+    assert f"{key}: " in str(e.value) and problem in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert build_config(None, {"convex": {"coupling_weights": []}}).convex.coupling_weights == ()  # argmin only
+
+
 # ------------------------------------------------------------------------------ what is shipped still loads
 def _job_loader(name: str):
     from regcli.training.dio import load_dio_job
