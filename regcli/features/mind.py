@@ -113,11 +113,17 @@ def _self_distances(image: torch.Tensor, radius: int, dilation: int) -> torch.Te
     return out.sub_(out.min(dim=1, keepdim=True).values)
 
 
-def _image_noise(out: torch.Tensor) -> float:
-    """:func:`noise_level` from the distances of :func:`_self_distances` (the largest over the batch)."""
+def _variances(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-voxel variance estimate ``V`` (N, 1, Z, Y, X) of the distances of :func:`_self_distances`, and its
+    typical value per image (:func:`_typical_variance`): what both the noise level and the descriptor use."""
     var = out.mean(dim=1, keepdim=True)
+    return var, _typical_variance(var)
+
+
+def _image_noise(var: torch.Tensor, typical: torch.Tensor) -> float:
+    """:func:`noise_level` from :func:`_variances` (the largest over the batch)."""
     levels = [0.0]
-    for v, t in zip(var.reshape(var.shape[0], -1), _typical_variance(var).reshape(-1)):
+    for v, t in zip(var.reshape(var.shape[0], -1), typical.reshape(-1)):
         pos = v[v > 1e-6 * v.mean()]
         if pos.numel() == 0 or float(t) <= 0:
             continue
@@ -136,7 +142,7 @@ def noise_level(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> floa
     near 0 (that phantom: 1e-5; the synthseg brains on the 2 mm working grid: 5e-4 to 8e-4; the 3 mm CT: 3e-4,
     3.5e-3 with 25 HU of noise added). Pass the larger of two images' levels to :func:`mind_ssc` as ``noise``.
     """
-    return _image_noise(_self_distances(image, radius, dilation))
+    return _image_noise(*_variances(_self_distances(image, radius, dilation)))
 
 
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-12,
@@ -160,14 +166,14 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
         (N, 12, Z, Y, X) float32 (float64 for a float64 image) descriptor in (0, 1], on the same grid as
         ``image`` (dimensionless).
     """
-    return _descriptor(_self_distances(image, radius, dilation), noise, eps)
+    out = _self_distances(image, radius, dilation)
+    return _descriptor(out, *_variances(out), noise, eps)
 
 
-def _descriptor(out: torch.Tensor, noise: float, eps: float = 1e-12) -> torch.Tensor:
-    """MIND-SSC from the distances of :func:`_self_distances`, in place: divided by the per-voxel variance
-    estimate (clamped, floored by ``noise``: :func:`mind_ssc`) and exponentiated."""
-    var = out.mean(dim=1, keepdim=True)
-    mean_var = _typical_variance(var)
+def _descriptor(out: torch.Tensor, var: torch.Tensor, mean_var: torch.Tensor, noise: float,
+                eps: float = 1e-12) -> torch.Tensor:
+    """MIND-SSC from the distances of :func:`_self_distances` and their :func:`_variances`, in place: divided by
+    the per-voxel variance estimate (clamped, floored by ``noise``: :func:`mind_ssc`) and exponentiated."""
     lo = torch.clamp(mean_var * max(1e-3, NOISE_FLOOR * noise), min=eps)
     hi = torch.clamp(mean_var * 1e3, min=eps)
     return out.div_(torch.maximum(torch.minimum(var, hi), lo)).neg_().exp_()
@@ -183,5 +189,6 @@ def mind_ssc_pair(fixed: torch.Tensor, moving: torch.Tensor, radius: int = 1, di
     are the published ones to the bit.
     """
     dists = [_self_distances(image, radius, dilation) for image in (fixed, moving)]
-    noise = max(_image_noise(out) for out in dists)
-    return _descriptor(dists[0], noise), _descriptor(dists[1], noise), noise
+    stats = [_variances(out) for out in dists]
+    noise = max(_image_noise(*s) for s in stats)
+    return _descriptor(dists[0], *stats[0], noise), _descriptor(dists[1], *stats[1], noise), noise
