@@ -46,7 +46,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -152,8 +151,7 @@ def off_nodes(fixed: torch.Tensor, start: torch.Tensor, grid: Grid) -> tuple[tor
     # along each index axis towards the positive LPS direction that axis mostly points to: the same world vector
     # however the image is stored (a flipped axis would otherwise shift the other way, and the solve, which
     # amplifies such differences in flat regions, ended 1 mm apart on a brain stored LIA and LPS)
-    D = grid.direction_matrix
-    signs = [1.0 if D[int(np.argmax(np.abs(D[:, k]))), k] > 0 else -1.0 for k in range(3)]
+    signs = [sign for _, sign in grid.dominant_axes()]
     step = torch.tensor(signs, dtype=start.dtype, device=start.device).view(3, 1, 1, 1) * OFF_NODE_VOXELS
     s = index_to_world_vectors(step, grid)
     fixed_s = FieldWarper(grid, grid, fixed.device, fixed.dtype).warp(fixed, s.expand(3, *grid.shape))

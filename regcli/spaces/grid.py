@@ -310,13 +310,17 @@ class Grid:
         Each letter names the world direction that the index axis *points to* (ITK/DICOM convention
         spelled as nibabel does: ``RAS`` here means +i points Right, +j Anterior, +k Superior).
         """
+        return "".join(_AXIS_LETTERS[a][0 if sign > 0 else 1] for a, sign in self.dominant_axes())
+
+    def dominant_axes(self) -> list[tuple[int, float]]:
+        """Per index axis (x, y, z): the LPS world axis it mostly points along (0, 1, 2) and +1.0 when it points
+        towards that axis's positive side (L, P or S), else -1.0; :meth:`axcodes` spells them as letters."""
         D = self.direction_matrix
         out = []
         for k in range(3):
-            col = D[:, k]
-            a = int(np.argmax(np.abs(col)))
-            out.append(_AXIS_LETTERS[a][0 if col[a] > 0 else 1])
-        return "".join(out)
+            a = int(np.argmax(np.abs(D[:, k])))
+            out.append((a, 1.0 if D[a, k] > 0 else -1.0))
+        return out
 
     def ras_affine(self) -> np.ndarray:
         """(4, 4) NIfTI/nibabel affine (index -> RAS mm) of this grid."""
