@@ -85,12 +85,10 @@ def _cached_copy(ref: ModelRef) -> Optional[str]:
     sha256 is the registry's) or ``"fails verification"`` (a copy that :func:`resolve` would refuse)."""
     if ref.repo_id is None or ref.revision is None:
         return None
-    from huggingface_hub import try_to_load_from_cache
-
     from regcli.weights import _hub
 
-    found = try_to_load_from_cache(ref.repo_id, WEIGHTS_FILE, cache_dir=_hub.cache_dir(), revision=ref.revision)
-    if not isinstance(found, str) or not os.path.isfile(found):
+    found = _hub.cached_weights(ref.repo_id, ref.revision)
+    if found is None:
         return None
     try:
         return "verified" if sha256_file(found) == ref.sha256 else "fails verification"

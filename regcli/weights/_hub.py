@@ -154,12 +154,13 @@ def snapshot(repo_id: str, revision: str, *, spec: str, offline: bool, force: bo
     return Path(folder), "hub"
 
 
-def is_cached(repo_id: str, revision: str) -> bool:
-    """Whether ``model.safetensors`` of ``repo_id@revision`` is in the Hugging Face cache (no network)."""
+def cached_weights(repo_id: str, revision: str) -> Optional[str]:
+    """The path of ``model.safetensors`` of ``repo_id@revision`` in the Hugging Face cache, None when it is not
+    there (no network)."""
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(repo_id, WEIGHTS_FILE, cache_dir=cache_dir(), revision=revision)
-    return isinstance(found, str) and os.path.isfile(found)
+    return found if isinstance(found, str) and os.path.isfile(found) else None
 
 
 def push(folder: Path, repo_id: str, *, revision: Optional[str] = None, private: bool = False,
