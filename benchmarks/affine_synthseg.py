@@ -49,7 +49,9 @@ def parse_set(items: list[str]) -> dict:
     out = {}
     for it in items:
         k, v = it.split("=", 1)
-        if "," in v:
+        if v.lower() in ("true", "false"):  # the config's booleans take only booleans
+            out[k] = v.lower() == "true"
+        elif "," in v:
             out[k] = tuple(float(x) if "." in x or k.endswith("_mm") else int(x) for x in v.split(",") if x)
         else:
             try:

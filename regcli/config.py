@@ -21,24 +21,34 @@ from regcli.errors import ConfigError, folded
 
 class ConfigModel(BaseModel):
     """Base of every user-facing configuration model (register config, training jobs and recipes, the networks'
-    ``net`` configurations, dataset manifests): frozen, unknown keys rejected, and no boolean taken for a number.
+    ``net`` configurations, dataset manifests): frozen, unknown keys rejected, no boolean taken for a number and
+    nothing but a boolean for a boolean.
 
     pydantic's lax mode reads YAML/JSON ``true`` as 1 for an ``int`` field and 1.0 for a ``float`` one (also as an
-    item of a tuple of numbers): here that is a validation error at the key. Everything else lax mode accepts stays
-    accepted: an integer for a float (``learning_rate: 1``), and, for a plain ``int`` field, a float with an
-    integral value (``iterations: 10.0``); ``StrictInt`` fields refuse the latter too.
+    item of a tuple of numbers), and ``"yes"``, ``"off"``, ``1`` or ``0.0`` as a boolean: here both are validation
+    errors at the key. Every input path delivers booleans as booleans (YAML and JSON ``true``/``false``, and YAML
+    1.1's unquoted ``yes``/``no``/``on``/``off``, which ``yaml.safe_load`` reads as booleans; the command line's
+    ``--flag/--no-flag`` options; no manifest CSV column or environment variable sets a boolean field).
+    Everything else lax mode accepts stays accepted: an integer for a float (``learning_rate: 1``), and, for a
+    plain ``int`` field, a float with an integral value (``iterations: 10.0``); ``StrictInt`` fields refuse the
+    latter too.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, (bool, list, tuple)) and info.field_name in cls.model_fields:
-            where = _boolean_for_number(value, cls.model_fields[info.field_name].annotation)
+    def _booleans_only_for_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.field_name in cls.model_fields:
+            tp = cls.model_fields[info.field_name].annotation
+            where = _boolean_for_number(value, tp) if isinstance(value, (bool, list, tuple)) else None
             if where is not None:
                 raise PydanticCustomError("bool_for_number", "Input should be a number, not a boolean ({where})",
                                           {"where": where})
+            given = _not_a_boolean(value, tp)
+            if given is not None:
+                raise PydanticCustomError("bool_strict", "Input should be true or false, not {given}",
+                                          {"given": given})
         return value
 
 
@@ -70,6 +80,19 @@ def _boolean_for_number(value: Any, tp: Any) -> Optional[str]:
                     return f"item {i}: {where}"
             return None
     return None
+
+
+def _not_a_boolean(value: Any, tp: Any) -> Optional[str]:
+    """When the annotation ``tp`` takes only a boolean (``bool``, or ``Optional[bool]`` and ``value`` is not None)
+    and ``value`` is not a boolean: ``value`` in words for the error (a short repr of a string or number, else its
+    type); else None."""
+    members = [m for m in _members(tp) if m is not type(None)]
+    if members != [bool] or isinstance(value, bool):
+        return None
+    if isinstance(value, (str, int, float)):
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return f"a {type(value).__name__}"
 
 
 class _Frozen(ConfigModel):
@@ -392,7 +415,8 @@ def solver_stages(cfg: RegisterConfig) -> SolverStages:
     objective a stage of 0 iterations never evaluates). The other parts of a method read neither: ConvexAdam's
     discrete stage, SAMConvex's correlation pyramid, DIO's feature network, the networks of foundation and
     promptreg. One answer for the mask and the prompt checks (:func:`regcli.pipeline.check_masks`,
-    :func:`regcli.pipeline.check_prompts`).
+    :func:`regcli.pipeline.check_prompts`) and for the instance-optimisation flags
+    (:func:`refuse_flags_without_effect`).
 
     The stages: ConvexAdam's instance optimisation and refinement (``instance.enabled`` and ``instance.iterations``
     / ``refine_iterations`` > 0); SAMConvex's instance optimisation in embedding space (``samconvex.io_iterations``)
@@ -526,21 +550,31 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
 def refuse_flags_without_effect(cfg: RegisterConfig, overrides: Optional[dict]) -> None:
     """A ConfigError for instance-optimisation flags (``overrides["instance"]``: ``--transform``,
     ``--optimizer``, ``--intensity-weight``) that nothing in ``cfg`` would read, rather than recording them in
-    the report and ignoring them: a linear method; foundation or promptreg with ``io`` other than ``field``
-    (no solver stage) unless a fine refinement runs; and, for ``--intensity-weight``, which only the MIND-SSC
-    refinements read, DIO without a fine refinement."""
+    the report and ignoring them. The solver stages that run are :func:`solver_stages`' (the stages that read the
+    masks and the prompts, :func:`regcli.pipeline.check_masks`): ``--transform`` and ``--optimizer`` need one
+    (none in a linear method, a network method without ``io: field``, ConvexAdam with ``instance.enabled:
+    false``, ...); ``--intensity-weight``, which only the MIND-SSC refinements read, needs a refinement (the
+    working grid's or the fine one). Only these flags: a linear method with ``--no-affine`` (an identity
+    registration) stays allowed."""
     inst = {k: v for k, v in ((overrides or {}).get("instance") or {}).items() if v is not None}
-    fine = cfg.instance.fine_spacing_mm is not None
-    solver = cfg.deformable and (fine or cfg.network_io in (None, "field"))
-    refinement = solver and (fine or cfg.method != "dio")
-    unused = [flag for key, flag, used in (("transform", "--transform", solver), ("optimizer", "--optimizer", solver),
+    stages = solver_stages(cfg)
+    refinement = any(name in ("refinement", "fine refinement") for name in stages.running)
+    unused = [flag for key, flag, used in (("transform", "--transform", bool(stages.running)),
+                                           ("optimizer", "--optimizer", bool(stages.running)),
                                            ("refine_intensity_weight", "--intensity-weight", refinement))
               if key in inst and not used]
-    if unused:
+    if not unused:
+        return
+    it = "it" if len(unused) == 1 else "them"
+    if not cfg.deformable:
+        why = f"{stages.setting} has only the affine stage"
+    elif not stages.running:
+        why = f"{stages.setting} runs none of {stages.stages}"
+    else:  # only --intensity-weight: solver stages run, but no refinement
         how = f"--method {cfg.method}" + (f" --io {cfg.network_io}" if cfg.network_io is not None else "")
-        raise ConfigError(f"{', '.join(unused)}: nothing in {how} would use "
-                          f"{'it' if len(unused) == 1 else 'them'}"
-                          + (" (the refinement that reads it runs with --fine-spacing)" if cfg.method == "dio" else ""))
+        why = (f"only a refinement reads it, and {how} runs none (only {', '.join(stages.running)}; --fine-spacing "
+               "adds a fine refinement)")
+    raise ConfigError(f"{', '.join(unused)}: nothing would use {it}; {why}")
 
 
 def iteration_override(method: str, counts: tuple[int, ...], dio_levels=None) -> dict:

@@ -26,10 +26,13 @@ from __future__ import annotations
 from typing import Optional
 
 
-def folded(text: object, limit: Optional[int] = None) -> str:
+def folded(text: object, limit: Optional[int] = None, sentence: bool = False) -> str:
     """``text`` (anything, e.g. a third-party exception) as one line: whitespace runs, newlines included,
-    become single spaces; cut to ``limit`` characters when given."""
+    become single spaces; with ``sentence``, only up to the end of its first sentence (the first ". ": torch's
+    messages go on with advice for lines); cut to ``limit`` characters when given."""
     line = " ".join(str(text).split())
+    if sentence and (cut := line.find(". ")) > 0:
+        line = line[:cut + 1]
     return line if limit is None else line[:limit]
 
 

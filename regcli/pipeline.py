@@ -442,15 +442,22 @@ def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks
     the objective of the solver stages only (:func:`regcli.config.solver_stages`, as the masks), so a linear
     method, a network method without ``io: field`` instance optimisation, ConvexAdam with its instance
     optimisation and refinement off, SAMConvex or DIO with 0 iterations in every solver stage would ignore them,
-    unless ``--fine-spacing`` adds its fine refinement."""
+    unless ``--fine-spacing`` adds its fine refinement. A prompt of weight 0 (``prompts.label_weight`` or
+    ``landmark_weight``) would have no effect either."""
     from regcli.config import solver_stages
     from regcli.errors import ConfigError, InputError
 
     pc = config.prompts
     if pc.labels is None and not pc.landmarks:
         return
-    flags = " and ".join(f for f, on in (("--prompt-labels", pc.labels is not None),
-                                         ("--prompt-landmarks", pc.landmarks)) if on)
+    given = [(flag, key, weight) for flag, key, on, weight in (
+        ("--prompt-labels", "label_weight", pc.labels is not None, pc.label_weight),
+        ("--prompt-landmarks", "landmark_weight", pc.landmarks, pc.landmark_weight)) if on]
+    flags = " and ".join(flag for flag, _, _ in given)
+    zero = [f"{flag} with prompts.{key} 0" for flag, key, weight in given if weight == 0]
+    if zero:
+        raise ConfigError(f"prompts ({'; '.join(zero)}): a prompt of weight 0 would have no effect; give it a "
+                          "weight > 0 or leave it out")
     if not config.deformable:
         raise ConfigError(f"prompts ({flags}) need a deformable method: --method {config.method} has only the affine "
                           f"stage, so nothing would use them")
@@ -462,7 +469,7 @@ def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks
         raise InputError("--prompt-labels needs both --fixed-labels and --moving-labels")
     if pc.landmarks and landmarks is None:
         raise InputError("--prompt-landmarks needs both --fixed-landmarks and --moving-landmarks")
-    if pc.labels is not None and pc.label_weight > 0:  # the ids, now rather than after the affine stage
+    if pc.labels is not None:  # the ids, now rather than after the affine stage
         from regcli.solvers.prompts import check_label_prompt
 
         check_label_prompt(fixed_labels, moving_labels, None if pc.labels == "all" else list(pc.labels))

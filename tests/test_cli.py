@@ -240,6 +240,27 @@ def test_c3_info_reports_sform_code_zero(tmp_path):
     assert d["axcodes"] == "LAS"  # -1.5 on i: index x points left (nibabel would say LAS too)
 
 
+def test_info_axcodes_of_2d_and_4d_images(tmp_path):
+    """`regcli info` spells the spatial index axes of 2D and 4D images (oblique ones included) as
+    spaces.grid.axcodes_of does for Grid: x/y letters in 2D, three letters (no time axis) in 4D."""
+    from regcli.spaces.grid import axcodes_of
+
+    c, s = np.cos(np.radians(120)), np.sin(np.radians(120))
+    im2 = sitk.Image([5, 6], sitk.sitkFloat32)
+    im2.SetDirection((c, -s, s, c))  # 120 degrees in-plane: +i mostly Posterior, +j mostly Right
+    d4 = np.eye(4)
+    d4[:3, :3] = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]) @ np.asarray(
+        sitk.VersorTransform((0.0, 0.0, 1.0), np.radians(30)).GetMatrix()).reshape(3, 3)
+    im4 = sitk.Image([5, 6, 7, 3], sitk.sitkFloat32)
+    im4.SetDirection(d4.ravel().tolist())
+    for name, img, want in (("i2.mha", im2, "PR"), ("i4.mha", im4, "PIR"), ("i4.nii.gz", im4, "PIR")):
+        sitk.WriteImage(img, str(tmp_path / name))
+        res = invoke("info", tmp_path / name, "--json")
+        assert res.exit_code == 0, res.output
+        d = json.loads(res.stdout)
+        assert d["axcodes"] == want == axcodes_of(d["direction"]), (name, d["axcodes"])
+
+
 def test_info_on_a_vector_field_and_an_integer_image(tmp_path):
     g = Grid.from_sitk(make_phantom("LPS", "iso"))
     write_displacement(DisplacementField.zeros(g), tmp_path / "w.nii.gz")

@@ -76,6 +76,47 @@ def test_a_boolean_is_not_taken_for_a_number(cls, name, value, where):
     assert at_key[0]["msg"] == f"Input should be a number, not a boolean ({where})"
 
 
+def _boolean_fields():
+    for cls in _config_models():
+        for name, prop in cls.model_json_schema()["properties"].items():
+            if {b.get("type") for b in prop.get("anyOf", [prop])} - {"null"} == {"boolean"}:
+                yield pytest.param(cls, name, id=f"{cls.__name__}.{name}")
+
+
+@pytest.mark.parametrize("cls,name", list(_boolean_fields()))
+def test_a_boolean_field_takes_only_true_or_false(cls, name):
+    """pydantic's lax mode read "yes", "off", "true", 1 and 0.0 as booleans (`affine.enabled: 0` switched the stage
+    off as `false` does); no input path delivers a boolean as a string or number, so each is an error at the key."""
+    for value, given in (("yes", "'yes'"), ("true", "'true'"), (1, "1"), (0.0, "0.0"), ([True], "a list")):
+        with pytest.raises(ValidationError) as e:
+            cls.model_validate({name: value})
+        at_key = [err for err in e.value.errors() if err["loc"] == (name,)]
+        assert len(at_key) == 1 and at_key[0]["type"] == "bool_strict", at_key
+        assert at_key[0]["msg"] == f"Input should be true or false, not {given}"
+    assert getattr(cls.model_validate({name: False}), name) is False
+
+
+def test_a_non_boolean_in_a_config_file_is_a_one_line_config_error(tmp_path):
+    """Through the command line: exit 7, one line naming the file and the dotted key; YAML's unquoted yes/no/on/off
+    are booleans (yaml.safe_load reads YAML 1.1) and still work."""
+    assert len(list(_boolean_fields())) >= 10
+    for text, key in (("affine: {enabled: 'no'}", "affine.enabled: Input should be true or false, not 'no'"),
+                      ("deterministic: 1", "deterministic: Input should be true or false, not 1"),
+                      ('prompts: {landmarks: "x\\ny"}', "prompts.landmarks: Input should be true or false, not "
+                                                        "'x\\ny'")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text + "\n")
+        res = invoke("config", "show", "--config", bad)
+        line = one_line(res.stderr)
+        assert res.exit_code == 7 and line == f"ConfigError: invalid configuration ({bad}): {key}", line
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("affine: {enabled: no}\ndeterministic: on\nhtml_report: off\n")
+    res = invoke("config", "show", "--config", ok, "--json")
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.stdout)
+    assert shown["affine"]["enabled"] is False and shown["deterministic"] is True and shown["html_report"] is False
+
+
 def test_numbers_are_read_as_before():
     """Only booleans changed: an integer for a float field, a float with an integral value for a plain int field
     (as before; StrictInt fields refuse it, as before), and YAML 1.1's dotless exponent (a string) still work."""

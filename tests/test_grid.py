@@ -35,6 +35,36 @@ def test_axcodes_match_sitk(direction):
     assert Grid.from_sitk(img).axcodes() == ref
 
 
+def _rotation2(deg: float) -> np.ndarray:
+    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+    return np.array([[c, -s], [s, c]])
+
+
+def test_axcodes_of_a_direction_matrix_of_any_dimension():
+    """One implementation (spaces.grid.axcodes_of / dominant_axes_of) for Grid (3D) and `regcli info` (2D-4D):
+    3D agrees with Grid and SimpleITK on every fixture direction; 2D spells x/y letters only; 4D (a time series)
+    spells its three spatial axes from the spatial block alone; a flat SimpleITK tuple reads as its matrix."""
+    from regcli.spaces.grid import axcodes_of, dominant_axes_of
+
+    for direction in DIRECTIONS:
+        img = make_phantom(direction, "iso")
+        ref = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
+        g = Grid.from_sitk(img)
+        assert axcodes_of(img.GetDirection()) == axcodes_of(g.direction_matrix) == g.axcodes() == ref, direction
+        assert dominant_axes_of(g.direction_matrix) == g.dominant_axes()
+    assert axcodes_of(np.eye(2)) == "LP" and axcodes_of((0.0, -1.0, 1.0, 0.0)) == "PR"
+    assert axcodes_of(_rotation2(30)) == "LP" and axcodes_of(_rotation2(120)) == "PR"  # oblique: the dominant axis
+    assert dominant_axes_of(_rotation2(120)) == [(1, 1.0), (0, -1.0)]
+    d4 = np.eye(4)
+    d4[:3, :3] = DIRECTIONS["PIL"] @ DIRECTIONS["oblique15"]
+    assert axcodes_of(d4) == axcodes_of(d4.ravel().tolist()) == axcodes_of(d4[:3, :3]) == "PIL"
+    tilted = np.eye(4)  # index x mostly along time: only the spatial block counts (as regcli info always did)
+    tilted[[0, 3, 0, 3], [0, 0, 3, 3]] = (0.6, 0.8, -0.8, 0.6)
+    assert axcodes_of(tilted) == "LPS" and len(dominant_axes_of(tilted)) == 3
+    with pytest.raises(GeometryError, match="D\\*D values"):
+        axcodes_of((1.0, 0.0, 0.0))
+
+
 def test_sampling_world_point_hits_voxel_value():
     img = make_phantom("oblique15", "aniso")
     g = Grid.from_sitk(img)

@@ -462,3 +462,83 @@ def test_prompts_that_no_solver_stage_would_use_are_refused(over, runs):
             fine = build_config(None, deep_merge(over, {"prompts": prompts, "instance": {"fine_spacing_mm": 1.0}}))
             assert solver_stages(fine).running[-1] == "fine refinement"
             check_prompts(fine, *inputs)
+
+
+FLAG_CASES = PROMPT_CASES + [  # (config overrides, does a solver stage run); whether a refinement runs: below
+    ({"method": "convexadam", "instance": {"refine_iterations": 0}}, True),
+    ({"method": "foundation", "foundation": {"io": "field", "io_iterations": 2}, "instance": {"refine_iterations": 0}},
+     True),
+]
+
+
+@pytest.mark.parametrize("over,runs", FLAG_CASES, ids=[_case_id(c) for c, _ in FLAG_CASES])
+def test_solver_flags_that_no_solver_stage_would_use_are_refused(over, runs):
+    """--transform and --optimizer are refused exactly where the masks and the prompts are (no solver stage runs,
+    regcli.config.solver_stages), --intensity-weight exactly where no refinement runs; one-line ConfigErrors
+    naming the flags and the configuration. The old copy of that logic let ConvexAdam with instance.enabled false,
+    SAMConvex or DIO with 0 iterations everywhere, and a network method's io field with 0 iterations through."""
+    from regcli.config import refuse_flags_without_effect, solver_stages
+    from regcli.errors import ConfigError
+
+    solver = {"instance": {"transform": "svf", "optimizer": "sgd"}}
+    cfg = build_config(None, deep_merge(over, solver))
+    assert bool(solver_stages(cfg).running) == runs
+    if runs:
+        refuse_flags_without_effect(cfg, solver)
+    else:
+        with pytest.raises(ConfigError, match="^--transform, --optimizer: nothing would use them; ") as e:
+            refuse_flags_without_effect(cfg, solver)
+        assert "\n" not in str(e.value) and f"--method {over['method']}" in str(e.value), str(e.value)
+    weight = {"instance": {"refine_intensity_weight": 0.5}}
+    cfg = build_config(None, deep_merge(over, weight))
+    if any(s in ("refinement", "fine refinement") for s in solver_stages(cfg).running):
+        refuse_flags_without_effect(cfg, weight)
+    else:
+        with pytest.raises(ConfigError, match="^--intensity-weight: nothing would use it; ") as e:
+            refuse_flags_without_effect(cfg, weight)
+        assert "\n" not in str(e.value) and f"--method {over['method']}" in str(e.value), str(e.value)
+    if cfg.deformable:  # the fine refinement reads all three whatever the method's own stages do
+        both = deep_merge(solver, weight)
+        refuse_flags_without_effect(build_config(None, deep_merge(deep_merge(over, both),
+                                                                  {"instance": {"fine_spacing_mm": 1.0}})), both)
+    else:  # a linear method without its affine stage (an identity registration) is still a configuration
+        refuse_flags_without_effect(build_config(None, deep_merge(over, {"affine": {"enabled": False}})), {})
+
+
+def test_a_disabled_instance_optimisation_refuses_solver_flags_on_the_command_line(tmp_path):
+    """--method convexadam with instance.enabled false: --optimizer / --transform are refused before any image is
+    read (exit 7, one line naming the flag and why), as a mask without the affine stage is."""
+    from conftest import invoke, one_line
+
+    cfg = tmp_path / "no_io.yaml"
+    cfg.write_text("instance: {enabled: false}\n")
+    f = write(make_phantom("LPS"), tmp_path / "f.nii.gz")
+    for flags in (("--optimizer", "sgd"), ("--transform", "svf")):
+        res = invoke("register", f, f, "-o", tmp_path / "p_", "--method", "convexadam", "--config", cfg, *flags,
+                     "--quiet")
+        line = one_line(res.stderr)
+        assert res.exit_code == 7 and line == (f"ConfigError: {flags[0]}: nothing would use it; --method convexadam "
+                                               "with instance.enabled false runs none of the instance optimisation, "
+                                               "its refinement and --fine-spacing"), (flags, line)
+    _assert_no_outputs(tmp_path)
+
+
+@pytest.mark.parametrize("prompts,flag", [({"labels": [1, 2], "label_weight": 0}, "--prompt-labels"),
+                                          ({"landmarks": True, "landmark_weight": 0.0}, "--prompt-landmarks")])
+def test_a_prompt_of_weight_zero_is_refused(prompts, flag):
+    """A prompt of weight 0 joins the objective with no effect (stage_prompts leaves it out): check_prompts refuses
+    it, a one-line ConfigError naming the flag and the weight's key, whatever the method."""
+    from regcli.errors import ConfigError
+    from regcli.pipeline import check_prompts
+    from regcli.spaces.image import Image
+
+    labels = Image(torch.arange(3).repeat(4, 4, 1).to(torch.int32), Grid.from_sitk(sitk.Image(3, 4, 4, sitk.sitkUInt8)))
+    inputs = (labels, labels, None) if "labels" in prompts else (None, None, object())
+    key = next(k for k in prompts if k.endswith("weight"))
+    for method in ("convexadam", "affine"):
+        cfg = build_config(None, {"method": method, "prompts": prompts})
+        with pytest.raises(ConfigError) as e:
+            check_prompts(cfg, *inputs)
+        assert str(e.value) == (f"prompts ({flag} with prompts.{key} 0): a prompt of weight 0 would have no effect; "
+                                "give it a weight > 0 or leave it out"), str(e.value)
+    check_prompts(build_config(None, {"prompts": {**prompts, key: 1e-3}}), *inputs)

@@ -291,6 +291,47 @@ def test_a_boolean_for_a_number_anywhere_in_a_job_is_a_config_error_naming_its_k
         load_foundation_job(job)
 
 
+def test_anything_but_true_or_false_for_a_switch_in_a_job_is_a_config_error_naming_its_key(tmp_path):
+    """A boolean field takes only true/false (pydantic's lax mode read "yes", "off", 1 and 0 as booleans): in the
+    network's `net` section and a DIO job's `solver`, one line each; YAML's unquoted yes/no are booleans."""
+    from regcli.training.dio import load_dio_job
+
+    job = tmp_path / "job.yaml"
+    data = "data:\n  - glob: imgs/*.nii.gz\n"
+    for text, key, given in (("net: {normalize: 'yes'}", "net.normalize", "'yes'"),
+                             ("net: {normalize: 0}", "net.normalize", "0"),
+                             ("solver: {affine: {enabled: 'false'}}", "affine.enabled", "'false'")):
+        job.write_text(data + text + "\n")
+        with pytest.raises(ConfigError) as e:
+            load_dio_job(job)
+        msg = str(e.value)
+        assert f"{key}: Input should be true or false, not {given}" in msg and "\n" not in msg, msg
+    job.write_text(data + "net: {normalize: no}\nsolver: {affine: {enabled: off}}\n")
+    loaded = load_dio_job(job)
+    assert loaded.net["normalize"] is False and loaded.solver["affine"]["enabled"] is False
+
+
+def test_checkpoint_errors_fold_the_exception_to_its_first_sentence(tmp_path):
+    """Every exception message regcli.training.jobs puts in an error goes through errors.folded (one line, its first
+    sentence: torch's go on with advice, which a 160-character cut left half a sentence of)."""
+    from regcli.errors import InputError, folded
+    from regcli.training.jobs import load_checkpoint, read_checkpoint
+
+    assert folded("a\n\tb. c. d", sentence=True) == "a b." and folded("a.b c", sentence=True) == "a.b c"
+    assert folded("x. y", 2, sentence=True) == "x." and folded("x. y") == "x. y"
+    ck = tmp_path / "checkpoint.pt"
+    torch.save({"state_dict": {"w": torch.zeros(4096)}}, ck)
+    ck.write_bytes(ck.read_bytes()[:1000])
+    details = []
+    for read in (read_checkpoint, load_checkpoint):
+        with pytest.raises(InputError) as e:
+            read(ck)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.endswith("central directory.)") and "miniz" not in msg, msg
+        details.append(msg[msg.index("(RuntimeError: "):])
+    assert details[0] == details[1]
+
+
 def test_a_null_in_a_dio_jobs_solver_means_what_it_means_in_a_register_config_file(tmp_path):
     """A DIO job's `solver` (and `validation.solver`) is a RegisterConfig mapping in a file: an explicit null is
     read as in `regcli register --config` (`refine_reg_weight: null`: the same as reg_weight; a null where the key

@@ -32,7 +32,7 @@ def image_info(path: Path) -> dict:
     import SimpleITK as sitk
 
     from regcli.io.images import nonfinite_voxels, read_sitk
-    from regcli.spaces.grid import _AXIS_LETTERS
+    from regcli.spaces.grid import axcodes_of
 
     img = read_sitk(path, "image")
     dim = img.GetDimension()
@@ -44,13 +44,6 @@ def image_info(path: Path) -> dict:
     on_disk = nonfinite_voxels(arr, path) if finite is not None and not nan_count else None
     if on_disk is not None:
         nan_count = on_disk[0]
-    d = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)
-    d3 = d[:3, :3]
-    axcodes = ""
-    for k in range(min(dim, 3)):
-        col = d3[:, k]
-        a = int(np.argmax(np.abs(col)))
-        axcodes += _AXIS_LETTERS[a][0 if col[a] > 0 else 1]
     out = {
         "path": str(path),
         "kind": "image",
@@ -59,7 +52,7 @@ def image_info(path: Path) -> dict:
         "spacing": list(img.GetSpacing()),
         "origin": list(img.GetOrigin()),
         "direction": [float(v) for v in img.GetDirection()],
-        "axcodes": axcodes,
+        "axcodes": axcodes_of(img.GetDirection()),
         "pixel_type": img.GetPixelIDTypeAsString(),
         "dtype": str(arr.dtype),
         "components": img.GetNumberOfComponentsPerPixel(),
@@ -70,6 +63,7 @@ def image_info(path: Path) -> dict:
         out["nan_read_as_zero"] = True  # the range above counts them as 0, as every regcli command reads them
     if dim >= 3:
         index_to_lps = np.eye(4)
+        d3 = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
         index_to_lps[:3, :3] = d3 * np.asarray(img.GetSpacing()[:3])[None, :]
         index_to_lps[:3, 3] = img.GetOrigin()[:3]
         out["ras_affine"] = (np.diag([-1.0, -1.0, 1.0, 1.0]) @ index_to_lps).tolist()

@@ -26,6 +26,38 @@ from regcli.errors import GeometryError
 _AXIS_LETTERS = (("L", "R"), ("P", "A"), ("S", "I"))  # LPS: positive world axis letter first
 
 
+def dominant_axes_of(direction: Any) -> list[tuple[int, float]]:
+    """Per spatial index axis of a direction matrix of any dimension: the LPS world axis it mostly points along
+    (0, 1, 2) and +1.0 when it points towards that axis's positive side (L, P or S), else -1.0.
+
+    Args:
+        direction: (D, D) direction cosines, column k = index axis k in world (LPS), or its D*D values row-major
+            (SimpleITK's ``GetDirection()``). Only the spatial block counts: for D > 3 (a time series) the first
+            three rows and columns, so a fourth (time) axis gets no entry; for D = 2 the world axes are x and y.
+    Returns:
+        ``min(D, 3)`` pairs ``(world axis, sign)``, one per index axis in (x, y, z) order.
+    """
+    d = np.asarray(direction, dtype=np.float64)
+    if d.ndim == 1:
+        n = math.isqrt(d.size)
+        if n * n != d.size:
+            raise GeometryError(f"a direction matrix needs D*D values, got {d.size}")
+        d = d.reshape(n, n)
+    d = d[:3, :3]
+    out = []
+    for k in range(d.shape[1]):
+        a = int(np.argmax(np.abs(d[:, k])))
+        out.append((a, 1.0 if d[a, k] > 0 else -1.0))
+    return out
+
+
+def axcodes_of(direction: Any) -> str:
+    """Orientation letters of the spatial index axes of a direction matrix of any dimension (see
+    :func:`dominant_axes_of`), e.g. ``'LPS'``, ``'RAS'``, ``'LIA'`` in 3D, ``'RA'`` in 2D; each letter names the
+    world direction that the index axis *points to* (ITK/DICOM convention spelled as nibabel does)."""
+    return "".join(_AXIS_LETTERS[a][0 if sign > 0 else 1] for a, sign in dominant_axes_of(direction))
+
+
 def _tuple3(values: Sequence[float], cast=float) -> tuple:
     values = tuple(cast(v) for v in values)
     if len(values) != 3:
@@ -310,17 +342,13 @@ class Grid:
         Each letter names the world direction that the index axis *points to* (ITK/DICOM convention
         spelled as nibabel does: ``RAS`` here means +i points Right, +j Anterior, +k Superior).
         """
-        return "".join(_AXIS_LETTERS[a][0 if sign > 0 else 1] for a, sign in self.dominant_axes())
+        return axcodes_of(self.direction_matrix)
 
     def dominant_axes(self) -> list[tuple[int, float]]:
         """Per index axis (x, y, z): the LPS world axis it mostly points along (0, 1, 2) and +1.0 when it points
-        towards that axis's positive side (L, P or S), else -1.0; :meth:`axcodes` spells them as letters."""
-        D = self.direction_matrix
-        out = []
-        for k in range(3):
-            a = int(np.argmax(np.abs(D[:, k])))
-            out.append((a, 1.0 if D[a, k] > 0 else -1.0))
-        return out
+        towards that axis's positive side (L, P or S), else -1.0 (:func:`dominant_axes_of`); :meth:`axcodes`
+        spells them as letters."""
+        return dominant_axes_of(self.direction_matrix)
 
     def ras_affine(self) -> np.ndarray:
         """(4, 4) NIfTI/nibabel affine (index -> RAS mm) of this grid."""

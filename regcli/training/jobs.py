@@ -162,19 +162,12 @@ def read_checkpoint(ck_path: Path, needs: Sequence[str] = ()) -> dict:
         ck = torch.load(ck_path, weights_only=False)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, OSError, UnpicklingError, ...
         raise InputError(f"--resume: '{ck_path}' is not a readable regcli checkpoint ({type(e).__name__}: "
-                         f"{_first_sentence(e)})") from None
+                         f"{folded(e, 160, sentence=True)})") from None
     missing = [k for k in needs if not isinstance(ck, dict) or k not in ck]
     if not isinstance(ck, dict) or missing:
         raise InputError(f"--resume: '{ck_path}' is not a checkpoint of this kind of run, or was written by an "
                          f"older regcli (it has no {', '.join(missing or needs)})")
     return ck
-
-
-def _first_sentence(e: Exception, limit: int = 160) -> str:
-    """An exception's message, folded to one line, up to its first sentence's end (torch's go on for lines)."""
-    text = folded(e)
-    cut = text.find(". ")
-    return (text[:cut + 1] if cut > 0 else text)[:limit]
 
 
 @contextmanager
@@ -187,7 +180,7 @@ def restoring(ck_path: Optional[Path]) -> Iterator[None]:
         raise
     except Exception as e:  # noqa: BLE001 - KeyError, TypeError, ValueError, RuntimeError from load_state_dict's
         what = f"'{ck_path}' is not a usable checkpoint of this run" if ck_path else "the training state is not usable"
-        raise InputError(f"--resume: {what} ({type(e).__name__}: {folded(e, 160)})") from None
+        raise InputError(f"--resume: {what} ({type(e).__name__}: {folded(e, 160, sentence=True)})") from None
 
 
 def restore_network(net: torch.nn.Module, ck: dict, ck_path: Path) -> None:
@@ -196,7 +189,8 @@ def restore_network(net: torch.nn.Module, ck: dict, ck_path: Path) -> None:
     try:
         net.load_state_dict(ck["state_dict"])
     except Exception as e:  # noqa: BLE001 - RuntimeError (missing keys, shapes), TypeError (not a state dict)
-        raise ConfigError(f"--resume: the network in '{ck_path}' does not fit the job's ({folded(e, 200)})") from None
+        raise ConfigError(f"--resume: the network in '{ck_path}' does not fit the job's "
+                          f"({folded(e, 200, sentence=True)})") from None
 
 
 def open_run(out: Path, job: BaseModel, dist: Distributed = SINGLE) -> None:
@@ -316,7 +310,7 @@ def load_checkpoint(path: str | Path) -> EmbeddingNet:
         net.load_state_dict(ck["state_dict"])
     except Exception as e:  # noqa: BLE001 - a damaged file, or a checkpoint of another kind of run
         raise InputError(f"'{path}' is not a readable embedding checkpoint ({type(e).__name__}: "
-                         f"{folded(e, 160)})") from None
+                         f"{folded(e, 160, sentence=True)})") from None
     return net.eval()
 
 
