@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from regcli.config import NETWORK_METHODS
+from regcli.config import NETWORK_METHODS, RegisterConfig
 from regcli.io.images import check_readable_file, read_grid
 from regcli.errors import ConfigError, InputError, RegcliError
 
@@ -189,6 +189,34 @@ def read_pairs(path: str | os.PathLike, tasks: Sequence[str] = (), exclude: Sequ
     if not out:
         raise InputError(f"dataset manifest '{path}': no chosen dataset has a pairs CSV to register")
     return out
+
+
+def check_config_for_pairs(config: RegisterConfig, pairs: Sequence[Pair], columns: bool = True) -> None:
+    """Refuse, once and before any pair is registered, a configuration that each pair's ``regcli register`` child
+    would refuse for the same reason: what ``config`` and the columns the pairs fill decide, never the images'
+    contents. The same checks as the child's: :func:`regcli.pipeline.check_prompt_config` (prompts that nothing
+    would use) and :func:`regcli.pipeline.refuse_unread_masks` (a ``fixed_mask``/``moving_mask`` column that
+    nothing would read). A mask column counts when any pair fills it (each pair that does would fail), and the
+    message says how many do. A pair of a dataset with ``align: none`` is registered with ``--no-affine``
+    (:func:`read_pairs`), so its masks are checked with the affine stage off. ``columns=False``: the pair came
+    from flags (``regcli evaluate --fixed --moving``), which the message names instead.
+
+    Raises:
+        ConfigError: one line naming the problem and the CSV column (exit 7).
+    """
+    from regcli.pipeline import check_prompt_config, refuse_unread_masks
+
+    check_prompt_config(config)
+    no_affine = [p for p in pairs if "--no-affine" in p.register_flags]
+    groups = [([p for p in pairs if "--no-affine" not in p.register_flags], config, "")]
+    if no_affine:
+        off = config.model_copy(update={"affine": config.affine.model_copy(update={"enabled": False})})
+        groups.append((no_affine, off, ", registered with --no-affine (align: none)"))
+    for group, cfg, how in groups:
+        given = [f"CSV column {col} ({n} of {len(pairs)} pair(s){how})" if columns else f"--{col.replace('_', '-')}"
+                 for col in ("fixed_mask", "moving_mask")
+                 if (n := sum(getattr(p, col) is not None for p in group))]
+        refuse_unread_masks(cfg, given)
 
 
 # ------------------------------------------------------------------------------------------------ transforms

@@ -444,8 +444,26 @@ def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks
     optimisation and refinement off, SAMConvex or DIO with 0 iterations in every solver stage would ignore them,
     unless ``--fine-spacing`` adds its fine refinement. A prompt of weight 0 (``prompts.label_weight`` or
     ``landmark_weight``) would have no effect either."""
+    from regcli.errors import InputError
+
+    check_prompt_config(config)
+    pc = config.prompts
+    if pc.labels is not None and (fixed_labels is None or moving_labels is None):
+        raise InputError("--prompt-labels needs both --fixed-labels and --moving-labels")
+    if pc.landmarks and landmarks is None:
+        raise InputError("--prompt-landmarks needs both --fixed-landmarks and --moving-landmarks")
+    if pc.labels is not None:  # the ids, now rather than after the affine stage
+        from regcli.solvers.prompts import check_label_prompt
+
+        check_label_prompt(fixed_labels, moving_labels, None if pc.labels == "all" else list(pc.labels))
+
+
+def check_prompt_config(config: RegisterConfig) -> None:
+    """The part of :func:`check_prompts` that ``config`` alone decides (also checked once by ``regcli evaluate``
+    and ``regcli batch`` before any pair is registered): a ConfigError for a prompt of weight 0, or for prompts
+    that no solver stage of ``config`` would use (a linear method, none of its solver stages running)."""
     from regcli.config import solver_stages
-    from regcli.errors import ConfigError, InputError
+    from regcli.errors import ConfigError
 
     pc = config.prompts
     if pc.labels is None and not pc.landmarks:
@@ -465,14 +483,6 @@ def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks
     if not stages.running:
         raise ConfigError(f"prompts ({flags}) join the objective of {stages.stages}; {stages.setting} runs none of "
                           f"them, so nothing would use them")
-    if pc.labels is not None and (fixed_labels is None or moving_labels is None):
-        raise InputError("--prompt-labels needs both --fixed-labels and --moving-labels")
-    if pc.landmarks and landmarks is None:
-        raise InputError("--prompt-landmarks needs both --fixed-landmarks and --moving-landmarks")
-    if pc.labels is not None:  # the ids, now rather than after the affine stage
-        from regcli.solvers.prompts import check_label_prompt
-
-        check_label_prompt(fixed_labels, moving_labels, None if pc.labels == "all" else list(pc.labels))
 
 
 def check_masks(config: RegisterConfig, fixed_mask, moving_mask) -> None:
@@ -481,19 +491,29 @@ def check_masks(config: RegisterConfig, fixed_mask, moving_mask) -> None:
     its instance optimisation off, SAMConvex with only its correlation pyramid), the masks weight only the affine
     stage (a warning says so); without the affine stage nothing reads them (also a linear method with
     ``affine.enabled: false``): a ConfigError, as for flags nothing would use."""
+    given = [flag for flag, m in (("--fixed-mask", fixed_mask), ("--moving-mask", moving_mask)) if m is not None]
+    unread = refuse_unread_masks(config, given)
+    if unread is not None and config.deformable:
+        how, why, _ = unread
+        log.warning("%s: no effect on the deformable stage of %s (%s); only the affine stage uses %s",
+                    " and ".join(given), how, why, "it" if len(given) == 1 else "them")
+
+
+def refuse_unread_masks(config: RegisterConfig, given: list[str]) -> Optional[tuple[str, str, str]]:
+    """The part of :func:`check_masks` that ``config`` alone decides (also checked once by ``regcli evaluate`` and
+    ``regcli batch`` before any pair is registered, ``given`` then naming CSV columns): a ConfigError when masks
+    are given (``given``: the flags or columns that carry them, empty for none) and nothing in ``config`` would read
+    them. Otherwise :func:`_masks_unread`'s answer (None when the deformable stage reads them)."""
     from regcli.errors import ConfigError
 
-    given = [flag for flag, m in (("--fixed-mask", fixed_mask), ("--moving-mask", moving_mask)) if m is not None]
     unread = _masks_unread(config) if given else None
     if unread is None:
-        return
+        return None
     how, why, readers = unread
-    what, it = " and ".join(given), "it" if len(given) == 1 else "them"
     if not config.affine.enabled:
+        what, it = " and ".join(given), "it" if len(given) == 1 else "them"
         raise ConfigError(f"{what}: nothing in {how} without the affine stage would use {it} ({why}; {readers})")
-    if config.deformable:
-        log.warning("%s: no effect on the deformable stage of %s (%s); only the affine stage uses %s", what, how,
-                    why, it)
+    return unread
 
 
 def _masks_unread(config: RegisterConfig) -> Optional[tuple[str, str, str]]:

@@ -224,3 +224,97 @@ def test_batch_on_ray_over_the_synthseg_cohort(tmp_path):
                              ["--backend", "ray", "--address", address, "--threads", "2"], ["--no-hd95"])
         print(f"synthseg cohort on Ray: {len(rows) - 1} pairs + 1 corrupt, resumed {d['n_resumed']}, "
               f"Dice {d['summary']['dice_mean']['mean']:.3f}, {time.time() - t0:.0f} s in all")
+
+
+def _with_masks(manifest: Path, fixed: int, moving: int) -> Path:
+    """The manifest with fixed_mask/moving_mask columns, filled for the first ``fixed``/``moving`` pairs (an empty
+    cell for the others); the mask is the phantom's foreground."""
+    d = manifest.parent
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(d / "f.nii.gz")) > 0.5, sitk.sitkUInt8), str(d / "mask.nii.gz"))
+    rows = list(csv.DictReader(manifest.open()))
+    for i, r in enumerate(rows):
+        r.update(fixed_mask="mask.nii.gz" if i < fixed else "", moving_mask="mask.nii.gz" if i < moving else "")
+    with open(manifest, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return manifest
+
+
+@pytest.mark.parametrize("command", ["evaluate", "batch"])
+@pytest.mark.parametrize("case", ["masks", "affine masks", "prompts"])
+def test_a_configuration_every_pair_would_refuse_is_refused_once_before_any_pair(tmp_path, monkeypatch, command,
+                                                                                 case):
+    """Masks that nothing in the configuration reads (ConvexAdam without its instance optimisation, or a linear
+    method, with the affine stage off), or prompts no solver stage uses: every pair's register child would fail
+    with the same ConfigError after its start-up. Refused once, up front: exit 7, one line naming the CSV column
+    and how many pairs carry it, no registration started, no output folder."""
+    from conftest import one_line
+
+    manifest = _with_masks(_cohort(tmp_path, n=3, corrupt=False), fixed=2, moving=0 if case == "prompts" else 3)
+    y = tmp_path / "c.yaml"
+    y.write_text({"masks": "method: convexadam\ninstance: {enabled: false}\naffine: {enabled: false}\n",
+                  "affine masks": "method: affine\naffine: {enabled: false}\n",
+                  "prompts": "method: convexadam\ninstance: {enabled: false}\nprompts: {labels: all}\n"}[case])
+
+    def no_child(*a, **k):
+        raise AssertionError("a pair was registered")
+
+    monkeypatch.setattr(subprocess, "Popen", no_child)
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    res = invoke(command, manifest, "-o", out, "--config", y, "--threads", "1")
+    assert res.exit_code == 7, res.output
+    line = one_line(res.stderr)
+    assert time.perf_counter() - t0 < 20
+    if case == "prompts":
+        assert line.startswith("ConfigError: prompts (--prompt-labels)") and "runs none of them" in line
+    else:
+        assert line.startswith("ConfigError: CSV column fixed_mask (2 of 3 pair(s)) and CSV column moving_mask "
+                               "(3 of 3 pair(s)): nothing in ") and "without the affine stage would use them" in line
+    assert not out.exists()
+
+
+def test_the_pre_check_follows_the_columns_the_pairs_fill_and_each_pairs_affine_stage(tmp_path):
+    """check_config_for_pairs decides as each pair's child does (check_masks, check_prompts): a mask column empty
+    for every pair, or masks the affine stage still reads (a warning in the child, not an error), pass; the pairs
+    of a dataset with ``align: none`` (registered with --no-affine) are checked without the affine stage; the
+    one-pair form of evaluate names the flag."""
+    from regcli.config import build_config
+    from regcli.errors import ConfigError
+    from regcli.evaluation import Pair, check_config_for_pairs, read_pairs
+
+    manifest = _with_masks(_cohort(tmp_path, n=3, corrupt=False), fixed=0, moving=0)
+    pairs = read_pairs(manifest)
+    assert all(p.fixed_mask is None and p.moving_mask is None for p in pairs)
+    no_io = {"method": "convexadam", "instance": {"enabled": False}}
+    off = build_config(None, {**no_io, "affine": {"enabled": False}})
+    check_config_for_pairs(off, pairs)  # empty columns: no masks given
+    masked = [Pair(**{**p.__dict__, "moving_mask": p.fixed}) if i == 1 else p for i, p in enumerate(pairs)]
+    with pytest.raises(ConfigError, match=r"^CSV column moving_mask \(1 of 3 pair\(s\)\): nothing in --method "
+                                          r"convexadam with instance.enabled false without the affine stage"):
+        check_config_for_pairs(off, masked)
+    on = build_config(None, no_io)
+    check_config_for_pairs(on, masked)  # the affine stage reads them: the child only warns
+    check_config_for_pairs(build_config(None, {"affine": {"enabled": False}}), masked)  # IO reads them
+    aligned = [Pair(**{**p.__dict__, "register_flags": ("--modality", "mri", "--no-affine")}) if i else p
+               for i, p in enumerate(masked)]
+    with pytest.raises(ConfigError, match=r"^CSV column moving_mask \(1 of 3 pair\(s\), registered with "
+                                          r"--no-affine \(align: none\)\)"):
+        check_config_for_pairs(on, aligned)
+    with pytest.raises(ConfigError, match=r"^--moving-mask: nothing in"):
+        check_config_for_pairs(off, masked[1:2], columns=False)
+    with pytest.raises(ConfigError, match=r"prompts \(--prompt-landmarks with prompts.landmark_weight 0\)"):
+        check_config_for_pairs(build_config(None, {"prompts": {"landmarks": True, "landmark_weight": 0}}), pairs)
+
+
+def test_mask_columns_empty_for_every_pair_do_not_stop_the_cohort(tmp_path):
+    """The refused configuration (a linear method without its affine stage: an identity registration) with mask
+    columns that no pair fills: nothing is refused, the pair is registered and scored."""
+    manifest = _with_masks(_cohort(tmp_path, n=1, corrupt=False), fixed=0, moving=0)
+    y = tmp_path / "c.yaml"
+    y.write_text("method: affine\naffine: {enabled: false}\n")
+    res = invoke("evaluate", manifest, "-o", tmp_path / "out", "--config", y, "--threads", "1", "--no-hd95",
+                 "--json")
+    assert res.exit_code == 0, res.output
+    assert [r["status"] for r in json.loads(res.stdout)["pairs"]] == ["ok"]
