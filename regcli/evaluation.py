@@ -68,7 +68,7 @@ class Pair:
     moving_mask: Optional[Path] = None
     task: Optional[str] = None  # from a dataset manifest (regcli.manifest)
     label_ids: Optional[tuple[int, ...]] = None  # the labels that count (default: all that both maps share)
-    register_flags: tuple[str, ...] = ()  # from the dataset: --modality, --no-affine (before the user's flags)
+    register_flags: tuple[str, ...] = ()  # --modality, --no-affine (the dataset's), prompt inputs: before the user's
 
     def files(self) -> dict[str, Path]:
         d = {"fixed_image": self.fixed, "moving_image": self.moving}
@@ -217,6 +217,34 @@ def check_config_for_pairs(config: RegisterConfig, pairs: Sequence[Pair], column
                  for col in ("fixed_mask", "moving_mask")
                  if (n := sum(getattr(p, col) is not None for p in group))]
         refuse_unread_masks(cfg, given)
+
+
+def with_prompt_inputs(config: RegisterConfig, pairs: Sequence[Pair]) -> list[Pair]:
+    """``pairs`` with the files the configuration's prompts read passed on to each pair's ``regcli register``
+    child (``--fixed-labels``/``--moving-labels`` for ``prompts.labels``, ``--fixed-landmarks``/
+    ``--moving-landmarks`` for ``prompts.landmarks``, from the pair's CSV columns, before the user's flags). The
+    child reads a pair's labels and landmarks only for that: evaluate and batch score them in this process.
+
+    Raises:
+        ConfigError: one line, when prompts are configured and some pairs have no such columns (every one of
+            them would fail), before any pair is registered.
+    """
+    from dataclasses import replace
+
+    pc = config.prompts
+    needs = [(kind, cols) for kind, on, cols in (
+        ("labels", pc.labels is not None, ("fixed_labels", "moving_labels")),
+        ("landmarks", pc.landmarks, ("fixed_landmarks", "moving_landmarks"))) if on]
+    for kind, cols in needs:
+        lacking = [p.name for p in pairs if any(getattr(p, c) is None for c in cols)]
+        if lacking:
+            raise ConfigError(f"prompts.{kind} needs the CSV columns {cols[0]} and {cols[1]}: {len(lacking)} of "
+                              f"{len(pairs)} pair(s) have none (first: '{lacking[0]}')")
+    out = []
+    for p in pairs:
+        flags = [x for _, cols in needs for c in cols for x in (f"--{c.replace('_', '-')}", str(getattr(p, c)))]
+        out.append(replace(p, register_flags=tuple(flags) + p.register_flags) if flags else p)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ transforms
@@ -647,5 +675,5 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["Pair", "read_manifest", "read_pairs", "check_pair", "score_pair", "landmark_errors", "register_subprocess",
+__all__ = ["Pair", "read_manifest", "read_pairs", "check_pair", "with_prompt_inputs", "score_pair", "landmark_errors", "register_subprocess",
            "RunResult", "Evaluation", "evaluate_pairs", "process_pair", "write_results", "transform_files", "format_prefix"]

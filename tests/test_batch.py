@@ -318,3 +318,45 @@ def test_mask_columns_empty_for_every_pair_do_not_stop_the_cohort(tmp_path):
                  "--json")
     assert res.exit_code == 0, res.output
     assert [r["status"] for r in json.loads(res.stdout)["pairs"]] == ["ok"]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "batch"])
+def test_label_prompts_reach_each_pairs_register_child(tmp_path, command):
+    """A configuration with label prompts: each pair's register child gets the pair's label maps (before, it got
+    none and every pair failed with "--prompt-labels needs both --fixed-labels and --moving-labels"), and its
+    report splits Dice into the prompted labels and the others."""
+    manifest = _cohort(tmp_path, n=1, corrupt=False)
+    y = tmp_path / "c.yaml"
+    y.write_text("method: convexadam\ninstance: {iterations: 5, refine_iterations: 2}\nprompts: {labels: all}\n")
+    out = tmp_path / "out"
+    res = invoke(command, manifest, "-o", out, "--config", y, "--threads", "1", "--no-hd95", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "s0_Report.json").read_text())
+    assert report["config"]["prompts"]["labels"] == "all"
+    assert report["metrics"]["dice_prompted_mean"] > 0.5
+
+
+@pytest.mark.parametrize("command", ["evaluate", "batch"])
+def test_prompts_need_the_columns_they_read_in_every_pair(tmp_path, monkeypatch, command):
+    """Label prompts with a pair that has no label columns: refused once, before any pair runs (exit 7)."""
+    from conftest import one_line
+
+    manifest = _cohort(tmp_path, n=2, corrupt=False)
+    rows = list(csv.DictReader(open(manifest)))
+    rows[1]["fixed_labels"] = rows[1]["moving_labels"] = ""
+    with open(manifest, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    y = tmp_path / "c.yaml"
+    y.write_text("prompts: {labels: all}\n")
+
+    def no_child(*a, **k):
+        raise AssertionError("a pair was registered")
+
+    monkeypatch.setattr(subprocess, "Popen", no_child)
+    res = invoke(command, manifest, "-o", tmp_path / "out", "--config", y, "--threads", "1")
+    assert res.exit_code == 7, res.output
+    assert one_line(res.stderr) == ("ConfigError: prompts.labels needs the CSV columns fixed_labels and moving_labels: "
+                                    "1 of 2 pair(s) have none (first: 's1')")
+    assert not (tmp_path / "out").exists()

@@ -101,7 +101,7 @@ def batch(
     from regcli.cli.evaluate import _log_row, _register_args, results_table
     from regcli.config import build_config, refuse_flags_without_effect
     from regcli.errors import OutputError
-    from regcli.evaluation import check_config_for_pairs, read_pairs
+    from regcli.evaluation import check_config_for_pairs, read_pairs, with_prompt_inputs
 
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
     pairs = read_pairs(manifest, task or (), exclude_task or ())
@@ -119,6 +119,7 @@ def batch(
     cfg = build_config(config, overrides)  # fail fast on a bad YAML or flag (exit 7)
     refuse_flags_without_effect(cfg, overrides)
     check_config_for_pairs(cfg, pairs)  # what every pair's register child would refuse: once, before any pair runs
+    pairs = with_prompt_inputs(cfg, pairs)
     extra = _register_args(device, None, seed, deterministic, working_spacing, affine_metric, iterations,
                            transform, optimizer, fine_spacing, modality, io, intensity_weight, precision, max_memory)
 

@@ -114,7 +114,9 @@ def evaluate(
     from regcli.cli.common import Ui, output_folder
     from regcli.config import build_config, refuse_flags_without_effect
     from regcli.errors import ConfigError, OutputError
-    from regcli.evaluation import Pair, check_config_for_pairs, check_pair, evaluate_pairs, read_pairs, write_results
+    from regcli.evaluation import (
+        Pair, check_config_for_pairs, check_pair, evaluate_pairs, read_pairs, with_prompt_inputs, write_results,
+    )
     from regcli.io.atomic import OutputSet
 
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
@@ -140,6 +142,7 @@ def evaluate(
     refuse_flags_without_effect(cfg, overrides)
     if not transforms_from:  # what every pair's register child would refuse: once, before any pair runs
         check_config_for_pairs(cfg, pairs, columns=manifest is not None)
+        pairs = with_prompt_inputs(cfg, pairs)
     extra = _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
                            transform, optimizer, fine_spacing, modality, io, intensity_weight, precision, max_memory)
 
