@@ -675,5 +675,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["Pair", "read_manifest", "read_pairs", "check_pair", "with_prompt_inputs", "score_pair", "landmark_errors", "register_subprocess",
-           "RunResult", "Evaluation", "evaluate_pairs", "process_pair", "write_results", "transform_files", "format_prefix"]
+__all__ = ["Pair", "read_manifest", "read_pairs", "check_pair", "check_config_for_pairs", "with_prompt_inputs",
+           "score_pair", "landmark_errors", "register_subprocess", "RunResult", "Evaluation", "evaluate_pairs",
+           "process_pair", "write_results", "transform_files", "format_prefix"]
