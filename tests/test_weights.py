@@ -608,7 +608,8 @@ def test_cli_list_and_info_json(published, tmp_path):
     assert data["registry"] == str(tmp_path / "weights" / "registry.json")
     (m,) = data["models"]
     assert m == {"name": "tiny", "repo_id": "org/tiny", "revision": published["commit"], "sha256": published["sha"],
-                 "description": "test model", "shipped": False, "shipped_path": None, "cached": False, "cache": None}
+                 "description": "test model", "shipped": False, "shipped_path": None, "cached": False, "cache": None,
+                 "cached_revisions": []}
     assert invoke("weights", "list").stdout.splitlines()[1].split()[3:5] == ["no", "no"]  # shipped, cached
     pull("tiny")
     m = json.loads(invoke("weights", "list", "--json").stdout)["models"][0]
@@ -626,6 +627,51 @@ def test_cli_list_and_info_json(published, tmp_path):
     assert info["checks"] == ["sha256 = registry entry 'tiny'", "sha256 = config.json", "safetensors header"]
     human = invoke("weights", "info", "tiny")
     assert human.exit_code == 0 and published["sha"] in human.stdout
+
+
+def test_list_says_which_revision_the_cache_holds(env, tmp_path):
+    """`weights list` tells apart the cache states of a registry entry's pinned revision: another revision cached
+    (not "no" as with an empty cache), the pinned one verified, its snapshot without the weights file
+    (incomplete), and a model not on the Hub ("-"); --json has the state and the cached commits."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_model(a, seed=1, version="A")
+    make_model(b, seed=2, version="B")
+    commit_a, commit_b = env.add("org/m", a), env.add("org/m", b)
+    sha_b = sha256_file(b / "model.safetensors")
+    write_registry(tmp_path / "weights", m={"repo_id": "org/m", "revision": commit_b, "sha256": sha_b},
+                   local={"repo_id": None, "revision": None, "sha256": sha_b})
+    make_model(tmp_path / "weights" / "local", seed=2, version="B")
+
+    def listed():
+        res = invoke("weights", "list", "--json")
+        assert res.exit_code == 0, res.stderr
+        table = invoke("weights", "list")
+        assert table.exit_code == 0, table.stderr
+        rows = {ln.split()[0]: ln for ln in table.stdout.splitlines()[1:]}
+        return {m["name"]: m for m in json.loads(res.stdout)["models"]}, rows
+
+    models, rows = listed()
+    assert models["m"]["cache"] is None and models["m"]["cached_revisions"] == []
+    assert rows["m"].split()[3:5] == ["no", "no"]
+    assert models["local"]["cache"] is None and rows["local"].split()[-2:] == ["yes", "-"], rows["local"]
+    pull(f"hub:org/m@{commit_a}")  # an older version in the cache, not the pinned one
+    models, rows = listed()
+    assert models["m"]["cache"] == "other revision" and models["m"]["cached"] is False
+    assert models["m"]["cached_revisions"] == [commit_a]
+    assert f"no (only revision {commit_a[:12]})" in rows["m"], rows["m"]
+    pull("m")
+    models, rows = listed()
+    assert models["m"]["cache"] == "verified" and models["m"]["cached"] is True
+    assert models["m"]["cached_revisions"] == sorted([commit_a, commit_b])
+    assert rows["m"].split()[3:5] == ["no", "yes"]
+    blob = resolve("m").weights_file.resolve()
+    blob.unlink()  # the snapshot's link now points nowhere
+    models, rows = listed()
+    assert models["m"]["cache"] == "incomplete" and models["m"]["cached_revisions"] == [commit_a]
+    assert "incomplete (no weights file)" in rows["m"], rows["m"]
+    help_text = invoke("weights", "list", "--help").stdout
+    for word in ("cached_revisions", "other revision", "incomplete"):
+        assert word in help_text, word
 
 
 # ------------------------------------------------------------------------------------------------ 6. offline, nothing cached

@@ -79,16 +79,35 @@ def _table(rows: list[tuple[str, str]]):
     return t
 
 
-#: ``list_models()``'s ``cache`` (the state of the Hugging Face cache's copy) as the table's "cached" column
-_CACHE_STATUS = {None: "no", "verified": "yes", "fails verification": "fails verification"}
+def _cached_words(m: dict) -> str:
+    """The table's "cached" column for one :func:`regcli.weights.list_models` row, in plain words."""
+    if m["repo_id"] is None or m["revision"] is None:
+        return "-"  # not on the Hub: only the shipped folder serves it
+    state, others = m["cache"], [r for r in m["cached_revisions"] if r != m["revision"]]
+    if state == "verified":
+        return "yes"
+    if state == "other revision":
+        return (f"no (only revision {others[0][:12]})" if len(others) == 1
+                else f"no (only {len(others)} other revisions)")
+    if state == "incomplete":
+        return "incomplete (no weights file)"
+    return "no" if state is None else str(state)
 
 
 def list_(json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     """List the registry's model names, their pinned Hub revision and whether they are shipped or cached.
 
-    Nothing is downloaded. "shipped" means weights/NAME/ holds the model; "cached" is "yes" when the Hugging
-    Face cache (HF_HOME) has a copy that matches the registry's sha256, so it loads with HF_HUB_OFFLINE=1, and
-    "fails verification" when its copy does not (loading refuses it; see `regcli weights pull NAME`).
+    Nothing is downloaded. "shipped" means weights/NAME/ holds the model (it is then loaded from there). "cached"
+    is about the pinned revision in the Hugging Face cache (HF_HOME): "yes" when its copy matches the registry's
+    sha256, so it loads with HF_HUB_OFFLINE=1; "fails verification" when its copy does not (loading refuses it);
+    "incomplete" when its snapshot lacks model.safetensors (an interrupted download); "no (only revision ...)"
+    when the cache holds other revisions only; "no" when it holds nothing of the repository; "-" for a model
+    that is not on the Hub. `regcli weights pull NAME` fills or repairs the cache.
+
+    With --json: one object {"weights_dir", "registry", "models"}; each model has "name", "repo_id" and
+    "revision" (null when not on the Hub), "sha256", "description", "shipped" (bool), "shipped_path" (or null),
+    "cached" (bool: the pinned revision loads offline), "cache" (null, "verified", "fails verification",
+    "incomplete" or "other revision") and "cached_revisions" (the commits whose weights the cache holds).
     """
     from rich.table import Table
 
@@ -103,8 +122,7 @@ def list_(json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOp
         t.add_column(col, no_wrap=col == "cached")
     for m in models:
         t.add_row(esc(m["name"]), esc(m["repo_id"] or "(not on the Hub)"), (m["revision"] or "-")[:12],
-                  "yes" if m["shipped"] else "no", _CACHE_STATUS.get(m["cache"], str(m["cache"])),
-                  esc(m["description"]))
+                  "yes" if m["shipped"] else "no", esc(_cached_words(m)), esc(m["description"]))
     if not models:
         ui.info(f"No models in the registry '{registry_path()}'.")
     ui.result(data, t if models else None)

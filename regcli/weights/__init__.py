@@ -51,8 +51,8 @@ from regcli.weights._core import (
 )
 
 __all__ = [
-    "CARD_FILE", "CONFIG_FILE", "MODEL_FILES", "WEIGHTS_FILE", "ModelRef", "ResolvedModel", "list_models",
-    "load_registry", "load_state_dict", "offline_mode", "pull", "push", "registry_path", "resolve",
+    "CACHE_STATES", "CARD_FILE", "CONFIG_FILE", "MODEL_FILES", "WEIGHTS_FILE", "ModelRef", "ResolvedModel",
+    "list_models", "load_registry", "load_state_dict", "offline_mode", "pull", "push", "registry_path", "resolve",
     "safetensors_summary", "save_model_folder", "sha256_file", "shipped_folder", "verify_folder", "weights_dir",
     "save_network", "build_network", "require_config_key",
 ]
@@ -63,37 +63,55 @@ def list_models() -> list[dict]:
 
     Returns:
         One dict per registry name: ``name``, ``repo_id``, ``revision``, ``sha256``, ``description``,
-        ``shipped`` (bool), ``shipped_path`` (str or None), ``cached`` (bool: a copy in the Hugging Face cache
-        whose sha256 is the registry's, usable offline) and ``cache`` (None: no copy; ``"verified"``; ``"fails
-        verification"``: a copy that does not match the registry, which loading refuses).
+        ``shipped`` (bool), ``shipped_path`` (str or None), ``cached`` (bool: a copy of the pinned revision in
+        the Hugging Face cache whose sha256 is the registry's, usable offline), ``cache`` (the state of the
+        cache, :data:`CACHE_STATES`) and ``cached_revisions`` (the commits of the repository whose
+        ``model.safetensors`` the cache holds, sorted; empty for a model not on the Hub).
     """
     out = []
     for name, ref in sorted(load_registry().items()):
         shipped = shipped_folder(name)
-        cache = _cached_copy(ref)
+        cache, revisions = _cached_copy(ref)
         out.append({
             "name": name, "repo_id": ref.repo_id, "revision": ref.revision, "sha256": ref.sha256,
             "description": ref.description, "shipped": shipped is not None,
             "shipped_path": str(shipped) if shipped is not None else None,
-            "cached": cache == "verified", "cache": cache,
+            "cached": cache == "verified", "cache": cache, "cached_revisions": revisions,
         })
     return out
 
 
-def _cached_copy(ref: ModelRef) -> Optional[str]:
-    """The state of a registry entry's copy in the Hugging Face cache: None (none there), ``"verified"`` (its
-    sha256 is the registry's) or ``"fails verification"`` (a copy that :func:`resolve` would refuse)."""
+#: :func:`list_models`'s ``cache``: the state of a registry entry's pinned revision in the Hugging Face cache
+CACHE_STATES = {
+    None: "nothing of the repository is cached (or the model is not on the Hub)",
+    "verified": "the pinned revision is cached and its sha256 is the registry's: it loads offline",
+    "fails verification": "the pinned revision is cached but its model.safetensors does not match the registry's "
+                          "sha256 (damaged, or the entry pins another file): loading refuses it",
+    "incomplete": "the pinned revision's snapshot is cached without its model.safetensors (an interrupted "
+                  "download): loading needs the network",
+    "other revision": "only other revisions of the repository are cached (cached_revisions), not the pinned one: "
+                      "loading needs the network",
+}
+
+
+def _cached_copy(ref: ModelRef) -> tuple[Optional[str], list[str]]:
+    """The state of a registry entry's pinned revision in the Hugging Face cache (a key of
+    :data:`CACHE_STATES`) and the commits whose weights the cache holds (no network)."""
     if ref.repo_id is None or ref.revision is None:
-        return None
+        return None, []
     from regcli.weights import _hub
 
+    snapshots = _hub.cached_snapshots(ref.repo_id)
+    revisions = [commit for commit, complete in snapshots.items() if complete]
     found = _hub.cached_weights(ref.repo_id, ref.revision)
     if found is None:
-        return None
+        if _hub.cached_commit(ref.repo_id, ref.revision) in snapshots:
+            return "incomplete", revisions
+        return ("other revision" if revisions else None), revisions
     try:
-        return "verified" if sha256_file(found) == ref.sha256 else "fails verification"
+        return ("verified" if sha256_file(found) == ref.sha256 else "fails verification"), revisions
     except WeightsError:  # unreadable
-        return "fails verification"
+        return "fails verification", revisions
 
 
 def pull(spec: str, to: Optional[str | os.PathLike] = None, *, force: bool = False, overwrite: bool = False,

@@ -163,6 +163,34 @@ def cached_weights(repo_id: str, revision: str) -> Optional[str]:
     return found if isinstance(found, str) and os.path.isfile(found) else None
 
 
+def cached_snapshots(repo_id: str) -> dict[str, bool]:
+    """The snapshots of ``repo_id`` in the Hugging Face cache (no network): ``{commit: whether its
+    model.safetensors is there}`` (False: a snapshot folder without the file, e.g. an interrupted download or
+    a blob removed by hand); empty when the cache holds nothing of the repository."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = Path(cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
+    try:
+        folders = [p for p in snapshots.iterdir() if p.is_dir()]
+    except OSError:
+        return {}
+    return {p.name: (p / WEIGHTS_FILE).is_file() for p in sorted(folders)}
+
+
+def cached_commit(repo_id: str, revision: str) -> str:
+    """``revision`` as the commit the Hugging Face cache last saw for it (a branch or tag through the cache's
+    ``refs/``; a commit, or a name the cache does not know, as given). No network."""
+    if is_commit(revision):
+        return revision
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = Path(cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
+    try:
+        return ref.read_text().strip() or revision
+    except OSError:
+        return revision
+
+
 def push(folder: Path, repo_id: str, *, revision: Optional[str] = None, private: bool = False,
          token: Optional[str] = None, commit_message: Optional[str] = None) -> str:
     """Upload the three model files of ``folder`` to ``repo_id`` (created if missing); return the commit sha.
