@@ -195,7 +195,8 @@ def check_config_for_pairs(config: RegisterConfig, pairs: Sequence[Pair], column
     """Refuse, once and before any pair is registered, a configuration that each pair's ``regcli register`` child
     would refuse for the same reason: what ``config`` and the columns the pairs fill decide, never the images'
     contents. The same checks as the child's: :func:`regcli.pipeline.check_prompt_config` (prompts that nothing
-    would use) and :func:`regcli.pipeline.refuse_unread_masks` (a ``fixed_mask``/``moving_mask`` column that
+    would use, named by their configuration key, ``prompts.labels``: evaluate and batch take them only from
+    ``--config``) and :func:`regcli.pipeline.refuse_unread_masks` (a ``fixed_mask``/``moving_mask`` column that
     nothing would read). A mask column counts when any pair fills it (each pair that does would fail), and the
     message says how many do. A pair of a dataset with ``align: none`` is registered with ``--no-affine``
     (:func:`read_pairs`), so its masks are checked with the affine stage off. ``columns=False``: the pair came
@@ -219,11 +220,13 @@ def check_config_for_pairs(config: RegisterConfig, pairs: Sequence[Pair], column
         refuse_unread_masks(cfg, given)
 
 
-def with_prompt_inputs(config: RegisterConfig, pairs: Sequence[Pair]) -> list[Pair]:
+def with_prompt_inputs(config: RegisterConfig, pairs: Sequence[Pair], columns: bool = True) -> list[Pair]:
     """``pairs`` with the files the configuration's prompts read passed on to each pair's ``regcli register``
     child (``--fixed-labels``/``--moving-labels`` for ``prompts.labels``, ``--fixed-landmarks``/
     ``--moving-landmarks`` for ``prompts.landmarks``, from the pair's CSV columns, before the user's flags). The
     child reads a pair's labels and landmarks only for that: evaluate and batch score them in this process.
+    ``columns=False``: the pair came from flags (``regcli evaluate --fixed --moving``), which the message names
+    instead of CSV columns.
 
     Raises:
         ConfigError: one line, when prompts are configured and some pairs have no such columns (every one of
@@ -237,6 +240,9 @@ def with_prompt_inputs(config: RegisterConfig, pairs: Sequence[Pair]) -> list[Pa
         ("landmarks", pc.landmarks, ("fixed_landmarks", "moving_landmarks"))) if on]
     for kind, cols in needs:
         lacking = [p.name for p in pairs if any(getattr(p, c) is None for c in cols)]
+        if lacking and not columns:
+            raise ConfigError(f"prompts.{kind} needs both --{cols[0].replace('_', '-')} and "
+                              f"--{cols[1].replace('_', '-')}")
         if lacking:
             raise ConfigError(f"prompts.{kind} needs the CSV columns {cols[0]} and {cols[1]}: {len(lacking)} of "
                               f"{len(pairs)} pair(s) have none (first: '{lacking[0]}')")

@@ -11,7 +11,7 @@ import inspect
 import time
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 import numpy as np
 import torch
@@ -147,8 +147,14 @@ def check_overlap(fixed: Image, moving: Image) -> None:
 FINE_INVERSE_ITERATIONS = 5
 
 
-def _stage_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks, affine, grid: Grid) -> list:
-    """The prompts ``config.prompts`` asks for, staged on the fixed-side ``grid`` (see ``stage_prompts``)."""
+#: the two kinds of prompt: ``prompts.labels`` / ``--prompt-labels`` and ``prompts.landmarks`` / ``--prompt-landmarks``
+PROMPT_KINDS = ("labels", "landmarks")
+
+
+def _stage_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks, affine, grid: Grid,
+                   label_values=None) -> list:
+    """The prompts ``config.prompts`` asks for, staged on the fixed-side ``grid`` (see ``stage_prompts``);
+    ``label_values``: the label maps' values, as :func:`check_prompts` returned them."""
     from regcli.solvers.prompts import stage_prompts
 
     pc = config.prompts
@@ -156,7 +162,7 @@ def _stage_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmark
         fixed_labels if pc.labels is not None else None, moving_labels if pc.labels is not None else None,
         None if pc.labels in (None, "all") else list(pc.labels),
         landmarks[0].points if pc.landmarks else None, landmarks[1].points if pc.landmarks else None,
-        affine, pc.label_weight, pc.landmark_weight, grid=grid)
+        affine, pc.label_weight, pc.landmark_weight, grid=grid, label_values=label_values)
 
 
 def _stage_progress(progress: Optional[Progress]):
@@ -179,7 +185,8 @@ def _stage_progress(progress: Optional[Progress]):
 def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_mask: Optional[Image] = None,
                     moving_mask: Optional[Image] = None, progress: Optional[Progress] = None,
                     runtime: Optional[Runtime] = None, fixed_labels: Optional[Image] = None,
-                    moving_labels: Optional[Image] = None, landmarks=None) -> Registration:
+                    moving_labels: Optional[Image] = None, landmarks=None, *, label_values=None,
+                    prompt_flags: Collection[str] = ()) -> Registration:
     """Register ``moving`` to ``fixed`` (in memory). Results live on the fixed grid.
 
     Args:
@@ -188,11 +195,14 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
         fixed_mask, moving_mask: optional {0, 1} masks on the fixed/moving grids.
         fixed_labels, moving_labels, landmarks: label maps (on their images' grids) and ``(fixed, moving)``
             landmark point sets (LPS mm); used by the deformable stage only where ``config.prompts`` asks for them.
+        label_values: the values present in the two label maps, when the caller has counted them
+            (:data:`regcli.solvers.prompts.LabelValues`); else counted here, once, for label prompts.
+        prompt_flags: how error messages name the prompts (:func:`check_prompts`).
 
     ``config.precision`` is the solvers' dtype: the affine stage and the working-grid images get it, and the fields
     of the result have it (float64 fields are written as float32 files).
     """
-    check_prompts(config, fixed_labels, moving_labels, landmarks)
+    label_values = check_prompts(config, fixed_labels, moving_labels, landmarks, prompt_flags, label_values)
     check_masks(config, fixed_mask, moving_mask)
     check_variance(fixed, fixed_mask, "fixed")
     check_variance(moving, moving_mask, "moving")
@@ -246,7 +256,8 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     t0 = time.perf_counter()
     kwargs = {}
     if config.prompts.labels is not None or config.prompts.landmarks:
-        kwargs["prompts"] = _stage_prompts(config, fixed_labels, moving_labels, landmarks, affine, work)
+        kwargs["prompts"] = _stage_prompts(config, fixed_labels, moving_labels, landmarks, affine, work,
+                                           label_values)
     method = get_method(config.method)
     if "originals" in inspect.signature(method).parameters:  # a method that also works on the original images
         kwargs["originals"] = (fixed, moving, affine, fixed_mask, moving_mask)
@@ -265,7 +276,7 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
 
         t0 = time.perf_counter()
         fine = fixed.grid.with_spacing(config.instance.fine_spacing_mm)
-        prompts = (_stage_prompts(config, fixed_labels, moving_labels, landmarks, affine, fine)
+        prompts = (_stage_prompts(config, fixed_labels, moving_labels, landmarks, affine, fine, label_values)
                    if "prompts" in kwargs else ())
         field_fine, history["fine"] = fine_refinement(fixed, moving, affine, field_w, fine, config, fixed_mask,
                                                       moving_mask, prompts, cb, dev)
@@ -280,6 +291,7 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
         if dres.inverse is not None and field_fine is field_w:  # the method's own inverse (a network's backward map)
             inv = dres.inverse
             stats = {**inverse_consistency_error(field_fine, inv), "source": config.method}
+            _warn_if_not_inverse(config, stats)
         else:
             inv, stats = invert_displacement(field_fine, iterations=config.inverse_iterations, grid=field_w.grid,
                                              init=dres.inverse)
@@ -297,22 +309,42 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     return reg
 
 
+#: mean forward∘inverse residual (mm) of a method's own inverse warp (a network's backward map) above which
+#: :func:`register_images` warns (RELIABILITY T3's bound on inverse consistency)
+OWN_INVERSE_WARN_MM = 0.5
+
+
+def _warn_if_not_inverse(config: RegisterConfig, stats: dict) -> None:
+    """Warn when the inverse warp a method gave itself is far from the inverse of its forward warp (``stats``: their
+    :func:`~regcli.transforms.inverse.inverse_consistency_error`). An undertrained network's two maps can disagree by
+    millimetres: the shipped foundation-small's backward map leaves 6.5 mm mean on a 1 mm brain pair (``--io none``),
+    where the fixed-point inverse leaves 0.03 mm."""
+    if stats["mean_mm"] <= OWN_INVERSE_WARN_MM:
+        return
+    fix = "; foundation.inverse: fixed_point inverts the forward warp instead" if config.method == "foundation" else ""
+    log.warning("%s: its own inverse warp is not the inverse of its forward warp (forward∘inverse mean %.2f mm, "
+                "p99 %.2f mm)%s", config.method, stats["mean_mm"], stats["p99_mm"], fix)
+
+
 def run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool = False,
-                 progress: Optional[Progress] = None, command: str = "") -> dict:
+                 progress: Optional[Progress] = None, command: str = "",
+                 prompt_flags: Collection[str] = ()) -> dict:
     """Everything ``regcli register`` does; returns the report dict (with ``outputs``).
 
     Order: check outputs can be written (before any computation), read and validate inputs, register,
     write every output to temporary files, then publish them all together. The warnings logged on the way are
-    listed in the report (``warnings``).
+    listed in the report (``warnings``). ``prompt_flags``: the kinds of prompt (:data:`PROMPT_KINDS`) that
+    ``regcli register``'s own flags gave, named ``--prompt-labels``/``--prompt-landmarks`` in messages; the others
+    came from ``--config`` and are named by their key (:func:`check_prompts`).
     """
     from regcli.reports.report import WarningLog
 
     with WarningLog() as warned:
-        return _run_register(inputs, config, overwrite, progress, command, warned.messages)
+        return _run_register(inputs, config, overwrite, progress, command, warned.messages, prompt_flags)
 
 
 def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: bool, progress: Optional[Progress],
-                  command: str, warnings: list[str]) -> dict:
+                  command: str, warnings: list[str], prompt_flags: Collection[str] = ()) -> dict:
     """:func:`run_register`; ``warnings`` fills with the run's warning messages (``report["warnings"]``)."""
     from regcli.io.images import read_image, read_labels, read_mask, write_image
     from regcli.io.transforms import write_affine, write_displacement
@@ -345,12 +377,12 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
         moving_mask = _mask_on(moving_mask, moving.grid, "moving mask")
     fixed_labels = read_labels(inputs.fixed_labels, "fixed labels") if inputs.fixed_labels else None
     moving_labels = read_labels(inputs.moving_labels, "moving labels") if inputs.moving_labels else None
-    _check_label_inputs(fixed_labels, moving_labels, fixed.grid, moving.grid)
+    label_values = _check_label_inputs(fixed_labels, moving_labels, fixed.grid, moving.grid)
     landmarks = _read_landmarks(inputs)
     t_read = time.perf_counter() - t0
 
     reg = register_images(fixed, moving, config, fixed_mask, moving_mask, progress, runtime, fixed_labels,
-                          moving_labels, landmarks)
+                          moving_labels, landmarks, label_values=label_values, prompt_flags=prompt_flags)
     reg.timings = {"read": t_read, **reg.timings}
     transform = reg.transform
 
@@ -369,11 +401,13 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
     reg.timings["warp"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    metrics, detj = _metrics(fixed, reg, fixed_labels, moving_labels, warped_labels, landmarks, transform)
+    metrics, detj = _metrics(fixed, reg, fixed_labels, moving_labels, warped_labels, landmarks, transform,
+                             label_values)
     if config.prompts.labels is not None and "dice_per_label" in metrics:
         metrics.update(prompted_dice(metrics["dice_per_label"], config.prompts.labels))
     if config.prompts.landmarks and "tre" in metrics:
         metrics["tre"]["landmarks_were_prompts"] = True  # not an independent check then
+    quality_warnings(metrics)
     reg.timings["metrics"] = time.perf_counter() - t0
 
     try:
@@ -424,6 +458,43 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
     return report
 
 
+#: :func:`quality_warnings` flags a warp whose Jacobian determinant is <= 0 in more than this % of the fixed grid
+#: (regcli's defaults fold in 0.01 % of a brain pair and 0.02-0.2 % of the CT pairs of docs/benchmarks.md; the
+#: failed prostate MR-US registrations there fold in 1.1-1.6 %, a registration of noise in 5 %)
+QC_FOLDING_PCT = 1.0
+#: ... an affine stage that changes volume by more than this factor (either way; det A outside [1/f, f])
+QC_AFFINE_VOLUME_FACTOR = 2.0
+#: ... and a registration that lowers the mean Dice of the given label maps by more than this
+QC_DICE_DROP = 0.01
+
+
+def quality_warnings(metrics: dict) -> list[str]:
+    """Warn (logged, so listed in report.json's ``warnings``) about a result that is likely wrong although the run
+    succeeded: a warp that folds in more than :data:`QC_FOLDING_PCT` % of the fixed grid, an affine stage that
+    changes volume by more than :data:`QC_AFFINE_VOLUME_FACTOR` times, or a mean Dice of the given label maps
+    that ends more than :data:`QC_DICE_DROP` below where it started. Such results mean inputs that do not match
+    (another anatomy, a failed skull strip, a modality the method cannot match, noise) or a method unsuited to
+    them; the files are still written, as ANTs writes them. Returns the messages."""
+    out = []
+    folding = (metrics.get("jacobian") or {}).get("pct_nonpos_jac")
+    if folding is not None and folding > QC_FOLDING_PCT:
+        out.append(f"quality: the warp folds (det J <= 0) in {folding:.2f} % of the fixed grid (more than "
+                   f"{QC_FOLDING_PCT:g} %); the result is likely wrong there: check that the images match, or "
+                   "raise the regularisation")
+    det = metrics.get("affine_det")
+    f = QC_AFFINE_VOLUME_FACTOR
+    if det is not None and not 1.0 / f <= det <= f:
+        out.append(f"quality: the affine stage changes volume by {det:.3g} times (outside {1 / f:g} to {f:g}); "
+                   "check the images cover the same anatomy, or the affine initialisation (--affine-init)")
+    before, after = metrics.get("dice_initial_mean"), metrics.get("dice_mean")
+    if before is not None and after is not None and after < before - QC_DICE_DROP:
+        out.append(f"quality: the registration lowered the mean Dice of the label maps from {before:.3f} to "
+                   f"{after:.3f}")
+    for message in out:
+        log.warning("%s", message)
+    return out
+
+
 def preflight_memory(inputs: RegisterInputs, config: RegisterConfig):
     """The pre-flight memory estimate (:mod:`regcli.memory`) from the two headers, logged; a ResourceError when
     it is above ``config.max_memory_mb``, before anything is read."""
@@ -437,51 +508,77 @@ def preflight_memory(inputs: RegisterInputs, config: RegisterConfig):
     return estimate
 
 
-def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks) -> None:
+def prompt_name(kind: str, flags: Collection[str] = ()) -> str:
+    """What the user wrote to ask for the ``kind`` prompt ("labels" or "landmarks"): ``regcli register``'s flag
+    (``--prompt-labels``) when ``kind`` is in ``flags``, else the configuration key (``prompts.labels``), as in a
+    ``--config`` file (the only way ``regcli evaluate`` and ``regcli batch`` take prompts)."""
+    return f"--prompt-{kind}" if kind in flags else f"prompts.{kind}"
+
+
+def check_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks, flags: Collection[str] = (),
+                  label_values=None):
     """Refuse prompts that lack their inputs, or that nothing in ``config`` would use (one-line errors): prompts join
     the objective of the solver stages only (:func:`regcli.config.solver_stages`, as the masks), so a linear
     method, a network method without ``io: field`` instance optimisation, ConvexAdam with its instance
     optimisation and refinement off, SAMConvex or DIO with 0 iterations in every solver stage would ignore them,
     unless ``--fine-spacing`` adds its fine refinement. A prompt of weight 0 (``prompts.label_weight`` or
-    ``landmark_weight``) would have no effect either."""
+    ``landmark_weight``) would have no effect either. Label prompt ids absent from a map are refused here, before
+    any registration work.
+
+    Args:
+        flags: the prompt kinds (:data:`PROMPT_KINDS`) that ``regcli register``'s flags gave; messages name them
+            by their flag and the others by their configuration key (:func:`prompt_name`).
+        label_values: the values present in the two label maps when already counted
+            (:data:`regcli.solvers.prompts.LabelValues`).
+
+    Returns:
+        With label prompts, the label maps' values (``label_values``, or counted here), for staging them without
+        counting again; else None.
+    """
     from regcli.errors import InputError
 
-    check_prompt_config(config)
+    check_prompt_config(config, flags)
     pc = config.prompts
     if pc.labels is not None and (fixed_labels is None or moving_labels is None):
-        raise InputError("--prompt-labels needs both --fixed-labels and --moving-labels")
+        raise InputError(f"{prompt_name('labels', flags)} needs both --fixed-labels and --moving-labels")
     if pc.landmarks and landmarks is None:
-        raise InputError("--prompt-landmarks needs both --fixed-landmarks and --moving-landmarks")
-    if pc.labels is not None:  # the ids, now rather than after the affine stage
-        from regcli.solvers.prompts import check_label_prompt
+        raise InputError(f"{prompt_name('landmarks', flags)} needs both --fixed-landmarks and --moving-landmarks")
+    if pc.labels is None:
+        return None
+    # the ids, now rather than after the affine stage
+    from regcli.solvers.prompts import check_label_prompt, label_map_values
 
-        check_label_prompt(fixed_labels, moving_labels, None if pc.labels == "all" else list(pc.labels))
+    if label_values is None:
+        label_values = label_map_values(fixed_labels, moving_labels)
+    check_label_prompt(fixed_labels, moving_labels, None if pc.labels == "all" else list(pc.labels), label_values)
+    return label_values
 
 
-def check_prompt_config(config: RegisterConfig) -> None:
+def check_prompt_config(config: RegisterConfig, flags: Collection[str] = ()) -> None:
     """The part of :func:`check_prompts` that ``config`` alone decides (also checked once by ``regcli evaluate``
     and ``regcli batch`` before any pair is registered): a ConfigError for a prompt of weight 0, or for prompts
-    that no solver stage of ``config`` would use (a linear method, none of its solver stages running)."""
+    that no solver stage of ``config`` would use (a linear method, none of its solver stages running). The message
+    names each prompt as the user gave it (``flags``: see :func:`check_prompts`)."""
     from regcli.config import solver_stages
     from regcli.errors import ConfigError
 
     pc = config.prompts
     if pc.labels is None and not pc.landmarks:
         return
-    given = [(flag, key, weight) for flag, key, on, weight in (
-        ("--prompt-labels", "label_weight", pc.labels is not None, pc.label_weight),
-        ("--prompt-landmarks", "landmark_weight", pc.landmarks, pc.landmark_weight)) if on]
-    flags = " and ".join(flag for flag, _, _ in given)
-    zero = [f"{flag} with prompts.{key} 0" for flag, key, weight in given if weight == 0]
+    given = [(prompt_name(kind, flags), key, weight) for kind, key, on, weight in (
+        ("labels", "label_weight", pc.labels is not None, pc.label_weight),
+        ("landmarks", "landmark_weight", pc.landmarks, pc.landmark_weight)) if on]
+    names = " and ".join(name for name, _, _ in given)
+    zero = [f"{name} with prompts.{key} 0" for name, key, weight in given if weight == 0]
     if zero:
         raise ConfigError(f"prompts ({'; '.join(zero)}): a prompt of weight 0 would have no effect; give it a "
                           "weight > 0 or leave it out")
     if not config.deformable:
-        raise ConfigError(f"prompts ({flags}) need a deformable method: --method {config.method} has only the affine "
+        raise ConfigError(f"prompts ({names}) need a deformable method: --method {config.method} has only the affine "
                           f"stage, so nothing would use them")
     stages = solver_stages(config)
     if not stages.running:
-        raise ConfigError(f"prompts ({flags}) join the objective of {stages.stages}; {stages.setting} runs none of "
+        raise ConfigError(f"prompts ({names}) join the objective of {stages.stages}; {stages.setting} runs none of "
                           f"them, so nothing would use them")
 
 
@@ -585,9 +682,11 @@ def _mask_on(mask: Image, grid: Grid, role: str) -> Image:
 
 
 def _check_label_inputs(fixed_labels: Optional[Image], moving_labels: Optional[Image], fixed_grid: Grid,
-                        moving_grid: Grid) -> None:
+                        moving_grid: Grid):
     """Refuse label maps that cannot be scored (no label at all, or none inside their image) before any work,
-    and warn when Dice/HD95 will be missing (one side only, or no label in common)."""
+    and warn when Dice/HD95 will be missing (one side only, or no label in common). Returns the values present in
+    the two maps when both are given (:data:`regcli.solvers.prompts.LabelValues`: counted once here, for the
+    prompts and the scores), else None."""
     from regcli.errors import InputError
     from regcli.reports.metrics import label_values
 
@@ -604,7 +703,8 @@ def _check_label_inputs(fixed_labels: Optional[Image], moving_labels: Optional[I
         use = " (they only restrict the Jacobian statistics, `jacobian.in_mask`)" if given == "fixed" else ""
         log.warning("--%s-labels without --%s-labels: no Dice or HD95%s", given, missing, use)
     elif fixed_labels is not None:
-        fixed_ids, moving_ids = label_values(fixed_labels) - {0}, label_values(moving_labels) - {0}
+        values = label_values(fixed_labels), label_values(moving_labels)
+        fixed_ids, moving_ids = values[0] - {0}, values[1] - {0}
         common = fixed_ids & moving_ids
         if not common:
             log.warning("the fixed labels '%s' and moving labels '%s' share no label value: no Dice or HD95",
@@ -616,6 +716,8 @@ def _check_label_inputs(fixed_labels: Optional[Image], moving_labels: Optional[I
             log.warning("Dice and HD95 are over the %d labels both maps hold; only in the fixed labels: %s; only in "
                         "the moving labels: %s", len(common), listed(fixed_ids - moving_ids),
                         listed(moving_ids - fixed_ids))
+        return values
+    return None
 
 
 def _read_landmarks(inputs: RegisterInputs):
@@ -636,17 +738,23 @@ def _read_landmarks(inputs: RegisterInputs):
     return fx, mv
 
 
-def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, warped_labels, landmarks, transform):
+def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, warped_labels, landmarks, transform,
+             label_values=None):
     """Dice/HD95 (labels; ``warped_labels`` = moving labels on the fixed grid), Jacobian stats (deformable),
-    TRE (landmarks), inverse consistency."""
+    TRE (landmarks), inverse consistency. ``label_values``: the values present in the two label maps, when
+    already counted (:func:`_check_label_inputs`)."""
     from regcli.reports import metrics as M
     from regcli.reports.jacobian import jacobian_determinant, jacobian_stats
 
     out: dict = {}
     if warped_labels is not None:
-        fl = fixed_labels if fixed_labels.grid.allclose(fixed.grid) else resample_to_grid(fixed_labels, fixed.grid, "nearest")
+        same = fixed_labels.grid.allclose(fixed.grid)
+        fl = fixed_labels if same else resample_to_grid(fixed_labels, fixed.grid, "nearest")
         # labels present in both maps (as `regcli evaluate` scores them): one lost by warping counts as 0
-        labels = M.shared_labels(fl, moving_labels)
+        if same and label_values is not None:
+            labels = sorted((label_values[0] & label_values[1]) - {0})
+        else:  # a fixed map resampled onto the fixed grid may have lost a label
+            labels = M.shared_labels(fl, moving_labels)
         dice = M.dice_per_label(fl, warped_labels, labels)
         hd = M.hd95_per_label(fl, warped_labels, labels)
         initial = M.dice_per_label(fl, warp(moving_labels, None, fixed.grid, "nearest"), labels)

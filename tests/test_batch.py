@@ -248,7 +248,8 @@ def test_a_configuration_every_pair_would_refuse_is_refused_once_before_any_pair
     """Masks that nothing in the configuration reads (ConvexAdam without its instance optimisation, or a linear
     method, with the affine stage off), or prompts no solver stage uses: every pair's register child would fail
     with the same ConfigError after its start-up. Refused once, up front: exit 7, one line naming the CSV column
-    and how many pairs carry it, no registration started, no output folder."""
+    and how many pairs carry it (prompts: their configuration key, as neither command has a --prompt-labels
+    flag), no registration started, no output folder."""
     from conftest import one_line
 
     manifest = _with_masks(_cohort(tmp_path, n=3, corrupt=False), fixed=2, moving=0 if case == "prompts" else 3)
@@ -268,7 +269,8 @@ def test_a_configuration_every_pair_would_refuse_is_refused_once_before_any_pair
     line = one_line(res.stderr)
     assert time.perf_counter() - t0 < 20
     if case == "prompts":
-        assert line.startswith("ConfigError: prompts (--prompt-labels)") and "runs none of them" in line
+        assert line.startswith("ConfigError: prompts (prompts.labels) join the objective of ") and \
+            "runs none of them" in line and "--prompt" not in line
     else:
         assert line.startswith("ConfigError: CSV column fixed_mask (2 of 3 pair(s)) and CSV column moving_mask "
                                "(3 of 3 pair(s)): nothing in ") and "without the affine stage would use them" in line
@@ -304,7 +306,7 @@ def test_the_pre_check_follows_the_columns_the_pairs_fill_and_each_pairs_affine_
         check_config_for_pairs(on, aligned)
     with pytest.raises(ConfigError, match=r"^--moving-mask: nothing in"):
         check_config_for_pairs(off, masked[1:2], columns=False)
-    with pytest.raises(ConfigError, match=r"prompts \(--prompt-landmarks with prompts.landmark_weight 0\)"):
+    with pytest.raises(ConfigError, match=r"^prompts \(prompts.landmarks with prompts.landmark_weight 0\): "):
         check_config_for_pairs(build_config(None, {"prompts": {"landmarks": True, "landmark_weight": 0}}), pairs)
 
 
@@ -360,3 +362,30 @@ def test_prompts_need_the_columns_they_read_in_every_pair(tmp_path, monkeypatch,
     assert one_line(res.stderr) == ("ConfigError: prompts.labels needs the CSV columns fixed_labels and moving_labels: "
                                     "1 of 2 pair(s) have none (first: 's1')")
     assert not (tmp_path / "out").exists()
+    if command == "evaluate":  # the one-pair form has no CSV: it names its flags
+        d = manifest.parent
+        res = invoke(command, "--fixed", d / "f.nii.gz", "--moving", d / "m0.nii.gz", "-o", tmp_path / "out",
+                     "--config", y, "--threads", "1")
+        assert res.exit_code == 7, res.output
+        assert one_line(res.stderr) == "ConfigError: prompts.labels needs both --fixed-labels and --moving-labels"
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_pair_whose_scoring_fails_leaves_no_outputs_and_is_registered_again(tmp_path):
+    """A pair registered fine whose scoring then fails (its moving labels are not an image; the register child does
+    not read them) fails as a whole: its row says failed with the file named, none of its files (outputs, report,
+    scores) is left, so a rerun registers it again instead of resuming it; the other pairs are untouched."""
+    manifest = _cohort(tmp_path, n=2, corrupt=False)
+    (manifest.parent / "ml1.nii.gz").write_bytes(b"not an image")
+    out = tmp_path / "cohort"
+    for run in range(2):
+        res = invoke("batch", manifest, "-o", out, *REGISTER, "--jobs", "1", "--threads", "1", "--no-hd95", "--json")
+        assert res.exit_code == 3, res.output  # the pair's InputError, after the summary
+        d = json.loads(res.stdout)
+        ok, failed = d["pairs"]
+        assert ok["status"] == "ok" and ok["resumed"] == bool(run)
+        assert failed["status"] == "failed" and not failed["resumed"] and "transforms" not in failed
+        assert failed["error"].startswith("InputError: cannot read moving labels") and "ml1.nii.gz" in failed["error"]
+        assert not list(out.glob("s1_*")), list(out.glob("s1_*"))
+    assert sorted(p.name for p in out.glob("s0_*")) == ["s0_0GenericAffine.mat", "s0_Report.json", "s0_Scores.json",
+                                                        "s0_Warped.nii.gz"]

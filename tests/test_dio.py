@@ -340,6 +340,14 @@ def test_prompts_need_their_inputs(tmp_path):
     assert res.exit_code == 3 and "--fixed-labels" in res.output
     res = invoke("register", f, f, "-o", tmp_path / "o_", "--prompt-labels", "x,1", "--quiet")
     assert res.exit_code != 0 and "prompt-labels" in res.output
+    # a prompt from --config is named by its key, one from the flag by the flag
+    from_config = tmp_path / "prompts.yaml"
+    from_config.write_text("prompts: {labels: [1]}\n")
+    res = invoke("register", f, f, "-o", tmp_path / "o_", "--config", from_config, "--quiet")
+    assert res.exit_code == 3 and one_line(res.stderr).startswith("InputError: prompts.labels needs both"), res.stderr
+    res = invoke("register", f, f, "-o", tmp_path / "o_", "--config", from_config, "--prompt-labels", "1", "--quiet")
+    assert res.exit_code == 3 and one_line(res.stderr).startswith("InputError: --prompt-labels needs both")
+    from_config.unlink()
     res = invoke("register", f, f, "-o", tmp_path / "o_", "--method", "affine", "--prompt-landmarks", "--quiet")
     assert res.exit_code == 7
     # a configuration without instance optimisation would ignore them: refused, not reported as prompted

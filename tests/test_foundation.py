@@ -101,6 +101,40 @@ def test_inverse_warp_lies_on_the_moving_grid(pair, tmp_path):
     assert build_config(None, {"method": "convexadam"}).inverse_grid == "fixed"  # other methods: ANTs' convention
 
 
+def test_inverse_fixed_point_is_honoured_after_network_io_and_a_backward_map_that_is_no_inverse_warns(
+        pair, tmp_path, caplog):
+    """foundation.inverse: fixed_point writes the fixed-point inverse of the forward warp also with --io network
+    (which computes the backward map anyway; it was written instead). With inverse: network, a backward map that is
+    not the inverse of the forward one (here the same shift instead of the opposite one) is written as such, with a
+    warning giving the residual and the option; an inverse backward map gives none."""
+    import logging
+
+    fixed, moving = pair
+    save_gradicon_model(_translation_net(fixed.grid, -SHIFT), tmp_path / "m", "# test")
+    flags = {"io": "network", "io_iterations": 1, "io_learning_rate": 1e-9}
+    with caplog.at_level(logging.WARNING, logger="regcli"):
+        reg = register_images(fixed, moving, _config(tmp_path / "m", inverse="fixed_point", **flags))
+    assert "iterations" in reg.inverse_error and reg.inverse_error["mean_mm"] < 1e-3, reg.inverse_error
+    inv = reg.inverse_field.disp.reshape(3, -1)
+    assert torch.allclose(inv, torch.tensor(SHIFT, dtype=torch.float32)[:, None], atol=1e-3)
+    assert "inverse warp is not the inverse" not in caplog.text
+    for io in ("network", "none"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="regcli"):
+            reg = register_images(fixed, moving, _config(tmp_path / "m", inverse="network", **{**flags, "io": io}))
+        assert reg.inverse_error["source"] == "foundation"
+        assert reg.inverse_error["mean_mm"] == pytest.approx(2 * np.linalg.norm(SHIFT), rel=1e-3)
+        assert "foundation: its own inverse warp is not the inverse of its forward warp (forward∘inverse mean 7.81 mm" \
+            in caplog.text, caplog.text
+        assert "foundation.inverse: fixed_point inverts the forward warp instead" in caplog.text
+    from regcli.pipeline import _warn_if_not_inverse
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="regcli"):
+        _warn_if_not_inverse(_config(tmp_path / "m"), {"mean_mm": 0.03, "p99_mm": 0.1})  # an inverse: no warning
+    assert not caplog.records
+
+
 def test_network_io_restores_the_weights_and_field_io_refines(pair, tmp_path):
     fixed, moving = pair
     torch.manual_seed(0)

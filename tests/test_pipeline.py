@@ -437,27 +437,29 @@ PROMPT_CASES = MASK_CASES + [  # (config overrides, does a solver stage run, and
 def test_prompts_that_no_solver_stage_would_use_are_refused(over, runs):
     """Prompts join the objective of the solver stages only (the methods hand them to the shared solver there, and
     a stage of 0 iterations never evaluates its objective): check_prompts refuses them, a ConfigError (exit 7)
-    naming the flag and the configuration, exactly where no solver stage runs, which is exactly where the masks
-    are unread (one function decides both: regcli.config.solver_stages). --fine-spacing's refinement takes them
-    with every deformable method; a linear method has no solver stage."""
+    naming the prompt as the user gave it (register's flag, or the configuration key) and the configuration,
+    exactly where no solver stage runs, which is exactly where the masks are unread (one function decides both:
+    regcli.config.solver_stages). --fine-spacing's refinement takes them with every deformable method; a linear
+    method has no solver stage."""
     from regcli.config import solver_stages
     from regcli.errors import ConfigError
-    from regcli.pipeline import _masks_unread, check_prompts
+    from regcli.pipeline import PROMPT_KINDS, _masks_unread, check_prompts
 
     from regcli.spaces.image import Image
 
     labels = Image(torch.arange(3).repeat(4, 4, 1).to(torch.int32), Grid.from_sitk(sitk.Image(3, 4, 4, sitk.sitkUInt8)))
-    for prompts, flag, inputs in (({"labels": [1, 2]}, "--prompt-labels", (labels, labels, None)),
-                                  ({"landmarks": True}, "--prompt-landmarks", (None, None, object()))):
+    for prompts, kind, inputs in (({"labels": [1, 2]}, "labels", (labels, labels, None)),
+                                  ({"landmarks": True}, "landmarks", (None, None, object()))):
         cfg = build_config(None, {**over, "prompts": prompts})
         assert bool(solver_stages(cfg).running) == runs and (_masks_unread(cfg) is None) == runs
         if runs:
             check_prompts(cfg, *inputs)
         else:
-            with pytest.raises(ConfigError, match=f"^prompts \\({flag}\\) ") as e:
-                check_prompts(cfg, *inputs)
-            msg = str(e.value)
-            assert "\n" not in msg and f"--method {over['method']}" in msg and "nothing would use them" in msg, msg
+            for flags, name in ((PROMPT_KINDS, f"--prompt-{kind}"), ((), f"prompts.{kind}")):
+                with pytest.raises(ConfigError, match=f"^prompts \\({name}\\) ") as e:
+                    check_prompts(cfg, *inputs, flags)
+                msg = str(e.value)
+                assert "\n" not in msg and f"--method {over['method']}" in msg and "nothing would use them" in msg, msg
         if cfg.deformable:  # the fine refinement takes them whatever the method's own stages do
             fine = build_config(None, deep_merge(over, {"prompts": prompts, "instance": {"fine_spacing_mm": 1.0}}))
             assert solver_stages(fine).running[-1] == "fine refinement"
@@ -523,13 +525,14 @@ def test_a_disabled_instance_optimisation_refuses_solver_flags_on_the_command_li
     _assert_no_outputs(tmp_path)
 
 
-@pytest.mark.parametrize("prompts,flag", [({"labels": [1, 2], "label_weight": 0}, "--prompt-labels"),
-                                          ({"landmarks": True, "landmark_weight": 0.0}, "--prompt-landmarks")])
-def test_a_prompt_of_weight_zero_is_refused(prompts, flag):
-    """A prompt of weight 0 joins the objective with no effect (stage_prompts leaves it out): check_prompts refuses
-    it, a one-line ConfigError naming the flag and the weight's key, whatever the method."""
+@pytest.mark.parametrize("prompts,kind", [({"labels": [1, 2], "label_weight": 0}, "labels"),
+                                          ({"landmarks": True, "landmark_weight": 0.0}, "landmarks")])
+def test_a_prompt_of_weight_zero_is_refused(prompts, kind):
+    """A prompt of weight 0 joins the objective with no effect: check_prompts refuses it, a one-line ConfigError
+    naming the prompt as the user gave it (register's flag, or the configuration key) and the weight's key,
+    whatever the method."""
     from regcli.errors import ConfigError
-    from regcli.pipeline import check_prompts
+    from regcli.pipeline import PROMPT_KINDS, check_prompts
     from regcli.spaces.image import Image
 
     labels = Image(torch.arange(3).repeat(4, 4, 1).to(torch.int32), Grid.from_sitk(sitk.Image(3, 4, 4, sitk.sitkUInt8)))
@@ -537,8 +540,85 @@ def test_a_prompt_of_weight_zero_is_refused(prompts, flag):
     key = next(k for k in prompts if k.endswith("weight"))
     for method in ("convexadam", "affine"):
         cfg = build_config(None, {"method": method, "prompts": prompts})
-        with pytest.raises(ConfigError) as e:
-            check_prompts(cfg, *inputs)
-        assert str(e.value) == (f"prompts ({flag} with prompts.{key} 0): a prompt of weight 0 would have no effect; "
-                                "give it a weight > 0 or leave it out"), str(e.value)
+        for flags, name in ((PROMPT_KINDS, f"--prompt-{kind}"), ((), f"prompts.{kind}")):
+            with pytest.raises(ConfigError) as e:
+                check_prompts(cfg, *inputs, flags)
+            assert str(e.value) == (f"prompts ({name} with prompts.{key} 0): a prompt of weight 0 would have no "
+                                    "effect; give it a weight > 0 or leave it out"), str(e.value)
     check_prompts(build_config(None, {"prompts": {**prompts, key: 1e-3}}), *inputs)
+
+
+def test_register_counts_each_label_map_once_with_label_prompts(tmp_path, monkeypatch):
+    """With label prompts (and --fine-spacing, which stages them a second time), the values present in each label
+    map are counted once per register: for the pre-flight id check, the prompts on the working and fine grids and
+    the Dice scores (before: the fixed map 7 times, the moving map 5). The in-memory register_images counts them
+    once too when the caller has not."""
+    import collections
+
+    import regcli.reports.metrics as metrics
+    import regcli.solvers.prompts as prompts
+
+    counted = collections.Counter()
+    label_values, label_ids = metrics.label_values, prompts._label_ids
+
+    def count_values(labels):
+        counted[getattr(labels, "name", "array")] += 1
+        return label_values(labels)
+
+    def count_ids(data):  # the prompts' own counting, on the tensor of an Image
+        counted[next((n for n, t in maps.items() if t is data), "other")] += 1
+        return label_ids(data)
+
+    monkeypatch.setattr(metrics, "label_values", count_values)
+    monkeypatch.setattr(prompts, "_label_ids", count_ids)
+    img = make_phantom("LPS", (2.0, 2.0, 2.0))
+    f, m = write(img, tmp_path / "f.nii.gz"), write(img, tmp_path / "m.nii.gz")
+    fl, ml = write(phantom_labels(img), tmp_path / "fl.nii.gz"), write(phantom_labels(img), tmp_path / "ml.nii.gz")
+    maps: dict = {}
+    cfg = _cfg(prompts={"labels": [1, 2]}, instance={"iterations": 3, "refine_iterations": 1, "fine_spacing_mm": 1.5},
+               affine={"levels_mm": [4.0], "iterations": [5]})
+    report = run_register(RegisterInputs(f, m, str(tmp_path / "p_"), fixed_labels=fl, moving_labels=ml), cfg)
+    assert report["metrics"]["prompted_labels"] == [1, 2] and "dice_per_label" in report["metrics"]
+    assert counted == {str(fl): 1, str(ml): 1}, counted
+
+    from regcli.io.images import read_labels
+
+    counted.clear()
+    fixed_labels, moving_labels = read_labels(fl, "fixed labels"), read_labels(ml, "moving labels")
+    maps.update(fixed=fixed_labels.data, moving=moving_labels.data)
+    register_images(as_image(img), as_image(img), cfg, fixed_labels=fixed_labels, moving_labels=moving_labels)
+    assert counted == {"fixed": 1, "moving": 1}, counted
+
+
+def test_register_names_a_prompt_from_the_configuration_by_its_key(tmp_path):
+    """A prompt that came from --config (prompt_flags without it) is named by its key, prompts.labels, not by the
+    --prompt-labels flag the user did not write (the default: run_register's callers other than `regcli register`
+    take prompts only from a configuration); the flag when it came from the flag."""
+    f = write(make_phantom("LPS", (2.0, 2.0, 2.0)), tmp_path / "f.nii.gz")
+    cfg = _cfg(prompts={"labels": "all"})
+    for flags, name in (((), "prompts.labels"), (("labels",), "--prompt-labels")):
+        with pytest.raises(InputError) as e:
+            run_register(RegisterInputs(f, f, str(tmp_path / "p_")), cfg, prompt_flags=flags)
+        assert str(e.value) == f"{name} needs both --fixed-labels and --moving-labels"
+    with pytest.raises(InputError, match="^prompts.labels needs both"):
+        run_register(RegisterInputs(f, f, str(tmp_path / "p_")), cfg)
+    _assert_no_outputs(tmp_path)
+
+
+def test_quality_warnings_flag_a_result_that_is_likely_wrong(caplog):
+    """A run that succeeds but folds, scales the volume by more than 2x or lowers the Dice is flagged in the log
+    (hence report.json's warnings); a sound result is not."""
+    import logging
+
+    from regcli.pipeline import quality_warnings
+
+    sound = {"jacobian": {"pct_nonpos_jac": 0.01}, "affine_det": 0.97, "dice_initial_mean": 0.42, "dice_mean": 0.69}
+    with caplog.at_level(logging.WARNING, logger="regcli"):
+        assert quality_warnings(sound) == [] and quality_warnings({}) == []  # a linear method without labels
+        assert not caplog.records
+        bad = quality_warnings({"jacobian": {"pct_nonpos_jac": 5.2}, "affine_det": 0.31, "dice_initial_mean": 0.372,
+                                "dice_mean": 0.288})
+    assert len(bad) == 3 and [r.getMessage() for r in caplog.records] == bad
+    assert "folds (det J <= 0) in 5.20 %" in bad[0] and "0.31 times" in bad[1] and "from 0.372 to 0.288" in bad[2]
+    assert quality_warnings({"affine_det": 2.5}) and quality_warnings({"affine_det": 0.5}) == []
+    assert quality_warnings({"dice_initial_mean": 0.70, "dice_mean": 0.695}) == []  # within 0.01: noise

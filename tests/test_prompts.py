@@ -310,6 +310,10 @@ def test_stage_prompts_with_an_affine():
 
 
 def test_stage_prompts_pairs_and_weights():
+    """The inputs given decide which prompts are built (a weight never leaves one out: check_prompts refuses a
+    weight of 0 up front), each with its weight; negative weights are a ConfigError."""
+    from regcli.errors import ConfigError
+
     fixed = render_labels("LPS", "iso")
     p = _points_inside(fixed.grid, 3)
     assert stage_prompts(None, None, None, None, None, None, 1.0, 1.0) == []
@@ -317,8 +321,15 @@ def test_stage_prompts_pairs_and_weights():
         stage_prompts(fixed, None, None, None, None, None, 1.0, 1.0)
     with pytest.raises(InputError, match="landmark"):
         stage_prompts(None, None, None, p, None, None, 1.0, 1.0)
-    only = stage_prompts(fixed, fixed, [2], p, p, AffineTransform.identity(), 0.0, 2.5)
+    only = stage_prompts(None, None, None, p, p, AffineTransform.identity(), 0.3, 2.5)
     assert len(only) == 1 and isinstance(only[0], LandmarkPrompt) and only[0].weight == 2.5
+    only = stage_prompts(fixed, fixed, [2], None, None, AffineTransform.identity(), 0.3, 2.5)
+    assert len(only) == 1 and isinstance(only[0], LabelPrompt) and only[0].weight == 0.3
+    both = stage_prompts(fixed, fixed, [2], p, p, AffineTransform.identity(), 0.0, 2.5)
+    assert [type(x) for x in both] == [LabelPrompt, LandmarkPrompt] and [x.weight for x in both] == [0.0, 2.5]
+    for weights in ((-0.1, 1.0), (1.0, -1.0)):
+        with pytest.raises(ConfigError, match="must be >= 0"):
+            stage_prompts(fixed, fixed, [2], p, p, None, *weights)
     same = stage_prompts(fixed, fixed, [2], None, None, AffineTransform.identity(), 1.0, 1.0)
     assert same[0].moving is fixed  # identity affine, same grid: used as is
     with pytest.raises(InputError, match="9"):

@@ -91,10 +91,11 @@ def batch(
     """Register every pair of a cohort, in parallel, and summarise it (Dice per structure, runtimes).
 
     Each pair is registered by a fresh [bold]regcli register[/bold] process into OUTDIR/<pair>_ and scored as
-    [bold]regcli evaluate[/bold] scores it. A pair that fails (bad file, crash, out of memory) is listed with its
-    error and the others go on. Rerunning resumes: pairs whose outputs and report are complete are not
-    registered again. Writes OUTDIR/batch.csv, batch.json, batch_dice.png and batch_runtime.png. Exits 0 when
-    every pair succeeded, otherwise with the exit code of the first failed pair (after writing the summary).
+    [bold]regcli evaluate[/bold] scores it. A pair that fails (bad file, crash, out of memory), registering or
+    scoring, is listed with its error, leaves no outputs of its own, and the others go on. Rerunning resumes:
+    pairs whose outputs and report are complete are not registered again. Writes OUTDIR/batch.csv, batch.json,
+    batch_dice.png and batch_runtime.png. Exits 0 when every pair succeeded, otherwise with the exit code of the
+    first failed pair (after writing the summary).
     """
     from regcli.batch import BatchJob, run_batch, write_batch_results
     from regcli.cli.common import Ui, output_folder

@@ -142,7 +142,7 @@ def evaluate(
     refuse_flags_without_effect(cfg, overrides)
     if not transforms_from:  # what every pair's register child would refuse: once, before any pair runs
         check_config_for_pairs(cfg, pairs, columns=manifest is not None)
-        pairs = with_prompt_inputs(cfg, pairs)
+        pairs = with_prompt_inputs(cfg, pairs, columns=manifest is not None)
     extra = _register_args(device, threads, seed, deterministic, working_spacing, affine_metric, iterations,
                            transform, optimizer, fine_spacing, modality, io, intensity_weight, precision, max_memory)
 

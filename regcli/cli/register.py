@@ -108,7 +108,10 @@ def register(
 
     log().debug("regcli register: %s -> %s (%s, device %s)", moving, fixed, cfg.method, cfg.device)
     with ui.progress() as progress:
-        report = run_register(inputs, cfg, overwrite=overwrite, progress=progress, command=command_line())
+        flags = [kind for kind, given in (("labels", prompt_labels is not None), ("landmarks", bool(prompt_landmarks)))
+                 if given]  # prompts from these flags are named by them, the others by their --config key
+        report = run_register(inputs, cfg, overwrite=overwrite, progress=progress, command=command_line(),
+                              prompt_flags=flags)
     if not json_out:
         ui.rich(summary_table(report))
     ui.result(report)

@@ -13,8 +13,10 @@
 3. **Both maps.** ``phi_AB = net(moving, fixed)`` on the fixed voxels and ``phi_BA = net(fixed, moving)``, in
    the network's [0, 1] coordinates (:mod:`regcli.models.gradicon`), become displacement fields in LPS mm:
    ``u(x) = D S (N - 1) d(x)`` (D direction, S spacing of the network grid, components reordered from tensor to
-   x, y, z order). ``u`` is the forward warp; ``phi_BA`` gives the inverse warp directly
-   (``foundation.inverse``), with its inverse-consistency error in the report.
+   x, y, z order). ``u`` is the forward warp; with ``foundation.inverse: network`` ``phi_BA`` gives the inverse
+   warp directly (also after ``io=network``), with its inverse-consistency error in the report and a warning when
+   it is far from the inverse of ``u`` (:data:`regcli.pipeline.OWN_INVERSE_WARN_MM`); ``fixed_point``: the pipeline
+   inverts ``u``.
 4. **Instance optimisation** (``foundation.io``, ``--iterations``): ``network``: uniGradICON's (Adam on the
    network weights with the GradICON loss, both directions, the weights restored afterwards); ``field``:
    regcli's shared solver, ConvexAdam's instance optimisation and refinement on MIND-SSC started from the
@@ -187,7 +189,7 @@ def foundation(fixed, moving, cfg: RegisterConfig, fixed_mask=None, moving_mask=
     ``prompts`` (label maps, landmarks) join the objective of ``io=field``; the network itself ignores them.
     ``originals`` = (fixed, moving, affine, fixed mask, moving mask) as given to the pipeline, for ``io=field``
     (:func:`field_io`). Returns the forward field (on the network grid, or with ``io=field`` on the usual working
-    grid) and, unless ``io=field`` or ``inverse=fixed_point``, the network's inverse.
+    grid) and, unless ``io=field``, ``inverse=fixed_point`` or no inverse warp is written, the network's inverse.
     """
     t_start = time.perf_counter()
     grid, out_device, dev, report = method_setup("foundation", fixed, moving, device, progress)
@@ -203,6 +205,8 @@ def foundation(fixed, moving, cfg: RegisterConfig, fixed_mask=None, moving_mask=
         raise GeometryError(f"foundation: the working grid {tuple(fdata.shape)} is not the network grid {shape}")
     b, a = fdata[None, None], mdata[None, None]  # intensities prepared by prepare_images
 
+    # the network's backward map is the inverse warp only with inverse=network (io=network computes it anyway)
+    own_inverse = fcfg.inverse == "network" and fcfg.io != "field" and cfg.inverse_warp
     t = time.perf_counter()
     if fcfg.io == "network" and fcfg.io_iterations > 0:
         report(STAGE_NETWORK_IO, 0, fcfg.io_iterations)
@@ -214,12 +218,12 @@ def foundation(fixed, moving, cfg: RegisterConfig, fixed_mask=None, moving_mask=
         with torch.no_grad():
             d_ab = net.displacement(a, b)
             report(STAGE_NETWORK, 1, 2)
-            d_ba = net.displacement(b, a) if fcfg.inverse == "network" and fcfg.io != "field" else None
+            d_ba = net.displacement(b, a) if own_inverse else None
         report(STAGE_NETWORK, 2, 2)
         timings["network"] = time.perf_counter() - t
     with torch.no_grad():
         u = map_to_world(d_ab[0], grid)
-        inv = map_to_world(d_ba[0], grid) if d_ba is not None else None
+        inv = map_to_world(d_ba[0], grid) if d_ba is not None and own_inverse else None
 
     if fcfg.io == "field" and fcfg.io_iterations > 0:
         t = time.perf_counter()

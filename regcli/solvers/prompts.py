@@ -118,19 +118,40 @@ def _prompt_ids(fixed_ids: set[int], moving_ids: set[int], labels: Optional[Sequ
     return ids
 
 
-def check_label_prompt(fixed: Image, moving: Image, labels: Optional[Sequence[int]] = None) -> list[int]:
+LabelValues = tuple[set[int], set[int]]
+"""The values present in a fixed and a moving integer label map (0 included), e.g.
+:func:`regcli.reports.metrics.label_values` of each: known once, passed on so that no map is counted again."""
+
+
+def label_map_values(fixed: Image, moving: Image) -> LabelValues:
+    """The values present in two (integer, 3D) label maps, 0 included, after checking that they are such maps.
+
+    Raises:
+        InputError: not integer 3D label maps.
+    """
+    _check_label_map(fixed, "fixed")
+    _check_label_map(moving, "moving")
+    return _label_ids(fixed.data), _label_ids(moving.data)
+
+
+def check_label_prompt(fixed: Image, moving: Image, labels: Optional[Sequence[int]] = None,
+                       values: Optional[LabelValues] = None) -> list[int]:
     """The label ids a :class:`LabelPrompt` on these (integer, original) label maps would align, checked without
     building it: for a pre-flight, so that a wrong id is refused before any registration work with the message
-    :func:`stage_prompts` would give after the affine stage.
+    :func:`stage_prompts` would give after the affine stage. ``values``: the maps' values when already known
+    (:data:`LabelValues`), else counted here.
 
     Raises:
         InputError: as :class:`LabelPrompt` (not integer 3D label maps, ids absent from either map, repeated
             ids, or no common label).
     """
-    _check_label_map(fixed, "fixed")
-    _check_label_map(moving, "moving")
-    return _prompt_ids(_label_ids(fixed.data), _label_ids(moving.data), labels, fixed.name or "fixed",
-                       moving.name or "moving")
+    if values is None:
+        values = label_map_values(fixed, moving)
+    else:
+        _check_label_map(fixed, "fixed")
+        _check_label_map(moving, "moving")
+    fixed_ids, moving_ids = values
+    return _prompt_ids(fixed_ids, moving_ids, labels, fixed.name or "fixed", moving.name or "moving")
 
 
 # ----------------------------------------------------------------------------------------------- labels
@@ -166,6 +187,8 @@ class LabelPrompt:
         weight: factor of the term in the IO objective.
         name: key of the term in the solver's history.
         eps: added to the Dice denominator (voxel units).
+        values: the values present in ``fixed`` and in the integer ``moving`` map when already known
+            (:data:`LabelValues`; the moving set is not read for one-hot channels), else counted here.
 
     Raises:
         InputError: not integer 3D label maps, ids absent from either map (the message lists them), or no
@@ -173,12 +196,12 @@ class LabelPrompt:
     """
 
     def __init__(self, fixed: Image, moving: Image, labels: Optional[Sequence[int]] = None, weight: float = 1.0,
-                 name: str = "labels", eps: float = 1e-6) -> None:
+                 name: str = "labels", eps: float = 1e-6, values: Optional[LabelValues] = None) -> None:
         _check_label_map(fixed, "fixed")
         soft = isinstance(moving, Image) and torch.is_floating_point(moving.data) and moving.data.dim() == 4
         if not soft:
             _check_label_map(moving, "moving")
-        fixed_ids = _label_ids(fixed.data)
+        fixed_ids = values[0] if values is not None else _label_ids(fixed.data)
         if soft:
             if labels is None or len(labels) != moving.data.shape[0]:
                 raise InputError(f"moving one-hot '{moving.name or 'moving'}' has {moving.data.shape[0]} channels: "
@@ -191,7 +214,7 @@ class LabelPrompt:
                             moving.name or "moving")
             moving_ids = {int(k) for k in labels}
         else:
-            moving_ids = _label_ids(moving.data)
+            moving_ids = values[1] if values is not None else _label_ids(moving.data)
         ids = _prompt_ids(fixed_ids, moving_ids, labels, fixed.name or "fixed", moving.name or "moving")
         if weight < 0:
             raise ConfigError(f"label prompt weight must be >= 0, got {weight}")
@@ -358,7 +381,8 @@ def _warp_onehot_through(moving_labels: Image, ids: Sequence[int], affine, grid:
 
 def stage_prompts(fixed_labels: Optional[Image], moving_labels: Optional[Image], labels: Optional[Sequence[int]],
                   fixed_points, moving_points, affine, label_weight: float = 1.0, landmark_weight: float = 1.0,
-                  *, grid: Optional[Grid] = None, scale_mm: float = 1.0) -> list:
+                  *, grid: Optional[Grid] = None, scale_mm: float = 1.0, label_values: Optional[LabelValues] = None
+                  ) -> list:
     """Prompts in the space of regcli's deformable stage.
 
     That stage works on the fixed side and sees the moving image already warped by the affine stage: the
@@ -383,13 +407,16 @@ def stage_prompts(fixed_labels: Optional[Image], moving_labels: Optional[Image],
         moving_points: (P, 3) world LPS mm moving landmarks in the *original moving* space, or None.
         affine: :class:`regcli.transforms.AffineTransform` (fixed world -> moving world) of the affine stage,
             or None for the identity.
-        label_weight, landmark_weight: the prompts' weights (a prompt with weight 0 is left out).
+        label_weight, landmark_weight: the prompts' weights (>= 0).
         grid: fixed-side grid on which to hold the warped moving one-hot (default ``fixed_labels.grid``). The
             working grid of the deformable stage is a good choice: it bounds memory at ``K`` channels there.
         scale_mm: the landmark prompt's distance unit (see :class:`LandmarkPrompt`).
+        label_values: the values present in the two label maps when already known (:data:`LabelValues`), else
+            counted here (once).
 
     Returns:
-        A list with a :class:`LabelPrompt` and/or a :class:`LandmarkPrompt` (empty when neither is given).
+        A list with a :class:`LabelPrompt` when label maps are given and a :class:`LandmarkPrompt` when
+        landmarks are (empty when neither is).
 
     Raises:
         InputError: only one of a pair given, or the prompts' own checks fail.
@@ -404,20 +431,18 @@ def stage_prompts(fixed_labels: Optional[Image], moving_labels: Optional[Image],
     if (fixed_points is None) != (moving_points is None):
         given = "fixed" if fixed_points is not None else "moving"
         raise InputError(f"landmark prompt: only {given} landmarks were given; it needs both")
-    if fixed_labels is not None and label_weight > 0:
-        _check_label_map(fixed_labels, "fixed")
-        _check_label_map(moving_labels, "moving")
+    if fixed_labels is not None:
+        # ids validated on the original maps (one clear message) before warping
+        values = label_values if label_values is not None else label_map_values(fixed_labels, moving_labels)
+        ids = check_label_prompt(fixed_labels, moving_labels, labels, values)
         target = grid or fixed_labels.grid
         identity = affine is None or np.allclose(affine.matrix, np.eye(4), atol=1e-9)
         if identity and moving_labels.grid.allclose(target, 1e-6):
             moving_seen = moving_labels
         else:
-            # validate ids on the original maps (one clear message) before warping
-            ids = LabelPrompt(fixed_labels, moving_labels, labels).labels
             moving_seen = _warp_onehot_through(moving_labels, ids, affine, target)
-            labels = ids
-        prompts.append(LabelPrompt(fixed_labels, moving_seen, labels, label_weight))
-    if fixed_points is not None and landmark_weight > 0:
+        prompts.append(LabelPrompt(fixed_labels, moving_seen, ids, label_weight, values=values))
+    if fixed_points is not None:
         q = _points(moving_points, "moving")
         if affine is not None:
             q = affine.inverse().map_points(torch.from_numpy(q)).numpy()
