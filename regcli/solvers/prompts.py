@@ -27,6 +27,7 @@ import torch
 
 from regcli.errors import ConfigError, InputError
 from regcli.features.intensity import antialias_sigma_mm, gaussian_smooth
+from regcli.reports import metrics
 from regcli.resample import FieldWarper, grid_sample, resample_to_grid, warp
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image
@@ -70,10 +71,6 @@ def _cached(cache: OrderedDict, key, build):
     while len(cache) > _CACHE_GRIDS:
         cache.popitem(last=False)
     return entry
-
-
-def _label_ids(data: torch.Tensor) -> set[int]:
-    return {int(v) for v in torch.unique(data).tolist()}
 
 
 def _check_label_map(image: Image, role: str) -> None:
@@ -131,7 +128,7 @@ def label_map_values(fixed: Image, moving: Image) -> LabelValues:
     """
     _check_label_map(fixed, "fixed")
     _check_label_map(moving, "moving")
-    return _label_ids(fixed.data), _label_ids(moving.data)
+    return metrics.label_values(fixed), metrics.label_values(moving)
 
 
 def check_label_prompt(fixed: Image, moving: Image, labels: Optional[Sequence[int]] = None,
@@ -201,7 +198,7 @@ class LabelPrompt:
         soft = isinstance(moving, Image) and torch.is_floating_point(moving.data) and moving.data.dim() == 4
         if not soft:
             _check_label_map(moving, "moving")
-        fixed_ids = values[0] if values is not None else _label_ids(fixed.data)
+        fixed_ids = values[0] if values is not None else metrics.label_values(fixed)
         if soft:
             if labels is None or len(labels) != moving.data.shape[0]:
                 raise InputError(f"moving one-hot '{moving.name or 'moving'}' has {moving.data.shape[0]} channels: "
@@ -214,7 +211,7 @@ class LabelPrompt:
                             moving.name or "moving")
             moving_ids = {int(k) for k in labels}
         else:
-            moving_ids = values[1] if values is not None else _label_ids(moving.data)
+            moving_ids = values[1] if values is not None else metrics.label_values(moving)
         ids = _prompt_ids(fixed_ids, moving_ids, labels, fixed.name or "fixed", moving.name or "moving")
         if weight < 0:
             raise ConfigError(f"label prompt weight must be >= 0, got {weight}")
