@@ -191,6 +191,11 @@ def read_pairs(path: str | os.PathLike, tasks: Sequence[str] = (), exclude: Sequ
     return out
 
 
+def _flag(column: str) -> str:
+    """The ``regcli register`` flag that takes a pair's CSV column (``fixed_mask`` -> ``--fixed-mask``)."""
+    return "--" + column.replace("_", "-")
+
+
 def check_config_for_pairs(config: RegisterConfig, pairs: Sequence[Pair], columns: bool = True) -> None:
     """Refuse, once and before any pair is registered, a configuration that each pair's ``regcli register`` child
     would refuse for the same reason: what ``config`` and the columns the pairs fill decide, never the images'
@@ -214,7 +219,7 @@ def check_config_for_pairs(config: RegisterConfig, pairs: Sequence[Pair], column
         off = config.model_copy(update={"affine": config.affine.model_copy(update={"enabled": False})})
         groups.append((no_affine, off, ", registered with --no-affine (align: none)"))
     for group, cfg, how in groups:
-        given = [f"CSV column {col} ({n} of {len(pairs)} pair(s){how})" if columns else f"--{col.replace('_', '-')}"
+        given = [f"CSV column {col} ({n} of {len(pairs)} pair(s){how})" if columns else _flag(col)
                  for col in ("fixed_mask", "moving_mask")
                  if (n := sum(getattr(p, col) is not None for p in group))]
         refuse_unread_masks(cfg, given)
@@ -241,14 +246,13 @@ def with_prompt_inputs(config: RegisterConfig, pairs: Sequence[Pair], columns: b
     for kind, cols in needs:
         lacking = [p.name for p in pairs if any(getattr(p, c) is None for c in cols)]
         if lacking and not columns:
-            raise ConfigError(f"prompts.{kind} needs both --{cols[0].replace('_', '-')} and "
-                              f"--{cols[1].replace('_', '-')}")
+            raise ConfigError(f"prompts.{kind} needs both {_flag(cols[0])} and {_flag(cols[1])}")
         if lacking:
             raise ConfigError(f"prompts.{kind} needs the CSV columns {cols[0]} and {cols[1]}: {len(lacking)} of "
                               f"{len(pairs)} pair(s) have none (first: '{lacking[0]}')")
     out = []
     for p in pairs:
-        flags = [x for _, cols in needs for c in cols for x in (f"--{c.replace('_', '-')}", str(getattr(p, c)))]
+        flags = [x for _, cols in needs for c in cols for x in (_flag(c), str(getattr(p, c)))]
         out.append(replace(p, register_flags=tuple(flags) + p.register_flags) if flags else p)
     return out
 
