@@ -116,11 +116,8 @@ def t2_like(img, lab, seed):
 def evaluate(ckpt, variants, pairs, mode):
     import regcli.methods.convexadam as ca
     from regcli.config import build_config
-    from regcli.io.images import read_labels
     from regcli.models.embedding import normalise_intensity
-    from regcli.pipeline import register_images
-    from regcli.reports.metrics import dice_per_label
-    from regcli.resample import warp
+    from synthseg_pairs import read_pair, score
 
     net = SynthNet()
     if ckpt != "none":
@@ -133,23 +130,15 @@ def evaluate(ckpt, variants, pairs, mode):
             y = net(normalise_intensity(d, (1.0, 99.0))[None, None].float())[0, 0].to(d.dtype)
         return plain(y)
 
+    def load(f, m):  # the pair, its moving image rendered T2-like in mode "t2"
+        fx, mv, fl, ml = read_pair(f, m)
+        return [fx, t2_like(mv, ml, m) if mode == "t2" else mv, fl, ml]
+
     cache = {}
     for name, over in variants.items():
         over = dict(over)
         ca._standardised = learned if over.pop("_synth", False) else plain
-        cfg = build_config(None, dict(over, html_report=False))
-        ds, ts = [], []
-        for f, m in pairs:
-            if (f, m) not in cache:
-                fx, mv = read_image(f"{D}/sub-{f:02d}_T1w.nii.gz"), read_image(f"{D}/sub-{m:02d}_T1w.nii.gz")
-                fl, ml = read_labels(f"{D}/sub-{f:02d}_labels.nii.gz"), read_labels(f"{D}/sub-{m:02d}_labels.nii.gz")
-                cache[(f, m)] = [fx, t2_like(mv, ml, m) if mode == "t2" else mv, fl, ml]
-            fx, mv, fl, ml = cache[(f, m)]
-            t = time.perf_counter()
-            reg = register_images(fx, mv, cfg)
-            ts.append(time.perf_counter() - t)
-            d = dice_per_label(fl, warp(ml, reg.transform, fx.grid, "nearest"))
-            ds.append(sum(d.values()) / len(d))
+        ds, ts = score(build_config(None, dict(over, html_report=False)), pairs, cache, load)
         print(f"{mode} {name:24s} " + " ".join(f"{x:.4f}" for x in ds)
               + f"  mean {sum(ds) / len(ds):.4f}  sec {sum(ts) / len(ts):.1f}", flush=True)
     ca._standardised = plain

@@ -12,7 +12,6 @@ the learned pyramid's. Mean Dice over the labels both maps hold, as tune_convexa
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
@@ -21,12 +20,7 @@ import regcli.methods.convexadam as C
 import regcli.methods.samconvex as S
 from regcli.config import build_config
 from regcli.features.mind import mind_ssc_pair
-from regcli.io.images import read_image, read_labels
-from regcli.pipeline import register_images
-from regcli.reports.metrics import dice_per_label
-from regcli.resample import warp
-
-D = "/work/shared/data/synthseg_brain"
+from synthseg_pairs import score
 ORIGINAL = S.samconvex
 MODE = {"hybrid": False, "io": 80}
 
@@ -60,19 +54,7 @@ def main() -> None:
     for name, over in variants.items():
         over = dict(over)
         MODE["hybrid"], MODE["io"] = bool(over.pop("_hybrid", False)), int(over.pop("_io", 80))
-        cfg = build_config(None, dict(over, html_report=False))
-        dice, secs = [], []
-        for f, m in pairs:
-            if (f, m) not in cache:
-                cache[(f, m)] = [read_image(f"{D}/sub-{f:02d}_T1w.nii.gz"), read_image(f"{D}/sub-{m:02d}_T1w.nii.gz"),
-                                 read_labels(f"{D}/sub-{f:02d}_labels.nii.gz"),
-                                 read_labels(f"{D}/sub-{m:02d}_labels.nii.gz")]
-            fx, mv, fl, ml = cache[(f, m)]
-            t = time.perf_counter()
-            reg = register_images(fx, mv, cfg)
-            secs.append(time.perf_counter() - t)
-            d = dice_per_label(fl, warp(ml, reg.transform, fx.grid, "nearest"))
-            dice.append(sum(d.values()) / len(d))
+        dice, secs = score(build_config(None, dict(over, html_report=False)), pairs, cache)
         print(f"{name:12s} " + " ".join(f"{x:.4f}" for x in dice)
               + f"  mean {sum(dice) / len(dice):.4f}  s {sum(secs) / len(secs):.1f}", flush=True)
 
