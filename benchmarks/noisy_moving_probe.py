@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -27,8 +28,6 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
 from regcli.config import build_config  # noqa: E402
-import tempfile  # noqa: E402
-
 from regcli.io.images import read_image, read_labels  # noqa: E402
 from regcli.pipeline import register_images  # noqa: E402
 from regcli.reports.metrics import dice_per_label  # noqa: E402
