@@ -8,10 +8,12 @@ first, runs the registration, and publishes every output file together (nothing 
 from __future__ import annotations
 
 import inspect
+import json
+import os
 import time
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
-from typing import Collection, Optional
+from typing import Collection, Optional, Sequence
 
 import numpy as np
 import torch
@@ -363,6 +365,7 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
     figure_names: list[str] = []
     for key, p in paths.items():
         outs.claim(p, image=key in ("warp", "inverse_warp", "warped", "inverse_warped"))
+    earlier = earlier_outputs(inputs.output_prefix) if overwrite else []
 
     runtime = setup_runtime(config.device, config.threads, config.seed, config.deterministic)
     t0 = time.perf_counter()
@@ -455,7 +458,53 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
     except BaseException:
         outs.abort()
         raise
+    remove_stale_outputs(earlier, report["outputs"])
     return report
+
+
+def earlier_outputs(prefix: str) -> list[Path]:
+    """Files an earlier ``register`` run may have left under ``prefix``: the ANTs names of every output it can
+    write, and the HTML report's figures that its ``Report.json`` lists (``<prefix>Report*.png`` beside it). Only
+    names derived from the prefix: an output named explicitly (``-o [prefix,warped.nii.gz]``) is never among them."""
+    p = str(prefix)
+    names = [Path(p + s) for s in ("0GenericAffine.mat", "1Warp.nii.gz", "1InverseWarp.nii.gz", "Warped.nii.gz",
+                                   "Report.json", "Report.html")]
+    report = Path(p + "Report.json")
+    try:
+        listed = json.loads(report.read_text()).get("outputs") if report.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if isinstance(listed, list):
+        folder, stem = report.resolve().parent, Path(p + "Report").name
+        for name in listed:
+            path = Path(str(name))
+            if (path.name.startswith(stem) and path.name.endswith(".png")
+                    and path.resolve().parent == folder):
+                names.append(path)
+    return [n for n in names if n.is_file()]
+
+
+def remove_stale_outputs(earlier: Sequence[Path], written: Sequence[str]) -> list[Path]:
+    """After a run with ``--overwrite`` has published its outputs (``written``), remove the files of ``earlier``
+    (:func:`earlier_outputs`, listed before the run) that it did not write, so that a prefix never mixes two runs
+    (e.g. an old ``1Warp`` beside a new affine-only result, which ``-t prefix1Warp -t prefix0GenericAffine`` or
+    ``evaluate --transforms-from`` would combine). Returns what was removed."""
+    keep = {os.path.realpath(w) for w in written}
+    removed = []
+    for path in earlier:
+        if os.path.realpath(path) in keep:
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log.warning("could not remove '%s' of an earlier run under the same prefix: %s", path, e)
+    if removed:
+        log.info("removed %d output(s) of an earlier run that this run does not write: %s", len(removed),
+                    ", ".join(str(r) for r in removed))
+    return removed
 
 
 #: :func:`quality_warnings` flags a warp whose Jacobian determinant is <= 0 in more than this % of the fixed grid
