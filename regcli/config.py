@@ -549,19 +549,21 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
 
 def refuse_flags_without_effect(cfg: RegisterConfig, overrides: Optional[dict]) -> None:
     """A ConfigError for instance-optimisation flags (``overrides["instance"]``: ``--transform``,
-    ``--optimizer``, ``--intensity-weight``) that nothing in ``cfg`` would read, rather than recording them in
-    the report and ignoring them. The solver stages that run are :func:`solver_stages`' (the stages that read the
+    ``--optimizer``, ``--intensity-weight``, ``--fine-spacing``) that nothing in ``cfg`` would read, rather than
+    recording them in the report and ignoring them. The solver stages that run are :func:`solver_stages`' (the stages that read the
     masks and the prompts, :func:`regcli.pipeline.check_masks`): ``--transform`` and ``--optimizer`` need one
     (none in a linear method, a network method without ``io: field``, ConvexAdam with ``instance.enabled:
     false``, ...); ``--intensity-weight``, which only the MIND-SSC refinements read, needs a refinement (the
-    working grid's or the fine one). Only these flags: a linear method with ``--no-affine`` (an identity
-    registration) stays allowed."""
+    working grid's or the fine one); ``--fine-spacing`` needs a deformable method (the fine refinement follows
+    every one). Only these flags: a linear method with ``--no-affine`` (an identity registration) stays
+    allowed."""
     inst = {k: v for k, v in ((overrides or {}).get("instance") or {}).items() if v is not None}
     stages = solver_stages(cfg)
     refinement = any(name in ("refinement", "fine refinement") for name in stages.running)
     unused = [flag for key, flag, used in (("transform", "--transform", bool(stages.running)),
                                            ("optimizer", "--optimizer", bool(stages.running)),
-                                           ("refine_intensity_weight", "--intensity-weight", refinement))
+                                           ("refine_intensity_weight", "--intensity-weight", refinement),
+                                           ("fine_spacing_mm", "--fine-spacing", cfg.deformable))
               if key in inst and not used]
     if not unused:
         return

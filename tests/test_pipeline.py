@@ -476,7 +476,8 @@ FLAG_CASES = PROMPT_CASES + [  # (config overrides, does a solver stage run); wh
 @pytest.mark.parametrize("over,runs", FLAG_CASES, ids=[_case_id(c) for c, _ in FLAG_CASES])
 def test_solver_flags_that_no_solver_stage_would_use_are_refused(over, runs):
     """--transform and --optimizer are refused exactly where the masks and the prompts are (no solver stage runs,
-    regcli.config.solver_stages), --intensity-weight exactly where no refinement runs; one-line ConfigErrors
+    regcli.config.solver_stages), --intensity-weight exactly where no refinement runs, --fine-spacing with a linear
+    method; one-line ConfigErrors
     naming the flags and the configuration. The old copy of that logic let ConvexAdam with instance.enabled false,
     SAMConvex or DIO with 0 iterations everywhere, and a network method's io field with 0 iterations through."""
     from regcli.config import refuse_flags_without_effect, solver_stages
@@ -499,6 +500,13 @@ def test_solver_flags_that_no_solver_stage_would_use_are_refused(over, runs):
         with pytest.raises(ConfigError, match="^--intensity-weight: nothing would use it; ") as e:
             refuse_flags_without_effect(cfg, weight)
         assert "\n" not in str(e.value) and f"--method {over['method']}" in str(e.value), str(e.value)
+    fine = {"instance": {"fine_spacing_mm": 1.0}}
+    if cfg.deformable:  # the fine refinement follows every deformable method
+        refuse_flags_without_effect(build_config(None, deep_merge(over, fine)), fine)
+    else:  # a linear method has no field to refine: --fine-spacing was recorded and ignored
+        with pytest.raises(ConfigError, match="^--fine-spacing: nothing would use it; ") as e:
+            refuse_flags_without_effect(build_config(None, deep_merge(over, fine)), fine)
+        assert "only the affine stage" in str(e.value), str(e.value)
     if cfg.deformable:  # the fine refinement reads all three whatever the method's own stages do
         both = deep_merge(solver, weight)
         refuse_flags_without_effect(build_config(None, deep_merge(deep_merge(over, both),
