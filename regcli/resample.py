@@ -135,8 +135,10 @@ def _linear_1d(x: torch.Tensor, dim: int, scale: float, offset: float, n_out: in
 
 
 #: added to a continuous index before rounding it down (ITK rounds halves up): a position computed as
-#: 2.4999999999 in float64 for an exact tie (e.g. a grid downsampled by 2 with aligned corners) rounds as 2.5
-_HALF_UP_SLACK = 1e-6
+#: 2.4999999999 in float64 for an exact tie (e.g. a grid downsampled by 2 with aligned corners) rounds as 2.5.
+#: Far below float32's rounding: headers hold float32 spacings and origins, which put a meant half voxel a few
+#: 1e-7 voxel off it (11.4999996), and there ITK, whose rounding regcli follows, takes the voxel below
+_HALF_UP_SLACK = 1e-9
 
 
 def nearest_index(c: torch.Tensor) -> torch.Tensor:

@@ -458,6 +458,27 @@ def test_nearest_rounds_halves_up_as_itk(tmp_path, with_identity):
     assert sitk.GetArrayFromImage(got)[0, 0].tolist() == list(range(1, 12))  # the half shift: 1..11
 
 
+def test_nearest_agrees_with_itk_just_below_a_half_voxel(tmp_path):
+    """Headers hold float32 spacings and origins, so a position meant as a half voxel lands a few 1e-7 voxel off
+    it (here 11.4999996): ITK rounds what it computes, and so must regcli (a rounding slack of 1e-6 took the
+    voxel above: label 13 where sitk.Resample and antsApplyTransforms give 12). Several origins, every voxel."""
+    lab = np.repeat(np.arange(1, 21, dtype=np.uint8)[:, None, None], 4, 1).repeat(4, 2)
+    for k, z0 in enumerate((-48.8, -30.1, -17.3, -5.9)):
+        moving = sitk.GetImageFromArray(lab)
+        moving.SetSpacing((1.0, 1.0, 3.2))
+        moving.SetOrigin((0.0, 0.0, z0))
+        ref = sitk.Image(4, 4, 14, sitk.sitkUInt8)
+        ref.SetSpacing((1.0, 1.0, 3.0))
+        ref.SetOrigin((0.0, 0.0, -12.0))
+        sitk.WriteImage(moving, str(tmp_path / f"m{k}.nii.gz"))
+        sitk.WriteImage(ref, str(tmp_path / f"r{k}.nii.gz"))
+        run_ok(["apply", "-i", tmp_path / f"m{k}.nii.gz", "-r", tmp_path / f"r{k}.nii.gz", "-n", "nearest",
+                "-o", tmp_path / f"o{k}.nii.gz", "-q"])
+        m, r = sitk.ReadImage(str(tmp_path / f"m{k}.nii.gz")), sitk.ReadImage(str(tmp_path / f"r{k}.nii.gz"))
+        want = sitk.Resample(m, r, sitk.Transform(), sitk.sitkNearestNeighbor, 0, m.GetPixelID())
+        assert np.array_equal(_read(tmp_path / f"o{k}.nii.gz"), sitk.GetArrayFromImage(want)), z0
+
+
 def test_nearest_keeps_large_labels_and_the_default_must_fit_the_integer_output(tmp_path):
     """int32 labels above 2^24 come through nearest exactly (no float32 round trip); a default value outside the
     input's type widens it, and one that no integer output can hold is refused (exit 2, nothing written)."""
