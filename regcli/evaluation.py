@@ -80,6 +80,18 @@ class Pair:
 
 
 # ------------------------------------------------------------------------------------------------ manifest
+def pair_name_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot name a pair, or None: its outputs are ``OUTDIR/<name>_...``, so a name with a path
+    separator (``../x``, ``a/b``), or that is empty, ``.`` or ``..``, would put them elsewhere or nowhere."""
+    if name in ("", ".", ".."):
+        return f"pair name '{name}' must be a plain name (not empty, '.' or '..')"
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if any(sep in name for sep in seps):
+        return (f"pair name '{name}' must not contain '/' or '\\' (the pair's outputs are named "
+                f"OUTDIR/<pair>_...)")
+    return None
+
+
 def check_pair(pair: Pair, where: str = "") -> Pair:
     """Refuse a pair with missing files, a labels/landmarks column given for one side only, or landmark files
     that are unreadable or do not correspond (before anything is registered)."""
@@ -141,8 +153,9 @@ def read_manifest(path: str | os.PathLike) -> list[Pair]:
         line = i + 1
         name = row.get(name_col, "") if name_col else ""
         name = name or f"pair{i:03d}"
-        if any(ch in name for ch in "/\\") or name in (".", ".."):
-            raise InputError(f"pair manifest '{path}' line {line}: pair name '{name}' must not contain '/'")
+        problem = pair_name_problem(name)
+        if problem is not None:
+            raise InputError(f"pair manifest '{path}' line {line}: {problem}")
         if name in seen:
             raise InputError(f"pair manifest '{path}' line {line}: duplicate pair name '{name}'")
         seen.add(name)
@@ -184,6 +197,9 @@ def read_pairs(path: str | os.PathLike, tasks: Sequence[str] = (), exclude: Sequ
             continue
         for p in read_manifest(ds.pairs):
             flags = ("--modality", ds.modality) + (("--no-affine",) if ds.align == "none" else ())
+            problem = pair_name_problem(f"{ds.name}_{p.name}")  # a dataset name such as '../x'
+            if problem is not None:
+                raise InputError(f"dataset manifest '{path}': dataset '{ds.name}': {problem}")
             out.append(Pair(**{**p.__dict__, "name": f"{ds.name}_{p.name}", "task": ds.task_name,
                                "label_ids": ds.label_ids, "register_flags": flags}))
     if not out:

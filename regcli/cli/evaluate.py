@@ -67,8 +67,9 @@ def evaluate(
                                                             panel=_ONE)] = None,
     moving_mask: Annotated[Optional[Path], input_file_option("--moving-mask", help="Moving mask (registration).",
                                                              panel=_ONE)] = None,
-    name: Annotated[str, typer.Option("--name", help="Pair name for the one-pair form.", rich_help_panel=_ONE)]
-    = "pair001",
+    name: Annotated[str, typer.Option(
+        "--name", help="Pair name for the one-pair form: its outputs are OUTDIR/<name>_... (no '/', not '.' or "
+        "'..').", rich_help_panel=_ONE)] = "pair001",
     method: MethodOpt = None,
     transforms_from: Annotated[Optional[str], typer.Option(
         "--transforms-from", metavar="TEMPLATE", show_default=False,
@@ -115,7 +116,8 @@ def evaluate(
     from regcli.config import build_config, refuse_flags_without_effect
     from regcli.errors import ConfigError, OutputError
     from regcli.evaluation import (
-        Pair, check_config_for_pairs, check_pair, evaluate_pairs, read_pairs, with_prompt_inputs, write_results,
+        Pair, check_config_for_pairs, check_pair, evaluate_pairs, pair_name_problem, read_pairs, with_prompt_inputs,
+        write_results,
     )
     from regcli.io.atomic import OutputSet
 
@@ -126,6 +128,9 @@ def evaluate(
     if manifest is None:
         if fixed is None or moving is None:
             raise typer.BadParameter("give a MANIFEST CSV, or --fixed and --moving (with labels to score Dice)")
+        problem = pair_name_problem(name)
+        if problem is not None:
+            raise typer.BadParameter(problem, param_hint="'--name'")
         pairs = [check_pair(Pair(name, fixed, moving, fixed_labels, moving_labels, fixed_landmarks,
                                  moving_landmarks, fixed_mask, moving_mask))]
     else:

@@ -23,6 +23,46 @@ def temp_path_for(path: str | os.PathLike) -> Path:
     return path.with_name(f"{_TMP_MARK}{os.getpid()}-{path.name}")
 
 
+def shown_name(path: str | os.PathLike) -> str:
+    """``path`` as messages name it: a temporary of :func:`temp_path_for` by the output it stands for."""
+    path = Path(path)
+    mark = f"{_TMP_MARK}{os.getpid()}-"
+    return str(path.with_name(path.name[len(mark):])) if path.name.startswith(mark) else str(path)
+
+
+# --------------------------------------------------------------------------- image names ITK would not write as given
+#: the extensions ITK's NIfTI library (niftilib) knows, in lower or upper case (not mixed). It strips one of them
+#: from the name before ``.nii``/``.nii.gz`` as well, so ``out.nii.gz.nii.gz`` is written as ``out.nii.gz``,
+#: ``x.nii.nii.gz`` as ``x.nii.gz`` and ``a.img.nii`` as ``a.hdr`` (SimpleITK 2.5 / ITK 5.4), without an error.
+_NIFTI_LIB_EXTENSIONS = (".nii.gz", ".hdr.gz", ".img.gz", ".nii", ".hdr", ".img", ".nia")
+
+
+def image_name_problem(name: str) -> Optional[str]:
+    """Why ITK would not write an image file named ``name`` (a file name, no folder) under that very name, or
+    None. Names that do not end in one of :data:`WRITABLE_IMAGE_EXTENSIONS` are not judged here.
+
+    * a doubled NIfTI extension (``out.nii.gz.nii.gz``, ``x.nii.nii.gz``, ``a.nii.nii``, ``a.img.nii``): ITK
+      writes a file under a shorter name and reports success;
+    * ``.nii``/``.nii.gz``/``.mha`` not in lower case (``.NII``, ``.nii.GZ``, ``.MHA``): ITK refuses the NIfTI
+      names only when writing, and writes ``.MHA`` as a ``.mhd`` + ``.raw`` pair (``.NRRD`` is written as named).
+    """
+    low = name.lower()
+    ext = next((e for e in WRITABLE_IMAGE_EXTENSIONS if low.endswith(e)), None)
+    if ext is None:
+        return None
+    given = name[len(name) - len(ext):]
+    if ext != ".nrrd" and given != ext:
+        return f"ITK writes '{ext}' files only under a lower-case extension, not '{given}'"
+    if ext in (".nii", ".nii.gz"):
+        stem = name[:len(name) - len(ext)]
+        inner = next((e for e in _NIFTI_LIB_EXTENSIONS if stem.endswith((e, e.upper()))), None)
+        if inner is not None:
+            base = stem[:len(stem) - len(inner)]
+            return (f"doubled extension '{stem[len(base):] + ext}': ITK's NIfTI writer would write the file under "
+                    f"a shorter name; name it '{base + ext}'")
+    return None
+
+
 def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -118,6 +158,9 @@ class OutputSet:
             raise OutputError(f"output '{path}': " + ("this format writes a header and a data file, which cannot "
                               "be published atomically" if two else "not an image file name") +
                               f"; use {', '.join(WRITABLE_IMAGE_EXTENSIONS)}")
+        problem = image_name_problem(path.name) if image else None
+        if problem is not None:
+            raise OutputError(f"output '{path}': {problem}")
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.exists():
             raise OutputError(f"output directory '{parent}' does not exist")

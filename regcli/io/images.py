@@ -667,12 +667,21 @@ def read_labels(path: str | os.PathLike, role: str = "label map") -> Image:
 
 
 def read_mask(path: str | os.PathLike, role: str, reference: Grid | None = None) -> Image:
-    """Read a binary mask (non-zero = inside) as float32 {0, 1}; refuse empty masks (E5) and NaN/Inf voxels (E4)."""
-    img = read_labels(path, role)
-    data = (img.data != 0).to(torch.float32)
+    """Read a mask as float32 {0, 1}: any finite scalar image, every non-zero voxel inside (a soft or
+    probabilistic mask is binarised as read, so 0.5 counts as 1); refuse empty masks (E5) and NaN/Inf voxels
+    (E4). Every consumer resamples the binarised mask (register: nearest; the network methods: linear weights
+    of it; evaluate and jacobian: nearest)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    img = _as_3d(read_sitk(path, role), path, role)
+    grid = _grid_of(img, path, role)
+    arr = sitk.GetArrayFromImage(img)
+    refuse_nonfinite(arr, path, role)
+    data = torch.from_numpy(np.ascontiguousarray(arr != 0)).to(torch.float32)
     if not bool(data.any()):
         raise GeometryError(f"{role} '{path}' has 0 voxels inside (empty mask)")
-    return Image(data, img.grid, img.name, img.meta)
+    return Image(data, grid, str(path), {"path": str(path), "pixel_type": img.GetPixelIDTypeAsString()})
 
 
 def write_image(image: Image, path: str | os.PathLike, dtype: str | None = None) -> None:
@@ -729,7 +738,13 @@ def write_sitk(img, path: str | os.PathLike) -> None:
 
     import SimpleITK as sitk
 
+    from regcli.errors import OutputError
+    from regcli.io.atomic import image_name_problem, shown_name
+
     path = Path(path)
+    problem = image_name_problem(path.name)
+    if problem is not None:  # OutputSet.claim refuses these names before any work; this guards other callers
+        raise OutputError(f"cannot write '{shown_name(path)}': {problem}")
     name = path.name.lower()
     if not name.endswith(".nii.gz") or gzip_level_for(sitk.GetArrayViewFromImage(img)) != 0:
         sitk.WriteImage(img, str(path), useCompression=name.endswith(".gz"))
