@@ -275,15 +275,21 @@ def with_prompt_inputs(config: RegisterConfig, pairs: Sequence[Pair], columns: b
 
 # ------------------------------------------------------------------------------------------------ transforms
 def transform_files(prefix: str) -> list[Path]:
-    """The ANTs-style transform files written for ``prefix``, in apply order: ``[1Warp, 0GenericAffine]``."""
-    out = []
-    warp = Path(prefix + "1Warp.nii.gz")
-    affine = Path(prefix + "0GenericAffine.mat")
-    if warp.exists():
-        out.append(warp)
-    if affine.exists():
-        out.append(affine)
-    return out
+    """The ANTs-style transform files written for ``prefix``, in apply order: ``[1Warp, 0GenericAffine]``.
+
+    When ``prefix``'s ``Report.json`` lists the run's outputs (``regcli register`` writes it last), only the files
+    it lists count, so a file another run left under the same prefix (an old ``1Warp`` beside a new affine-only
+    result) is never combined with them. The report's paths are as the run was given them (relative to where it
+    ran), so files are matched by name."""
+    listed = None
+    try:
+        outputs = json.loads(Path(prefix + "Report.json").read_text()).get("outputs")
+        if isinstance(outputs, list):
+            listed = {Path(str(o)).name for o in outputs}
+    except (OSError, ValueError, AttributeError):
+        pass
+    files = (Path(prefix + "1Warp.nii.gz"), Path(prefix + "0GenericAffine.mat"))
+    return [f for f in files if f.exists() and (listed is None or f.name in listed)]
 
 
 def format_prefix(template: str, pair: Pair, index: int) -> str:

@@ -84,3 +84,28 @@ def test_a_run_without_overwrite_into_a_used_prefix_is_still_refused(pair):
                  paths["config"], *FAST)
     assert res.exit_code != 0 and "--overwrite" in res.stderr
     assert sorted(p.name for p in out.iterdir()) == names
+
+
+def test_evaluate_scores_only_the_transforms_the_prefixs_report_lists(pair, tmp_path):
+    """A prefix mixed by hand or by an older regcli (an old 1Warp beside an affine-only run whose report lists no
+    warp): evaluate --transforms-from takes the listed transforms only; without a report, whatever is there."""
+    import shutil
+
+    paths, out = pair
+    _register(paths, out / "d_", *DEFORM, "--no-html")
+    second = _register(paths, out / "p_", "--method", "affine", "--no-html")
+    shutil.copy(out / "d_1Warp.nii.gz", out / "p_1Warp.nii.gz")
+
+    def scored(prefix):
+        res = invoke("evaluate", "--fixed", paths["fixed"], "--moving", paths["moving"], "--fixed-labels",
+                     paths["fl"], "--moving-labels", paths["ml"], "--transforms-from", prefix, "-o",
+                     tmp_path / "ev", "--json", "-q", "--overwrite")
+        assert res.exit_code == 0, res.stderr
+        return json.loads(res.stdout)["pairs"][0]
+
+    row = scored(out / "p_")
+    assert [t.rsplit("/", 1)[-1] for t in row["transforms"]] == ["p_0GenericAffine.mat"]
+    assert row["dice_mean"] == pytest.approx(second["metrics"]["dice_mean"], abs=1e-9)
+    (out / "p_Report.json").unlink()
+    row = scored(out / "p_")
+    assert [t.rsplit("/", 1)[-1] for t in row["transforms"]] == ["p_1Warp.nii.gz", "p_0GenericAffine.mat"]
