@@ -53,7 +53,7 @@ def _foundation_job(tmp_path: Path, batch: int, iterations: int = 6) -> Path:
               tmp_path / f"sub-{k}_T1w.nii.gz")
     job = tmp_path / f"job{batch}.yaml"
     job.write_text("data:\n  - {name: brain, glob: sub-*_T1w.nii.gz, align: none}\n"
-                   "net: {input_shape: [36, 36, 36], down_channels: [4, 8, 8, 16], up_channels: [4, 4, 8, 8]}\n"
+                   "net: {input_shape: [20, 20, 20], down_channels: [4, 8, 8], up_channels: [4, 4, 8]}\n"
                    f"train: {{iterations: {iterations}, batch_size: {batch}, seed: 3, learning_rate: 0.0005}}\n"
                    "checkpoint_every: 3\n")
     return job
@@ -88,7 +88,7 @@ def test_torchrun_foundation_matches_one_process_with_the_doubled_batch_and_resu
 
 
 def _dio_and_embedding_jobs(tmp_path: Path) -> tuple[Path, Path]:
-    for k, shift in enumerate(([0, 0, 0], [2, -1, 0], [-1, 2, 1])):
+    for k, shift in enumerate(([0, 0, 0], [2, -1, 0])):  # two subjects: DIO aligns each further one to the first
         img = make_phantom("LPS", (2.0, 2.0, 2.0), transform=lambda p, s=np.array(shift): p + s)
         write(img, tmp_path / f"sub-{k}_T1w.nii.gz")
         write(phantom_labels(img), tmp_path / f"sub-{k}_labels.nii.gz")

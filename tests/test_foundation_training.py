@@ -13,12 +13,13 @@ from conftest import invoke, make_phantom, write
 from regcli.models.gradicon import GradICONConfig, GradICONNet, save_gradicon_model
 from regcli.training.pairs import Augment, epoch_order, prepare_volume, random_affine
 
-NET = "net: {input_shape: [36, 36, 36], down_channels: [4, 8, 8, 16], up_channels: [4, 4, 8, 8]}\n"
+NET = "net: {input_shape: [20, 20, 20], down_channels: [4, 8, 8], up_channels: [4, 4, 8]}\n"
 
 
 def _data(tmp_path):
-    """Three phantom 'subjects' (MRI-like), a CT-like one, and a pairs CSV of two intra-subject pairs."""
-    for k, shift in enumerate(([0, 0, 0], [2, -1, 0], [-1, 2, 1])):
+    """Two phantom 'subjects' (MRI-like), a CT-like one, and a pairs CSV of one intra-subject pair (each aligned
+    image costs an affine registration in every training run: as few as the sampling logic needs)."""
+    for k, shift in enumerate(([0, 0, 0], [2, -1, 0])):
         write(make_phantom("LPS", (2.0, 2.0, 2.0), transform=lambda p, s=np.array(shift): p + s),
               tmp_path / f"sub-{k}_T1w.nii.gz")
     ct = make_phantom("oblique15", (2.0, 2.0, 3.0))
@@ -26,8 +27,7 @@ def _data(tmp_path):
     img = sitk.GetImageFromArray(arr.astype(np.float32))
     img.CopyInformation(ct)
     write(img, tmp_path / "ct.nii.gz")
-    (tmp_path / "pairs.csv").write_text("fixed_image,moving_image\nsub-0_T1w.nii.gz,sub-1_T1w.nii.gz\n"
-                                        "sub-2_T1w.nii.gz,sub-0_T1w.nii.gz\n")
+    (tmp_path / "pairs.csv").write_text("fixed_image,moving_image\nsub-0_T1w.nii.gz,sub-1_T1w.nii.gz\n")
 
 
 def _job(tmp_path, train="", extra="") -> str:
@@ -71,7 +71,7 @@ def test_train_foundation_checkpoints_resumes_and_writes_a_model(tmp_path):
     assert all(len(h["datasets"]) == 2 for h in hist)
     assert (straight / "loss.png").stat().st_size > 1000
     cfg = json.loads((straight / "model" / "config.json").read_text())
-    assert cfg["architecture"] == "gradicon-multistep" and cfg["net"]["input_shape"] == [36, 36, 36]
+    assert cfg["architecture"] == "gradicon-multistep" and cfg["net"]["input_shape"] == [20, 20, 20]
     assert cfg["training"]["summary"]["iterations"] == 3
     # the trained folder registers with --method foundation
     out = tmp_path / "reg"

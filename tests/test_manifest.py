@@ -120,8 +120,9 @@ def test_evaluate_a_dataset_manifest_by_task(tmp_path):
     brain = json.loads((tmp_path / "all" / "brain_pair001_Report.json").read_text())["config"]
     assert (ct["foundation"]["modality"], ct["affine"]["enabled"]) == ("mri", False)
     assert (brain["foundation"]["modality"], brain["affine"]["enabled"]) == ("mri", True)
-    res = invoke("evaluate", manifest, "-o", tmp_path / "wo", "--method", "affine", "--exclude-task", "brain",
-                 "--no-hd95", "--json")
+    # the selection, scoring the transforms registered above (no register child needed to see which pairs run)
+    res = invoke("evaluate", manifest, "-o", tmp_path / "wo", "--transforms-from", str(tmp_path / "all" / "{pair}_"),
+                 "--exclude-task", "brain", "--no-hd95", "--json")
     assert [r["pair"] for r in json.loads(res.stdout)["pairs"]] == ["ct_pair001"]
     res = invoke("evaluate", manifest, "-o", tmp_path / "x", "--task", "lung")
     assert res.exit_code == 7 and "unknown task 'lung'" in res.stderr
