@@ -25,8 +25,12 @@ def image_info(path: Path) -> dict:
     nibabel spelling, e.g. ``LPS``/``RAS``), ``ras_affine`` (4x4 index -> RAS mm, NIfTI/nibabel convention),
     ``pixel_type`` (SimpleITK name), ``dtype`` (numpy name), ``components``, ``range`` (min, max over all
     voxels and components), ``nan_count`` (with ``nan_read_as_zero`` when they are in a float NIfTI file, which
-    SimpleITK reads as 0), and for NIfTI files ``nifti`` with the header codes that
-    SimpleITK exposes (``qform_code``, ``sform_code``, ``scl_slope``, ``intent_code``, ...).
+    SimpleITK reads as 0), for 3D and 4D images ``world_extent_mm`` (the size in mm along LPS x, y, z of the
+    box that holds the whole image, voxel corners included: max - min over its 8 corners, at continuous index
+    -0.5 and size - 0.5; the same for any re-oriented copy of the image) and ``index_axis_extent_mm`` (size x
+    spacing along each index axis i, j, k: the field of view in the voxel layout), and for NIfTI files ``nifti``
+    with the header codes that SimpleITK exposes (``qform_code``, ``sform_code``, ``scl_slope``, ``intent_code``,
+    ...).
     """
     import numpy as np
     import SimpleITK as sitk
@@ -67,7 +71,12 @@ def image_info(path: Path) -> dict:
         index_to_lps[:3, :3] = d3 * np.asarray(img.GetSpacing()[:3])[None, :]
         index_to_lps[:3, 3] = img.GetOrigin()[:3]
         out["ras_affine"] = (np.diag([-1.0, -1.0, 1.0, 1.0]) @ index_to_lps).tolist()
-        out["world_extent_mm"] = [float(n * s) for n, s in zip(img.GetSize()[:3], img.GetSpacing()[:3])]
+        # the voxel-corner bounding box in LPS: the 8 corners at continuous index -0.5 and size - 0.5
+        size3 = np.asarray(img.GetSize()[:3], dtype=np.float64)
+        corners = np.array([[-0.5 + b * n for b, n in zip(bits, size3)] for bits in np.ndindex(2, 2, 2)])
+        world = corners @ index_to_lps[:3, :3].T + index_to_lps[:3, 3]
+        out["world_extent_mm"] = (world.max(axis=0) - world.min(axis=0)).tolist()
+        out["index_axis_extent_mm"] = [float(n * s) for n, s in zip(img.GetSize()[:3], img.GetSpacing()[:3])]
     keys = set(img.GetMetaDataKeys())
     if "qform_code" in keys or "sform_code" in keys:
         nifti = {}
@@ -92,28 +101,36 @@ TRANSFORM_EXTENSIONS = (".mat", ".txt", ".tfm", ".h5", ".hdf5")
 def transform_info(path: Path) -> dict:
     """What an ITK transform file holds, as a JSON-ready dict: ``path``, ``kind: "transform"`` and ``transforms``,
     one entry per transform in the order a point meets them (a composite's last-added first, as regcli and
-    antsApplyTransforms apply them): ``type`` (ITK name), ``linear``, and for linear ones ``matrix`` (3x3,
+    antsApplyTransforms apply them): ``type`` (ITK class name, e.g. ``AffineTransform``,
+    ``MatrixOffsetTransformBase``), ``linear``, and for linear ones ``matrix`` (3x3,
     row-major), ``offset`` (mm: x -> matrix @ x + offset, LPS), ``center`` and ``determinant``; for a
     displacement field its ``size`` and ``spacing``; otherwise the parameter count."""
     import numpy as np
     import SimpleITK as sitk
 
-    from regcli.io.transforms import itk_parts, read_itk_transform
-    from regcli.transforms import AffineTransform
+    from regcli.errors import InputError, RegcliError, folded
+    from regcli.io.transforms import itk_named_parts, linear_itk_affine, read_itk_transform
 
+    tx = read_itk_transform(path)
     parts = []
-    for t in itk_parts(read_itk_transform(path)):
-        entry: dict = {"type": t.GetName(), "dimension": t.GetDimension(), "linear": bool(t.IsLinear())}
-        if t.GetName() == "DisplacementFieldTransform":
-            field = sitk.DisplacementFieldTransform(t).GetDisplacementField()
-            entry.update(size=list(field.GetSize()), spacing=list(field.GetSpacing()), origin=list(field.GetOrigin()))
-        elif t.IsLinear() and t.GetDimension() == 3:
-            a = AffineTransform.from_sitk(t)
-            entry.update(matrix=a.linear.tolist(), offset=a.offset.tolist(), center=[float(c) for c in a.center],
-                         determinant=float(np.linalg.det(a.linear)))
-        else:
-            entry["parameters"] = len(t.GetParameters())
-        parts.append(entry)
+    try:
+        for name, t in itk_named_parts(tx, path):
+            entry: dict = {"type": name, "dimension": t.GetDimension(), "linear": bool(t.IsLinear())}
+            if t.GetName() == "DisplacementFieldTransform":
+                field = sitk.DisplacementFieldTransform(t).GetDisplacementField()
+                entry.update(size=list(field.GetSize()), spacing=list(field.GetSpacing()),
+                             origin=list(field.GetOrigin()))
+            elif entry["linear"] and t.GetDimension() == 3:
+                a = linear_itk_affine(t, path, name)
+                entry.update(matrix=a.linear.tolist(), offset=a.offset.tolist(), center=[float(c) for c in a.center],
+                             determinant=float(np.linalg.det(a.linear)))
+            else:
+                entry["parameters"] = len(t.GetParameters())
+            parts.append(entry)
+    except RegcliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the file holds, one line naming it (never a traceback)
+        raise InputError(f"cannot describe transform '{path}': {type(e).__name__}: {folded(e, 200)}") from None
     return {"path": str(Path(path)), "kind": "transform", "transforms": parts}
 
 
