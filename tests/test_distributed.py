@@ -1,4 +1,5 @@
-"""Training under ``torchrun --nproc-per-node 2`` (gloo, CPU): the run works, rank 0 alone writes, and the loss
+"""Training under ``torchrun --nproc-per-node 2`` (gloo, CPU): the run works, rank 0 alone writes, the processes'
+gradients are averaged (the first step's gradient equals one process's with the doubled batch), and the loss
 curve matches one process with the doubled batch."""
 
 from __future__ import annotations
@@ -59,6 +60,38 @@ def _foundation_job(tmp_path: Path, batch: int, iterations: int = 6) -> Path:
     return job
 
 
+def _first_step_state(checkpoint: Path) -> dict[str, tuple]:
+    """Per U-Net of a GradICON run checkpointed after its first step: the part of Adam's first moment (0.1 times
+    the step's gradient, after DDP's averaging) and of the weights that batch normalisation cannot touch.
+
+    Every U-Net's ``lastConv`` starts at zero, so at step 1 the maps are the identity whatever the batch
+    statistics, and only ``lastConv`` gets a gradient (asserted). Its bias and its weights on the U-Net's raw
+    input images (the last ``2 * input_channels`` input channels, a skip connection around the normalised
+    features) then have a gradient that does not depend on batch normalisation: two processes that average
+    their gradients get one process's with the doubled batch up to the order of float32 sums, while a process
+    that keeps its own half-batch gradient gets a different one (and Adam's first step, about the learning rate
+    times its sign, flips some of those weights)."""
+    import torch
+
+    from regcli.models.gradicon import GradICONConfig, GradICONNet
+
+    ck = torch.load(checkpoint, weights_only=False)
+    assert ck["step"] == 1
+    names = [n for n, _ in GradICONNet(GradICONConfig.model_validate(ck["config"])).named_parameters()]
+    adam = ck["optimizer"]["state"]  # Adam(net.parameters()): indexed in named_parameters' order
+    moved = [n for k, n in enumerate(names) if k in adam and bool(adam[k]["exp_avg"].any())]
+    assert moved and all(".lastConv." in n for n in moved), moved
+    images = 2 * ck["config"]["input_channels"]
+    out = {}
+    for k, n in enumerate(names):
+        if n.endswith(".lastConv.weight"):
+            conv = n[:-len(".weight")]
+            b = names.index(conv + ".bias")
+            out[conv] = (torch.cat((adam[k]["exp_avg"][:, -images:].flatten(), adam[b]["exp_avg"])),
+                         torch.cat((ck["state_dict"][n][:, -images:].flatten(), ck["state_dict"][conv + ".bias"])))
+    return out
+
+
 def _losses(outdir: Path) -> np.ndarray:
     return np.array([h["loss"] for h in json.loads((outdir / "history.json").read_text())["history"]])
 
@@ -66,10 +99,20 @@ def _losses(outdir: Path) -> np.ndarray:
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on Linux")
 def test_torchrun_foundation_matches_one_process_with_the_doubled_batch_and_resumes(tmp_path):
     job1, job2 = _foundation_job(tmp_path, 1), _foundation_job(tmp_path, 2)
-    two = tmp_path / "ddp"
-    r = _torchrun(2, "train", "foundation", "--config", str(job1), "-o", str(two), "--json", "--iterations", "3")
+    two, first = tmp_path / "ddp", tmp_path / "single-step1"
+    r = _torchrun(2, "train", "foundation", "--config", str(job1), "-o", str(two), "--json", "--iterations", "1")
     assert r.returncode == 0, r.stderr[-4000:]
-    assert json.loads(r.stdout)["iterations"] == 3  # exactly one JSON object: rank 0's
+    assert json.loads(r.stdout)["iterations"] == 1  # exactly one JSON object: rank 0's
+    r = _torchrun(1, "train", "foundation", "--config", str(job2), "-o", str(first), "--json", "--iterations", "1")
+    assert r.returncode == 0, r.stderr[-4000:]
+    # gradients are averaged over the processes (see _first_step_state): measured relative difference ~1e-6 and
+    # weights equal to ~1e-10; without the all-reduce 0.40-0.64 and 26-31 of each U-Net's 165 off by 2 lr = 1e-3
+    ddp, single = _first_step_state(two / "checkpoint.pt"), _first_step_state(first / "checkpoint.pt")
+    assert ddp.keys() == single.keys() and len(ddp) == 4
+    for net, ((grad_a, w_a), (grad_b, w_b)) in ((k, (ddp[k], single[k])) for k in ddp):
+        rel = float((grad_a - grad_b).norm() / grad_b.norm())
+        assert rel < 1e-4, f"{net}: the first step's gradient differs from one process's by {rel:.3g} (relative)"
+        assert float((w_a - w_b).abs().max()) < 1e-6, f"{net}: weights after step 1 differ"
     r = _torchrun(2, "train", "foundation", "--config", str(job1), "-o", str(two), "--json", "--resume")
     assert r.returncode == 0, r.stderr[-4000:]
     one = tmp_path / "single"
