@@ -13,6 +13,16 @@ measures phase by phase (``/proc/self/clear_refs``) on synthseg brains at severa
 largest phase times the model's margin (the worst under-prediction seen in the calibration, plus 5 %). It is
 calibrated on the CPU with 2 threads, label maps given and the HTML report on; on CUDA the solver's tensors live
 on the GPU, so it is an upper bound of the host memory, and the GPU's own memory is not estimated.
+
+The fine refinement (``--fine-spacing``, every deformable method) is not fitted to its own peaks: its solver
+evaluates the similarity on the voxels whose features are not flat, so its memory depends on the images' content
+(270-380 bytes per fine-grid voxel measured on zero-background brains, about 500 with background noise), which
+the headers do not tell. Its phase is the memory live when it starts (the level after the deformable stage,
+fitted per method) plus the growth per fine-grid voxel that the calibration measures for the stage alone on a
+phantom textured everywhere (``fine_stage`` in the model, per precision; in float32 about 500 bytes, some 125
+float32 values per fine-grid voxel, of which the two images' 12-channel MIND-SSC features are 24 and the
+solver's field, gradients, Adam moments and the moving features warped on the support most of the rest): the
+worst case, so on images with flat backgrounds the fine phase is over-estimated.
 """
 
 from __future__ import annotations
@@ -102,6 +112,9 @@ def estimate_peak_memory(fixed: Grid, moving: Grid, config: RegisterConfig) -> M
         notes.append(f"no calibration for {key}; convexadam's coefficients")
         method = "convexadam"
     coef = model["methods"][method]
+    if "fine" not in coef and config.deformable and config.instance.fine_spacing_mm is not None:
+        notes.append(f"no fine-refinement calibration for {method}; convexadam's")  # a model fitted without it
+        coef = {**coef, "fine": model["methods"]["convexadam"]["fine"]}
     counts = {"fixed": fixed.num_voxels, "moving": moving.num_voxels, "work": 0, "fine": 0}
     if config.deformable:
         counts["work"] = working_grid(config.method, fixed, config)[0].num_voxels
