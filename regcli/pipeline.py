@@ -474,14 +474,11 @@ def earlier_outputs(prefix: str) -> list[Path]:
         listed = json.loads(report.read_text()).get("outputs") if report.is_file() else None
     except (OSError, ValueError, AttributeError):
         listed = None
-    if isinstance(listed, list):
-        folder, stem = report.resolve().parent, Path(p + "Report").name
-        for name in listed:
-            path = Path(str(name))
-            if (path.name.startswith(stem) and path.name.endswith(".png")
-                    and path.resolve().parent == folder):
-                names.append(path)
-    return [n for n in names if n.is_file()]
+    if isinstance(listed, list):  # its paths are as that run was given them: matched by name, beside the report
+        stem = Path(p + "Report").name
+        names += [report.with_name(Path(str(name)).name) for name in listed
+                  if Path(str(name)).name.startswith(stem) and str(name).endswith(".png")]
+    return [n for n in dict.fromkeys(names) if n.is_file()]
 
 
 def remove_stale_outputs(earlier: Sequence[Path], written: Sequence[str]) -> list[Path]:
@@ -503,7 +500,7 @@ def remove_stale_outputs(earlier: Sequence[Path], written: Sequence[str]) -> lis
             log.warning("could not remove '%s' of an earlier run under the same prefix: %s", path, e)
     if removed:
         log.info("removed %d output(s) of an earlier run that this run does not write: %s", len(removed),
-                    ", ".join(str(r) for r in removed))
+                 ", ".join(str(r) for r in removed))
     return removed
 
 
