@@ -71,12 +71,17 @@ PHASE_TERMS = {"read": ("fixed", "moving"), "affine": ("fixed", "moving"), "defo
 FINE_BASE_TERMS = ("fixed", "moving", "work")
 
 
-def _hwm_mb() -> float:
+def _status_mb(key: str) -> float:
+    """A ``/proc/self/status`` memory line (``VmHWM``, ``VmRSS``) in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return float(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def _hwm_mb() -> float:
+    return _status_mb("VmHWM")
 
 
 def _reset_hwm() -> None:
@@ -175,11 +180,7 @@ def run_fine_stage(case: dict) -> dict:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) / 1024.0
-    return float("nan")
+    return _status_mb("VmRSS")
 
 
 def noisy_copy(path: Path, tmp: Path, sigma: float = 4.0) -> str:
