@@ -281,13 +281,10 @@ def transform_files(prefix: str) -> list[Path]:
     it lists count, so a file another run left under the same prefix (an old ``1Warp`` beside a new affine-only
     result) is never combined with them. The report's paths are as the run was given them (relative to where it
     ran), so files are matched by name."""
-    listed = None
-    try:
-        outputs = json.loads(Path(prefix + "Report.json").read_text()).get("outputs")
-        if isinstance(outputs, list):
-            listed = {Path(str(o)).name for o in outputs}
-    except (OSError, ValueError, AttributeError):
-        pass
+    from regcli.reports.report import listed_outputs
+
+    outputs = listed_outputs(prefix)
+    listed = None if outputs is None else {Path(o).name for o in outputs}
     files = (Path(prefix + "1Warp.nii.gz"), Path(prefix + "0GenericAffine.mat"))
     return [f for f in files if f.exists() and (listed is None or f.name in listed)]
 

@@ -8,7 +8,6 @@ first, runs the registration, and publishes every output file together (nothing 
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import time
 from dataclasses import dataclass, field as dc_field
@@ -466,18 +465,14 @@ def earlier_outputs(prefix: str) -> list[Path]:
     """Files an earlier ``register`` run may have left under ``prefix``: the ANTs names of every output it can
     write, and the HTML report's figures that its ``Report.json`` lists (``<prefix>Report*.png`` beside it). Only
     names derived from the prefix: an output named explicitly (``-o [prefix,warped.nii.gz]``) is never among them."""
+    from regcli.reports.report import listed_outputs
+
     p = str(prefix)
     names = [Path(p + s) for s in ("0GenericAffine.mat", "1Warp.nii.gz", "1InverseWarp.nii.gz", "Warped.nii.gz",
                                    "Report.json", "Report.html")]
-    report = Path(p + "Report.json")
-    try:
-        listed = json.loads(report.read_text()).get("outputs") if report.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        listed = None
-    if isinstance(listed, list):  # its paths are as that run was given them: matched by name, beside the report
-        stem = Path(p + "Report").name
-        names += [report.with_name(Path(str(name)).name) for name in listed
-                  if Path(str(name)).name.startswith(stem) and str(name).endswith(".png")]
+    stem = Path(p + "Report").name  # the figures: matched by name, beside the report
+    names += [Path(p + "Report.json").with_name(Path(o).name) for o in listed_outputs(p) or ()
+              if Path(o).name.startswith(stem) and o.endswith(".png")]
     return [n for n in dict.fromkeys(names) if n.is_file()]
 
 
@@ -798,7 +793,7 @@ def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, warped_label
         fl = fixed_labels if same else resample_to_grid(fixed_labels, fixed.grid, "nearest")
         # labels present in both maps (as `regcli evaluate` scores them): one lost by warping counts as 0
         if same and label_values is not None:
-            labels = sorted((label_values[0] & label_values[1]) - {0})
+            labels = M.common_labels(*label_values)
         else:  # a fixed map resampled onto the fixed grid may have lost a label
             labels = M.shared_labels(fl, moving_labels)
         dice = M.dice_per_label(fl, warped_labels, labels)

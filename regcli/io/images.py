@@ -671,17 +671,11 @@ def read_mask(path: str | os.PathLike, role: str, reference: Grid | None = None)
     probabilistic mask is binarised as read, so 0.5 counts as 1); refuse empty masks (E5) and NaN/Inf voxels
     (E4). Every consumer resamples the binarised mask (register: nearest; the network methods: linear weights
     of it; evaluate and jacobian: nearest)."""
-    import SimpleITK as sitk
-
-    path = Path(path)
-    img = _as_3d(read_sitk(path, role), path, role)
-    grid = _grid_of(img, path, role)
-    arr = sitk.GetArrayFromImage(img)
-    refuse_nonfinite(arr, path, role)
-    data = torch.from_numpy(np.ascontiguousarray(arr != 0)).to(torch.float32)
+    img = read_image(path, role, check_variance=False)
+    data = (img.data != 0).to(torch.float32)
     if not bool(data.any()):
         raise GeometryError(f"{role} '{path}' has 0 voxels inside (empty mask)")
-    return Image(data, grid, str(path), {"path": str(path), "pixel_type": img.GetPixelIDTypeAsString()})
+    return Image(data, img.grid, img.name, img.meta)
 
 
 def write_image(image: Image, path: str | os.PathLike, dtype: str | None = None) -> None:

@@ -105,7 +105,12 @@ def label_values(labels: Image | np.ndarray | torch.Tensor) -> set[int]:
 
 def shared_labels(a: Image | np.ndarray | torch.Tensor, b: Image | np.ndarray | torch.Tensor) -> list[int]:
     """Labels != 0 present in both maps, ascending (what Dice and HD95 are scored over by default)."""
-    return sorted((label_values(a) & label_values(b)) - {0})
+    return common_labels(label_values(a), label_values(b))
+
+
+def common_labels(a_values: set[int], b_values: set[int]) -> list[int]:
+    """:func:`shared_labels` from the two maps' values (:func:`label_values`) when they are already counted."""
+    return sorted((a_values & b_values) - {0})
 
 
 def nanmean(values: Iterable[float]) -> float:

@@ -478,6 +478,17 @@ def report_json(report: Mapping[str, Any], indent: int = 2) -> str:
 dumps = report_json  # alias
 
 
+def listed_outputs(prefix: str) -> Optional[list[str]]:
+    """The files that ``prefix``'s ``Report.json`` (a ``regcli register`` run's, written last) lists as its
+    ``outputs``, as that run named them (relative to where it ran: compare by name); None without a readable
+    report that lists them."""
+    try:
+        outputs = json.loads(Path(str(prefix) + "Report.json").read_text()).get("outputs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(o) for o in outputs] if isinstance(outputs, list) else None
+
+
 def write_report(path: str | os.PathLike, report: Mapping[str, Any]) -> None:
     """Write ``report`` as JSON atomically (temp file, fsync, rename)."""
     from regcli.io.atomic import atomic_write_text
