@@ -292,6 +292,8 @@ def fit(rows: list[dict], out: Path, stage_rows: list[dict]) -> None:
              "fine_stage": stage,
              "aliases": {"rigid": "affine", "samconvex@float64": "convexadam@float64", "affine@float64": "affine",
                          "rigid@float64": "affine"}, "methods": methods}
+    if out.exists() and "cuda_host_mb" in json.loads(out.read_text()):  # measured on a GPU by gpu_check.py, kept
+        model["cuda_host_mb"] = json.loads(out.read_text())["cuda_host_mb"]
     out.write_text(json.dumps(model, indent=1) + "\n")
     print(f"wrote {out}: margin {model['margin']}; fine stage " + ", ".join(
         f"{p}: {v['mb']:.0f} MB + {v['fine']:.0f} B per fine voxel" for p, v in stage.items()))

@@ -11,8 +11,7 @@ the coefficients (bytes per voxel) fitted per method by ``benchmarks/memory_cali
 measures phase by phase (``/proc/self/clear_refs``) on synthseg brains at several voxel sizes. They live in
 ``memory_model.json`` beside this module (``METHOD@float64`` for ``precision: float64``). The estimate is the
 largest phase times the model's margin (the worst under-prediction seen in the calibration, plus 5 %). It is
-calibrated on the CPU with 2 threads, label maps given and the HTML report on; on CUDA the solver's tensors live
-on the GPU, so it is an upper bound of the host memory, and the GPU's own memory is not estimated.
+calibrated on the CPU with 2 threads, label maps given and the HTML report on.
 
 The fine refinement (``--fine-spacing``, every deformable method) is not fitted to its own peaks: its solver
 evaluates the similarity on the voxels whose features are not flat, so its memory depends on the images' content
@@ -23,6 +22,15 @@ phantom textured everywhere (``fine_stage`` in the model, per precision; in floa
 float32 values per fine-grid voxel, of which the two images' 12-channel MIND-SSC features are 24 and the
 solver's field, gradients, Adam moments and the moving features warped on the support most of the rest): the
 worst case, so on images with flat backgrounds the fine phase is over-estimated.
+
+On CUDA (``--device cuda``, or ``auto`` with a GPU) the solver's tensors live on the GPU, but the CUDA runtime,
+cuBLAS and cuDNN take host memory of their own: ``cuda_host_mb`` in the model, the largest peak-RSS difference
+between a CUDA and a CPU registration of a 32^3 phantom over the six methods (``benchmarks/gpu_check.py
+--sections host``; 763-1104 MB with torch 2.11 and CUDA 13 on an H100). Every phase's host estimate adds it, so
+the estimate is an upper bound of the host memory there too. The GPU's own memory is not predicted: its peak
+depends on the transform model and optimizer (L-BFGS: twice Adam's) and, for the networks, on their fixed input
+size rather than the images'; the report gives the measured ``memory.cuda_max_allocated_mb``, and
+docs/benchmarks.md a table of them.
 """
 
 from __future__ import annotations
@@ -99,9 +107,10 @@ def _phase_runs(name: str, config: RegisterConfig) -> bool:
     return not off.get(name, False)
 
 
-def estimate_peak_memory(fixed: Grid, moving: Grid, config: RegisterConfig) -> MemoryEstimate:
+def estimate_peak_memory(fixed: Grid, moving: Grid, config: RegisterConfig, device: str = "cpu") -> MemoryEstimate:
     """Predicted peak resident memory of ``regcli register`` for images on ``fixed`` and ``moving`` grids with
-    ``config`` (see the module docstring for the model and where its coefficients come from)."""
+    ``config`` on ``device`` ("cpu" or "cuda"; see the module docstring for the model, CUDA and where the
+    coefficients come from)."""
     from regcli.methods import working_grid
 
     model = _model()
@@ -120,10 +129,11 @@ def estimate_peak_memory(fixed: Grid, moving: Grid, config: RegisterConfig) -> M
         counts["work"] = working_grid(config.method, fixed, config)[0].num_voxels
         if config.instance.fine_spacing_mm is not None:
             counts["fine"] = fixed.with_spacing(config.instance.fine_spacing_mm).num_voxels
+    host_extra = float(model["cuda_host_mb"]) if device == "cuda" else 0.0
     phases = {}
     for name, c in coef.items():
         if _phase_runs(name, config):
-            phases[name] = c["mb"] + sum(c.get(k, 0.0) * counts[k] for k in counts) / MB
+            phases[name] = c["mb"] + host_extra + sum(c.get(k, 0.0) * counts[k] for k in counts) / MB
     margin = float(model["margin"])
     return MemoryEstimate(max(phases.values()) * margin, phases, counts, margin, method, notes)
 

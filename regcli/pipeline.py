@@ -368,7 +368,7 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
 
     runtime = setup_runtime(config.device, config.threads, config.seed, config.deterministic)
     t0 = time.perf_counter()
-    memory = preflight_memory(inputs, config)
+    memory = preflight_memory(inputs, config, runtime.device)
     fixed = read_image(inputs.fixed, "fixed image")
     moving = read_image(inputs.moving, "moving image")
     fixed_mask = read_mask(inputs.fixed_mask, "fixed mask") if inputs.fixed_mask else None
@@ -536,14 +536,14 @@ def quality_warnings(metrics: dict) -> list[str]:
     return out
 
 
-def preflight_memory(inputs: RegisterInputs, config: RegisterConfig):
+def preflight_memory(inputs: RegisterInputs, config: RegisterConfig, device: torch.device = torch.device("cpu")):
     """The pre-flight memory estimate (:mod:`regcli.memory`) from the two headers, logged; a ResourceError when
     it is above ``config.max_memory_mb``, before anything is read."""
     from regcli.io.images import read_grid
     from regcli.memory import check_memory, estimate_peak_memory
 
     estimate = estimate_peak_memory(read_grid(inputs.fixed, "fixed image"), read_grid(inputs.moving, "moving image"),
-                                    config)
+                                    config, device.type)
     (log.info if config.max_memory_mb is not None else log.debug)("memory estimate: %s", estimate.describe())
     check_memory(estimate, config.max_memory_mb, config, str(inputs.fixed))
     return estimate

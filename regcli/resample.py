@@ -1,5 +1,11 @@
 """Resampling: the only module that calls ``torch.nn.functional.grid_sample``.
 
+Where a gradient must be differentiable again (DIO's Jacobian-free training step, :func:`twice_differentiable`)
+on a torch whose 3-D ``grid_sample`` backward has no derivative (before 2.13), or where CUDA must give the same
+gradient twice (``torch.use_deterministic_algorithms``, RELIABILITY N2: ``grid_sample``'s CUDA backward adds with
+atomics), trilinear sampling is built from gathers instead (:func:`_trilinear_gathered`): the same values, and a
+backward of scatter-adds that is differentiable and deterministic.
+
 Boundary semantics follow ITK (and so SimpleITK and antsApplyTransforms): a point whose continuous
 index lies in ``[-0.5, n - 0.5]`` on every axis is inside and is interpolated with edge values
 repeated; anything further out gets the default value. Coordinates are built in float64 by
@@ -8,7 +14,9 @@ repeated; anything further out gets the default value. Coordinates are built in 
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import contextlib
+import contextvars
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -30,6 +38,85 @@ def _as_ncdhw(data: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if data.dim() == 5:
         return data, False
     raise ValueError(f"expected (Z,Y,X), (C,Z,Y,X) or (N,C,Z,Y,X), got {tuple(data.shape)}")
+
+
+_TWICE = contextvars.ContextVar("regcli_twice_differentiable", default=False)
+_NATIVE_DOUBLE_BACKWARD: dict[str, bool] = {}
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Within: bilinear :func:`grid_sample` calls whose gradient will be differentiated again (``create_graph``)
+    stay differentiable on torch versions whose ``grid_sample`` lacks a double backward."""
+    token = _TWICE.set(True)
+    try:
+        yield
+    finally:
+        _TWICE.reset(token)
+
+
+def native_double_backward(device: torch.device) -> bool:
+    """Whether this torch differentiates ``grid_sample``'s 3-D backward on ``device``'s type (probed once)."""
+    kind = torch.device(device).type
+    if kind not in _NATIVE_DOUBLE_BACKWARD:
+        x = torch.ones(1, 1, 2, 2, 2, device=device, requires_grad=True)
+        g = torch.full((1, 1, 1, 1, 3), 0.25, device=device, requires_grad=True)
+        try:
+            with torch.enable_grad():
+                y = F.grid_sample(x, g, mode="bilinear", padding_mode="border", align_corners=True).sum()
+                (gg,) = torch.autograd.grad(y, g, create_graph=True)
+                torch.autograd.grad(gg.sum(), x)
+            _NATIVE_DOUBLE_BACKWARD[kind] = True
+        except RuntimeError:
+            _NATIVE_DOUBLE_BACKWARD[kind] = False
+    return _NATIVE_DOUBLE_BACKWARD[kind]
+
+
+def _gathered(x: torch.Tensor, g: torch.Tensor, mode: str) -> bool:
+    """Whether a ``grid_sample`` of ``x`` at ``g`` takes :func:`_trilinear_gathered` (see the module docstring)."""
+    if mode != "bilinear" or not torch.is_grad_enabled() or not (x.requires_grad or g.requires_grad):
+        return False
+    if x.device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
+        return True
+    return _TWICE.get() and not native_double_backward(x.device)
+
+
+def _trilinear_gathered(x: torch.Tensor, g: torch.Tensor, padding: str) -> torch.Tensor:
+    """``F.grid_sample(x, g, "bilinear", padding, align_corners=True)`` for (N, C, D, H, W) ``x`` and
+    (N, D', H', W', 3) ``g`` (padding "border" or "zeros"), as eight weighted gathers."""
+    n, c, d, h, w = x.shape
+    flat = x.reshape(n, c, d * h * w)
+    pts = g.reshape(n, -1, 3)
+    lo, frac = [], []
+    for i, size in enumerate((w, h, d)):  # grid_sample's (x, y, z) order
+        p = (pts[..., i] + 1) * (0.5 * (size - 1))
+        if padding == "border":
+            p = p.clamp(0, size - 1)
+        p0 = torch.floor(p.detach())
+        lo.append(p0.long())
+        frac.append(p - p0)
+    out = None
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                ix, iy, iz = lo[0] + dx, lo[1] + dy, lo[2] + dz
+                weight = ((frac[0] if dx else 1 - frac[0]) * (frac[1] if dy else 1 - frac[1])
+                          * (frac[2] if dz else 1 - frac[2]))
+                if padding != "border":
+                    inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h) & (iz >= 0) & (iz < d)
+                    weight = weight * inside
+                lin = (iz.clamp(0, d - 1) * h + iy.clamp(0, h - 1)) * w + ix.clamp(0, w - 1)
+                term = flat.gather(2, lin[:, None].expand(n, c, -1)) * weight[:, None].to(x.dtype)
+                out = term if out is None else out + term
+    return out.reshape(n, c, *g.shape[1:4])
+
+
+def sample_norm(x: torch.Tensor, g: torch.Tensor, mode: str = "bilinear", padding: str = "border") -> torch.Tensor:
+    """``F.grid_sample(x, g, mode, padding, align_corners=True)`` for (N, C, D, H, W) ``x``, through
+    :func:`_trilinear_gathered` where that is needed (module docstring)."""
+    if _gathered(x, g, mode) and padding in ("border", "zeros"):
+        return _trilinear_gathered(x, g, padding)
+    return F.grid_sample(x, g, mode=mode, padding_mode=padding, align_corners=True)
 
 
 def inside_norm(coords_norm: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -63,7 +150,7 @@ def grid_sample(
     if x.shape[0] != coords_norm.shape[0]:
         x = x.expand(coords_norm.shape[0], *x.shape[1:])
     pad = "border" if padding == "itk" else padding
-    out = F.grid_sample(x, coords_norm.to(x.dtype), mode=mode, padding_mode=pad, align_corners=True)
+    out = sample_norm(x, coords_norm.to(x.dtype), mode, pad)
     if padding == "itk":
         if source is None:
             raise ValueError("padding='itk' needs the source grid")

@@ -190,21 +190,23 @@ def test_train_dio_cli_checkpoints_and_resumes_bit_for_bit(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(_tiny_job("synth_prob: 0.5"))
     straight = tmp_path / "straight"
-    res = invoke("train", "dio", "--config", job, "-o", straight, "--quiet", "--json")
+    # --device cpu: bit for bit is the CPU's promise; CUDA's grid_sample and cuDNN backwards add with atomics
+    res = invoke("train", "dio", "--device", "cpu", "--config", job, "-o", straight, "--quiet", "--json")
     assert res.exit_code == 0, res.output
     hist = json.loads((straight / "history.json").read_text())["history"]
     assert len(hist) == 3 and all(np.isfinite(h["loss"]) for h in hist)
     assert (straight / "model" / "model.safetensors").is_file()
     # an interrupted run (2 steps) resumed to 3 gives the same weights
     part = tmp_path / "part"
-    assert invoke("train", "dio", "--config", job, "-o", part, "--iterations", "2", "--quiet").exit_code == 0
-    again = invoke("train", "dio", "--config", job, "-o", part, "--resume", "--quiet")
+    assert invoke("train", "dio", "--device", "cpu",
+                  "--config", job, "-o", part, "--iterations", "2", "--quiet").exit_code == 0
+    again = invoke("train", "dio", "--device", "cpu", "--config", job, "-o", part, "--resume", "--quiet")
     assert again.exit_code == 0, again.output
     a = torch.load(straight / "checkpoint.pt", weights_only=False)["state_dict"]
     b = torch.load(part / "checkpoint.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a second run into the same folder without --resume is refused
-    res = invoke("train", "dio", "--config", job, "-o", straight, "--quiet")
+    res = invoke("train", "dio", "--device", "cpu", "--config", job, "-o", straight, "--quiet")
     assert res.exit_code == 6 and "--resume" in res.output  # an output that exists
 
 
@@ -215,15 +217,18 @@ def test_train_dio_with_sam_resumes_bit_for_bit(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(_tiny_job("synth_prob: 0.5"))
     straight = tmp_path / "straight"
-    res = invoke("train", "dio", "--config", job, "-o", straight, "--sam-rho", "0.05", "--quiet", "--json")
+    res = invoke("train", "dio", "--device", "cpu",
+                 "--config", job, "-o", straight, "--sam-rho", "0.05", "--quiet", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["sam_rho"] == 0.05
     hist = json.loads((straight / "history.json").read_text())["history"]
     assert len(hist) == 3 and all(np.isfinite(h["sam_loss"]) and h["sam_loss"] != h["loss"] for h in hist)
     part = tmp_path / "part"
-    assert invoke("train", "dio", "--config", job, "-o", part, "--iterations", "2", "--sam-rho", "0.05",
+    assert invoke("train", "dio", "--device", "cpu",
+                  "--config", job, "-o", part, "--iterations", "2", "--sam-rho", "0.05",
                   "--quiet").exit_code == 0
-    again = invoke("train", "dio", "--config", job, "-o", part, "--resume", "--sam-rho", "0.05", "--quiet")
+    again = invoke("train", "dio", "--device", "cpu",
+                   "--config", job, "-o", part, "--resume", "--sam-rho", "0.05", "--quiet")
     assert again.exit_code == 0, again.output
     a = torch.load(straight / "checkpoint.pt", weights_only=False)
     b = torch.load(part / "checkpoint.pt", weights_only=False)
@@ -277,8 +282,9 @@ def test_train_dio_validates_whole_volumes_and_keeps_the_best_checkpoint(tmp_pat
     assert same["contrasts"]["real"] == pytest.approx(1.0, abs=0.02) and same["contrasts"]["moving"] > 0.8
     # interrupted after 2 steps and resumed: the same validation records
     part = tmp_path / "part"
-    assert invoke("train", "dio", "--config", job, "-o", part, "--iterations", "2", "--quiet").exit_code == 0
-    assert invoke("train", "dio", "--config", job, "-o", part, "--resume", "--quiet").exit_code == 0
+    assert invoke("train", "dio", "--device", "cpu",
+                  "--config", job, "-o", part, "--iterations", "2", "--quiet").exit_code == 0
+    assert invoke("train", "dio", "--device", "cpu", "--config", job, "-o", part, "--resume", "--quiet").exit_code == 0
     resumed = json.loads((part / "history.json").read_text())["validation"]
     assert [(r["step"], r["dice"]) for r in resumed] == [(r["step"], r["dice"]) for r in records]
     # too few held-out images is a one-line error

@@ -100,10 +100,13 @@ def _losses(outdir: Path) -> np.ndarray:
 def test_torchrun_foundation_matches_one_process_with_the_doubled_batch_and_resumes(tmp_path):
     job1, job2 = _foundation_job(tmp_path, 1), _foundation_job(tmp_path, 2)
     two, first = tmp_path / "ddp", tmp_path / "single-step1"
-    r = _torchrun(2, "train", "foundation", "--config", str(job1), "-o", str(two), "--json", "--iterations", "1")
+    # --device cpu: bit for bit is the CPU's promise; CUDA's grid_sample and cuDNN backwards add with atomics
+    r = _torchrun(2, "train", "foundation", "--device", "cpu",
+                  "--config", str(job1), "-o", str(two), "--json", "--iterations", "1")
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads(r.stdout)["iterations"] == 1  # exactly one JSON object: rank 0's
-    r = _torchrun(1, "train", "foundation", "--config", str(job2), "-o", str(first), "--json", "--iterations", "1")
+    r = _torchrun(1, "train", "foundation", "--device", "cpu",
+                  "--config", str(job2), "-o", str(first), "--json", "--iterations", "1")
     assert r.returncode == 0, r.stderr[-4000:]
     # gradients are averaged over the processes (see _first_step_state): measured relative difference ~1e-6 and
     # weights equal to ~1e-10; without the all-reduce 0.40-0.64 and 26-31 of each U-Net's 165 off by 2 lr = 1e-3
@@ -113,10 +116,11 @@ def test_torchrun_foundation_matches_one_process_with_the_doubled_batch_and_resu
         rel = float((grad_a - grad_b).norm() / grad_b.norm())
         assert rel < 1e-4, f"{net}: the first step's gradient differs from one process's by {rel:.3g} (relative)"
         assert float((w_a - w_b).abs().max()) < 1e-6, f"{net}: weights after step 1 differ"
-    r = _torchrun(2, "train", "foundation", "--config", str(job1), "-o", str(two), "--json", "--resume")
+    r = _torchrun(2, "train", "foundation", "--device", "cpu",
+                  "--config", str(job1), "-o", str(two), "--json", "--resume")
     assert r.returncode == 0, r.stderr[-4000:]
     one = tmp_path / "single"
-    r = _torchrun(1, "train", "foundation", "--config", str(job2), "-o", str(one), "--json")
+    r = _torchrun(1, "train", "foundation", "--device", "cpu", "--config", str(job2), "-o", str(one), "--json")
     assert r.returncode == 0, r.stderr[-4000:]
     a, b = _losses(two), _losses(one)
     assert len(a) == len(b) == 6

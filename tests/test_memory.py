@@ -101,3 +101,17 @@ def test_limits_below_a_megabyte_are_printed_as_given():
     from regcli.memory import _size
 
     assert (_size(1 / 1024), _size(0.5), _size(512.4), _size(3072)) == ("0.000977 MB", "0.5 MB", "512 MB", "3.0 GB")
+
+
+def test_on_cuda_the_host_estimate_adds_the_cuda_runtime():
+    """On CUDA the tensors live on the GPU, but the CUDA runtime, cuBLAS and cuDNN take host memory of their own:
+    a 32^3 phantom peaked at 1.4-1.8 GB of RSS on CUDA against 0.7-0.9 GB on the CPU (H100, torch 2.11), above the
+    CPU estimate. The host estimate on CUDA adds the largest difference measured."""
+    cfg = build_config(None, {"method": "convexadam"})
+    f, m = _grid(160), _grid(150)
+    cpu = estimate_peak_memory(f, m, cfg)
+    cuda = estimate_peak_memory(f, m, cfg, "cuda")
+    extra = float(_model()["cuda_host_mb"])
+    assert extra > 1000
+    assert cuda.phases == pytest.approx({k: v + extra for k, v in cpu.phases.items()})
+    assert cuda.total_mb == pytest.approx(cpu.total_mb + extra * cpu.margin)

@@ -76,7 +76,9 @@ def test_lbfgs_solves_a_quadratic_with_parameter_groups():
     assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))  # monotone
     assert float(closure().detach()) == pytest.approx(losses[-1], rel=1e-9)  # the parameters are at the accepted point
     # an iteration reuses the last line-search evaluation, and stops evaluating once nothing decreases the loss
-    assert opt.evaluations < 1.5 * 60  # measured 77 (48 iterations to converge, 23 in two failed searches)
+    # (without the reuse every iteration takes two evaluations or more: 120). Measured 77 (48 iterations to
+    # converge, 23 in two failed searches; AMD EPYC, torch 2.13) and 95 (Intel Xeon, torch 2.11)
+    assert opt.evaluations < 2 * 60
 
 
 def test_lbfgs_matches_torch_on_rosenbrock():

@@ -328,7 +328,7 @@ def test_build_report(tmp_path):
     sitk.WriteImage(fixed, str(fpath))
     lm = tmp_path / "lm.csv"
     lm.write_text("x,y,z\n1,2,3\n")
-    cfg = RegisterConfig(seed=7, deterministic=True)
+    cfg = RegisterConfig(seed=7, deterministic=True, device="cpu")
     metrics = {"dice_per_label": {2: 0.9, 1: float("nan")}, "dice_mean": 0.9}
     rep = build_report("register", cfg, {"fixed": fpath, "landmarks": lm, "mask": None, "transforms": [lm, fpath]},
                        {"read": 0.5, "affine": 2.25}, metrics, {"converged": True},

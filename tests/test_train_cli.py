@@ -37,8 +37,9 @@ def _setup(tmp_path):
 def test_train_embedding_writes_a_loadable_checkpoint(tmp_path):
     job = _setup(tmp_path)
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["train", "embedding", "--config", str(job), "-o", str(out), "--json",
-                                   "--iterations", "4", "--threads", "1"])
+    # --device cpu: bit for bit is the CPU's promise; CUDA's grid_sample and cuDNN backwards add with atomics
+    res = CliRunner().invoke(app, ["train", "embedding", "--device", "cpu", "--config", str(job), "-o", str(out),
+                                   "--json", "--iterations", "4", "--threads", "1"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["iterations"] == 4 and summary["volumes"] == 2
@@ -56,8 +57,8 @@ def test_train_embedding_writes_a_loadable_checkpoint(tmp_path):
 
     # --stop-after: the same job ended early (its schedule still spans the 4 iterations), recorded in job.json
     cut = tmp_path / "cut"
-    res = CliRunner().invoke(app, ["train", "embedding", "--config", str(job), "-o", str(cut), "--json",
-                                   "--iterations", "4", "--stop-after", "2", "--threads", "1"])
+    res = CliRunner().invoke(app, ["train", "embedding", "--device", "cpu", "--config", str(job), "-o", str(cut),
+                                   "--json", "--iterations", "4", "--stop-after", "2", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["iterations"] == 2
     assert json.loads((cut / "history.json").read_text())["history"] == hist[:2]

@@ -5,12 +5,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from regcli.cli.common import JsonOpt, QuietOpt, VerboseOpt, examples, input_file_option
+from regcli.cli.common import DeviceOpt, JsonOpt, QuietOpt, VerboseOpt, examples, input_file_option
 
 EXAMPLES = examples(
     "regcli train embedding --config docs/recipes/sam_embedding_v0.yaml -o results/embedding_v0",
     "regcli train embedding --config job.yaml -o runs/try1 --iterations 200 --seed 3 --threads 2",
     "regcli train embedding --config job.yaml -o runs/sam --sam-rho 0.05",
+    "regcli train embedding --config job.yaml -o runs/gpu --device cuda",
 )
 
 app = typer.Typer(help="Train learned components (the anatomical embedding of SAMConvex, the DIO feature network, "
@@ -38,9 +39,10 @@ SamRhoOpt = Annotated[Optional[float], typer.Option(
     "radius (two forward/backward passes per step; regcli.training.sam); 0 disables.")]
 
 
-def _ui(quiet: bool, verbose: bool, json_out: bool, threads: Optional[int]):
-    """The command's Ui and its place in a torchrun run (:mod:`regcli.training.distributed`), with torch's CPU
-    threads set when asked. Under torchrun only rank 0 talks; the others are quiet."""
+def _ui(quiet: bool, verbose: bool, json_out: bool, threads: Optional[int], device=None):
+    """The command's Ui, its place in a torchrun run (:mod:`regcli.training.distributed`) and the device it trains
+    on (:func:`_training_device`), with torch's CPU threads set when asked. Under torchrun only rank 0 talks; the
+    others are quiet."""
     import atexit
 
     import torch
@@ -48,13 +50,37 @@ def _ui(quiet: bool, verbose: bool, json_out: bool, threads: Optional[int]):
     from regcli.cli.common import Ui
     from regcli.training.distributed import setup, teardown
 
+    dev = _training_device(device.value if device else "auto")
     if threads is not None:
         torch.set_num_threads(threads)
-    dist = setup("cpu", threads)
+    dist = setup(dev.type, threads)
     atexit.register(teardown)
     if not dist.main:
-        return Ui(quiet=True, verbose=False, json=False), dist
-    return Ui(quiet=quiet, verbose=verbose, json=json_out), dist
+        return Ui(quiet=True, verbose=False, json=False), dist, dev
+    return Ui(quiet=quiet, verbose=verbose, json=json_out), dist, dev
+
+
+def _training_device(name: str):
+    """``--device`` as :func:`regcli.runtime.resolve_device` reads it (``cuda`` without a GPU: ConfigError), as
+    the GPU of this process: ``cuda:<LOCAL_RANK>`` under torchrun, ``cuda:0`` alone. Under torchrun with more
+    processes on this machine than GPUs, ``auto`` trains every process on the CPU and ``cuda`` is a ConfigError."""
+    import torch
+
+    from regcli.errors import ConfigError
+    from regcli.runtime import resolve_device
+    from regcli.training.distributed import from_environment
+
+    dist = from_environment()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name == "auto" and dist.enabled and 0 < gpus < dist.local_world:
+        name = "cpu"
+    dev = resolve_device(name)
+    if dev.type != "cuda":
+        return dev
+    if dist.local_rank >= gpus:
+        raise ConfigError(f"--device cuda: torchrun starts {dist.local_world} processes on this machine but only "
+                          f"{gpus} CUDA device(s) are visible (one per process; use --device cpu or fewer processes)")
+    return torch.device("cuda", dist.local_rank)
 
 
 def _with_training_bar(ui, total: int, run) -> dict:
@@ -88,14 +114,15 @@ def _train_pair_task(load, run, a: dict) -> None:
     command's arguments; ``load(config, overrides)`` reads the job, ``run(job, outdir, ...)`` trains."""
     from regcli.training.pairs import exclude_tasks
 
-    ui, dist = _ui(a["quiet"], a["verbose"], a["json_out"], a["threads"])
+    ui, dist, device = _ui(a["quiet"], a["verbose"], a["json_out"], a["threads"], a["device"])
     overrides = _train_overrides(iterations=a["iterations"], seed=a["seed"], sam_rho=a["sam_rho"],
                                  batch_size=a["batch_size"], optron_iters=a["optron_iters"], optron_lr=a["optron_lr"])
     if a["init"] is not None:
         overrides["init"] = a["init"]
     job = exclude_tasks(load(a["config"], overrides), tuple(a["exclude_task"] or ()))
     summary = _with_training_bar(ui, job.train.iterations,
-                                 lambda step: run(job, a["output"], step, ui.info, resume=a["resume"], dist=dist))
+                                 lambda step: run(job, a["output"], step, ui.info, resume=a["resume"], dist=dist,
+                                                  device=device))
     ui.result(summary, _pair_summary(summary, a["output"]))
 
 
@@ -122,6 +149,7 @@ def embedding(
     batch_size: BatchOpt = None,
     resume: ResumeOpt = False,
     threads: TrainThreadsOpt = None,
+    device: DeviceOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -130,16 +158,19 @@ def embedding(
 
     Two augmented, overlapping views of each volume give exact voxel correspondences; a pixel-wise InfoNCE
     loss with hard negatives trains the global and the local head (recipe: regcli.training.embedding).
+
+    --device (default auto: the GPU when there is one; under torchrun each process its own, cuda:LOCAL_RANK) is
+    where the network trains; checkpoint.pt and model/ hold CPU tensors, so --resume may go on on another device.
     """
     from regcli.training.jobs import load_job, run_embedding_job
 
-    ui, dist = _ui(quiet, verbose, json_out, threads)
+    ui, dist, dev = _ui(quiet, verbose, json_out, threads, device)
     job = load_job(config, _train_overrides(iterations=iterations, stop_after=stop_after, seed=seed,
                                             batch_pairs=batch_size,
                                             sam_rho=sam_rho))
     summary = _with_training_bar(ui, min(job.train.iterations, job.train.stop_after or job.train.iterations),
                                  lambda step: run_embedding_job(job, output, step, ui.info, resume=resume,
-                                                                dist=dist))
+                                                                dist=dist, device=dev))
     ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes in "
                        f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
                        f"wrote {output}")
@@ -163,6 +194,7 @@ def dio(
     batch_size: BatchOpt = None,
     resume: ResumeOpt = False,
     threads: TrainThreadsOpt = None,
+    device: DeviceOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -171,10 +203,13 @@ def dio(
 
     Each step registers the features of a labelled pair with the solver (no graph kept), takes one solver step
     at the optimum with the graph, and trains on the soft Dice of the warped labels (recipe: regcli.training.dio).
+
+    --device (default auto: the GPU when there is one; under torchrun each process its own, cuda:LOCAL_RANK) is
+    where the network trains; checkpoint.pt and model/ hold CPU tensors, so --resume may go on on another device.
     """
     from regcli.training.dio import load_dio_job, run_dio_job
 
-    ui, dist = _ui(quiet, verbose, json_out, threads)
+    ui, dist, dev = _ui(quiet, verbose, json_out, threads, device)
     job = load_dio_job(config, _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho,
                                                 batch_size=batch_size))
     with ui.progress() as progress:
@@ -194,7 +229,8 @@ def dio(
                 progress.start("training", n)
             progress.update("training", i, f"loss {rec['loss']:.3f}")
 
-        summary = run_dio_job(job, output, step, ui.info, resume=resume, prepare_progress=prep, dist=dist)
+        summary = run_dio_job(job, output, step, ui.info, resume=resume, prepare_progress=prep, dist=dist,
+                              device=dev)
         progress.finish("training")
     ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes in "
                        f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
@@ -229,6 +265,7 @@ def foundation(
              "hub:org/name@commit, or a registry name); the architecture is theirs.")] = None,
     resume: ResumeOpt = False,
     threads: TrainThreadsOpt = None,
+    device: DeviceOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -238,6 +275,9 @@ def foundation(
     Pairs are drawn equally from every dataset per epoch (inter-subject from image globs, intra-subject from
     pairs CSVs), each image affinely augmented; 1 - LNCC both ways plus the gradient inverse-consistency term
     (recipe: regcli.training.foundation).
+
+    --device (default auto: the GPU when there is one; under torchrun each process its own, cuda:LOCAL_RANK) is
+    where the network trains; checkpoint.pt and model/ hold CPU tensors, so --resume may go on on another device.
     """
     from regcli.training.foundation import load_foundation_job, run_foundation_job
 
@@ -272,6 +312,7 @@ def promptreg(
         "hub:org/name@commit, or a registry name).")] = None,
     resume: ResumeOpt = False,
     threads: TrainThreadsOpt = None,
+    device: DeviceOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -280,6 +321,9 @@ def promptreg(
 
     MIND-SSC similarity, smoothness, and the prompt generator's orthogonality and task-similarity losses; the
     network predicts its task mixture itself, so inference needs no task id (recipe: regcli.training.promptreg).
+
+    --device (default auto: the GPU when there is one; under torchrun each process its own, cuda:LOCAL_RANK) is
+    where the network trains; checkpoint.pt and model/ hold CPU tensors, so --resume may go on on another device.
     """
     from regcli.training.promptreg import load_promptreg_job, run_promptreg_job
 

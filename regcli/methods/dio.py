@@ -31,7 +31,7 @@ import torch
 from regcli.config import RegisterConfig
 from regcli.errors import ConvergenceError
 from regcli.methods.convexadam import DeformableResult, _mask_on, _pool, _scalar, method_setup, pooled_weights
-from regcli.resample import upsample_field
+from regcli.resample import twice_differentiable, upsample_field
 from regcli.solvers.instance import Problem, solver_from_config
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image
@@ -214,10 +214,11 @@ def jfb_step(solution: LevelSolution, feat_f: Image, feat_m: Image, cfg: Registe
     objective = level_solver(cfg, 0, lr).objective(problem)
     params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
-    loss, _ = objective(functional_call(model, {**params, **buffers}, ()))
-    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-    stepped = {}
-    for (name, p), g in zip(params.items(), grads):
-        rms = g.detach().pow(2).mean().sqrt().clamp_min(1e-12)
-        stepped[name] = p - (lr / rms) * g
-    return functional_call(model, {**stepped, **buffers}, ())
+    with twice_differentiable():  # the step's gradient is differentiated again, w.r.t. the features
+        loss, _ = objective(functional_call(model, {**params, **buffers}, ()))
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        stepped = {}
+        for (name, p), g in zip(params.items(), grads):
+            rms = g.detach().pow(2).mean().sqrt().clamp_min(1e-12)
+            stepped[name] = p - (lr / rms) * g
+        return functional_call(model, {**stepped, **buffers}, ())

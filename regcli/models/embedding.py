@@ -112,7 +112,7 @@ def normalise_intensity(data: torch.Tensor, percentiles: tuple[float, float]) ->
     if fg.numel() < 16:
         return torch.zeros_like(data, dtype=torch.float32)
     sample = fg[:: max(1, fg.numel() // 1_000_000)]
-    lo, hi = torch.quantile(sample, torch.tensor([percentiles[0] / 100, percentiles[1] / 100]))
+    lo, hi = torch.quantile(sample, torch.tensor([percentiles[0] / 100, percentiles[1] / 100], device=sample.device))
     if float(hi - lo) <= 0:
         return torch.zeros_like(data, dtype=torch.float32)
     return ((data.to(torch.float32) - lo) / (hi - lo)).clamp_(-0.5, 1.5)

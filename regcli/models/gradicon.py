@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from regcli.config import ConfigModel
+from regcli.resample import sample_norm
 
 Map = Callable[..., torch.Tensor]  # (coords (B, 3, ...), identity=False) -> coords
 
@@ -109,7 +110,7 @@ def sample(data: torch.Tensor, coords: torch.Tensor, padding: str = "border") ->
     g = (coords * 2 - 1).flip(1).movedim(1, -1)
     if g.shape[0] != data.shape[0]:
         g = g.expand(data.shape[0], *g.shape[1:])
-    return F.grid_sample(data, g, mode="bilinear", padding_mode=padding, align_corners=True)
+    return sample_norm(data, g, "bilinear", padding)
 
 
 def _channels_to(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from regcli.config import ConfigModel
+from regcli.resample import sample_norm
 from regcli.features.mind import mind_ssc
 
 __all__ = [
@@ -155,7 +156,7 @@ def _voxel_to_norm(shape, device, dtype) -> torch.Tensor:
 def _sample(data: torch.Tensor, disp: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, mode: str,
             padding: str) -> torch.Tensor:
     g = (base + disp * scale).flip(1).movedim(1, -1)  # (N, Z, Y, X, 3), grid_sample's (x, y, z) order
-    return F.grid_sample(data, g, mode=mode, padding_mode=padding, align_corners=True)
+    return sample_norm(data, g, mode, padding)
 
 
 def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding: str = "border") -> torch.Tensor:

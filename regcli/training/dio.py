@@ -16,9 +16,10 @@ its working grid):
    losses are averaged. Adam on the network; with ``train.sam_rho > 0`` sharpness-aware (:mod:`regcli.training.sam`):
    the loss and gradient are taken again, for the same pair and crop, at weights moved by ``sam_rho`` uphill.
 
-The output folder gets ``checkpoint.pt`` (network, optimizer, step and random state: ``--resume`` continues
-bit for bit), ``history.json`` (loss and Dice per step) and ``job.json``; at the end ``model/`` is a Hub-layout
-model folder with a model card.
+The output folder gets ``checkpoint.pt`` (network, optimizer, step and random state, CPU tensors: ``--resume``
+continues bit for bit, or on another device), ``history.json`` (loss and Dice per step) and ``job.json``; at the end
+``model/`` is a Hub-layout model folder with a model card. With ``--device cuda`` the network, the solver and the
+losses run on the GPU; pairs are drawn, rendered and cropped on the CPU (the same random draws as a CPU run).
 """
 
 from __future__ import annotations
@@ -235,17 +236,19 @@ def prepare_subjects(files: Sequence[tuple[str, str]], spacing_mm: float, percen
 
 
 def validate(net, subjects: Sequence[Subject], work: Grid, cfg, contrasts: Sequence[str] = ("real",),
-             seed: int = 0) -> dict:
+             seed: int = 0, device=None) -> dict:
     """Whole-volume hard Dice of consecutive pairs of ``subjects`` (1<-2, 3<-4, ...) registered with the
     features of ``net`` and the solver of ``cfg``, on the working grid ``work``, once per entry of ``contrasts``
     (:class:`DioValidation`; synthetic renderings seeded by ``seed``, the contrast and the pair, so every call
     sees the same images). Returns ``{"dice": mean over pairs and contrasts, "pairs": [per pair, contrast by
-    contrast], "contrasts": {contrast: mean}}``; each pair's score is the mean over the fixed image's labels."""
+    contrast], "contrasts": {contrast: mean}}``; each pair's score is the mean over the fixed image's labels.
+    Features and solver run on ``device`` (default: the network's); renderings and Dice on the CPU."""
     from regcli.methods.dio import level_features, solve
     from regcli.reports.metrics import dice_mean
     from regcli.resample import FieldWarper, upsample_field
 
-    warper = FieldWarper(work, work, torch.device("cpu"))
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    warper = FieldWarper(work, work, device)
     scores, by_contrast = [], {}
     for c, contrast in enumerate(contrasts):
         mine = []
@@ -253,12 +256,13 @@ def validate(net, subjects: Sequence[Subject], work: Grid, cfg, contrasts: Seque
             gen = torch.Generator().manual_seed(seed + 1000 * c + k)
             fixed = synth_contrast(a.labels, gen) if contrast == "both" else a.image
             moving = synth_contrast(b.labels, gen) if contrast in ("moving", "both") else b.image
-            levels = solve(level_features(Image(fixed, work), cfg, net=net),
-                           level_features(Image(moving, work), cfg, net=net), cfg)
+            levels = solve(level_features(Image(fixed.to(device), work), cfg, net=net),
+                           level_features(Image(moving.to(device), work), cfg, net=net), cfg)
             last = levels[-1]
             with torch.no_grad():
                 u = last.disp if last.grid.allclose(work) else upsample_field(last.disp, last.grid, work)
-                warped = warper.warp(b.labels[None, None].to(torch.float32), u, "nearest")[0, 0].to(torch.int64)
+                warped = warper.warp(b.labels[None, None].to(device, torch.float32), u,
+                                     "nearest")[0, 0].to(torch.int64).cpu()
             fixed_ids = [int(v) for v in torch.unique(a.labels) if v != 0]
             mine.append(dice_mean(a.labels.numpy(), warped.numpy(), fixed_ids))
         by_contrast[contrast] = sum(mine) / len(mine)
@@ -344,13 +348,15 @@ def train_step(net, fixed: Image, moving: Image, fixed_labels: Image, moving_lab
 
 
 def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[str], None] = lambda s: None,
-                resume: bool = False, prepare_progress=None, dist: Distributed = SINGLE) -> dict:
-    """Train and write ``outdir/{checkpoint.pt, history.json, job.json, model/}``; returns a summary dict.
+                resume: bool = False, prepare_progress=None, dist: Distributed = SINGLE,
+                device: torch.device | str | None = None) -> dict:
+    """Train on ``device`` (default the CPU) and write ``outdir/{checkpoint.pt, history.json, job.json, model/}``;
+    returns a summary dict.
 
     Under torchrun (``dist``) each process computes its share of a global batch of ``world * batch_size``
     pairs; rank 0 validates, writes the files and calls ``progress``."""
     from regcli.models.dio import DioFeatureNet
-    from regcli.training.jobs import open_run, restore_network, restoring, start_run
+    from regcli.training.jobs import cpu_tensors, note_device_change, open_run, restore_network, restoring, start_run
     from regcli.training.sam import SAM
 
     cfg = register_config(job)
@@ -370,6 +376,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     log(f"{len(subjects)} labelled volumes on a {work.size} grid at {ncfg.spacing_mm} mm"
         + (f"; {len(held_out) // 2} validation pair(s)" if held_out else ""))
     open_run(out, job, dist)
+    device = torch.device(device or "cpu")
     torch.manual_seed(tcfg.seed)
     net = DioFeatureNet(ncfg)
     if job.init:
@@ -378,6 +385,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
         init_net = _load(job.init)[0]
         net.load_state_dict(init_net.state_dict())
         log(f"starting from '{job.init}'")
+    net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=tcfg.learning_rate)
     sam = SAM(opt, tcfg.sam_rho)  # plain Adam when sam_rho is 0
     gen = torch.Generator().manual_seed(tcfg.seed)
@@ -400,6 +408,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
         if ck.get("sam_rho", 0.0) != tcfg.sam_rho:
             log(f"note: the run was trained with sam_rho {ck.get('sam_rho', 0.0)} so far, it goes on with "
                 f"{tcfg.sam_rho}")
+        note_device_change(ck, device, log)
     prior = history[-1]["seconds"] if history else 0.0
     vcfg = validation_config(job) if job.validation is not None else None
 
@@ -409,25 +418,26 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
         if not dist.main:
             return
         tmp = ck_path.with_suffix(".tmp")
-        torch.save({"config": ncfg.model_dump(mode="json"), "state_dict": net.state_dict(),
-                    "optimizer": sam.state_dict(), "generator": gen.get_state(), "history": history,
+        torch.save({"config": ncfg.model_dump(mode="json"), "state_dict": cpu_tensors(net.state_dict()),
+                    "optimizer": cpu_tensors(sam.state_dict()), "generator": gen.get_state(), "history": history,
                     "validation": validation, "best": best, "step": step, "sam_rho": tcfg.sam_rho,
-                    "world": dist.world}, tmp)
+                    "world": dist.world, "device": str(device)}, tmp)
         os.replace(tmp, ck_path)
-        (out / "history.json").write_text(json.dumps({"history": history, "validation": validation}))
+        (out / "history.json").write_text(json.dumps({"history": history, "validation": validation,
+                                                      "device": str(device)}))
 
     def run_validation(step: int) -> None:  # rank 0 only: it alone selects and writes the model
         nonlocal best
         if vcfg is None or not dist.main or any(v["step"] == step for v in validation):
             return
         tv = time.perf_counter()
-        res = validate(net, held_out, work, vcfg, job.validation.contrasts, tcfg.seed)
+        res = validate(net, held_out, work, vcfg, job.validation.contrasts, tcfg.seed, device)
         validation.append({"step": step, **res, "validation_seconds": time.perf_counter() - tv})
         parts = ", ".join(f"{c} {d:.4f}" for c, d in res["contrasts"].items())
         log(f"validation at step {step}: Dice {res['dice']:.4f} ({parts}) over {len(held_out) // 2} held-out pair(s)")
         if best is None or res["dice"] > best["dice"]:
-            best = {"step": step, "dice": res["dice"],
-                    "state_dict": {k: v.detach().clone() for k, v in net.state_dict().items()}}
+            best = {"step": step, "dice": res["dice"],  # a CPU copy: checkpoints hold CPU tensors
+                    "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}}
 
     run_validation(start)
     n = len(subjects)
@@ -452,7 +462,9 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
                 s = subjects[k]
                 img = (synth_contrast(s.labels, gen) if float(torch.rand((), generator=gen)) < tcfg.synth_prob
                        else s.image)
-                imgs.append((Image(img[box].contiguous(), g), Image(s.labels[box].contiguous(), g)))
+                # the image goes to the device; the label map stays: LabelPrompt counts its labels on the CPU
+                # and moves its one-hot channels itself
+                imgs.append((Image(img[box].contiguous().to(device), g), Image(s.labels[box].contiguous(), g)))
             draws.append(([subjects[i].name, subjects[j].name], imgs))
         mine = dist.shard(draws)
         net.train()
@@ -487,7 +499,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     last = history[-min(len(history), 50):]
     summary = {"volumes": n, "iterations": len(history), "seconds": round(history[-1]["seconds"], 1) if history else 0,
                "final_loss_mean50": sum(h["loss"] for h in last) / max(1, len(last)), "sam_rho": tcfg.sam_rho,
-               "outdir": str(out)}
+               "device": str(device), "outdir": str(out)}
     if validation:
         summary["validation"] = {"pairs": len(held_out) // 2, "contrasts": list(job.validation.contrasts),
                                  "start_dice": validation[0]["dice"],

@@ -17,6 +17,8 @@ The convention that makes N processes train like one:
 * **Rank 0 writes**: checkpoints, history, plots, the model folder and the logs; the others stay quiet, and
   every process resumes from the same checkpoint.
 * **Threads.** Unless ``--threads`` says otherwise, each process gets ``cores / local processes`` threads.
+* **Devices.** With ``--device cuda`` (or ``auto`` with a GPU per local process) process ``LOCAL_RANK`` trains on
+  ``cuda:LOCAL_RANK`` and the processes talk over nccl; data are read and augmented on the CPU.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ class Distributed:
         """The mean of a number over the processes (for logging a global loss)."""
         if not self.enabled:
             return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
+        on_gpu = torch.distributed.get_backend() == "nccl"  # nccl reduces CUDA tensors only
+        t = torch.tensor([float(value)], dtype=torch.float64,
+                         device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else None)
         torch.distributed.all_reduce(t)
         return float(t) / self.world
 

@@ -19,7 +19,8 @@ Recipe (after Yan et al.'s SAM, written for regcli's physical-space conventions)
    (:mod:`regcli.training.sam`, not to be confused with Yan et al.'s SAM): each step's loss and gradient are taken
    again, on the same views, at weights moved by ``sam_rho`` uphill.
 
-Everything is seeded (``seed``) so a run is reproducible on CPU.
+Everything is seeded (``seed``) so a run is reproducible on CPU. On a GPU (``regcli train embedding --device
+cuda``) only the network's passes run there: views are cut and augmented on the CPU, as on a CPU run.
 """
 
 from __future__ import annotations
@@ -281,12 +282,14 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
     from). The learning rate after a resume is the one of a straight ``cfg.iterations``-step run at that step
     (:func:`advance_schedule`): the same as before when ``iterations`` is unchanged, the longer schedule's
     when a resumed run goes further. Under torchrun (``dist``) every process draws the global batch of
-    ``world * batch_pairs`` view pairs and computes its share.
+    ``world * batch_pairs`` view pairs and computes its share. The network trains where its parameters are (move
+    ``net`` to a GPU first to train there); views are cut and augmented on the CPU and moved per step.
     """
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     net = net or EmbeddingNet(net_cfg)
+    device = next(net.parameters()).device
     spacing = net.cfg.spacing_mm
     opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate)
     sched = cosine_schedule(opt, cfg)
@@ -313,7 +316,7 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
     for it in range(start, steps):
         drawn = [make_view_pair(volumes[pick()], cfg, spacing, rng) for _ in range(cfg.batch_pairs * dist.world)]
         pairs = dist.shard(drawn)
-        x = torch.stack([v.image for a, b, _ in pairs for v in (a, b)])  # (2B, 1, S, S, S)
+        x = torch.stack([v.image for a, b, _ in pairs for v in (a, b)]).to(device)  # (2B, 1, S, S, S)
         passes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (loss, global, local) per pass
 
         def closure() -> torch.Tensor:  # once, or twice with SAM (the second at the perturbed weights)
@@ -321,7 +324,7 @@ def train_embedding(volumes: Sequence[Image], cfg: EmbeddingTrainConfig,
             out = model(x)
             lg = ll = x.new_zeros(())
             for j, (a, b, pts_np) in enumerate(pairs):
-                pts = torch.as_tensor(pts_np, dtype=torch.float64)
+                pts = torch.as_tensor(pts_np, dtype=torch.float64, device=device)
                 qa = _sample_heads(out, 2 * j, a.grid, pts)
                 qb = _sample_heads(out, 2 * j + 1, b.grid, pts)
                 p32 = pts.to(torch.float32)
@@ -359,13 +362,14 @@ def match_accuracy(net: EmbeddingNet, vol: Image, cfg: EmbeddingTrainConfig, pai
     """Fraction of drawn points whose nearest neighbour (cosine) among the drawn points of the other view is
     within ``tolerance_mm`` of the right point: a quick, label-free measure of embedding quality."""
     rng = np.random.default_rng(seed)
+    device = next(net.parameters()).device
     hits = total = 0
     net.eval()
     with torch.no_grad():
         for _ in range(pairs):
             a, b, pts_np = make_view_pair(vol, cfg, net.cfg.spacing_mm, rng)
-            out = net(torch.stack((a.image, b.image)))
-            pts = torch.as_tensor(pts_np, dtype=torch.float64)
+            out = net(torch.stack((a.image, b.image)).to(device))
+            pts = torch.as_tensor(pts_np, dtype=torch.float64, device=device)
             k = 0 if head == "global" else 1
             qa = _sample_heads(out, 0, a.grid, pts)[k]
             qb = _sample_heads(out, 1, b.grid, pts)[k]

@@ -87,8 +87,9 @@ def gradicon_network(net: GradICONNet) -> PairNetwork:
 
 
 def run_foundation_job(job: FoundationJob, outdir: str | Path, progress=None, log: Callable[[str], None] = print,
-                       resume: bool = False, dist: Distributed = SINGLE) -> dict:
-    """Train and write ``outdir/{checkpoint.pt, history.json, loss.png, job.json, model/}``; returns a summary.
+                       resume: bool = False, dist: Distributed = SINGLE, device=None) -> dict:
+    """Train on ``device`` (default the CPU) and write ``outdir/{checkpoint.pt, history.json, loss.png, job.json,
+    model/}``; returns a summary.
 
     Under torchrun (``dist``, :mod:`regcli.training.distributed`) each process computes its share of a global
     batch of ``world * batch_size`` pairs; rank 0 writes the files and calls ``progress``."""
@@ -104,7 +105,7 @@ def run_foundation_job(job: FoundationJob, outdir: str | Path, progress=None, lo
         log(f"fine-tuning from '{job.init}'")
     else:
         net = GradICONNet(GradICONConfig.model_validate(job.net))
-    summary, _ = train_pair_network(job, gradicon_network(net), outdir, progress, log, resume, dist)
+    summary, _ = train_pair_network(job, gradicon_network(net), outdir, progress, log, resume, dist, device)
     summary["parameters"] = parameter_count(net)
     folder = Path(outdir) / "model"
     if dist.main:

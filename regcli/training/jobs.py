@@ -156,10 +156,11 @@ def _check_output_folder(out: Path) -> None:
 
 
 def read_checkpoint(ck_path: Path, needs: Sequence[str] = ()) -> dict:
-    """The contents of a run's ``checkpoint.pt``, a dict holding the keys ``needs``; a file that is not one (truncated,
-    not a PyTorch file, a checkpoint of another kind of run) is a one-line InputError naming it."""
+    """The contents of a run's ``checkpoint.pt``, a dict holding the keys ``needs``, read onto the CPU whatever
+    device wrote it (the trainers move what they restore to their own); a file that is not one (truncated, not a
+    PyTorch file, a checkpoint of another kind of run) is a one-line InputError naming it."""
     try:
-        ck = torch.load(ck_path, weights_only=False)
+        ck = torch.load(ck_path, weights_only=False, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, OSError, UnpicklingError, ...
         raise InputError(f"--resume: '{ck_path}' is not a readable regcli checkpoint ({type(e).__name__}: "
                          f"{folded(e, 160, sentence=True)})") from None
@@ -181,6 +182,27 @@ def restoring(ck_path: Optional[Path]) -> Iterator[None]:
     except Exception as e:  # noqa: BLE001 - KeyError, TypeError, ValueError, RuntimeError from load_state_dict's
         what = f"'{ck_path}' is not a usable checkpoint of this run" if ck_path else "the training state is not usable"
         raise InputError(f"--resume: {what} ({type(e).__name__}: {folded(e, 160, sentence=True)})") from None
+
+
+def cpu_tensors(obj):
+    """``obj`` (a state dict, an optimizer's state, nested dicts, lists and tuples) with every tensor on the CPU,
+    for a checkpoint that does not depend on the device the run trained on; CPU tensors are kept as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, cpu_tensors(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module's state dict: its version numbers
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_tensors(v) for v in obj)
+    return obj
+
+
+def note_device_change(ck: dict, device: torch.device, log: Callable[[str], None]) -> None:
+    """Log that a resumed run goes on on another device than the one its checkpoint was written on."""
+    if ck.get("device", "cpu") != str(device):
+        log(f"note: the run trained on {ck.get('device', 'cpu')} so far and goes on on {device}")
 
 
 def restore_network(net: torch.nn.Module, ck: dict, ck_path: Path) -> None:
@@ -255,17 +277,19 @@ def load_volumes(job: EmbeddingJob, log: Callable[[str], None] = lambda s: None)
 
 def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
                       log: Callable[[str], None] = lambda s: None, resume: bool = False,
-                      dist: Distributed = SINGLE) -> dict:
-    """Train and write ``outdir/{checkpoint.pt, history.json, job.json, model/}``; returns a summary dict.
+                      dist: Distributed = SINGLE, device: torch.device | str | None = None) -> dict:
+    """Train on ``device`` (default the CPU) and write ``outdir/{checkpoint.pt, history.json, job.json, model/}``;
+    returns a summary dict.
 
     ``checkpoint.pt`` holds the network (``config``, ``state_dict``) and the training state (``train_state``:
-    optimizer, schedule, random generator, history), so ``resume`` continues bit for bit. Under torchrun
-    (``dist``) rank 0 writes."""
+    optimizer, schedule, random generator, history), as CPU tensors, so ``resume`` continues bit for bit (on the
+    same device; on another one it goes on from the same state). Under torchrun (``dist``) rank 0 writes."""
     out, ck_path, ck = start_run(outdir, resume, job, net_config=job.net.model_dump(mode="json"),
                                  needs=("state_dict", "train_state"))
     vols, groups = load_volumes(job, log)
     open_run(out, job, dist)
     log(f"{len(vols)} training volumes at {job.net.spacing_mm} mm")
+    device = torch.device(device or "cpu")
     torch.manual_seed(job.train.seed)
     net = EmbeddingNet(job.net)
     state = None
@@ -273,18 +297,20 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
         restore_network(net, ck, ck_path)
         state = ck["train_state"]
         log(f"resuming at step {state['step']}")
+        note_device_change(ck, device, log)
     elif job.init:
         net.load_state_dict(_initial_weights(job.init, job.net))
         log(f"starting from '{job.init}'")
+    net.to(device)
 
     def save(step: int, train_state: dict) -> None:
         if not dist.main:
             return
         tmp = ck_path.with_suffix(".tmp")
-        torch.save({"config": job.net.model_dump(mode="json"), "state_dict": net.state_dict(),
-                    "train_state": train_state}, tmp)
+        torch.save({"config": job.net.model_dump(mode="json"), "state_dict": cpu_tensors(net.state_dict()),
+                    "train_state": cpu_tensors(train_state), "device": str(device)}, tmp)
         os.replace(tmp, ck_path)
-        (out / "history.json").write_text(json.dumps({"seconds": train_state["seconds"],
+        (out / "history.json").write_text(json.dumps({"seconds": train_state["seconds"], "device": str(device),
                                                       "history": train_state["history"]}))
 
     res = train_embedding(vols, job.train, net=net, progress=progress, groups=groups,
@@ -294,7 +320,7 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     last = history[-min(len(history), 50):]
     summary = {"volumes": len(vols), "iterations": len(history), "seconds": round(res.seconds, 1),
                "final_loss_mean50": sum(h["loss"] for h in last) / len(last), "sam_rho": job.train.sam_rho,
-               "outdir": str(out)}
+               "device": str(device), "outdir": str(out)}
     if dist.main:
         write_model(net, job, summary, out / "model")
     dist.barrier()
@@ -305,7 +331,7 @@ def load_checkpoint(path: str | Path) -> EmbeddingNet:
     """The network stored in a run's ``checkpoint.pt`` (``{"config", "state_dict"}``, see
     :func:`run_embedding_job`), in eval mode."""
     try:
-        ck = torch.load(path, weights_only=True)
+        ck = torch.load(path, weights_only=True, map_location="cpu")
         net = EmbeddingNet(EmbeddingConfig.model_validate(ck["config"]))
         net.load_state_dict(ck["state_dict"])
     except Exception as e:  # noqa: BLE001 - a damaged file, or a checkpoint of another kind of run

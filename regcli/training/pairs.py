@@ -23,8 +23,11 @@ promptreg`` share (:func:`train_pair_network`).
    prepared like the training images; the network's displacement warps the moving labels (nearest) on the
    network grid and the mean Dice over the labels both maps share is recorded every ``validation.every`` steps
    (and at steps 0 and the last), in ``history.json`` and ``validation.png``.
-6. **Output.** ``checkpoint.pt`` (network, optimizer, random state, step: ``--resume`` continues bit for bit),
-   ``history.json`` (losses per step), ``loss.png`` (the curves), ``job.json``, and at the end ``model/``.
+6. **Output.** ``checkpoint.pt`` (network, optimizer, random state, step, as CPU tensors: ``--resume`` continues
+   bit for bit, or on another device), ``history.json`` (losses per step), ``loss.png`` (the curves), ``job.json``,
+   and at the end ``model/``.
+7. **Device.** The network, its batches, Optron's refinement and validation run on ``device`` (``--device``);
+   images are prepared, drawn and augmented on the CPU (the same random draws as a CPU run) and moved per step.
 """
 
 from __future__ import annotations
@@ -294,17 +297,20 @@ def validation_pairs(datasets: list[Dataset], shape, log: Callable[[str], None])
 
 
 def validation_dice(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                    pairs: list[ValidationPair]) -> dict:
+                    pairs: list[ValidationPair], device=None) -> dict:
     """Mean Dice over ``pairs`` (each: mean over the labels both maps share, or its ``label_ids``) after warping
     the moving labels (nearest) with ``predict(moving, fixed)``, a displacement (1, 3, Z, Y, X) in voxels, tensor
-    axis order (:mod:`regcli.training.optron`'s convention)."""
+    axis order (:mod:`regcli.training.optron`'s convention). Prediction and warp run on ``device`` (default the
+    CPU), the Dice on the CPU."""
     from regcli.models.promptreg import warp
 
+    device = torch.device(device or "cpu")
     per_pair = {}
     with torch.no_grad():
         for vp in pairs:
-            disp = predict(vp.moving[None], vp.fixed[None])
-            warped = warp(vp.moving_labels[None, None].to(torch.float32), disp, mode="nearest")[0, 0].round().long()
+            disp = predict(vp.moving[None].to(device), vp.fixed[None].to(device))
+            warped = warp(vp.moving_labels[None, None].to(device, torch.float32), disp,
+                          mode="nearest")[0, 0].round().long().cpu()
             labels = sorted((set(vp.fixed_labels.unique().tolist()) & set(vp.moving_labels.unique().tolist())) - {0})
             if vp.label_ids is not None:
                 labels = [lab for lab in labels if lab in vp.label_ids]
@@ -358,11 +364,13 @@ class PairNetwork:
 
 def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
                        log: Callable[[str], None] = print, resume: bool = False,
-                       dist: Distributed = SINGLE) -> tuple[dict, list[PairSource]]:
-    """Train ``pn.net`` on ``job.data`` with ``job.train`` (:class:`PairTrainConfig`), writing ``outdir``'s
-    checkpoint, history and plots (rank 0); returns the summary (without the model folder, which the caller
-    writes) and the data sources. ``job`` has ``data``, ``train``, ``checkpoint_every`` and ``validation``."""
-    from regcli.training.jobs import open_run, restore_network, restoring, start_run
+                       dist: Distributed = SINGLE, device: torch.device | str | None = None
+                       ) -> tuple[dict, list[PairSource]]:
+    """Train ``pn.net`` on ``job.data`` with ``job.train`` (:class:`PairTrainConfig`) on ``device`` (default the
+    CPU; the network is moved there), writing ``outdir``'s checkpoint, history and plots (rank 0); returns the
+    summary (without the model folder, which the caller writes) and the data sources. ``job`` has ``data``,
+    ``train``, ``checkpoint_every`` and ``validation``."""
+    from regcli.training.jobs import cpu_tensors, note_device_change, open_run, restore_network, restoring, start_run
     from regcli.training.optron import optron_loss, refine, running_stats_kept
     from regcli.training.sam import SAM
 
@@ -376,6 +384,8 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
     val_pairs = validation_pairs(list(job.validation.data), shape, log) if job.validation is not None else []
     log(f"prepared {sum(len(s.volumes) for s in sources)} volumes in {time.perf_counter() - t_prep:.1f} s")
     open_run(out, job, dist)
+    device = torch.device(device or "cpu")
+    net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=tcfg.learning_rate)
     sam = SAM(opt, tcfg.sam_rho)
     gen = torch.Generator().manual_seed(tcfg.seed)
@@ -393,6 +403,7 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
             log(f"note: the run had {ck.get('world', 1)} process(es) so far and goes on with {dist.world}: "
                 f"{tcfg.batch_size * dist.world} pairs per step from now on")
         log(f"resuming at step {start}")
+        note_device_change(ck, device, log)
     model = dist.wrap(net)
     prior = history[-1]["seconds"] if history else 0.0
     t0 = time.perf_counter()
@@ -401,11 +412,13 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
         if not dist.main:
             return
         tmp = ck_path.with_suffix(".tmp")
-        torch.save({"config": net.cfg.model_dump(mode="json"), "state_dict": net.state_dict(),
-                    "optimizer": sam.state_dict(), "generator": gen.get_state(), "history": history,
-                    "order": order, "step": step, "world": dist.world, "validation": validation}, tmp)
+        torch.save({"config": net.cfg.model_dump(mode="json"), "state_dict": cpu_tensors(net.state_dict()),
+                    "optimizer": cpu_tensors(sam.state_dict()), "generator": gen.get_state(), "history": history,
+                    "order": order, "step": step, "world": dist.world, "validation": validation,
+                    "device": str(device)}, tmp)
         os.replace(tmp, ck_path)
-        (out / "history.json").write_text(json.dumps({"history": history, "validation": validation}))
+        (out / "history.json").write_text(json.dumps({"history": history, "validation": validation,
+                                                      "device": str(device)}))
         if pn.plot is not None:
             pn.plot(history, out / "loss.png")
         if validation:
@@ -416,7 +429,7 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
             return
         tv = time.perf_counter()
         net.eval()
-        res = validation_dice(lambda m, f: pn.predict(net, m, f, None), val_pairs)
+        res = validation_dice(lambda m, f: pn.predict(net, m, f, None), val_pairs, device)
         net.train()
         validation.append({"step": step, **res, "validation_seconds": time.perf_counter() - tv})
         log(f"validation at step {step}: Dice {res['dice']:.4f} over {len(val_pairs)} pair(s)")
@@ -438,9 +451,9 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
             tasks.append(k)
         noise_seed = int(torch.randint(2**62, (), generator=gen))  # one noise for the whole batch, as one process
         mine = dist.shard(list(zip(pairs, tasks)))
-        a = torch.stack([p[0][0] for p in mine])
-        b = torch.stack([p[0][1] for p in mine])
-        task_ids = torch.tensor([p[1] for p in mine], dtype=torch.int64)
+        a = torch.stack([p[0][0] for p in mine]).to(device)
+        b = torch.stack([p[0][1] for p in mine]).to(device)
+        task_ids = torch.tensor([p[1] for p in mine], dtype=torch.int64, device=device)
         targets = []
         if tcfg.optron.enabled:  # the pseudo ground truth of this step, at the current weights
             with torch.no_grad(), running_stats_kept(net):  # the training pass below counts this batch
@@ -487,7 +500,7 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
     summary = {"datasets": [s.name for s in sources], "volumes": sum(len(s.volumes) for s in sources),
                "iterations": len(history), "seconds": round(history[-1]["seconds"], 1) if history else 0.0,
                "final_loss_mean50": sum(h["loss"] for h in last) / max(1, len(last)), "sam_rho": tcfg.sam_rho,
-               "outdir": str(out)}
+               "device": str(device), "outdir": str(out)}
     if tcfg.optron.enabled:
         summary["optron"] = tcfg.optron.model_dump()
     if validation:

@@ -51,7 +51,7 @@ def promptreg_network(net: PromptRegNet, task_of_dataset: list[int]) -> PairNetw
     lookup = torch.tensor(task_of_dataset, dtype=torch.int64)
 
     def loss(model, a, b, datasets, noise_seed):
-        task = lookup[datasets]
+        task = lookup.to(datasets.device)[datasets]
         return promptreg_loss(model(a, b, task), a, b, task, cfg=net.cfg)
 
     def predict(model, moving, fixed, datasets):
@@ -88,8 +88,10 @@ def model_card(job: PromptRegJob, net: PromptRegNet, summary: dict) -> str:
 
 
 def run_promptreg_job(job: PromptRegJob, outdir: str | Path, progress=None, log: Callable[[str], None] = print,
-                      resume: bool = False, dist: Distributed = SINGLE) -> dict:
-    """Train and write ``outdir/{checkpoint.pt, history.json, loss.png, job.json, model/}``; returns a summary."""
+                      resume: bool = False, dist: Distributed = SINGLE, device: torch.device | str | None = None
+                      ) -> dict:
+    """Train on ``device`` (default the CPU) and write ``outdir/{checkpoint.pt, history.json, loss.png, job.json,
+    model/}``; returns a summary."""
     from regcli.models.gradicon import parameter_count
     from regcli.models.promptreg import load_promptreg, save_promptreg_model
 
@@ -104,7 +106,7 @@ def run_promptreg_job(job: PromptRegJob, outdir: str | Path, progress=None, log:
         net = PromptRegNet(net_config(job))
     tasks = job.tasks
     summary, _ = train_pair_network(job, promptreg_network(net, [tasks.index(d.task_name) for d in job.data]),
-                                    outdir, progress, log, resume, dist)
+                                    outdir, progress, log, resume, dist, device)
     summary["parameters"] = parameter_count(net)
     summary["tasks"] = tasks
     folder = Path(outdir) / "model"
