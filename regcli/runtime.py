@@ -85,8 +85,15 @@ def setup_runtime(device: str = "auto", threads: int | None = None, seed: int = 
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
+        deterministic_algorithms()
     return Runtime(dev, torch.get_num_threads(), seed, deterministic)
+
+
+def deterministic_algorithms() -> None:
+    """torch's deterministic algorithms, for the rest of the process (``--deterministic``): cuDNN without
+    benchmarking, cuBLAS with a fixed workspace, and :mod:`regcli.resample` sampling through gathers on CUDA
+    (``grid_sample``'s CUDA backward adds with atomics). Operations without a deterministic version only warn."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True

@@ -155,3 +155,45 @@ def test_torchrun_processes_train_on_their_local_gpu(monkeypatch):
     for k in env:
         monkeypatch.delenv(k)
     assert _training_device("auto") == _training_device("cuda") == torch.device("cuda", 0)  # one process
+
+
+def test_deterministic_is_recorded_and_turns_deterministic_algorithms_on(tmp_path):
+    job = _job(tmp_path, "embedding")
+    try:
+        torch.use_deterministic_algorithms(False)
+        res = invoke("train", "embedding", "--config", job, "-o", tmp_path / "run", "--json", "--threads", "1",
+                     "--device", "cpu", "--iterations", "1", "--deterministic")
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["deterministic"] is True
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    res = invoke("train", "embedding", "--config", job, "-o", tmp_path / "plain", "--json", "--threads", "1",
+                 "--device", "cpu", "--iterations", "1")
+    assert json.loads(res.stdout)["deterministic"] is False
+    # on the CPU the flag changes nothing
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "plain")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("task", TASKS)
+def test_deterministic_cuda_training_resumes_bit_for_bit(tmp_path, task):
+    """Not yet run on a GPU (written after the session's GPU time was spent): with --deterministic a CUDA run
+    resumed at step 1 must equal the straight run, as CPU runs do without the flag."""
+    job = _job(tmp_path, task)
+    try:
+        straight, part = tmp_path / "straight", tmp_path / "part"
+        flags = ["--config", job, "--json", "--device", "cuda", "--deterministic"]
+        assert invoke("train", task, "-o", straight, *flags).exit_code == 0
+        assert invoke("train", task, "-o", part, *flags, "--iterations", "1").exit_code == 0
+        res = invoke("train", task, "-o", part, *flags, "--resume", "--iterations", "2")
+        assert res.exit_code == 0, res.output
+        assert _losses(part) == _losses(straight)
+        a = torch.load(straight / "checkpoint.pt", weights_only=False)["state_dict"]
+        b = torch.load(part / "checkpoint.pt", weights_only=False)["state_dict"]
+        assert all(torch.equal(v, b[k]) for k, v in a.items())
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False

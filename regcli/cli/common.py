@@ -369,7 +369,8 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (def
                                                 rich_help_panel=_CFG)]
 DeterministicOpt = Annotated[Optional[bool], typer.Option(
     "--deterministic/--no-deterministic",
-    help="Deterministic algorithms: bit-identical CPU runs for the same seed and --threads.",
+    help="Deterministic algorithms: bit-identical runs for the same seed (on the CPU, and the same --threads; "
+    "on CUDA, the same GPU model and torch).",
     show_default=False, rich_help_panel=_CFG)]
 WorkingSpacingOpt = Annotated[Optional[float], typer.Option(
     "--working-spacing", metavar="MM",

@@ -34,12 +34,16 @@ ExcludeTaskTrainOpt = Annotated[Optional[list[str]], typer.Option(
     help="Leave the datasets of this task out of training (repeatable): leave-one-dataset-out.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in OUTDIR from its checkpoint.pt.")]
 TrainThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.", min=1)]
+TrainDeterministicOpt = Annotated[bool, typer.Option(
+    "--deterministic", help="Deterministic algorithms on a GPU (cuDNN without benchmarking, resampling without "
+    "atomic adds; somewhat slower), so that a run repeats; CPU runs repeat without it. Recorded in the summary.")]
 SamRhoOpt = Annotated[Optional[float], typer.Option(
     "--sam-rho", min=0.0, help="Override train.sam_rho: sharpness-aware minimization with this weight-perturbation "
     "radius (two forward/backward passes per step; regcli.training.sam); 0 disables.")]
 
 
-def _ui(quiet: bool, verbose: bool, json_out: bool, threads: Optional[int], device=None):
+def _ui(quiet: bool, verbose: bool, json_out: bool, threads: Optional[int], device=None,
+        deterministic: bool = False):
     """The command's Ui, its place in a torchrun run (:mod:`regcli.training.distributed`) and the device it trains
     on (:func:`_training_device`), with torch's CPU threads set when asked. Under torchrun only rank 0 talks; the
     others are quiet."""
@@ -51,6 +55,10 @@ def _ui(quiet: bool, verbose: bool, json_out: bool, threads: Optional[int], devi
     from regcli.training.distributed import setup, teardown
 
     dev = _training_device(device.value if device else "auto")
+    if deterministic:
+        from regcli.runtime import deterministic_algorithms
+
+        deterministic_algorithms()
     if threads is not None:
         torch.set_num_threads(threads)
     dist = setup(dev.type, threads)
@@ -114,7 +122,7 @@ def _train_pair_task(load, run, a: dict) -> None:
     command's arguments; ``load(config, overrides)`` reads the job, ``run(job, outdir, ...)`` trains."""
     from regcli.training.pairs import exclude_tasks
 
-    ui, dist, device = _ui(a["quiet"], a["verbose"], a["json_out"], a["threads"], a["device"])
+    ui, dist, device = _ui(a["quiet"], a["verbose"], a["json_out"], a["threads"], a["device"], a["deterministic"])
     overrides = _train_overrides(iterations=a["iterations"], seed=a["seed"], sam_rho=a["sam_rho"],
                                  batch_size=a["batch_size"], optron_iters=a["optron_iters"], optron_lr=a["optron_lr"])
     if a["init"] is not None:
@@ -123,6 +131,7 @@ def _train_pair_task(load, run, a: dict) -> None:
     summary = _with_training_bar(ui, job.train.iterations,
                                  lambda step: run(job, a["output"], step, ui.info, resume=a["resume"], dist=dist,
                                                   device=device))
+    summary["deterministic"] = a["deterministic"]
     ui.result(summary, _pair_summary(summary, a["output"]))
 
 
@@ -150,6 +159,7 @@ def embedding(
     resume: ResumeOpt = False,
     threads: TrainThreadsOpt = None,
     device: DeviceOpt = None,
+    deterministic: TrainDeterministicOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -164,13 +174,14 @@ def embedding(
     """
     from regcli.training.jobs import load_job, run_embedding_job
 
-    ui, dist, dev = _ui(quiet, verbose, json_out, threads, device)
+    ui, dist, dev = _ui(quiet, verbose, json_out, threads, device, deterministic)
     job = load_job(config, _train_overrides(iterations=iterations, stop_after=stop_after, seed=seed,
                                             batch_pairs=batch_size,
                                             sam_rho=sam_rho))
     summary = _with_training_bar(ui, min(job.train.iterations, job.train.stop_after or job.train.iterations),
                                  lambda step: run_embedding_job(job, output, step, ui.info, resume=resume,
                                                                 dist=dist, device=dev))
+    summary["deterministic"] = deterministic
     ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes in "
                        f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
                        f"wrote {output}")
@@ -195,6 +206,7 @@ def dio(
     resume: ResumeOpt = False,
     threads: TrainThreadsOpt = None,
     device: DeviceOpt = None,
+    deterministic: TrainDeterministicOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -209,7 +221,7 @@ def dio(
     """
     from regcli.training.dio import load_dio_job, run_dio_job
 
-    ui, dist, dev = _ui(quiet, verbose, json_out, threads, device)
+    ui, dist, dev = _ui(quiet, verbose, json_out, threads, device, deterministic)
     job = load_dio_job(config, _train_overrides(iterations=iterations, seed=seed, sam_rho=sam_rho,
                                                 batch_size=batch_size))
     with ui.progress() as progress:
@@ -232,6 +244,7 @@ def dio(
         summary = run_dio_job(job, output, step, ui.info, resume=resume, prepare_progress=prep, dist=dist,
                               device=dev)
         progress.finish("training")
+    summary["deterministic"] = deterministic
     ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes in "
                        f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
                        f"wrote {output}")
@@ -266,6 +279,7 @@ def foundation(
     resume: ResumeOpt = False,
     threads: TrainThreadsOpt = None,
     device: DeviceOpt = None,
+    deterministic: TrainDeterministicOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -313,6 +327,7 @@ def promptreg(
     resume: ResumeOpt = False,
     threads: TrainThreadsOpt = None,
     device: DeviceOpt = None,
+    deterministic: TrainDeterministicOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
