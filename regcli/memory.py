@@ -26,8 +26,9 @@ worst case, so on images with flat backgrounds the fine phase is over-estimated.
 On CUDA (``--device cuda``, or ``auto`` with a GPU) the solver's tensors live on the GPU, but the CUDA runtime,
 cuBLAS and cuDNN take host memory of their own: ``cuda_host_mb`` in the model, the largest peak-RSS difference
 between a CUDA and a CPU registration of a 32^3 phantom over the six methods (``benchmarks/gpu_check.py
---sections host``; 763-1104 MB with torch 2.11 and CUDA 13 on an H100). Every phase's host estimate adds it, so
-the estimate is an upper bound of the host memory there too. The GPU's own memory is not predicted: its peak
+--sections host``; 763-1104 MB with torch 2.11 and CUDA 13 on an H100). Every phase's host estimate adds it (so
+the total, after the margin, grows by 1.16 x 1104 MB), which makes the estimate an upper bound of the host memory
+there too; the log line and the refusal say how much of the estimate is the runtime's. The GPU's own memory is not predicted: its peak
 depends on the transform model and optimizer (L-BFGS: twice Adam's) and, for the networks, on their fixed input
 size rather than the images'; the report gives the measured ``memory.cuda_max_allocated_mb``, and
 docs/benchmarks.md a table of them.
@@ -73,6 +74,7 @@ class MemoryEstimate:
     margin: float
     method: str
     notes: list[str] = field(default_factory=list)
+    cuda_host_mb: float = 0.0  # on CUDA: the host memory of the CUDA runtime, in every phase (before the margin)
 
     @property
     def largest(self) -> str:
@@ -88,6 +90,7 @@ class MemoryEstimate:
         return (f"about {_size(self.total_mb)}, largest in {PHASE_NAMES.get(self.largest, self.largest)} "
                 f"({self.counts['fixed'] / 1e6:.1f} M fixed voxels, {self.counts['work'] / 1e6:.2f} M working-grid "
                 f"voxels" + (f", {self.counts['fine'] / 1e6:.1f} M fine-grid voxels" if self.counts["fine"] else "")
+                + (f"; {_size(self.cuda_host_mb * self.margin)} of it the CUDA runtime" if self.cuda_host_mb else "")
                 + ")")
 
 
@@ -130,12 +133,14 @@ def estimate_peak_memory(fixed: Grid, moving: Grid, config: RegisterConfig, devi
         if config.instance.fine_spacing_mm is not None:
             counts["fine"] = fixed.with_spacing(config.instance.fine_spacing_mm).num_voxels
     host_extra = float(model["cuda_host_mb"]) if device == "cuda" else 0.0
+    if host_extra:
+        notes.append(f"on CUDA every phase includes {host_extra:.0f} MB of host memory for the CUDA runtime")
     phases = {}
     for name, c in coef.items():
         if _phase_runs(name, config):
             phases[name] = c["mb"] + host_extra + sum(c.get(k, 0.0) * counts[k] for k in counts) / MB
     margin = float(model["margin"])
-    return MemoryEstimate(max(phases.values()) * margin, phases, counts, margin, method, notes)
+    return MemoryEstimate(max(phases.values()) * margin, phases, counts, margin, method, notes, host_extra)
 
 
 def check_memory(estimate: MemoryEstimate, limit_mb: Optional[float], config: RegisterConfig,
@@ -147,7 +152,9 @@ def check_memory(estimate: MemoryEstimate, limit_mb: Optional[float], config: Re
     raise ResourceError(
         f"estimated peak memory {_size(estimate.total_mb)} is above --max-memory {_size(limit_mb)} for "
         f"'{fixed_path}' ({estimate.counts['fixed'] / 1e6:.1f} M voxels), mostly "
-        f"{PHASE_NAMES.get(estimate.largest, estimate.largest)}: {_advice(estimate, config)}")
+        f"{PHASE_NAMES.get(estimate.largest, estimate.largest)}"
+        + (f", {_size(estimate.cuda_host_mb * estimate.margin)} of it the CUDA runtime's"
+           if estimate.cuda_host_mb else "") + f": {_advice(estimate, config)}")
 
 
 def _advice(estimate: MemoryEstimate, config: RegisterConfig) -> str:
@@ -165,4 +172,6 @@ def _advice(estimate: MemoryEstimate, config: RegisterConfig) -> str:
             tips.append("--no-html")
         if config.inverse_warp and config.deformable:
             tips.append("--no-inverse")
+    if estimate.cuda_host_mb:
+        tips.append("--device cpu")
     return "try " + ", ".join(tips)

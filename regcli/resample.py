@@ -90,9 +90,10 @@ def _trilinear_gathered(x: torch.Tensor, g: torch.Tensor, padding: str) -> torch
     lo, frac = [], []
     for i, size in enumerate((w, h, d)):  # grid_sample's (x, y, z) order
         p = (pts[..., i] + 1) * (0.5 * (size - 1))
-        if padding == "border":
-            p = p.clamp(0, size - 1)
-        p0 = torch.floor(p.detach())
+        if padding == "border":  # as grid_sample clips: no gradient on or beyond the edge, NaN to the far edge
+            inside = (p > 0) & (p < size - 1)
+            p = torch.where(inside, p, torch.nan_to_num(p.detach(), nan=size - 1).clamp(0, size - 1))
+        p0 = torch.floor(p.detach().nan_to_num(nan=-2.0).clamp(-2, size + 1))
         lo.append(p0.long())
         frac.append(p - p0)
     out = None
@@ -102,9 +103,9 @@ def _trilinear_gathered(x: torch.Tensor, g: torch.Tensor, padding: str) -> torch
                 ix, iy, iz = lo[0] + dx, lo[1] + dy, lo[2] + dz
                 weight = ((frac[0] if dx else 1 - frac[0]) * (frac[1] if dy else 1 - frac[1])
                           * (frac[2] if dz else 1 - frac[2]))
-                if padding != "border":
+                if padding != "border":  # zeros: corners outside the grid (and non-finite points) add nothing
                     inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h) & (iz >= 0) & (iz < d)
-                    weight = weight * inside
+                    weight = torch.where(inside, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
                 lin = (iz.clamp(0, d - 1) * h + iy.clamp(0, h - 1)) * w + ix.clamp(0, w - 1)
                 term = flat.gather(2, lin[:, None].expand(n, c, -1)) * weight[:, None].to(x.dtype)
                 out = term if out is None else out + term

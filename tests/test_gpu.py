@@ -59,9 +59,14 @@ def test_float64_on_cuda_is_the_cpu_result(pair):
 
 @pytest.mark.parametrize("method,over", [("convexadam", {}), ("samconvex", {}), ("dio", {}),
                                          ("foundation", {"foundation": {"io": "network", "io_iterations": 3}})])
-def test_n2_deterministic_cuda_runs_are_identical(pair, method, over):
+def test_n2_deterministic_cuda_runs_are_identical(pair, method, over, monkeypatch):
     """grid_sample's CUDA backward adds with atomics; under --deterministic regcli samples through gathers, whose
     backward (scatter-add) torch makes deterministic."""
+    from regcli import resample
+
+    calls = []
+    real = resample._trilinear_gathered
+    monkeypatch.setattr(resample, "_trilinear_gathered", lambda *a: calls.append(1) or real(*a))
     fixed, moving = pair
     n = torch.get_num_threads()
     try:
@@ -69,7 +74,9 @@ def test_n2_deterministic_cuda_runs_are_identical(pair, method, over):
                   for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
         torch.set_num_threads(n)
+    assert calls  # the gathered sampler did the differentiated sampling
     assert torch.equal(fields[0], fields[1]), float((fields[0] - fields[1]).abs().max())
 
 
@@ -98,6 +105,8 @@ def test_gathered_sampling_on_cuda_is_grid_sample_and_deterministic():
     for padding in ("border", "zeros"):
         ref = F.grid_sample(x, g, padding_mode=padding, align_corners=True)
         assert torch.allclose(_trilinear_gathered(x, g, padding), ref, atol=1e-5)
+    xa, ga = x.clone().requires_grad_(), g.clone().requires_grad_()
+    F.grid_sample(xa, ga, padding_mode="border", align_corners=True).square().sum().backward()
     grads = []
     torch.use_deterministic_algorithms(True)
     try:
@@ -108,3 +117,5 @@ def test_gathered_sampling_on_cuda_is_grid_sample_and_deterministic():
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert torch.allclose(grads[0][0], xa.grad, rtol=1e-4, atol=1e-4)  # the gradient grid_sample gives
+    assert torch.allclose(grads[0][1], ga.grad, rtol=1e-3, atol=1e-3)

@@ -115,3 +115,16 @@ def test_on_cuda_the_host_estimate_adds_the_cuda_runtime():
     assert extra > 1000
     assert cuda.phases == pytest.approx({k: v + extra for k, v in cpu.phases.items()})
     assert cuda.total_mb == pytest.approx(cpu.total_mb + extra * cpu.margin)
+    # the log line, the report's notes and a refusal say how much of it is the runtime's, and offer the CPU
+    share = f"{extra * cpu.margin / 1024:.1f} GB"
+    assert f"{share} of it the CUDA runtime" in cuda.describe() and "CUDA runtime" not in cpu.describe()
+    assert any("CUDA runtime" in n for n in cuda.as_dict()["estimate_notes"])
+    from regcli.errors import ResourceError
+    from regcli.memory import check_memory
+
+    with pytest.raises(ResourceError) as e:
+        check_memory(cuda, cpu.total_mb + 1, cfg)
+    assert f"{share} of it the CUDA runtime's" in str(e.value) and str(e.value).endswith("--device cpu")
+    with pytest.raises(ResourceError) as e:
+        check_memory(cpu, cpu.total_mb - 1, cfg)
+    assert "CUDA" not in str(e.value) and "--device cpu" not in str(e.value)

@@ -111,3 +111,26 @@ def test_dio_training_step_through_the_gathered_sampler_matches_the_native_one(m
         assert gathered[0] == pytest.approx(native[0], rel=1e-5)
         rel = float((gathered[1] - native[1]).norm() / native[1].norm())
         assert rel < 1e-4, rel  # measured: 1.1e-6
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_gathered_sampling_on_and_beyond_the_edges_is_grid_sample(padding):
+    """Points exactly on the first and last voxel centres (±1), beyond them, and non-finite ones: the same values
+    and the same gradients as grid_sample (which has no gradient where it clips, and sends NaN to the far edge)."""
+    x, _ = _inputs(shape=(1, 2, 4, 5, 6), points=(1, 1, 1))
+    edge = torch.tensor([-1.0, 1.0, -1.5, 1.5, 0.25, -0.75], dtype=torch.float64)
+    g = torch.cartesian_prod(edge, edge, edge).reshape(1, 1, 1, -1, 3)
+    xa, ga = x.clone().requires_grad_(), g.clone().requires_grad_()
+    xb, gb = x.clone().requires_grad_(), g.clone().requires_grad_()
+    ref = F.grid_sample(xa, ga, padding_mode=padding, align_corners=True)
+    out = _trilinear_gathered(xb, gb, padding)
+    assert torch.allclose(out, ref, atol=1e-12)
+    w = torch.randn_like(ref)
+    (ref * w).sum().backward()
+    (out * w).sum().backward()
+    assert torch.allclose(xb.grad, xa.grad, atol=1e-12)
+    assert torch.allclose(gb.grad, ga.grad, atol=1e-10), (gb.grad - ga.grad).abs().max()
+    bad = torch.tensor([[float("nan"), 0.0, 0.0], [float("inf"), 0.1, 0.0], [-float("inf"), 0.0, 0.2]],
+                       dtype=torch.float64).reshape(1, 1, 1, 3, 3)
+    assert torch.equal(_trilinear_gathered(x, bad, padding),
+                       F.grid_sample(x, bad, padding_mode=padding, align_corners=True))

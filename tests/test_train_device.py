@@ -146,15 +146,16 @@ def test_torchrun_processes_train_on_their_local_gpu(monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert _training_device("auto") == _training_device("cuda") == torch.device("cuda", 1)
-    assert _training_device("cpu") == torch.device("cpu")
+    assert _training_device("auto") == _training_device("cuda") == (torch.device("cuda", 1), None)
+    assert _training_device("cpu") == (torch.device("cpu"), None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert _training_device("auto") == torch.device("cpu")
+    dev, note = _training_device("auto")
+    assert dev == torch.device("cpu") and note.startswith("2 processes on this machine and 1 visible GPU")
     with pytest.raises(ConfigError, match="2 processes on this machine but only 1 CUDA device"):
         _training_device("cuda")
     for k in env:
         monkeypatch.delenv(k)
-    assert _training_device("auto") == _training_device("cuda") == torch.device("cuda", 0)  # one process
+    assert _training_device("auto") == _training_device("cuda") == (torch.device("cuda", 0), None)  # one process
 
 
 def test_deterministic_is_recorded_and_turns_deterministic_algorithms_on(tmp_path):

@@ -35,8 +35,9 @@ ExcludeTaskTrainOpt = Annotated[Optional[list[str]], typer.Option(
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in OUTDIR from its checkpoint.pt.")]
 TrainThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.", min=1)]
 TrainDeterministicOpt = Annotated[bool, typer.Option(
-    "--deterministic", help="Deterministic algorithms on a GPU (cuDNN without benchmarking, resampling without "
-    "atomic adds; somewhat slower), so that a run repeats; CPU runs repeat without it. Recorded in the summary.")]
+    "--deterministic", help="Deterministic algorithms on a GPU: cuDNN without benchmarking, resampling without "
+    "atomic adds (somewhat slower). torch's trilinear upsampling and average pooling still add with atomics on "
+    "CUDA, so a GPU run may differ in the last bits; CPU runs repeat without it. Recorded in the summary.")]
 SamRhoOpt = Annotated[Optional[float], typer.Option(
     "--sam-rho", min=0.0, help="Override train.sam_rho: sharpness-aware minimization with this weight-perturbation "
     "radius (two forward/backward passes per step; regcli.training.sam); 0 disables.")]
@@ -54,7 +55,7 @@ def _ui(quiet: bool, verbose: bool, json_out: bool, threads: Optional[int], devi
     from regcli.cli.common import Ui
     from regcli.training.distributed import setup, teardown
 
-    dev = _training_device(device.value if device else "auto")
+    dev, note = _training_device(device.value if device else "auto")
     if deterministic:
         from regcli.runtime import deterministic_algorithms
 
@@ -65,13 +66,17 @@ def _ui(quiet: bool, verbose: bool, json_out: bool, threads: Optional[int], devi
     atexit.register(teardown)
     if not dist.main:
         return Ui(quiet=True, verbose=False, json=False), dist, dev
-    return Ui(quiet=quiet, verbose=verbose, json=json_out), dist, dev
+    ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
+    if note:
+        ui.info(f"note: training on the CPU: {note}")
+    return ui, dist, dev
 
 
 def _training_device(name: str):
     """``--device`` as :func:`regcli.runtime.resolve_device` reads it (``cuda`` without a GPU: ConfigError), as
     the GPU of this process: ``cuda:<LOCAL_RANK>`` under torchrun, ``cuda:0`` alone. Under torchrun with more
-    processes on this machine than GPUs, ``auto`` trains every process on the CPU and ``cuda`` is a ConfigError."""
+    processes on this machine than GPUs, ``auto`` trains every process on the CPU (and says why: the second value,
+    else None) and ``cuda`` is a ConfigError."""
     import torch
 
     from regcli.errors import ConfigError
@@ -80,15 +85,18 @@ def _training_device(name: str):
 
     dist = from_environment()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    note = None
     if name == "auto" and dist.enabled and 0 < gpus < dist.local_world:
         name = "cpu"
+        note = (f"{dist.local_world} processes on this machine and {gpus} visible GPU(s): --device cuda needs one "
+                f"per process")
     dev = resolve_device(name)
     if dev.type != "cuda":
-        return dev
+        return dev, note
     if dist.local_rank >= gpus:
         raise ConfigError(f"--device cuda: torchrun starts {dist.local_world} processes on this machine but only "
                           f"{gpus} CUDA device(s) are visible (one per process; use --device cpu or fewer processes)")
-    return torch.device("cuda", dist.local_rank)
+    return torch.device("cuda", dist.local_rank), None
 
 
 def _with_training_bar(ui, total: int, run) -> dict:
@@ -136,8 +144,9 @@ def _train_pair_task(load, run, a: dict) -> None:
 
 
 def _pair_summary(summary: dict, output: Path) -> str:
-    text = (f"trained {summary['iterations']} steps on {summary['volumes']} volumes of {len(summary['datasets'])} "
-            f"datasets in {summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.4f}")
+    text = (f"trained {summary['iterations']} steps on {summary['device']} on {summary['volumes']} volumes of "
+            f"{len(summary['datasets'])} datasets in {summary['seconds']} s; mean loss of the last 50 steps "
+            f"{summary['final_loss_mean50']:.4f}")
     if "validation" in summary:
         v = summary["validation"]
         text += f"; validation Dice {v['first_dice']:.4f} -> {v['last_dice']:.4f} (best {v['best_dice']:.4f})"
@@ -182,7 +191,7 @@ def embedding(
                                  lambda step: run_embedding_job(job, output, step, ui.info, resume=resume,
                                                                 dist=dist, device=dev))
     summary["deterministic"] = deterministic
-    ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes in "
+    ui.result(summary, f"trained {summary['iterations']} steps on {summary['device']} on {summary['volumes']} volumes in "
                        f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
                        f"wrote {output}")
 
@@ -245,7 +254,7 @@ def dio(
                               device=dev)
         progress.finish("training")
     summary["deterministic"] = deterministic
-    ui.result(summary, f"trained {summary['iterations']} steps on {summary['volumes']} volumes in "
+    ui.result(summary, f"trained {summary['iterations']} steps on {summary['device']} on {summary['volumes']} volumes in "
                        f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
                        f"wrote {output}")
 

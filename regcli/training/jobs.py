@@ -17,6 +17,7 @@ while it goes and its recipe is never lost.
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import os
@@ -190,10 +191,12 @@ def cpu_tensors(obj):
     if isinstance(obj, torch.Tensor):
         return obj.cpu()
     if isinstance(obj, dict):
-        out = type(obj)((k, cpu_tensors(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # a module's state dict: its version numbers
-            out._metadata = obj._metadata
+        out = copy.copy(obj)  # the same kind of dict, with its attributes (a state dict's _metadata)
+        for k, v in obj.items():
+            out[k] = cpu_tensors(v)
         return out
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(cpu_tensors(v) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(cpu_tensors(v) for v in obj)
     return obj
