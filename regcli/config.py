@@ -28,13 +28,15 @@ class ConfigModel(BaseModel):
     item of a tuple of numbers), and ``"yes"``, ``"off"``, ``1`` or ``0.0`` as a boolean: here both are validation
     errors at the key. Every input path delivers booleans as booleans (YAML and JSON ``true``/``false``, and YAML
     1.1's unquoted ``yes``/``no``/``on``/``off``, which ``yaml.safe_load`` reads as booleans; the command line's
-    ``--flag/--no-flag`` options; no manifest CSV column or environment variable sets a boolean field).
+    ``--flag/--no-flag`` options; no manifest CSV column or environment variable sets a boolean field). No float
+    field takes NaN or an infinity (``working_spacing_mm: .inf`` is a validation error at the key, not a failure
+    later).
     Everything else lax mode accepts stays accepted: an integer for a float (``learning_rate: 1``), and, for a
     plain ``int`` field, a float with an integral value (``iterations: 10.0``); ``StrictInt`` fields refuse the
     latter too.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -121,11 +121,13 @@ def sample_norm(x: torch.Tensor, g: torch.Tensor, mode: str = "bilinear", paddin
 
 
 def inside_norm(coords_norm: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Mask (...) of normalized coordinates within the ITK buffer ``[-0.5, n-0.5]`` of ``grid``."""
+    """Mask (...) of normalized coordinates within the ITK buffer ``[-0.5, n-0.5]`` of ``grid`` (index 0 is at -1,
+    one voxel is ``2 / max(n - 1, 1)``; a one-voxel axis spans [-2, 0])."""
     n = torch.as_tensor(grid.size, dtype=coords_norm.dtype, device=coords_norm.device)
-    half = 1.0 / torch.clamp(n - 1.0, min=1.0)  # half a voxel in normalized units
-    lim = 1.0 + half + 1e-6
-    return (coords_norm.abs() <= lim).all(dim=-1)
+    step = 2.0 / torch.clamp(n - 1.0, min=1.0)
+    lo = -1.0 - 0.5 * step - 1e-6
+    hi = -1.0 + (n - 0.5) * step + 1e-6
+    return ((coords_norm >= lo) & (coords_norm <= hi)).all(dim=-1)
 
 
 def grid_sample(

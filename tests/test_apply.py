@@ -300,6 +300,14 @@ def test_points_csv_without_xyz_is_an_input_error(tmp_path):
     assert not (tmp_path / "q.csv").exists()
 
 
+def test_points_are_not_written_under_an_image_name(tmp_path):
+    (tmp_path / "p.csv").write_text("x,y,z\n1,2,3\n")
+    for name in ("q.nii.gz", "q.MHA"):
+        res = runner.invoke(app, ["apply", "--points", "-i", str(tmp_path / "p.csv"), "-o", str(tmp_path / name)])
+        assert res.exit_code == 6 and "name it .csv" in res.stderr, res.output
+        assert not (tmp_path / name).exists()
+
+
 def test_t6_bright_voxel_lands_where_inverse_points_say(tmp_path):
     """Image: a bright cube in the moving image. Points: its centre mapped by the INVERSE list. Same place."""
     moving = make_phantom("PIL", "iso")
@@ -553,3 +561,36 @@ def test_outputs_that_are_inputs_or_not_single_image_files_are_refused_up_front(
     assert res.exit_code == 2 and "[file,1]" in res.output, res.output
     res = runner.invoke(app, ["jacobian", str(tmp_path / "w.nii.gz"), "-o", str(tmp_path / "w.nii.gz"), "--overwrite"])
     assert res.exit_code == 6 and "is the input" in res.output
+
+
+def test_nearest_keeps_a_float64_input_exactly(tmp_path):
+    """Float64 labels above 2^24 (2^40 + 1) come through nearest as float64, equal to sitk.Resample's."""
+    img = _step_image(sitk.sitkFloat64, [float(2 ** 40 + 1), 3.25, float(2 ** 53 - 1)] * 4)
+    sitk.WriteImage(img, str(tmp_path / "f64.nii.gz"))
+    write_affine(AffineTransform.translation((0.3, -0.2, 0.1)), tmp_path / "a.mat")
+    run_ok(["apply", "-i", tmp_path / "f64.nii.gz", "-r", tmp_path / "f64.nii.gz", "-t", tmp_path / "a.mat", "-q",
+            "-n", "nearest", "-o", tmp_path / "o.nii.gz"])
+    out = sitk.ReadImage(str(tmp_path / "o.nii.gz"))
+    assert out.GetPixelID() == sitk.sitkFloat64
+    ref = sitk.Resample(img, img, sitk.TranslationTransform(3, (0.3, -0.2, 0.1)), sitk.sitkNearestNeighbor, 0.0,
+                        sitk.sitkFloat64)
+    assert np.array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(ref))
+
+
+@pytest.mark.parametrize("interp,sitk_interp", [("linear", sitk.sitkLinear), ("label", sitk.sitkLabelLinear),
+                                                ("nearest", sitk.sitkNearestNeighbor)])
+def test_a_one_slice_input_is_resampled_as_itk_does(tmp_path, interp, sitk_interp):
+    """A one-voxel axis spans index [-0.5, 0.5] (the ITK buffer); values reached 1.5 voxels past the slice on one
+    side through an oblique reference."""
+    vol = make_phantom("LPS", "iso")
+    labels = phantom_labels(vol)
+    src = (labels if interp != "linear" else vol)[:, 10:11, :]
+    sitk.WriteImage(src, str(tmp_path / "slice.nii.gz"))
+    ref = make_phantom("oblique15", "iso")
+    sitk.WriteImage(ref, str(tmp_path / "ref.nii.gz"))
+    run_ok(["apply", "-i", tmp_path / "slice.nii.gz", "-r", tmp_path / "ref.nii.gz", "-n", interp, "-q",
+            "-o", tmp_path / "o.nii.gz"])
+    out = _read(tmp_path / "o.nii.gz")
+    expect = sitk.GetArrayFromImage(sitk.Resample(src, ref, sitk.Transform(), sitk_interp, 0.0))
+    assert np.array_equal(out != 0, expect != 0), (int((out != 0).sum()), int((expect != 0).sum()))
+    assert np.allclose(out, expect, atol=1e-4)

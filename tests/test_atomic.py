@@ -71,6 +71,14 @@ def test_claim_refuses_existing_without_overwrite(tmp_path):
     OutputSet(overwrite=True).claim(tmp_path / "a.txt")
 
 
+def test_claim_refuses_a_dangling_link_without_overwrite(tmp_path):
+    link = tmp_path / "out.nii.gz"
+    link.symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(OutputError, match="exists; pass --overwrite"):
+        OutputSet().claim(link)
+    assert OutputSet(overwrite=True).claim(link) == link
+
+
 def test_claim_missing_or_unwritable_directory(tmp_path):
     with pytest.raises(OutputError, match="does not exist"):
         OutputSet().claim(tmp_path / "nope" / "a.txt")

@@ -279,3 +279,15 @@ def test_every_shipped_network_loads(folder):
     from regcli.weights import resolve
 
     assert network_from(resolve(str(folder))) is not None
+
+
+def test_no_float_setting_takes_nan_or_an_infinity(tmp_path):
+    """`working_spacing_mm: .inf` used to pass validation and fail later (exit 4, a numpy warning on stderr);
+    `instance.learning_rate: .inf` ended as a diverged registration (exit 5)."""
+    from regcli.errors import ConfigError
+
+    for value in (float("inf"), float("-inf"), float("nan")):
+        for over in ({"working_spacing_mm": value}, {"instance": {"learning_rate": value}},
+                     {"affine": {"learning_rate": value}}):
+            with pytest.raises(ConfigError, match="finite number"):
+                build_config(None, over)

@@ -118,7 +118,9 @@ def apply(
     import time
 
     from regcli.cli.common import Ui
+    from regcli.errors import OutputError
     from regcli.io.atomic import OutputSet
+    from regcli.io.images import IMAGE_EXTENSIONS
 
     ui = Ui(quiet=quiet, verbose=verbose, json=json_out)
     t0 = time.perf_counter()
@@ -126,6 +128,8 @@ def apply(
 
     specs = [s for s in (transform or []) if s.strip().lower() != "identity"]
     outs = OutputSet(overwrite=overwrite, inputs=[input, reference, *(parse_spec(s)[0] for s in specs)])
+    if points and output.name.lower().endswith(IMAGE_EXTENSIONS):
+        raise OutputError(f"output '{output}': --points writes a CSV point set, not an image; name it .csv")
     outs.claim(output, image=not points)  # O2/O3: refuse before reading or computing anything
     if points:
         if reference is not None:
@@ -196,7 +200,7 @@ def resample_volume(vol, reference, transform, interp: str, default: float):
         default: value outside the input.
     Returns:
         (Z, Y, X) or (Z, Y, X, C) numpy array on ``reference``: float32 for linear interpolation, the input's
-        integer values for nearest/label on integer inputs.
+        integer values for nearest/label on integer inputs, and for nearest on a float64 input its float64 values.
     """
     import numpy as np
     import SimpleITK as sitk
@@ -222,8 +226,9 @@ def resample_volume(vol, reference, transform, interp: str, default: float):
             is_int = True
     if is_int:
         data = torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64)))
-    else:
-        data = torch.from_numpy(np.ascontiguousarray(arr.astype(np.float32)))
+    else:  # nearest copies values: a float64 input keeps its precision
+        keep = interp == "nearest" and arr.dtype == np.float64
+        data = torch.from_numpy(np.ascontiguousarray(arr.astype(np.float64 if keep else np.float32)))
     if ncomp > 1:
         data = torch.movedim(data, -1, 0)  # (C, Z, Y, X)
     out = warp(Image(data, grid), transform, reference, interp, default).data
@@ -264,7 +269,7 @@ def apply_to_image(input: Path, reference: Path, specs: list, output: Path, outs
     # integer results (nearest/label) keep the input's integer type, widened only if the default value needs it;
     # labels given as integral floats take the smallest integer type that holds them (E9)
     if not np.issubdtype(stacked.dtype, np.integer):
-        dtype = "float32"
+        dtype = stacked.dtype if interp == "nearest" else "float32"  # nearest keeps a float64 input's values
     elif np.issubdtype(in_dtype, np.integer):
         dtype = integer_dtype_holding(in_dtype, int(default))
     else:

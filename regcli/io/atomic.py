@@ -171,7 +171,7 @@ class OutputSet:
         same = self._input_at(path)
         if same is not None:
             raise OutputError(f"output '{path}' is the input '{same}'; write the output elsewhere")
-        if path.exists() and not self.overwrite:
+        if (path.exists() or path.is_symlink()) and not self.overwrite:  # a dangling link is a name taken too
             raise OutputError(f"output '{path}' exists; pass --overwrite to replace it")
         if path.is_dir():
             raise OutputError(f"output '{path}' is a directory")
