@@ -197,3 +197,33 @@ def test_bending_energy_is_spacing_aware_and_zero_for_affine():
     u = torch.zeros(1, 3, 8, 9, 10, requires_grad=True)
     bending(u, (1.0, 2.0, 3.0)).backward()
     assert torch.isfinite(u.grad).all()
+
+
+def test_the_lncc_similarity_reuses_the_fixed_statistics_bit_for_bit():
+    """The factory's LNCC keeps the fixed image's statistics between calls with the same (unchanged) fixed tensor:
+    the same loss and gradient to the bit as computing everything each time; a changed or new fixed tensor is
+    recomputed."""
+    import regcli.similarity.lncc as L
+
+    gen = torch.Generator().manual_seed(0)
+    f = torch.rand(1, 2, 12, 13, 14, generator=gen)
+    fn = L._make_lncc(window=(5, 3, 5))
+    calls = []
+    real = L.fixed_statistics
+    try:
+        L.fixed_statistics = lambda *a: calls.append(1) or real(*a)
+        for _ in range(3):
+            w = torch.rand(1, 2, 12, 13, 14, generator=gen, requires_grad=True)
+            w2 = w.detach().clone().requires_grad_()
+            a = fn(f, w)
+            b = L.lncc(f, w2, None, (5, 3, 5))
+            a.backward()
+            b.backward()
+            assert torch.equal(a, b) and torch.equal(w.grad, w2.grad)
+        assert len(calls) == 1 + 3  # once for the factory's fixed image; lncc() itself computes them every time
+        f.mul_(2.0)  # changed in place: recomputed
+        fn(f, w.detach())
+        fn(f.clone(), w.detach())  # another tensor: recomputed
+        assert len(calls) == 6
+    finally:
+        L.fixed_statistics = real

@@ -7,6 +7,7 @@ invariant to a linear intensity change of either image, so they suit images of t
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -85,13 +86,23 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3, 4), keepdim=True, dtype=torch.float64).to(x.dtype)
 
 
+def fixed_statistics(fixed: torch.Tensor, window: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """The part of :func:`lncc_map` that depends on the fixed image only: the image centred by its global mean,
+    and the box means of it and of its square. A solver that compares one fixed image with many warped ones
+    computes it once (the LNCC factory's similarity does)."""
+    f = fixed - global_mean(fixed.detach())
+    mf, mff = box_mean(torch.cat((f, f * f), dim=1), window).split(fixed.shape[1], dim=1)
+    return f, mf, mff
+
+
 def lncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[int], eps: float = 1e-5,
-             squared: bool = True) -> torch.Tensor:
+             squared: bool = True, fixed_stats: Optional[tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
     """Local correlation coefficient per voxel.
 
     Args:
         fixed, warped: (N, C, Z, Y, X) float tensors on the same grid.
         window: box window (kz, ky, kx) in voxels.
+        fixed_stats: :func:`fixed_statistics` of ``fixed`` and ``window``, when already computed.
         eps: local variance floor (intensity units squared): where the fixed image's local variance is
             not above it (flat regions), ``cc = 0``; the warped image's variance is floored at it. Where
             both are above it ``cc`` is exact (an eps added to the denominator instead would bias the
@@ -101,15 +112,14 @@ def lncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[int], e
     Returns:
         (N, C, Z, Y, X) correlation map, dimensionless.
     """
-    n, c = fixed.shape[:2]
+    c = fixed.shape[1]
     # centring by the global means (no effect on covariances) keeps the running sums small, so the
     # float32 sums and E[x^2] - E[x]^2 stay accurate for data with a large offset (CT values, 3 * x + 7);
-    # the means are accumulated in float64, so that they do not depend on the thread count (RELIABILITY N5)
-    fixed = fixed - global_mean(fixed.detach())
+    # the means are accumulated in float64, so that they do not depend on the thread count (RELIABILITY N5).
+    # Every channel's box mean is its own, so the fixed image's part may come from an earlier call.
+    fixed, mf, mff = fixed_stats if fixed_stats is not None else fixed_statistics(fixed, window)
     warped = warped - global_mean(warped.detach())
-    stats = torch.cat((fixed, warped, fixed * fixed, warped * warped, fixed * warped), dim=1)
-    m = box_mean(stats, window)
-    mf, mw, mff, mww, mfw = m.split(c, dim=1)
+    mw, mww, mfw = box_mean(torch.cat((warped, warped * warped, fixed * warped), dim=1), window).split(c, dim=1)
     cross = mfw - mf * mw
     vf = mff - mf * mf
     vw = mww - mw * mw
@@ -182,8 +192,18 @@ def _make_lncc(window: int | Sequence[int] | None = None, radius_mm: float | Non
     if not (eps > 0 and math.isfinite(eps)):
         raise ConfigError(f"LNCC eps must be positive, got {eps}")
 
+    last: dict = {}  # the fixed image of the last call (a weak reference), its version and its statistics
+
     def fn(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return lncc(fixed, warped, mask, win, eps, squared)
+        stats = None
+        if not fixed.requires_grad:  # a solver's fixed image, the same tensor at every iteration
+            ref = last.get("ref")
+            if ref is not None and ref() is fixed and last["version"] == fixed._version:
+                stats = last["stats"]
+            else:
+                stats = fixed_statistics(fixed, win)
+                last.update(ref=weakref.ref(fixed), version=fixed._version, stats=stats)
+        return -masked_mean(lncc_map(fixed, warped, win, eps, squared, stats), mask)
 
     fn.window = win  # type: ignore[attr-defined]
     return fn
