@@ -121,20 +121,15 @@ def read_manifest(path: str | os.PathLike) -> list[Pair]:
     checked before anything runs.
 
     Raises:
-        InputError: unreadable CSV, missing column, duplicate pair names, or a missing file (named with its
-            line and column).
+        InputError: unreadable or non-UTF-8 CSV, a missing or repeated column, a row with more fields than the
+            header, duplicate pair names, or a missing file (named with its line and column).
     """
+    from regcli.manifest import read_csv
+
     path = Path(path)
     check_readable_file(path, "pair manifest")
     base = path.parent
-    try:
-        # utf-8-sig: the byte-order mark that Excel's "CSV UTF-8" writes is not part of the first column's name
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"cannot read pair manifest '{path}': not a CSV text file ({e})") from None
+    header, rows = read_csv(path, "pair manifest")
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise InputError(f"pair manifest '{path}' lacks column(s) {', '.join(missing)}; its header is "
@@ -147,10 +142,9 @@ def read_manifest(path: str | os.PathLike) -> list[Pair]:
     name_col = next((c for c in NAME_COLUMNS if c in header), None)
     pairs: list[Pair] = []
     seen: set[str] = set()
-    for i, row in enumerate(rows, start=1):
+    for i, (line, row) in enumerate(rows, start=1):
         if not any(row.values()):
             continue
-        line = i + 1
         name = row.get(name_col, "") if name_col else ""
         name = name or f"pair{i:03d}"
         problem = pair_name_problem(name)
@@ -191,16 +185,28 @@ def read_pairs(path: str | os.PathLike, tasks: Sequence[str] = (), exclude: Sequ
         if tasks or exclude:
             raise ConfigError(f"--task/--exclude-task need a dataset manifest; '{path}' is a CSV of pairs")
         return read_manifest(path)
+    datasets = load_datasets(path)
+    names = [ds.name for ds in datasets if ds.pairs]
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:  # a dataset's default name is its CSV's folder name: two data/pairs.csv clash
+        raise InputError(f"dataset manifest '{path}': two datasets are named '{dup}' (their pairs would share "
+                         f"names and outputs); give each a distinct 'name:'")
     out: list[Pair] = []
-    for ds in select(load_datasets(path), tasks, exclude):
+    seen: set[str] = set()
+    for ds in select(datasets, tasks, exclude):
         if not ds.pairs:
             continue
         for p in read_manifest(ds.pairs):
             flags = ("--modality", ds.modality) + (("--no-affine",) if ds.align == "none" else ())
-            problem = pair_name_problem(f"{ds.name}_{p.name}")  # a dataset name such as '../x'
+            name = f"{ds.name}_{p.name}"
+            problem = pair_name_problem(name)  # a dataset name such as '../x'
             if problem is not None:
                 raise InputError(f"dataset manifest '{path}': dataset '{ds.name}': {problem}")
-            out.append(Pair(**{**p.__dict__, "name": f"{ds.name}_{p.name}", "task": ds.task_name,
+            if name in seen:  # e.g. datasets 'a' (pair 'b_c') and 'a_b' (pair 'c')
+                raise InputError(f"dataset manifest '{path}': dataset '{ds.name}': duplicate pair name '{name}' "
+                                 f"(pairs are named <dataset>_<pair>)")
+            seen.add(name)
+            out.append(Pair(**{**p.__dict__, "name": name, "task": ds.task_name,
                                "label_ids": ds.label_ids, "register_flags": flags}))
     if not out:
         raise InputError(f"dataset manifest '{path}': no chosen dataset has a pairs CSV to register")
@@ -401,18 +407,11 @@ class RunResult:
     peak_rss_mb: Optional[float]
 
 
-def register_subprocess(pair: Pair, prefix: str, method: str, config: Optional[Path] = None,
-                        extra_args: Sequence[str] = (), overwrite: bool = False,
-                        timeout: Optional[float] = None) -> RunResult:
-    """Run ``python -m regcli register`` for one pair in a fresh process and measure its peak memory.
-
-    The child's stdout holds the report (``--json``); its stderr's last line is the error on failure.
-    ``os.wait4``'s ``ru_maxrss`` is only an upper bound of the child's peak on Linux (it inherits the
-    parent's high-water mark across fork and exec); the child's report carries the exact figure
-    (``VmHWM``), which :func:`evaluate_pairs` prefers.
-    """
-    cmd = [sys.executable, "-m", "regcli", "register", str(pair.fixed), str(pair.moving), "-o", prefix,
-           "--method", method, "--json", "--quiet"]
+def register_command(pair: Pair, prefix: str, method: str, config: Optional[Path] = None,
+                     extra_args: Sequence[str] = (), overwrite: bool = False) -> list[str]:
+    """The ``python -m regcli register`` command line of one pair. The images come last, after ``--``, so that
+    a path starting with ``-`` (a CSV's ``-m.nii.gz``) is never read as an option."""
+    cmd = [sys.executable, "-m", "regcli", "register", "-o", prefix, "--method", method, "--json", "--quiet"]
     if pair.fixed_mask is not None:
         cmd += ["--fixed-mask", str(pair.fixed_mask)]
     if pair.moving_mask is not None:
@@ -426,7 +425,21 @@ def register_subprocess(pair: Pair, prefix: str, method: str, config: Optional[P
     cmd += flags
     if overwrite:
         cmd.append("--overwrite")
-    cmd += list(extra_args)
+    return cmd + list(extra_args) + ["--", str(pair.fixed), str(pair.moving)]
+
+
+def register_subprocess(pair: Pair, prefix: str, method: str, config: Optional[Path] = None,
+                        extra_args: Sequence[str] = (), overwrite: bool = False,
+                        timeout: Optional[float] = None) -> RunResult:
+    """Run ``python -m regcli register`` (:func:`register_command`) for one pair in a fresh process and measure
+    its peak memory.
+
+    The child's stdout holds the report (``--json``); its stderr's last line is the error on failure.
+    ``os.wait4``'s ``ru_maxrss`` is only an upper bound of the child's peak on Linux (it inherits the
+    parent's high-water mark across fork and exec); the child's report carries the exact figure
+    (``VmHWM``), which :func:`evaluate_pairs` prefers.
+    """
+    cmd = register_command(pair, prefix, method, config, extra_args, overwrite)
     env = dict(os.environ)
     env["REGCLI_NO_PROGRESS"] = "1"
     here = str(Path(__file__).resolve().parents[1])  # the child imports this same regcli, installed or not
@@ -705,5 +718,5 @@ def _jsonable(obj: Any) -> Any:
 
 
 __all__ = ["Pair", "read_manifest", "read_pairs", "check_pair", "check_config_for_pairs", "with_prompt_inputs",
-           "score_pair", "landmark_errors", "register_subprocess", "RunResult", "Evaluation", "evaluate_pairs",
-           "process_pair", "write_results", "transform_files", "format_prefix"]
+           "score_pair", "landmark_errors", "register_command", "register_subprocess", "RunResult", "Evaluation",
+           "evaluate_pairs", "process_pair", "write_results", "transform_files", "format_prefix"]

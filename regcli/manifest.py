@@ -32,6 +32,7 @@ evaluation ``labels_replace`` and ``label_ids``; the foundation network ``modali
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -83,6 +84,42 @@ class Dataset(ConfigModel):
         return self.task or self.name
 
 
+def read_csv(path: Path, what: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header and the rows of a CSV file, cells stripped, each row with the file line it starts on (blank
+    lines skipped, so the number is the one an editor shows). ``what`` names the file in errors.
+
+    Raises:
+        InputError: one line naming the file and the line: text that is not UTF-8, a column named twice in the
+            header, or a row with more (non-empty) fields than the header has.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # utf-8-sig: the byte-order mark that Excel's "CSV UTF-8" writes
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise InputError(f"{what} '{path}' line {line}: not UTF-8 text (save it as UTF-8)") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: Optional[list[str]] = None
+    rows: list[tuple[int, dict[str, str]]] = []
+    last = 0
+    try:
+        for fields in reader:
+            line, last = last + 1, reader.line_num
+            if header is None:
+                header = [h.strip() for h in fields]
+                dup = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
+                if dup is not None:
+                    raise InputError(f"{what} '{path}' line {line}: column '{dup}' appears twice in the header")
+            elif fields:
+                if any(f.strip() for f in fields[len(header):]):
+                    raise InputError(f"{what} '{path}' line {line}: more fields than the header has "
+                                     f"({len(fields)} > {len(header)})")
+                rows.append((line, {h: f.strip() for h, f in zip(header, fields)}))
+    except csv.Error as e:
+        raise InputError(f"{what} '{path}' line {last + 1}: not a CSV text file ({e})") from None
+    return header or [], rows
+
+
 def _csv_row(row: dict[str, str], where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in row.items():
@@ -94,7 +131,12 @@ def _csv_row(row: dict[str, str], where: str) -> dict[str, Any]:
                 raise InputError(f"{where}: labels_replace must read FROM->TO, got '{v}'")
             out[k] = tuple(v.split("->", 1))
         elif k in ("percentiles", "label_ids"):
-            out[k] = [float(x) if k == "percentiles" else int(x) for x in v.replace(",", ";").split(";") if x.strip()]
+            kind = float if k == "percentiles" else int
+            try:
+                out[k] = [kind(x) for x in v.replace(",", ";").split(";") if x.strip()]
+            except ValueError:
+                raise InputError(f"{where}: {k} must be {'numbers' if kind is float else 'integers'} separated by "
+                                 f"';', got '{v}'") from None
         else:
             out[k] = v
     return out
@@ -106,8 +148,8 @@ def read_manifest_entries(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise InputError(f"dataset manifest '{path}' does not exist")
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            entries = [_csv_row(r, f"dataset manifest '{path}' line {i + 2}") for i, r in enumerate(csv.DictReader(f))]
+        _, rows = read_csv(path, "dataset manifest")
+        entries = [_csv_row(r, f"dataset manifest '{path}' line {line}") for line, r in rows]
     else:
         try:
             import yaml
@@ -165,8 +207,12 @@ def is_dataset_manifest(path: str | Path) -> bool:
         return True
     if path.suffix.lower() != ".csv" or not path.is_file():
         return False
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        header = {h.strip() for h in next(csv.reader(f), [])}
+    try:  # the header only: the reader of either kind reports what is wrong further on
+        with path.open("rb") as f:
+            first = f.readline().decode("utf-8-sig", errors="replace")
+    except OSError:
+        return False  # read_manifest says why it cannot be read
+    header = {h.strip() for h in next(csv.reader([first]), [])}
     return "fixed_image" not in header and bool({"glob", "pairs"} & header)
 
 
@@ -175,5 +221,5 @@ def weighted_counts(weights: Sequence[float], per_unit: int) -> list[int]:
     return [max(1, round(w * per_unit)) for w in weights]
 
 
-__all__ = ["Dataset", "load_datasets", "read_manifest_entries", "resolve_paths", "select", "is_dataset_manifest",
-           "weighted_counts"]
+__all__ = ["Dataset", "load_datasets", "read_csv", "read_manifest_entries", "resolve_paths", "select",
+           "is_dataset_manifest", "weighted_counts"]

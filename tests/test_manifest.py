@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import invoke, make_phantom, phantom_labels, write
+from conftest import invoke, make_phantom, one_line, phantom_labels, write
 from regcli.errors import ConfigError, InputError
 from regcli.manifest import Dataset, is_dataset_manifest, load_datasets, select, weighted_counts
 
@@ -143,3 +143,44 @@ def test_dataset_percentiles_and_labels_replace_are_checked(tmp_path):
     (tmp_path / "m.yaml").write_text("datasets:\n  - {name: brain, glob: b/*.nii.gz, percentiles: [99, 1]}\n")
     with pytest.raises(ConfigError, match="invalid dataset manifest .*brain.*percentiles"):
         load_datasets(tmp_path / "m.yaml")
+
+
+def test_duplicate_dataset_or_pair_names_are_refused_up_front(tmp_path):
+    """Two datasets whose pairs.csv both sit in folders named data/ were both named 'data', so their pairs were
+    both 'data_pair001': batch "resumed" the second from the first's outputs (exit 0, wrong rows)."""
+    for sub in ("A/data", "B/data", "a", "a_b"):
+        d = tmp_path / sub
+        d.mkdir(parents=True)
+        for name in ("f.nii.gz", "m.nii.gz"):
+            (d / name).write_bytes(b"")
+        (d / "pairs.csv").write_text("pair,fixed_image,moving_image\n" + ("b_c" if sub == "a" else "c")
+                                     + ",f.nii.gz,m.nii.gz\n")
+    (tmp_path / "ds.yaml").write_text("datasets:\n  - {pairs: A/data/pairs.csv, task: brain}\n"
+                                      "  - {pairs: B/data/pairs.csv, task: ct}\n")
+    for sub in ("evaluate", "batch"):
+        res = invoke(sub, tmp_path / "ds.yaml", "-o", tmp_path / sub, "--method", "affine")
+        msg = one_line(res.stderr)
+        assert res.exit_code == 3 and "two datasets are named 'data'" in msg and str(tmp_path / "ds.yaml") in msg
+        assert not (tmp_path / sub).exists()
+    (tmp_path / "ds2.yaml").write_text("datasets:\n  - {name: a, pairs: a/pairs.csv}\n"
+                                       "  - {name: a_b, pairs: a_b/pairs.csv}\n")
+    from regcli.evaluation import read_pairs
+
+    with pytest.raises(InputError, match="ds2.yaml': dataset 'a_b': duplicate pair name 'a_b_c'"):
+        read_pairs(tmp_path / "ds2.yaml")
+
+
+def test_a_malformed_dataset_csv_is_one_line(tmp_path):
+    """An extra field or a non-UTF-8 dataset manifest CSV crashed (exit 1); a repeated column was accepted."""
+    for content, message in ((b"pairs,task\nA/pairs.csv,brain,extra\n", "line 2: more fields than the header has"),
+                             (b"pairs,task\nA/pairs.csv,c\xe9rebro\n", "line 2: not UTF-8 text"),
+                             (b"pairs,task,pairs\nA/pairs.csv,brain,B/pairs.csv\n",
+                              "line 1: column 'pairs' appears twice"),
+                             (b"pairs,task,label_ids\n\nA/pairs.csv,brain,2;x\n",
+                              "line 3: label_ids must be integers separated by ';', got '2;x'")):
+        (tmp_path / "ds.csv").write_bytes(content)
+        assert is_dataset_manifest(tmp_path / "ds.csv")
+        with pytest.raises(InputError, match=f"dataset manifest '.*ds.csv' {message}"):
+            load_datasets(tmp_path / "ds.csv")
+        res = invoke("evaluate", tmp_path / "ds.csv", "-o", tmp_path / "ev")
+        assert res.exit_code == 3 and message in one_line(res.stderr)
