@@ -391,3 +391,76 @@ def test_a_pair_whose_scoring_fails_leaves_no_outputs_and_is_registered_again(tm
         assert not list(out.glob("s1_*")), list(out.glob("s1_*"))
     assert sorted(p.name for p in out.glob("s0_*")) == ["s0_0GenericAffine.mat", "s0_Report.json", "s0_Scores.json",
                                                         "s0_Warped.nii.gz"]
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_a_pair_whose_images_changed_is_registered_again(tmp_path):
+    """Resume compares a pair's inputs by content, not its name: a row inserted at the top of a manifest without a
+    pair column renumbers the default names, so pair001 now names other images; it is registered again (its row
+    shows the new moving image, the log says why), and the old row, now pair002, is registered as what it is."""
+    manifest = _cohort(tmp_path, n=2, corrupt=False)
+    rows = [{k: v for k, v in r.items() if k != "pair"} for r in csv.DictReader(manifest.open())]
+    _write_rows(manifest, rows[:1])
+    out = tmp_path / "cohort"
+    args = ("-o", out, *REGISTER, "--threads", "1", "--no-hd95", "--json")
+    res = invoke("batch", manifest, *args)
+    assert res.exit_code == 0, res.output
+    first = json.loads(res.stdout)["pairs"][0]
+
+    _write_rows(manifest, [rows[1], rows[0]])  # m1 is now pair001
+    res = invoke("batch", manifest, *args)
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["resumed"] == [] and "pair001: inputs changed since the earlier run; registering again" in res.stderr
+    p1, p2 = d["pairs"]
+    assert Path(p1["moving_image"]).name == "m1.nii.gz" and Path(p2["moving_image"]).name == "m0.nii.gz"
+    report = json.loads((out / "pair001_Report.json").read_text())
+    assert Path(report["inputs"]["moving"]["path"]).name == "m1.nii.gz"
+    assert p2["dice_mean"] == pytest.approx(first["dice_mean"], abs=1e-6)
+    assert p1["dice_initial_mean"] != pytest.approx(first["dice_initial_mean"], abs=1e-6)
+
+    res = invoke("batch", manifest, *args)  # now both are what they were registered from
+    assert json.loads(res.stdout)["resumed"] == ["pair001", "pair002"] and "inputs changed" not in res.stderr
+
+
+def test_a_pair_whose_label_map_changed_is_scored_again(tmp_path):
+    """The scores cache belongs to the label maps it was computed from: a replaced moving label map gives new
+    scores (from the transforms kept: the registration did not read the labels, so it is resumed)."""
+    manifest = _cohort(tmp_path, n=1, corrupt=False)
+    out = tmp_path / "cohort"
+    args = ("-o", out, *REGISTER, "--threads", "1", "--no-hd95", "--json")
+    d = json.loads(invoke("batch", manifest, *args).stdout)
+    before = _reports(out)
+    labels = manifest.parent / "ml0.nii.gz"
+    lab = sitk.ReadImage(str(labels))
+    sitk.WriteImage(sitk.Mask(lab, lab != 1), str(labels))  # label 1 erased
+    res = invoke("batch", manifest, *args)
+    assert res.exit_code == 0, res.output
+    d2 = json.loads(res.stdout)
+    assert d2["resumed"] == ["s0"] and _reports(out) == before  # not registered again
+    assert "1" in d["pairs"][0]["dice_per_label"] and d2["pairs"][0]["dice_mean"] != d["pairs"][0]["dice_mean"]
+    assert "inputs changed" not in res.stderr
+
+
+def test_a_batch_rerun_from_another_working_directory_resumes(tmp_path, monkeypatch):
+    """The report names its outputs relative to where the batch ran; a rerun from elsewhere (the same files under
+    other relative paths) finds them beside the report and resumes, with its rows naming the paths as given now."""
+    manifest = _cohort(tmp_path, n=1, corrupt=False)
+    args = (*REGISTER, "--threads", "1", "--no-hd95", "--json")
+    monkeypatch.chdir(tmp_path)
+    res = invoke("batch", "data/pairs.csv", "-o", "cohort", *args)
+    assert res.exit_code == 0, res.output
+    before = _reports(tmp_path / "cohort")
+    monkeypatch.chdir(tmp_path / "data")
+    res = invoke("batch", "pairs.csv", "-o", "../cohort", *args)
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["resumed"] == ["s0"] and _reports(tmp_path / "cohort") == before
+    assert d["pairs"][0]["transforms"][0].startswith("../cohort/")
+    assert d["pairs"][0]["moving_image"] == "m0.nii.gz"
