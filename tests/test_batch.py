@@ -451,7 +451,7 @@ def test_a_pair_whose_label_map_changed_is_scored_again(tmp_path):
 def test_a_batch_rerun_from_another_working_directory_resumes(tmp_path, monkeypatch):
     """The report names its outputs relative to where the batch ran; a rerun from elsewhere (the same files under
     other relative paths) finds them beside the report and resumes, with its rows naming the paths as given now."""
-    manifest = _cohort(tmp_path, n=1, corrupt=False)
+    _cohort(tmp_path, n=1, corrupt=False)
     args = (*REGISTER, "--threads", "1", "--no-hd95", "--json")
     monkeypatch.chdir(tmp_path)
     res = invoke("batch", "data/pairs.csv", "-o", "cohort", *args)
