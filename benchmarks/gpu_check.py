@@ -249,6 +249,14 @@ def tables(res: dict) -> str:
             else:
                 out.append(f"| {name} | {', '.join(f'{v:.0f}' for v in row['peak_mb'])} | "
                            f"{', '.join(f'{v:.0f}' for v in row['held_mb'])} | {100 * row['growth']:+.2f} % |")
+    if "pairs" in res:
+        out.append("\n| pair, method, device | exit | Dice | s (deformable s) | GPU MB | RSS MB (estimate) |")
+        out.append("|---|---|---|---|---|---|")
+        for name, r in res["pairs"].items():
+            deform = (r.get("stages") or {}).get("deformable")
+            out.append(f"| {name} | {r['exit']} | {num(r.get('dice'), 4)} | {num(r.get('seconds'), 1)} "
+                       f"({num(deform, 1)}) | {num(r.get('gpu_mb'), 0)} | {num(r.get('rss_mb'), 0)} "
+                       f"({num(r.get('estimate_mb'), 0)}) |")
     if "host" in res:
         out.append("\n| method (32^3 phantom) | peak RSS CUDA / CPU MB | CUDA minus CPU MB | GPU MB |")
         out.append("|---|---|---|---|")
