@@ -70,8 +70,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from regcli.config import ConfigModel
-from regcli.resample import sample_norm
 from regcli.features.mind import mind_ssc
+from regcli.resample import sample_norm
 
 __all__ = [
     "ARCHITECTURE", "PREPROCESSING", "PromptRegConfig", "PromptRegNet", "PromptRegOutput",
