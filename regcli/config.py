@@ -477,6 +477,28 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def yaml_safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (safe_load keeps the last silently, so
+    ``method: affine`` then ``method: rigid`` ran rigid); keys brought in by a merge (``<<: *base``) may be
+    overridden as YAML intends."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"found the key '{key}' twice in one mapping",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
@@ -485,7 +507,7 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file '{path}' does not exist" if not path.exists() else
                           f"config file '{path}' is a directory")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {folded(e)}") from None
     if not isinstance(data, dict):

@@ -152,9 +152,9 @@ def read_manifest_entries(path: str | Path) -> list[dict]:
         entries = [_csv_row(r, f"dataset manifest '{path}' line {line}") for line, r in rows]
     else:
         try:
-            import yaml
+            from regcli.config import yaml_safe_load
 
-            data = yaml.safe_load(path.read_text())
+            data = yaml_safe_load(path.read_text())
         except Exception as e:  # yaml.YAMLError, UnicodeDecodeError
             raise ConfigError(f"dataset manifest '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
         entries = data.get("datasets") if isinstance(data, dict) else data

@@ -291,3 +291,17 @@ def test_no_float_setting_takes_nan_or_an_infinity(tmp_path):
                      {"affine": {"learning_rate": value}}):
             with pytest.raises(ConfigError, match="finite number"):
                 build_config(None, over)
+
+
+def test_a_key_given_twice_in_a_yaml_mapping_is_refused(tmp_path):
+    """yaml.safe_load keeps the last of two equal keys: `method: affine` then `method: rigid` ran rigid silently.
+    Keys a merge (<<: *base) brings in may still be overridden."""
+    from regcli.config import load_yaml, yaml_safe_load
+
+    (tmp_path / "c.yaml").write_text("method: affine\ninstance:\n  iterations: 5\nmethod: rigid\n")
+    with pytest.raises(ConfigError, match="found the key 'method' twice in one mapping.*line 4"):
+        load_yaml(tmp_path / "c.yaml")
+    res = invoke("config", "show", "--config", tmp_path / "c.yaml")
+    assert res.exit_code == 7 and "twice" in one_line(res.stderr)
+    merged = yaml_safe_load("base: &b {iterations: 5, lr: 1}\ninstance:\n  <<: *b\n  iterations: 7\n")
+    assert merged["instance"] == {"iterations": 7, "lr": 1}
