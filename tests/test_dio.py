@@ -456,3 +456,21 @@ def test_other_methods_take_the_transform_swap(method, tmp_path):
     over["instance"]["transform"] = "freeform"
     free = register_images(fixed, moving, build_config(None, over))
     assert not torch.allclose(free.field.disp, reg.field.disp, atol=1e-3)  # the swap changed the solve
+
+
+def test_init_from_weights_of_another_network_is_refused_before_the_data(tmp_path):
+    """`init:` a DIO model whose layers differ from the job's crashed in load_state_dict (exit 1), after a job.json
+    was written; it is a one-line ConfigError now, before any image is read."""
+    _labelled_subjects(tmp_path)
+    (tmp_path / "job.yaml").write_text(_tiny_job("synth_prob: 0.0"))
+    first = tmp_path / "first"
+    assert invoke("train", "dio", "--device", "cpu", "--config", tmp_path / "job.yaml", "-o", first,
+                  "--iterations", "1", "--quiet").exit_code == 0
+    (tmp_path / "wider.yaml").write_text(_tiny_job("synth_prob: 0.0", "init: first/model\n").replace(
+        "widths: [4, 8, 8, 8]", "widths: [4, 8, 8, 16]"))
+    res = invoke("train", "dio", "--device", "cpu", "--config", tmp_path / "wider.yaml", "-o", tmp_path / "second",
+                 "--quiet")
+    assert res.exit_code == 7, res.output
+    assert "has another network configuration than the job's (widths: [4, 8, 8, 8] -> [4, 8, 8, 16])" in \
+        one_line(res.stderr)
+    assert not (tmp_path / "second").exists()

@@ -100,9 +100,9 @@ def test_sam_and_fine_tuning_from_a_model_folder(tmp_path):
     start = GradICONNet(GradICONConfig(input_shape=(36, 36, 36), down_channels=(4, 8, 8, 16),
                                        up_channels=(4, 4, 8, 8), last_step=False))
     save_gradicon_model(start, tmp_path / "start", "# start")
-    job = _job(tmp_path, train="iterations: 2")
+    job = _job(tmp_path)
     res = invoke("train", "foundation", "--config", job, "-o", tmp_path / "ft", "--init", tmp_path / "start",
-                 "--sam-rho", "0.05", "--quiet", "--json")
+                 "--iterations", "2", "--sam-rho", "0.05", "--quiet", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["sam_rho"] == 0.05
     hist = json.loads((tmp_path / "ft" / "history.json").read_text())["history"]

@@ -379,3 +379,37 @@ def test_an_output_that_is_a_file_is_refused_before_reading_data(tmp_path):
         line = one_line(res.stderr)
         assert res.exit_code == 6 and line.startswith("OutputError:") and str(afile) in line, (task, line)
     assert afile.read_text() == "x"
+
+
+def test_a_train_section_that_is_not_a_mapping_is_refused(tmp_path):
+    """`train: 5` was replaced by the defaults (a 2000-step run) when no flag overrode a train key."""
+    _setup(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  - glob: imgs/*.nii.gz\ntrain: 5\n")
+    res = CliRunner().invoke(app, ["train", "embedding", "--config", str(bad), "-o", str(tmp_path / "r")])
+    assert res.exit_code == 7 and "train" in res.stderr, res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_init_given_on_the_command_line_is_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """A job file's own `init:` is relative to the job file; `--init m` to where the command runs (it was taken
+    from beside the job file when a folder of that name was there too)."""
+    from regcli.training.jobs import job_data
+
+    (tmp_path / "jobs" / "m").mkdir(parents=True)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "jobs" / "j.yaml").write_text("data:\n  - glob: x/*.nii.gz\ninit: m\n")
+    monkeypatch.chdir(tmp_path)
+    assert job_data("jobs/j.yaml")["init"] == str(tmp_path / "jobs" / "m")
+    assert job_data("jobs/j.yaml", {"init": "m"})["init"] == "m"
+
+
+def test_resume_refuses_a_stop_after_below_the_steps_taken(tmp_path):
+    job = _setup(tmp_path)
+    out = tmp_path / "run"
+    base = ["train", "embedding", "--config", str(job), "-o", str(out), "--threads", "1", "--device", "cpu"]
+    assert CliRunner().invoke(app, base + ["--iterations", "3"]).exit_code == 0
+    before = (out / "job.json").read_text()
+    res = CliRunner().invoke(app, base + ["--resume", "--iterations", "4", "--stop-after", "1"])
+    assert res.exit_code == 7 and "more than --stop-after 1; give at least 3" in one_line(res.stderr), res.output
+    assert (out / "job.json").read_text() == before

@@ -122,7 +122,7 @@ def _train_overrides(optron_iters: Optional[int] = None, optron_lr: Optional[flo
     optron = {k: v for k, v in (("iters", optron_iters), ("lr", optron_lr)) if v is not None}
     if optron:
         train["optron"] = optron
-    return {"train": train}
+    return {"train": train} if train else {}  # none: the job's own `train:` is validated as it is
 
 
 def _train_pair_task(load, run, a: dict) -> None:

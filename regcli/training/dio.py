@@ -365,6 +365,16 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
                                  needs=("state_dict", "optimizer", "generator", "history", "step"))
     tcfg = job.train
     t0 = time.perf_counter()
+    init_net = None
+    if job.init:  # before any data are read: weights of another network are refused at once
+        from regcli.methods.dio import _load
+
+        init_net = _load(job.init)[0]
+        if init_net.cfg != ncfg:
+            old, new = init_net.cfg.model_dump(mode="json"), ncfg.model_dump(mode="json")
+            diffs = [f"{k}: {v!r} -> {new.get(k)!r}" for k, v in old.items() if new.get(k) != v]
+            raise ConfigError(f"init: model '{job.init}' has another network configuration than the job's "
+                              f"({'; '.join(diffs[:4])}); give the job that model's net, or start from scratch")
     files = labelled_files(job.data)
     if len(files) < 2:
         raise InputError("DIO training needs at least two labelled images")
@@ -379,10 +389,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     device = torch.device(device or "cpu")
     torch.manual_seed(tcfg.seed)
     net = DioFeatureNet(ncfg)
-    if job.init:
-        from regcli.methods.dio import _load
-
-        init_net = _load(job.init)[0]
+    if init_net is not None:
         net.load_state_dict(init_net.state_dict())
         log(f"starting from '{job.init}'")
     net.to(device)

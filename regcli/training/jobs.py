@@ -63,12 +63,17 @@ class EmbeddingJob(ConfigModel):
 
 def job_data(path: str | Path, overrides: Optional[dict] = None) -> dict:
     """A training job file's mapping with the overrides merged in, and its paths made absolute: data globs and
-    pairs CSVs (also those of ``validation.data``) and a local ``init`` are relative to the job file."""
+    pairs CSVs (also those of ``validation.data``) and the job file's own local ``init`` are relative to the job
+    file; an ``init`` override (``--init``) is relative to the working directory."""
     from regcli.config import deep_merge, load_yaml
     from regcli.manifest import read_manifest_entries, resolve_paths
 
-    data = deep_merge(load_yaml(path), overrides or {})
+    data = load_yaml(path)
     base = Path(path).resolve().parent
+    # the job file's own init is relative to the job file; an --init override to where the command runs
+    if isinstance(data.get("init"), str) and not data["init"].startswith("hub:") and (base / data["init"]).exists():
+        data["init"] = str(base / data["init"])
+    data = deep_merge(data, overrides or {})
     val = data.get("validation")
     for holder in (data, val if isinstance(val, dict) else {}):
         src = holder.get("data")
@@ -77,8 +82,6 @@ def job_data(path: str | Path, overrides: Optional[dict] = None) -> dict:
         elif isinstance(src, list):
             holder["data"] = resolve_paths([s for s in src if isinstance(s, dict)], base) + \
                 [s for s in src if not isinstance(s, dict)]
-    if isinstance(data.get("init"), str) and not data["init"].startswith("hub:") and (base / data["init"]).exists():
-        data["init"] = str(base / data["init"])
     return data
 
 
@@ -139,6 +142,10 @@ def start_run(outdir: str | Path, resume: bool, job: Optional[BaseModel] = None,
     if isinstance(iterations, int) and iterations < done:
         raise ConfigError(f"--resume: the run in '{out}' has already taken {done} steps, more than the "
                           f"{iterations} iterations asked; give at least {done}")
+    stop_after = getattr(getattr(job, "train", None), "stop_after", None)
+    if isinstance(stop_after, int) and stop_after < done:
+        raise ConfigError(f"--resume: the run in '{out}' has already taken {done} steps, more than --stop-after "
+                          f"{stop_after}; give at least {done}")
     return out, ck_path, ck
 
 
