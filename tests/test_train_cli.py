@@ -413,3 +413,27 @@ def test_resume_refuses_a_stop_after_below_the_steps_taken(tmp_path):
     res = CliRunner().invoke(app, base + ["--resume", "--iterations", "4", "--stop-after", "1"])
     assert res.exit_code == 7 and "more than --stop-after 1; give at least 3" in one_line(res.stderr), res.output
     assert (out / "job.json").read_text() == before
+
+
+def test_a_training_image_the_affine_stage_cannot_align_is_named(tmp_path, monkeypatch):
+    """A diverged affine pre-alignment of one training image stopped the job without saying which image."""
+    import regcli.solvers.affine as affine_stage
+    from regcli.errors import ConvergenceError
+    from regcli.training.dio import prepare_subjects
+    from regcli.training.pairs import align_to
+
+    imgs = []
+    for k in range(2):
+        img = make_phantom("LPS", (2.0, 2.0, 2.0))
+        imgs.append((str(tmp_path / f"i{k}.nii.gz"), str(tmp_path / f"l{k}.nii.gz")))
+        sitk.WriteImage(img, imgs[-1][0])
+        sitk.WriteImage(sitk.Cast(img > 0.5, sitk.sitkUInt8), imgs[-1][1])
+
+    def diverge(*a, **k):
+        raise ConvergenceError("affine stage (affine/4mm) diverged")
+
+    monkeypatch.setattr(affine_stage, "run_affine_stage", diverge)
+    with pytest.raises(ConvergenceError, match=r"aligning training image '.*i1.nii.gz' to '.*i0.nii.gz': affine"):
+        align_to(imgs[0][0], imgs[1][0])
+    with pytest.raises(ConvergenceError, match=r"aligning training image '.*i1.nii.gz' to the first one"):
+        prepare_subjects(imgs, 2.0, (1.0, 99.0), lambda s: None)

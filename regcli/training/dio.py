@@ -36,7 +36,7 @@ import torch
 from pydantic import Field, StrictInt, field_validator
 
 from regcli.config import ConfigModel
-from regcli.errors import ConfigError, InputError
+from regcli.errors import ConfigError, ConvergenceError, InputError
 from regcli.manifest import Dataset
 from regcli.spaces.grid import Grid
 from regcli.spaces.image import Image
@@ -219,7 +219,11 @@ def prepare_subjects(files: Sequence[tuple[str, str]], spacing_mm: float, percen
     for k, (fi, fl) in enumerate(files):
         img = template if k == 0 else read_image(fi, "training image")
         lab = read_labels(fl, "training labels")
-        affine = None if k == 0 else run_affine_stage(template, img, AffineConfig()).transform
+        try:
+            affine = None if k == 0 else run_affine_stage(template, img, AffineConfig()).transform
+        except ConvergenceError as e:
+            raise ConvergenceError(f"aligning training image '{fi}' to the first one, '{files[0][0]}': {e} (leave "
+                                   f"the image out)") from None
         smooth = smooth_for(img, spacing_mm)
         if affine is None:
             im_w = resample_to_grid(smooth, work)

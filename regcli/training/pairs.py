@@ -113,8 +113,15 @@ def align_to(fixed_path: str, moving_path: str, metric: str = "lncc"):
     from regcli.io.images import read_image
     from regcli.solvers.affine import run_affine_stage
 
+    from regcli.errors import ConvergenceError
+
     fixed = read_image(fixed_path)
-    return run_affine_stage(fixed, read_image(moving_path), AffineConfig(metric=metric)).transform, fixed.grid
+    try:
+        return run_affine_stage(fixed, read_image(moving_path), AffineConfig(metric=metric)).transform, fixed.grid
+    except ConvergenceError as e:
+        raise ConvergenceError(f"aligning training image '{moving_path}' to '{fixed_path}': {e} (give its dataset "
+                               f"align: none if its images need no affine pre-alignment, or leave the image out)"
+                               ) from None
 
 
 class PairSource:
