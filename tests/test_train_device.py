@@ -198,3 +198,19 @@ def test_deterministic_cuda_training_resumes_bit_for_bit(tmp_path, task):
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+@pytest.mark.parametrize("task", ["dio", "foundation"])
+def test_a_refused_resume_leaves_the_runs_job_file_as_it_was(tmp_path, task):
+    """job.json was rewritten (here with iterations 3) before the checkpoint's state was found unusable."""
+    job = _job(tmp_path, task)
+    out = tmp_path / "run"
+    assert invoke("train", task, "--config", job, "-o", out, "--device", "cpu", "--threads", "1").exit_code == 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck["generator"] = 7  # not a generator state
+    torch.save(ck, out / "checkpoint.pt")
+    before = (out / "job.json").read_text()
+    res = invoke("train", task, "--config", job, "-o", out, "--device", "cpu", "--threads", "1", "--resume",
+                 "--iterations", "3")
+    assert res.exit_code == 3, res.output
+    assert (out / "job.json").read_text() == before

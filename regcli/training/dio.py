@@ -389,7 +389,6 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     subjects, held_out = subjects[:len(files)], subjects[len(files):]
     log(f"{len(subjects)} labelled volumes on a {work.size} grid at {ncfg.spacing_mm} mm"
         + (f"; {len(held_out) // 2} validation pair(s)" if held_out else ""))
-    open_run(out, job, dist)
     device = torch.device(device or "cpu")
     torch.manual_seed(tcfg.seed)
     net = DioFeatureNet(ncfg)
@@ -420,6 +419,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
             log(f"note: the run was trained with sam_rho {ck.get('sam_rho', 0.0)} so far, it goes on with "
                 f"{tcfg.sam_rho}")
         note_device_change(ck, device, log)
+    open_run(out, job, dist)  # after the restore: a refused resume leaves the run's job.json as it was
     prior = history[-1]["seconds"] if history else 0.0
     vcfg = validation_config(job) if job.validation is not None else None
 

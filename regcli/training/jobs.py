@@ -297,7 +297,6 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     out, ck_path, ck = start_run(outdir, resume, job, net_config=job.net.model_dump(mode="json"),
                                  needs=("state_dict", "train_state"))
     vols, groups = load_volumes(job, log)
-    open_run(out, job, dist)
     log(f"{len(vols)} training volumes at {job.net.spacing_mm} mm")
     device = torch.device(device or "cpu")
     torch.manual_seed(job.train.seed)
@@ -312,6 +311,7 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
         net.load_state_dict(_initial_weights(job.init, job.net))
         log(f"starting from '{job.init}'")
     net.to(device)
+    open_run(out, job, dist)  # once the weights are in: a refused init or resume leaves no new job.json
 
     def save(step: int, train_state: dict) -> None:
         if not dist.main:

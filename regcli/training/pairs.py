@@ -390,7 +390,6 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
     sources = [PairSource(ds, shape, log) for ds in job.data]
     val_pairs = validation_pairs(list(job.validation.data), shape, log) if job.validation is not None else []
     log(f"prepared {sum(len(s.volumes) for s in sources)} volumes in {time.perf_counter() - t_prep:.1f} s")
-    open_run(out, job, dist)
     device = torch.device(device or "cpu")
     net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=tcfg.learning_rate)
@@ -411,6 +410,7 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
                 f"{tcfg.batch_size * dist.world} pairs per step from now on")
         log(f"resuming at step {start}")
         note_device_change(ck, device, log)
+    open_run(out, job, dist)  # after the restore: a refused resume leaves the run's job.json as it was
     model = dist.wrap(net)
     prior = history[-1]["seconds"] if history else 0.0
     t0 = time.perf_counter()
