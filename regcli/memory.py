@@ -28,10 +28,10 @@ cuBLAS and cuDNN take host memory of their own: ``cuda_host_mb`` in the model, t
 between a CUDA and a CPU registration of a 32^3 phantom over the six methods (``benchmarks/gpu_check.py
 --sections host``; 763-1104 MB with torch 2.11 and CUDA 13 on an H100). Every phase's host estimate adds it (so
 the total, after the margin, grows by 1.16 x 1104 MB), which makes the estimate an upper bound of the host memory
-there too; the log line and the refusal say how much of the estimate is the runtime's. The GPU's own memory is not predicted: its peak
-depends on the transform model and optimizer (L-BFGS: twice Adam's) and, for the networks, on their fixed input
-size rather than the images'; the report gives the measured ``memory.cuda_max_allocated_mb``, and
-docs/benchmarks.md a table of them.
+there too; the log line and the refusal say how much of the estimate is the runtime's. The GPU's own memory is
+not predicted: its peak depends on the transform model and optimizer (L-BFGS: twice Adam's) and, for the
+networks, on their fixed input size rather than the images'; the report gives the measured
+``memory.cuda_max_allocated_mb``, and docs/benchmarks.md a table of them.
 """
 
 from __future__ import annotations
