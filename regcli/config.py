@@ -574,8 +574,9 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
 def refuse_flags_without_effect(cfg: RegisterConfig, overrides: Optional[dict]) -> None:
     """A ConfigError for instance-optimisation flags (``overrides["instance"]``: ``--transform``,
     ``--optimizer``, ``--intensity-weight``, ``--fine-spacing``) that nothing in ``cfg`` would read, rather than
-    recording them in the report and ignoring them. The solver stages that run are :func:`solver_stages`' (the stages that read the
-    masks and the prompts, :func:`regcli.pipeline.check_masks`): ``--transform`` and ``--optimizer`` need one
+    recording them in the report and ignoring them. The solver stages that run are :func:`solver_stages`' (the
+    stages that read the masks and the prompts, :func:`regcli.pipeline.check_masks`): ``--transform`` and
+    ``--optimizer`` need one
     (none in a linear method, a network method without ``io: field``, ConvexAdam with ``instance.enabled:
     false``, ...); ``--intensity-weight``, which only the MIND-SSC refinements read, needs a refinement (the
     working grid's or the fine one); ``--fine-spacing`` needs a deformable method (the fine refinement follows

@@ -143,6 +143,13 @@ def _train_pair_task(load, run, a: dict) -> None:
     ui.result(summary, _pair_summary(summary, a["output"]))
 
 
+def _volume_summary(summary: dict, output: Path) -> str:
+    """The closing line of ``train embedding`` and ``train dio``."""
+    return (f"trained {summary['iterations']} steps on {summary['device']} on {summary['volumes']} volumes in "
+            f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
+            f"wrote {output}")
+
+
 def _pair_summary(summary: dict, output: Path) -> str:
     text = (f"trained {summary['iterations']} steps on {summary['device']} on {summary['volumes']} volumes of "
             f"{len(summary['datasets'])} datasets in {summary['seconds']} s; mean loss of the last 50 steps "
@@ -191,9 +198,7 @@ def embedding(
                                  lambda step: run_embedding_job(job, output, step, ui.info, resume=resume,
                                                                 dist=dist, device=dev))
     summary["deterministic"] = deterministic
-    ui.result(summary, f"trained {summary['iterations']} steps on {summary['device']} on {summary['volumes']} volumes in "
-                       f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
-                       f"wrote {output}")
+    ui.result(summary, _volume_summary(summary, output))
 
 
 DIO_EXAMPLES = examples(
@@ -254,9 +259,7 @@ def dio(
                               device=dev)
         progress.finish("training")
     summary["deterministic"] = deterministic
-    ui.result(summary, f"trained {summary['iterations']} steps on {summary['device']} on {summary['volumes']} volumes in "
-                       f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
-                       f"wrote {output}")
+    ui.result(summary, _volume_summary(summary, output))
 
 
 FOUNDATION_EXAMPLES = examples(

@@ -141,15 +141,17 @@ def lncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[int], e
 
 
 def lncc(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None,
-         window: Sequence[int] = (9, 9, 9), eps: float = 1e-5, squared: bool = True) -> torch.Tensor:
+         window: Sequence[int] = (9, 9, 9), eps: float = 1e-5, squared: bool = True,
+         fixed_stats: Optional[tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
     """LNCC loss ``-mean(cc)`` (weighted by ``mask``), in [-1, 0] when ``squared``.
 
     Args:
         fixed, warped: (N, C, Z, Y, X) float intensities on the same grid.
         mask: optional (N, 1, Z, Y, X) weights in [0, 1] on that grid.
         window: box window (kz, ky, kx) in voxels; see :func:`window_from_radius`.
+        fixed_stats: :func:`fixed_statistics` of ``fixed`` and ``window``, when already computed.
     """
-    return -masked_mean(lncc_map(fixed, warped, window, eps, squared), mask)
+    return -masked_mean(lncc_map(fixed, warped, window, eps, squared, fixed_stats), mask)
 
 
 def ncc(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -203,7 +205,7 @@ def _make_lncc(window: int | Sequence[int] | None = None, radius_mm: float | Non
             else:
                 stats = fixed_statistics(fixed, win)
                 last.update(ref=weakref.ref(fixed), version=fixed._version, stats=stats)
-        return -masked_mean(lncc_map(fixed, warped, win, eps, squared, stats), mask)
+        return lncc(fixed, warped, mask, win, eps, squared, stats)
 
     fn.window = win  # type: ignore[attr-defined]
     return fn

@@ -360,7 +360,8 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     Under torchrun (``dist``) each process computes its share of a global batch of ``world * batch_size``
     pairs; rank 0 validates, writes the files and calls ``progress``."""
     from regcli.models.dio import DioFeatureNet
-    from regcli.training.jobs import cpu_tensors, note_device_change, open_run, restore_network, restoring, start_run
+    from regcli.training.jobs import (_job_differences, cpu_tensors, note_device_change, open_run, restore_network,
+                                      restoring, start_run)
     from regcli.training.sam import SAM
 
     cfg = register_config(job)
@@ -375,8 +376,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
 
         init_net = _load(job.init)[0]
         if init_net.cfg != ncfg:
-            old, new = init_net.cfg.model_dump(mode="json"), ncfg.model_dump(mode="json")
-            diffs = [f"{k}: {v!r} -> {new.get(k)!r}" for k, v in old.items() if new.get(k) != v]
+            diffs = _job_differences(init_net.cfg.model_dump(mode="json"), ncfg.model_dump(mode="json"))
             raise ConfigError(f"init: model '{job.init}' has another network configuration than the job's "
                               f"({'; '.join(diffs[:4])}); give the job that model's net, or start from scratch")
     files = labelled_files(job.data)
