@@ -22,6 +22,14 @@ import SimpleITK as sitk
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = Path(os.environ.get("REGCLI_SHARED_DATA", SHARED / "data"))
 
+
+def child_env(**extra: str) -> dict:
+    """The environment for a `python -m regcli` child: this checkout first on PYTHONPATH, whatever the parent had
+    there kept after it (packages installed with `pip --target` live there), plus `extra`."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else ""), **extra}
+
 DIRECTIONS = {
     "LPS": np.eye(3),
     "RAS": np.diag([-1.0, -1.0, 1.0]),

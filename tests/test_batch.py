@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import invoke, make_phantom, phantom_labels, shared_file
+from conftest import child_env, invoke, make_phantom, phantom_labels, shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFTS = ([2.0, -1.5, 1.0], [-1.0, 2.0, 0.5], [1.5, 1.0, -2.0], [0.0, -2.5, 1.5])
@@ -124,7 +124,7 @@ def _free_port() -> int:
 
 def _batch_process(manifest: Path, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "regcli", "batch", str(manifest), "-o", str(out), "--json", "--quiet", *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REGCLI_NO_PROGRESS": "1"}
+    env = child_env(REGCLI_NO_PROGRESS="1")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)  # its own process group: killed with its children
 
@@ -200,7 +200,7 @@ def test_batch_killed_midway_finishes_only_the_missing_pairs(tmp_path, backend):
             r = subprocess.run([sys.executable, "-m", "regcli", "batch", str(tmp_path / "data" / "pairs.csv"), "-o",
                                 str(tmp_path / "more"), "--backend", "ray", "--address", address, "--threads", "4"],
                                capture_output=True, text=True, timeout=300,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               env=child_env())
             assert r.returncode == 7 and "no node of the cluster has more than 1" in r.stderr
 
 

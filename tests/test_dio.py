@@ -252,7 +252,7 @@ def test_train_dio_validates_whole_volumes_and_keeps_the_best_checkpoint(tmp_pat
                              "validation: {data: [{glob: val/sub-*_T1w.nii.gz}], every: 2, contrasts: [real, moving],\n"
                              "             solver: {dio: {iterations: [4, 3, 2]}}}\n"))
     out = tmp_path / "run"
-    res = invoke("train", "dio", "--config", job, "-o", out, "--quiet", "--json")
+    res = invoke("train", "dio", "--device", "cpu", "--config", job, "-o", out, "--quiet", "--json")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)["validation"]
     records = json.loads((out / "history.json").read_text())["validation"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_phantom, phantom_labels, write
+from conftest import child_env, make_phantom, phantom_labels, write
 from regcli.training.distributed import Distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def test_shard_splits_a_global_batch_in_order():
 
 def _torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node nproc -m regcli train ...`` (or plain ``python -m regcli`` for 1)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REGCLI_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    env = child_env(REGCLI_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     if nproc == 1:
         cmd = [sys.executable, "-m", "regcli", *args]
     else:
