@@ -170,3 +170,41 @@ def test_out_of_range_recipe_values_are_refused(bad):
     with pytest.raises(ValidationError, match=next(iter(bad))):
         EmbeddingTrainConfig(**bad)
     EmbeddingTrainConfig(scale_range=(1.0, 1.0), gamma_range=(1.0, 1.0), exclude_mm=(0, 0), iterations=3)
+
+
+SHARED_IMAGES = [("synthseg_brain", "sub-01_T1w.nii.gz"), ("synthseg_brain", "sub-02_T1w.nii.gz"),
+                 ("neurite_brain_aseg", "subjA_vxm_image.nii.gz"), ("totalsegmentator_ct", "ct_image.nii.gz"),
+                 ("deepreg_prostate_mrus", "case000_fixed_image.nii.gz"),
+                 ("deepreg_prostate_mrus", "case000_moving_image.nii.gz")]
+SHARED_LABELS = [("synthseg_brain", "sub-01_labels.nii.gz"), ("neurite_brain_aseg", "subjA_vxm_labels.nii.gz"),
+                 ("totalsegmentator_ct", "ct_labels_total.nii.gz"),
+                 ("deepreg_prostate_mrus", "case000_fixed_gland.nii.gz")]
+
+
+@pytest.mark.parametrize("parts", SHARED_IMAGES + SHARED_LABELS, ids=lambda p: p[1])
+def test_label_maps_are_told_from_real_images(parts):
+    """regcli.training.jobs.label_map_values on the shared data: uint8 and float MR, int16 CT and ultrasound are
+    images; their label maps (2 to 46 labels) are not."""
+    from conftest import shared_file
+    from regcli.io.images import read_image
+    from regcli.training.jobs import label_map_values
+
+    n = label_map_values(read_image(shared_file(*parts)).data)
+    assert (n is not None) == (parts in SHARED_LABELS), (parts, n)
+
+
+def test_label_maps_are_told_from_synthetic_images():
+    """Floats, the same phantom stored as integers (uint8 0-255, CT-like -1000..0) and an image of few integer
+    levels above the threshold are images; integer maps of up to LABEL_MAP_MAX_VALUES values are label maps."""
+    from conftest import phantom_labels
+    from regcli.training.jobs import LABEL_MAP_MAX_VALUES, label_map_values
+
+    ph = make_phantom("oblique15", "aniso")
+    arr = torch.from_numpy(sitk.GetArrayFromImage(ph).astype(np.float32))
+    for image in (arr, torch.round(arr * 255), torch.round(arr * 1000 - 1000), arr.to(torch.float64)):
+        assert label_map_values(image) is None
+    assert label_map_values(torch.from_numpy(sitk.GetArrayFromImage(phantom_labels(ph)).astype(np.float32))) == 4
+    levels = torch.arange(48 ** 3, dtype=torch.float32).reshape(48, 48, 48)
+    assert label_map_values(levels % LABEL_MAP_MAX_VALUES) == LABEL_MAP_MAX_VALUES
+    assert label_map_values(levels % (LABEL_MAP_MAX_VALUES + 1)) is None
+    assert label_map_values(levels % 5 + 0.5) is None  # few values, but not integers

@@ -437,3 +437,96 @@ def test_a_training_image_the_affine_stage_cannot_align_is_named(tmp_path, monke
         align_to(imgs[0][0], imgs[1][0])
     with pytest.raises(ConvergenceError, match=r"aligning training image '.*i1.nii.gz' to the first one"):
         prepare_subjects(imgs, 2.0, (1.0, 99.0), lambda s: None)
+
+
+def test_a_crop_larger_than_a_training_image_is_refused_before_any_output(tmp_path):
+    """An embedding crop larger than a training image (on the network's grid) in every direction was found only
+    at the first training steps, after the run's folder and job.json were written."""
+    from regcli.training.jobs import load_volumes
+
+    job = _setup(tmp_path)  # 44x40x36 voxels of 1 mm: 29x27x24 on the 1.5 mm training grid
+    big = tmp_path / "big.yaml"
+    big.write_text(JOB.replace("crop: 20", "crop: 40"))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", "embedding", "--config", str(big), "-o", str(out), "--threads", "1",
+                                   "--device", "cpu"])
+    line = one_line(res.stderr)
+    assert res.exit_code == 3 and line.startswith("InputError:"), res.output
+    assert str(tmp_path / "imgs" / "p0.nii.gz") in line and "29x27x24" in line and "train.crop 40" in line, line
+    assert not out.exists()
+    # a crop larger than the image along some axes only is a crop of its longest one (e.g. a CT of few slices)
+    vols, _ = load_volumes(load_job(job, {"train": {"crop": 29}}))
+    assert [v.grid.size for v in vols] == [(29, 27, 24)] * 2
+
+
+def test_a_label_map_matched_by_an_embedding_glob_is_refused(tmp_path):
+    """A glob that also matched the label maps trained on them silently."""
+    from conftest import phantom_labels
+
+    job = _setup(tmp_path)
+    labels = tmp_path / "imgs" / "p0_labels.nii.gz"
+    sitk.WriteImage(phantom_labels(sitk.ReadImage(str(tmp_path / "imgs" / "p0.nii.gz"))), str(labels))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", "embedding", "--config", str(job), "-o", str(out), "--threads", "1",
+                                   "--device", "cpu"])
+    line = one_line(res.stderr)
+    assert res.exit_code == 3 and line.startswith("InputError:"), res.output
+    assert f"'{labels}' looks like a label map" in line and "4 distinct values" in line and "imgs/*.nii.gz" in line
+    assert not out.exists()
+
+
+# a minimal job of every task (the glob matches nothing: what is checked comes before the data are read)
+NOTHING = {"embedding": JOB.replace("imgs/*.nii.gz", "nothing/*.nii.gz"),
+           "dio": "data:\n  - glob: nothing/*_T1w.nii.gz\nnet: {arch: unet, widths: [4, 8, 8, 8], feature_channels: "
+                  "[4, 4, 4]}\ntrain: {iterations: 3}\n",
+           "foundation": "data:\n  - glob: nothing/*.nii.gz\nnet: {input_shape: [36, 36, 36], down_channels: [4, 8, 8, "
+                         "16], up_channels: [4, 4, 8, 8]}\ntrain: {iterations: 3}\n",
+           "promptreg": "data:\n  - glob: nothing/*.nii.gz\nnet: {input_shape: [24, 24, 24], encoder_channels: [4, 8, "
+                        "8], decoder_channels: [4, 8]}\ntrain: {iterations: 3}\n"}
+
+
+@pytest.mark.parametrize("task", sorted(NOTHING))
+def test_output_paths_of_the_wrong_kind_are_refused_before_reading_data(tmp_path, task):
+    """A folder where a run writes a file (history.json, checkpoint.tmp, ...) crashed at the first checkpoint
+    (exit 1), a file named `model` only after the last step. Now: exit 6 naming the path, before the data are
+    read (the job's glob matches nothing, and that is not what is reported), the folder left as it was."""
+    job = tmp_path / "job.yaml"
+    job.write_text(NOTHING[task])
+    cases = {"history.json": "dir", "checkpoint.tmp": "dir", "job.json": "dir", "model": "file",
+             "model/config.json": "dir", "model/model.safetensors": "dir"}
+    if task in ("foundation", "promptreg"):
+        cases["loss.png"] = "dir"
+    for k, (name, kind) in enumerate(cases.items()):
+        out = tmp_path / f"run{k}"
+        out.mkdir()
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if kind == "dir" else path.write_text("x")
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        res = CliRunner().invoke(app, ["train", task, "--config", str(job), "-o", str(out), "--threads", "1"])
+        line = one_line(res.stderr)
+        what = "is a folder" if kind == "dir" else "is not a folder"
+        assert res.exit_code == 6 and line.startswith(f"OutputError: '{path}' {what}"), (task, name, line)
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    # --resume with a folder for the checkpoint: named as a folder (it was "does not exist")
+    out = tmp_path / "resume"
+    (out / "checkpoint.pt").mkdir(parents=True)
+    res = CliRunner().invoke(app, ["train", task, "--config", str(job), "-o", str(out), "--resume", "-q"])
+    line = one_line(res.stderr)
+    assert res.exit_code == 6 and f"'{out / 'checkpoint.pt'}' is a folder" in line, line
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_at_once(tmp_path, monkeypatch):
+    """An existing but read-only output folder was found only once the data were read (writing job.json). The
+    test runs as any user (root may write anywhere), so the permission is faked."""
+    import os
+
+    from regcli.errors import OutputError
+    from regcli.training.jobs import start_run
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(out) else real(p, mode, **kw))
+    with pytest.raises(OutputError, match=f"output folder '{out}' is not writable"):
+        start_run(out, resume=False)

@@ -214,3 +214,34 @@ def test_a_refused_resume_leaves_the_runs_job_file_as_it_was(tmp_path, task):
                  "--iterations", "3")
     assert res.exit_code == 3, res.output
     assert (out / "job.json").read_text() == before
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_run_resumed_on_another_device_records_every_device(tmp_path, task):
+    """A run resumed on another device recorded only the last one (history.json, summary, model card). The CPU
+    stands in for the GPU: the first step's checkpoint is rewritten as a CUDA run of an older regcli wrote it
+    (its device cuda:0, no list); the resume then adds the CPU from step 2, and a further resume on the same
+    device adds nothing. `device` stays the last device."""
+    job = _job(tmp_path, task)
+    out = tmp_path / "run"
+    base = ("train", task, "--config", job, "-o", out, "--json", "--threads", "1", "--device", "cpu")
+    res = invoke(*base, "--iterations", "1")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["devices"] == [{"from_step": 1, "device": "cpu"}]
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["devices"] == [{"from_step": 1, "device": "cpu"}]
+    ck["device"] = "cuda:0"
+    del ck["devices"]
+    torch.save(ck, out / "checkpoint.pt")
+    both = [{"from_step": 1, "device": "cuda:0"}, {"from_step": 2, "device": "cpu"}]
+    for steps in (2, 3):
+        res = invoke(*base, "--resume", "--iterations", steps)
+        assert res.exit_code == 0, res.output
+        summary = json.loads(res.stdout)
+        assert summary["device"] == "cpu" and summary["devices"] == both, summary
+        history = json.loads((out / "history.json").read_text())
+        assert history["device"] == "cpu" and history["devices"] == both and len(_losses(out)) == steps
+        assert torch.load(out / "checkpoint.pt", weights_only=False)["devices"] == both
+        assert json.loads((out / "model" / "config.json").read_text())["training"]["summary"]["devices"] == both
+        span = "step 2" if steps == 2 else "steps 2-3"
+        assert f"cuda:0 (step 1), then cpu ({span})" in (out / "model" / "README.md").read_text()

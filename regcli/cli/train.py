@@ -145,13 +145,17 @@ def _train_pair_task(load, run, a: dict) -> None:
 
 def _volume_summary(summary: dict, output: Path) -> str:
     """The closing line of ``train embedding`` and ``train dio``."""
-    return (f"trained {summary['iterations']} steps on {summary['device']} on {summary['volumes']} volumes in "
+    from regcli.training.jobs import devices_text
+
+    return (f"trained {summary['iterations']} steps on {devices_text(summary)} on {summary['volumes']} volumes in "
             f"{summary['seconds']} s; mean loss of the last 50 steps {summary['final_loss_mean50']:.3f}; "
             f"wrote {output}")
 
 
 def _pair_summary(summary: dict, output: Path) -> str:
-    text = (f"trained {summary['iterations']} steps on {summary['device']} on {summary['volumes']} volumes of "
+    from regcli.training.jobs import devices_text
+
+    text = (f"trained {summary['iterations']} steps on {devices_text(summary)} on {summary['volumes']} volumes of "
             f"{len(summary['datasets'])} datasets in {summary['seconds']} s; mean loss of the last 50 steps "
             f"{summary['final_loss_mean50']:.4f}")
     if "validation" in summary:

@@ -360,8 +360,8 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     Under torchrun (``dist``) each process computes its share of a global batch of ``world * batch_size``
     pairs; rank 0 validates, writes the files and calls ``progress``."""
     from regcli.models.dio import DioFeatureNet
-    from regcli.training.jobs import (_job_differences, cpu_tensors, note_device_change, open_run, restore_network,
-                                      restoring, start_run)
+    from regcli.training.jobs import (_job_differences, cpu_tensors, device_segments, note_device_change, open_run,
+                                      restore_network, restoring, start_run)
     from regcli.training.sam import SAM
 
     cfg = register_config(job)
@@ -419,6 +419,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
             log(f"note: the run was trained with sam_rho {ck.get('sam_rho', 0.0)} so far, it goes on with "
                 f"{tcfg.sam_rho}")
         note_device_change(ck, device, log)
+    devices = device_segments(ck, device, start)
     open_run(out, job, dist)  # after the restore: a refused resume leaves the run's job.json as it was
     prior = history[-1]["seconds"] if history else 0.0
     vcfg = validation_config(job) if job.validation is not None else None
@@ -432,10 +433,10 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
         torch.save({"config": ncfg.model_dump(mode="json"), "state_dict": cpu_tensors(net.state_dict()),
                     "optimizer": cpu_tensors(sam.state_dict()), "generator": gen.get_state(), "history": history,
                     "validation": validation, "best": best, "step": step, "sam_rho": tcfg.sam_rho,
-                    "world": dist.world, "device": str(device)}, tmp)
+                    "world": dist.world, "device": str(device), "devices": devices}, tmp)
         os.replace(tmp, ck_path)
         (out / "history.json").write_text(json.dumps({"history": history, "validation": validation,
-                                                      "device": str(device)}))
+                                                      "device": str(device), "devices": devices}))
 
     def run_validation(step: int) -> None:  # rank 0 only: it alone selects and writes the model
         nonlocal best
@@ -510,7 +511,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
     last = history[-min(len(history), 50):]
     summary = {"volumes": n, "iterations": len(history), "seconds": round(history[-1]["seconds"], 1) if history else 0,
                "final_loss_mean50": sum(h["loss"] for h in last) / max(1, len(last)), "sam_rho": tcfg.sam_rho,
-               "device": str(device), "outdir": str(out)}
+               "device": str(device), "devices": devices, "outdir": str(out)}
     if validation:
         summary["validation"] = {"pairs": len(held_out) // 2, "contrasts": list(job.validation.contrasts),
                                  "start_dice": validation[0]["dice"],
@@ -529,6 +530,7 @@ def run_dio_job(job: DioJob, outdir: str | Path, progress=None, log: Callable[[s
 def write_dio_model(net, job: DioJob, summary: dict, folder: Path, version: str = "0") -> Path:
     """The trained network as a Hub-layout model folder, with a model card stating data and recipe."""
     from regcli.models.dio import save_dio_model
+    from regcli.training.jobs import devices_text
 
     data = "\n".join(f"- `{os.path.normpath(src.glob)}` (labels: `{src.labels_replace[0]}` -> "
                      f"`{src.labels_replace[1]}`)" for src in job.data)
@@ -536,8 +538,8 @@ def write_dio_model(net, job: DioJob, summary: dict, folder: Path, version: str 
             f"`regcli train dio` by implicit (Jacobian-free) differentiation through the registration solver, on "
             f"label maps (soft Dice) and images (LNCC).\n\n## Training data\n\n{data}\n\n## Recipe\n\n```json\n"
             f"{job.model_dump_json(indent=2)}\n```\n\n## Run\n\n{summary['iterations']} steps on "
-            f"{summary['volumes']} volumes in {summary['seconds']} s; mean loss of the last 50 steps "
-            f"{summary['final_loss_mean50']:.3f}.\n")
+            f"{summary['volumes']} volumes in {summary['seconds']} s, on {devices_text(summary)}; mean loss of the "
+            f"last 50 steps {summary['final_loss_mean50']:.3f}.\n")
     val = summary.get("validation")
     if val:
         held = "\n".join(f"- `{os.path.normpath(src.glob)}`" for src in job.validation.data)

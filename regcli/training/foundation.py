@@ -50,6 +50,8 @@ def _plot(history: list[dict], path: Path) -> None:
 
 
 def model_card(job: FoundationJob, net: GradICONNet, summary: dict) -> str:
+    from regcli.training.jobs import devices_text
+
     names = ", ".join(d.name for d in job.data)
     t = job.train
     return f"""# regcli GradICON network (trained with `regcli train foundation`)
@@ -62,7 +64,8 @@ def model_card(job: FoundationJob, net: GradICONNet, summary: dict) -> str:
 - **Recipe**: {summary['iterations']} steps of {t.batch_size} pairs, Adam lr {t.learning_rate:g}, GradICON loss with
   lambda {net.cfg.lmbda:g} and LNCC sigma {net.cfg.lncc_sigma:g} voxels, random affine augmentation,
   sharpness-aware minimization rho {t.sam_rho:g}, seed {t.seed}{', fine-tuned from ' + job.init if job.init else ''}.
-- **Training time**: {summary['seconds']} s. Mean loss of the last 50 steps: {summary['final_loss_mean50']:.4f}.
+- **Training time**: {summary['seconds']} s on {devices_text(summary)}. Mean loss of the last 50 steps:
+  {summary['final_loss_mean50']:.4f}.
 - **Use**: `--method foundation` with `foundation.weights` set to this folder.
 - **Metrics measured with regcli**: see docs/foundation.md.
 """

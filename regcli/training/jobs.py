@@ -98,21 +98,31 @@ def _job_differences(old, new, prefix: str = "") -> list[str]:
     return [] if old == new or key in RESUMABLE_CHANGES else [f"{key}: {old!r} -> {new!r}"]
 
 
+#: the files every training run writes in its folder (``checkpoint.tmp``: the checkpoint before it is renamed), and
+#: the folder of its trained model (:data:`MODEL_FOLDER`)
+RUN_FILES = ("checkpoint.pt", "checkpoint.tmp", "history.json", "job.json")
+MODEL_FOLDER = "model"
+
+
 def start_run(outdir: str | Path, resume: bool, job: Optional[BaseModel] = None,
-              net_config: Optional[dict] = None, needs: Sequence[str] = ("state_dict",)
-              ) -> tuple[Path, Path, Optional[dict]]:
+              net_config: Optional[dict] = None, needs: Sequence[str] = ("state_dict",),
+              also_writes: Sequence[str] = ()) -> tuple[Path, Path, Optional[dict]]:
     """The output folder of a resumable training run, its ``checkpoint.pt`` path and, with ``resume``, the
     checkpoint's contents; checked before any data are read, but not created (:func:`open_run` creates it once
     the data are read).
 
-    The folder must be one that can be created or written (else OutputError). ``--resume`` needs the checkpoint,
-    readable and holding the keys ``needs`` (else InputError naming it), a network of the job's configuration
-    ``net_config`` (``cfg.model_dump(mode="json")``; else ConfigError), and the run's own job (its ``job.json``;
-    only :data:`RESUMABLE_CHANGES` may differ, else the record would misstate the steps already taken); a new run
-    refuses a folder that holds one."""
+    The folder must be one that can be created or written (else OutputError), and none of the paths the run
+    writes there (:data:`RUN_FILES`, the task's ``also_writes`` files such as ``loss.png``, and the model folder
+    with its files) may exist as the wrong kind, a folder for a file or a file for the model folder (else an
+    OutputError naming it, not a crash at the first checkpoint or after the last step). ``--resume`` needs the
+    checkpoint, readable and holding the keys ``needs`` (else InputError naming it), a network of the job's
+    configuration ``net_config`` (``cfg.model_dump(mode="json")``; else ConfigError), and the run's own job (its
+    ``job.json``; only :data:`RESUMABLE_CHANGES` may differ, else the record would misstate the steps already
+    taken); a new run refuses a folder that holds one."""
     out = Path(outdir)
     ck_path = out / "checkpoint.pt"
     _check_output_folder(out)
+    _check_run_paths(out, (*RUN_FILES, *also_writes))
     if resume and not ck_path.is_file():
         raise InputError(f"--resume: '{ck_path}' does not exist")
     if not resume and ck_path.exists():
@@ -155,12 +165,35 @@ def _check_output_folder(out: Path) -> None:
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"output '{out}' exists and is not a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise OutputError(f"output folder '{out}' is not writable")
         return
     ancestor = next(p for p in out.absolute().parents if p.exists())
     if not ancestor.is_dir():
         raise OutputError(f"cannot create output folder '{out}': '{ancestor}' is a file")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(f"cannot create output folder '{out}': '{ancestor}' is not writable")
+
+
+def _check_run_paths(out: Path, files: Sequence[str]) -> None:
+    """OutputError naming the first path of the run in ``out`` that exists as the wrong kind: a folder (or a link
+    to one) where the run writes the file ``files[i]``, anything but a folder at :data:`MODEL_FOLDER`, or a folder
+    in place of one of the model folder's files. Nothing to check while ``out`` does not exist."""
+    from regcli.weights import MODEL_FILES
+
+    if not out.is_dir():
+        return
+    fix = "remove or rename it, or use another output folder"
+    for name in files:
+        if (out / name).is_dir():
+            raise OutputError(f"'{out / name}' is a folder, where the run writes its {name} file; {fix}")
+    model = out / MODEL_FOLDER
+    if os.path.lexists(model) and not model.is_dir():
+        raise OutputError(f"'{model}' is {'a broken link' if not model.exists() else 'not a folder'}, where the run "
+                          f"writes its model folder; {fix}")
+    for name in MODEL_FILES if model.is_dir() else ():
+        if (model / name).is_dir():
+            raise OutputError(f"'{model / name}' is a folder, where the run writes the model's {name} file; {fix}")
 
 
 def read_checkpoint(ck_path: Path, needs: Sequence[str] = ()) -> dict:
@@ -215,6 +248,39 @@ def note_device_change(ck: dict, device: torch.device, log: Callable[[str], None
         log(f"note: the run trained on {ck.get('device', 'cpu')} so far and goes on on {device}")
 
 
+def device_segments(ck: Optional[dict], device: torch.device | str, start: int) -> list[dict]:
+    """Every device a run has trained on, in order: ``[{"from_step": s, "device": d}, ...]``, ``s`` the first
+    step (1-based, as the history numbers them) taken on ``d``. A new run (``ck`` None) has one segment; a resumed
+    one continues its checkpoint's ``devices`` (one written by an older regcli, which recorded only its last
+    ``device``: that device from step 1), with ``device`` added from step ``start + 1`` when it is another one. The
+    last segment's device is always ``device``, what the ``device`` keys of the records name."""
+    devices: list[dict] = []
+    if ck is not None:
+        kept = ck.get("devices")
+        if isinstance(kept, list) and kept and all(isinstance(d, dict) and {"from_step", "device"} <= set(d)
+                                                   for d in kept):
+            devices = [{"from_step": int(d["from_step"]), "device": str(d["device"])} for d in kept]
+        else:
+            devices = [{"from_step": 1, "device": str(ck.get("device", "cpu"))}]
+    if not devices or devices[-1]["device"] != str(device):
+        devices.append({"from_step": start + 1, "device": str(device)})
+    return devices
+
+
+def devices_text(summary: dict) -> str:
+    """The devices of a run's ``summary`` (its ``devices``, :func:`device_segments`, over its ``iterations`` steps;
+    else its ``device``) in words: ``cpu``, or ``cuda:0 (steps 1-2), then cpu (steps 3-4)``."""
+    devices, steps = summary.get("devices") or [], summary.get("iterations", 0)
+    if len(devices) <= 1:
+        return devices[0]["device"] if devices else str(summary.get("device", "cpu"))
+    parts = []
+    for k, d in enumerate(devices):
+        first, last = d["from_step"], (devices[k + 1]["from_step"] - 1 if k + 1 < len(devices) else steps)
+        span = f"steps {first}-{last}" if last > first else f"step {first}" if last == first else "no steps"
+        parts.append(f"{d['device']} ({span})")
+    return ", then ".join(parts)
+
+
 def restore_network(net: torch.nn.Module, ck: dict, ck_path: Path) -> None:
     """Load the network of a read checkpoint into ``net`` (the job's network); tensors that do not fit it are a
     one-line ConfigError naming the file (the checkpoint is of another network than the job's)."""
@@ -262,22 +328,61 @@ def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob
     return load_job_file(path, overrides, EmbeddingJob)
 
 
+#: An image whose voxels are all integers and take at most this many distinct values is taken for a label map.
+#: Real images are far above it: the intensity images of ../shared/data have 232-256 distinct values (uint8
+#: T1w MR and prostate MR/ultrasound: a uint8 image scaled to its range uses most of its 256 levels), 220-247
+#: (float MR, not integers anyway) and 1711 (int16 CT: Hounsfield units span thousands), while their label maps have 2
+#: (prostate gland), 3 (landmarks), 33 (SynthSeg), 42 (TotalSegmentator) and 46 (FreeSurfer aseg). Conservative:
+#: a label map of more labels (a full TotalSegmentator map has 118 values) goes unnoticed rather than an image
+#: being refused.
+LABEL_MAP_MAX_VALUES = 64
+
+
+def label_map_values(data: torch.Tensor) -> Optional[int]:
+    """The number of distinct values of ``data`` (an image's voxels) when it looks like a label map, not an
+    image: integers only, at most :data:`LABEL_MAP_MAX_VALUES` distinct ones. None otherwise."""
+    x = data.reshape(-1)
+    step = max(1, x.numel() // 100_000)
+    if torch.unique(x[::step]).numel() > LABEL_MAP_MAX_VALUES:  # a subsample settles it for images, quickly
+        return None
+    if x.is_floating_point() and not torch.equal(x, torch.round(x)):
+        return None
+    n = torch.unique(x).numel()
+    return n if n <= LABEL_MAP_MAX_VALUES else None
+
+
 def load_volumes(job: EmbeddingJob, log: Callable[[str], None] = lambda s: None) -> tuple[list, list[int]]:
     """Read and prepare every image the job's globs match (sorted, deterministic order). Returns the volumes
-    and, for each, the index of its data source (glob) in the job."""
+    and, for each, the index of its data source (glob) in the job.
+
+    An image that looks like a label map (:func:`label_map_values`), or that is smaller than ``train.crop`` in
+    every direction on the training grid (each view would be mostly outside it: the training failed at its first
+    steps, unable to place two views on its foreground), is a one-line InputError naming it, before the run's
+    folder is written."""
     from regcli.io.images import read_image
 
     vols, groups = [], []
+    crop = job.train.crop
     for k, src in enumerate(job.data):
         files = sorted(glob.glob(src.glob))
         if not files:
             raise InputError(f"training data glob '{src.glob}' matches no file")
         pct = src.percentiles or job.net.percentiles
         for f in files:
-            vol = prepare_volume(read_image(f, "training image"), job.net.spacing_mm, pct)
+            img = read_image(f, "training image")
+            n_values = label_map_values(img.data)
+            if n_values is not None:
+                raise InputError(f"training image '{f}' looks like a label map, not an image: its voxels are "
+                                 f"integers with only {n_values} distinct values; leave it out of the data glob "
+                                 f"'{src.glob}' (match only the images' names, e.g. '*_T1w.nii.gz')")
+            vol = prepare_volume(img, job.net.spacing_mm, pct)
             if min(vol.grid.size) < 16:
                 log(f"skipping '{f}': {vol.grid.size} voxels at {job.net.spacing_mm} mm is too small")
                 continue
+            if crop > max(vol.grid.size):
+                raise InputError(f"training image '{f}' is {'x'.join(map(str, vol.grid.size))} voxels on the "
+                                 f"training grid ({job.net.spacing_mm} mm), smaller than train.crop {crop} in every "
+                                 f"direction; give a crop of at most {max(vol.grid.size)}, or leave the image out")
             vols.append(vol)
             groups.append(k)
     if not vols:
@@ -310,6 +415,8 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     elif job.init:
         net.load_state_dict(_initial_weights(job.init, job.net))
         log(f"starting from '{job.init}'")
+    with restoring(ck_path):
+        devices = device_segments(ck, device, int(state["step"]) if state is not None else 0)
     net.to(device)
     open_run(out, job, dist)  # once the weights are in: a refused init or resume leaves no new job.json
 
@@ -318,10 +425,10 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
             return
         tmp = ck_path.with_suffix(".tmp")
         torch.save({"config": job.net.model_dump(mode="json"), "state_dict": cpu_tensors(net.state_dict()),
-                    "train_state": cpu_tensors(train_state), "device": str(device)}, tmp)
+                    "train_state": cpu_tensors(train_state), "device": str(device), "devices": devices}, tmp)
         os.replace(tmp, ck_path)
         (out / "history.json").write_text(json.dumps({"seconds": train_state["seconds"], "device": str(device),
-                                                      "history": train_state["history"]}))
+                                                      "devices": devices, "history": train_state["history"]}))
 
     res = train_embedding(vols, job.train, net=net, progress=progress, groups=groups,
                           weights=[d.weight for d in job.data], resume=state, save=save,
@@ -330,9 +437,9 @@ def run_embedding_job(job: EmbeddingJob, outdir: str | Path, progress=None,
     last = history[-min(len(history), 50):]
     summary = {"volumes": len(vols), "iterations": len(history), "seconds": round(res.seconds, 1),
                "final_loss_mean50": sum(h["loss"] for h in last) / len(last), "sam_rho": job.train.sam_rho,
-               "device": str(device), "outdir": str(out)}
+               "device": str(device), "devices": devices, "outdir": str(out)}
     if dist.main:
-        write_model(net, job, summary, out / "model")
+        write_model(net, job, summary, out / MODEL_FOLDER)
     dist.barrier()
     return summary
 
@@ -373,7 +480,8 @@ def write_model(net: EmbeddingNet, job: EmbeddingJob, summary: dict, folder: Pat
     card = (f"# regcli anatomical embedding\n\nSelf-supervised (pixel-wise InfoNCE on augmented view pairs, "
             f"images only, no labels), trained with `regcli train embedding`.\n\n## Training data\n\n{data}\n\n"
             f"## Recipe\n\n```json\n{job.model_dump_json(indent=2)}\n```\n\n## Run\n\n"
-            f"{summary['iterations']} steps on {summary['volumes']} volumes in {summary['seconds']} s; mean loss of "
+            f"{summary['iterations']} steps on {summary['volumes']} volumes in {summary['seconds']} s, on "
+            f"{devices_text(summary)}; mean loss of "
             f"the last 50 steps {summary['final_loss_mean50']:.3f}.\n\n## Intended use\n\nFeatures for "
             f"`regcli register --method samconvex` on images resampled to {job.net.spacing_mm} mm. Measure "
             f"registration quality with `regcli evaluate` before relying on it.\n")

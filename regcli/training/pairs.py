@@ -377,13 +377,16 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
     CPU; the network is moved there), writing ``outdir``'s checkpoint, history and plots (rank 0); returns the
     summary (without the model folder, which the caller writes) and the data sources. ``job`` has ``data``,
     ``train``, ``checkpoint_every`` and ``validation``."""
-    from regcli.training.jobs import cpu_tensors, note_device_change, open_run, restore_network, restoring, start_run
+    from regcli.training.jobs import (cpu_tensors, device_segments, note_device_change, open_run, restore_network,
+                                      restoring, start_run)
     from regcli.training.optron import optron_loss, refine, running_stats_kept
     from regcli.training.sam import SAM
 
     net = pn.net
     out, ck_path, ck = start_run(outdir, resume, job, net_config=net.cfg.model_dump(mode="json"),
-                                 needs=("state_dict", "optimizer", "generator", "history", "order", "step"))
+                                 needs=("state_dict", "optimizer", "generator", "history", "order", "step"),
+                                 also_writes=(("loss.png",) if pn.plot is not None else ())
+                                 + (("validation.png",) if job.validation is not None else ()))
     tcfg = job.train
     shape = tuple(net.cfg.input_shape)
     t_prep = time.perf_counter()
@@ -410,6 +413,7 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
                 f"{tcfg.batch_size * dist.world} pairs per step from now on")
         log(f"resuming at step {start}")
         note_device_change(ck, device, log)
+    devices = device_segments(ck, device, start)
     open_run(out, job, dist)  # after the restore: a refused resume leaves the run's job.json as it was
     model = dist.wrap(net)
     prior = history[-1]["seconds"] if history else 0.0
@@ -422,10 +426,10 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
         torch.save({"config": net.cfg.model_dump(mode="json"), "state_dict": cpu_tensors(net.state_dict()),
                     "optimizer": cpu_tensors(sam.state_dict()), "generator": gen.get_state(), "history": history,
                     "order": order, "step": step, "world": dist.world, "validation": validation,
-                    "device": str(device)}, tmp)
+                    "device": str(device), "devices": devices}, tmp)
         os.replace(tmp, ck_path)
         (out / "history.json").write_text(json.dumps({"history": history, "validation": validation,
-                                                      "device": str(device)}))
+                                                      "device": str(device), "devices": devices}))
         if pn.plot is not None:
             pn.plot(history, out / "loss.png")
         if validation:
@@ -507,7 +511,7 @@ def train_pair_network(job, pn: PairNetwork, outdir: str | Path, progress=None,
     summary = {"datasets": [s.name for s in sources], "volumes": sum(len(s.volumes) for s in sources),
                "iterations": len(history), "seconds": round(history[-1]["seconds"], 1) if history else 0.0,
                "final_loss_mean50": sum(h["loss"] for h in last) / max(1, len(last)), "sam_rho": tcfg.sam_rho,
-               "device": str(device), "outdir": str(out)}
+               "device": str(device), "devices": devices, "outdir": str(out)}
     if tcfg.optron.enabled:
         summary["optron"] = tcfg.optron.model_dump()
     if validation:

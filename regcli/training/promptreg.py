@@ -67,6 +67,8 @@ def promptreg_network(net: PromptRegNet, task_of_dataset: list[int]) -> PairNetw
 
 
 def model_card(job: PromptRegJob, net: PromptRegNet, summary: dict) -> str:
+    from regcli.training.jobs import devices_text
+
     t = job.train
     data = "\n".join(f"  - {d.name} (task {d.task_name}, {d.modality}): `{os.path.normpath(d.glob or d.pairs)}`"
                      for d in job.data)
@@ -82,7 +84,8 @@ def model_card(job: PromptRegJob, net: PromptRegNet, summary: dict) -> str:
   {net.cfg.smoothness_weight:g} smoothness + {net.cfg.orthogonality_weight:g} orthogonality +
   {net.cfg.task_similarity_weight:g} task similarity, random affine augmentation, SAM rho {t.sam_rho:g}, Optron
   {t.optron.iters} steps, seed {t.seed}.
-- **Training time**: {summary['seconds']} s. Mean loss of the last 50 steps: {summary['final_loss_mean50']:.4f}.
+- **Training time**: {summary['seconds']} s on {devices_text(summary)}. Mean loss of the last 50 steps:
+  {summary['final_loss_mean50']:.4f}.
 - **Use**: `--method promptreg` with `promptreg.weights` set to this folder. Measure with `regcli evaluate`.
 """
 
