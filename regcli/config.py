@@ -8,6 +8,7 @@ CLI flags and ``--config file.yaml`` resolve to one :class:`RegisterConfig`, whi
 from __future__ import annotations
 
 import types
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Optional, Union, get_args, get_origin
 
@@ -385,6 +386,22 @@ class RegisterConfig(_Frozen):
         """The ``io`` of a network method (``none``, ``network`` or ``field``); None for the other methods."""
         return getattr(self, self.method).io if self.method in NETWORK_METHODS else None
 
+    # Where the method and a network method's io came from, for messages: not fields (neither validated, dumped,
+    # compared nor hashed); :func:`build_config` records them, and a configuration made otherwise names them by
+    # value, which is right whichever way they came.
+    @cached_property
+    def method_origin(self) -> str:
+        """The method as the user chose it: ``method: dio`` in backticks and ``in 'c.yaml'`` (the ``--config``
+        file), else ``--method dio`` (the flag, or its default); ``method dio`` for a configuration that
+        :func:`build_config` did not make from a file and flags."""
+        return f"method {self.method}"
+
+    @cached_property
+    def io_origin(self) -> str:
+        """A network method's ``io`` as the user chose it: ``--io none`` (the flag), else its key, ``foundation.io
+        none``; empty for the other methods."""
+        return f"{self.method}.io {self.network_io}" if self.network_io is not None else ""
+
     @model_validator(mode="after")
     def _float64_solvers_only(self) -> "RegisterConfig":
         if self.precision == "float64" and self.method in ("dio", "foundation", "promptreg"):
@@ -401,9 +418,20 @@ class RegisterConfig(_Frozen):
         return self
 
 
+def method_words(cfg: RegisterConfig) -> str:
+    """The method, and a network method's ``io``, as the user chose them (:attr:`RegisterConfig.method_origin`,
+    :attr:`RegisterConfig.io_origin`), e.g. ``--method foundation --io none``, ``--method foundation with
+    foundation.io none`` (the key from a file), ``--method dio``."""
+    if not cfg.io_origin:
+        return cfg.method_origin
+    both_flags = cfg.method_origin.startswith("--") and cfg.io_origin.startswith("--")
+    return f"{cfg.method_origin}{' ' if both_flags else ' with '}{cfg.io_origin}"
+
+
 class SolverStages(NamedTuple):
     """What :func:`solver_stages` finds: ``running``, the solver stages that run, in order (empty: none); ``setting``,
-    the configuration in words (e.g. ``--method convexadam with instance.enabled false``); ``stages``, the solver
+    the configuration in words (e.g. ``--method convexadam with instance.enabled false``, the method named by
+    :attr:`RegisterConfig.method_origin`); ``stages``, the solver
     stages the method has, in words, ``--fine-spacing`` included (empty for a linear method)."""
 
     running: tuple[str, ...]
@@ -426,30 +454,30 @@ def solver_stages(cfg: RegisterConfig) -> SolverStages:
     method's ``io: field`` with ``io_iterations`` > 0 (its instance optimisation, then the refinement of
     ``instance.refine_iterations``); and, with every deformable method, the fine refinement (``--fine-spacing``).
     A linear method has none."""
-    m, inst = cfg.method, cfg.instance
+    m, inst, named = cfg.method, cfg.instance, cfg.method_origin
     if not cfg.deformable:
-        return SolverStages((), f"--method {m}", "")
+        return SolverStages((), named, "")
     running: list[str] = []
     if m == "convexadam":
         running += [name for name, n in (("instance optimisation", inst.iterations),
                                          ("refinement", inst.refine_iterations)) if inst.enabled and n > 0]
         off = "instance.enabled false" if not inst.enabled else "instance.iterations and refine_iterations 0"
-        setting, stages = f"--method {m} with {off}", "the instance optimisation, its refinement"
+        setting, stages = f"{named} with {off}", "the instance optimisation, its refinement"
     elif m == "samconvex":
         sc = cfg.samconvex
         running += [name for name, n in (("instance optimisation", sc.io_iterations),
                                          ("refinement", sc.refine_iterations)) if n > 0]
-        setting = f"--method {m} with samconvex.io_iterations and refine_iterations 0"
+        setting = f"{named} with samconvex.io_iterations and refine_iterations 0"
         stages = "the instance optimisation, the refinement"
     elif m == "dio":
         running += [f"DIO solver level {lv}" for lv, n in zip(cfg.dio.levels, cfg.dio.iterations) if n > 0]
-        setting = f"--method {m} with dio.iterations {'x'.join(map(str, cfg.dio.iterations))}"
+        setting = f"{named} with dio.iterations {'x'.join(map(str, cfg.dio.iterations))}"
         stages = "the DIO solver"
     else:  # a network method (NETWORK_METHODS)
         section = getattr(cfg, m)
         if section.io == "field" and section.io_iterations > 0:
             running += ["instance optimisation"] + (["refinement"] if inst.refine_iterations > 0 else [])
-        setting = f"--method {m} --io {section.io}" + (" with 0 iterations" if section.io == "field" else "")
+        setting = method_words(cfg) + (" and 0 iterations" if section.io == "field" else "")
         stages = "the instance optimisation of --io field"
     if inst.fine_spacing_mm is not None:
         running.append("fine refinement")
@@ -552,6 +580,7 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
     if yaml_path and data is not None:
         raise TypeError("build_config: give yaml_path or data, not both")
     source = source or (str(yaml_path) if yaml_path else "flags" if data is None else "configuration")
+    from_data = data is not None
     data = load_yaml(yaml_path) if yaml_path else dict(data or {})
     overrides = _drop_none(overrides or {})
     iterations = overrides.pop("iterations", None)
@@ -560,15 +589,24 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
     method = merged.get("method")
     if model is RegisterConfig and isinstance(method, str) and method in METHOD_PRESETS:
         merged = deep_merge(deep_merge({}, METHOD_PRESETS[method]), merged)
+    method = merged.get("method", "convexadam")
+    named = (f"`method: {method}` in '{yaml_path}'" if "method" not in overrides and yaml_path and "method" in data
+             else f"method {method}" if "method" not in overrides and from_data
+             else f"--method {method}")  # the flag, or its default
     if network_flags:
-        merged = deep_merge(merged, network_override(merged.get("method", "convexadam"), **network_flags))
+        merged = deep_merge(merged, network_override(method, **network_flags, named=named))
     if iterations is not None:
-        merged = deep_merge(merged, iteration_override(merged.get("method", "convexadam"), iterations,
-                                                       merged.get("dio", {}).get("levels")))
+        merged = deep_merge(merged, iteration_override(method, iterations, merged.get("dio", {}).get("levels"),
+                                                       named=named))
     try:
-        return model.model_validate(merged)
+        cfg = model.model_validate(merged)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, source)) from None
+    if isinstance(cfg, RegisterConfig):  # the cached properties' values (pydantic's way to set one on a frozen model)
+        cfg.__dict__["method_origin"] = named
+        if "io" in network_flags:
+            cfg.__dict__["io_origin"] = f"--io {cfg.network_io}"
+    return cfg
 
 
 def refuse_flags_without_effect(cfg: RegisterConfig, overrides: Optional[dict]) -> None:
@@ -598,17 +636,20 @@ def refuse_flags_without_effect(cfg: RegisterConfig, overrides: Optional[dict]) 
     elif not stages.running:
         why = f"{stages.setting} runs none of {stages.stages}"
     else:  # only --intensity-weight: solver stages run, but no refinement
-        how = f"--method {cfg.method}" + (f" --io {cfg.network_io}" if cfg.network_io is not None else "")
+        how = method_words(cfg)
         why = (f"only a refinement reads it, and {how} runs none (only {', '.join(stages.running)}; --fine-spacing "
                "adds a fine refinement)")
     raise ConfigError(f"{', '.join(unused)}: nothing would use {it}; {why}")
 
 
-def iteration_override(method: str, counts: tuple[int, ...], dio_levels=None) -> dict:
+def iteration_override(method: str, counts: tuple[int, ...], dio_levels=None,
+                       named: Optional[str] = None) -> dict:
     """The config keys that ``--iterations`` sets for ``method``: the iteration count of its deformable stage's
     instance optimisation (convexadam: ``instance.iterations``; samconvex, foundation, promptreg:
     ``<method>.io_iterations``), or one count per solver level for dio (``dio.iterations``, ANTs-style
-    ``80x40x20``). A count that does not fit the method is a ConfigError naming what it expects."""
+    ``80x40x20``). A count that does not fit the method is a ConfigError naming what it expects, and the method as
+    ``named`` (:attr:`RegisterConfig.method_origin`; default ``method <method>``)."""
+    named = named or f"method {method}"
     counts = tuple(int(c) for c in counts)
     given = "x".join(map(str, counts))
     if any(c < 0 for c in counts):
@@ -617,31 +658,33 @@ def iteration_override(method: str, counts: tuple[int, ...], dio_levels=None) ->
         levels = tuple(dio_levels or DioConfig().levels)
         if len(counts) != len(levels):
             example = "x".join(str(80 >> k) for k in range(len(levels)))
-            raise ConfigError(f"--iterations {given}: --method dio needs one count per solver level (dio.levels "
+            raise ConfigError(f"--iterations {given}: {named} needs one count per solver level (dio.levels "
                               f"{','.join(map(str, levels))}), e.g. {example}")
         return {"dio": {"iterations": counts}}
     if method in ("affine", "rigid"):
-        raise ConfigError(f"--iterations {given}: --method {method} has no deformable stage (the affine stage's "
+        raise ConfigError(f"--iterations {given}: {named} has no deformable stage (the affine stage's "
                           "iterations are affine.iterations in a --config file)")
     if len(counts) != 1:
-        raise ConfigError(f"--iterations {given}: --method {method} has one instance-optimisation stage; "
+        raise ConfigError(f"--iterations {given}: {named} has one instance-optimisation stage; "
                           "give one count")
     key = {"samconvex": ("samconvex", "io_iterations"), "foundation": ("foundation", "io_iterations"),
            "promptreg": ("promptreg", "io_iterations")}.get(method, ("instance", "iterations"))
     return {key[0]: {key[1]: counts[0]}}
 
 
-def network_override(method: str, modality: Optional[str] = None, io: Optional[str] = None) -> dict:
+def network_override(method: str, modality: Optional[str] = None, io: Optional[str] = None,
+                     named: Optional[str] = None) -> dict:
     """The config keys that ``--modality`` and ``--io`` set for ``method``: ``promptreg.*`` or ``foundation.*``.
     Only those two methods read them, so any other method is a ConfigError (the flags would be ignored), and so
-    is ``--io network`` with promptreg, which has no network instance optimisation."""
+    is ``--io network`` with promptreg, which has no network instance optimisation. ``named``: the method in
+    messages (:attr:`RegisterConfig.method_origin`; default ``method <method>``)."""
     if method not in NETWORK_METHODS:
         given = " and ".join(f"--{k} {v}" for k, v in (("modality", modality), ("io", io)) if v is not None)
         raise ConfigError(f"{given}: only --method foundation or promptreg use it, not '{method}'")
     section = method
     if section == "promptreg" and io == "network":
-        raise ConfigError("--io network: --method promptreg has no instance optimisation on the network weights; "
-                          "use --io field (default) or --io none")
+        raise ConfigError(f"--io network: {named or 'method promptreg'} has no instance optimisation on the "
+                          "network weights; use --io field (default) or --io none")
     return {section: {k: v for k, v in (("modality", modality), ("io", io)) if v is not None}}
 
 

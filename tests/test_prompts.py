@@ -334,3 +334,57 @@ def test_stage_prompts_pairs_and_weights():
     assert same[0].moving is fixed  # identity affine, same grid: used as is
     with pytest.raises(InputError, match="9"):
         stage_prompts(fixed, fixed, [2, 9], None, None, AffineTransform.translation((1, 0, 0)), 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------- messages
+def test_prompt_messages_name_the_method_where_it_was_set(tmp_path):
+    """A prompt that nothing would use is refused with the method named as the user set it: `method: dio` in the
+    --config file (not "--method dio", which they never typed), --method when the flag gave it (or by default), and
+    a network method's io as --io or as its config key; the recorded origin changes neither the configuration's
+    equality nor its dump."""
+    from conftest import invoke, one_line, write
+    from regcli.config import build_config
+
+    f = write(make_phantom("LPS"), tmp_path / "f.nii.gz")
+    configs = {"affine": "method: affine\n", "dio": "method: dio\ndio: {iterations: [0, 0, 0]}\n",
+               "foundation": "method: foundation\nfoundation: {io: none}\n", "no_io": "instance: {enabled: false}\n"}
+    for name, text in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+
+    def refused(*args: str) -> str:
+        res = invoke("register", f, f, "-o", tmp_path / "o_", *args, "--quiet")
+        line = one_line(res.stderr)
+        assert res.exit_code == 7 and line.startswith("ConfigError: prompts (--prompt-"), line
+        assert "nothing would use them" in line, line
+        return line
+
+    y = {name: tmp_path / f"{name}.yaml" for name in configs}
+    line = refused("--config", y["affine"], "--prompt-landmarks")
+    assert f"need a deformable method: `method: affine` in '{y['affine']}' has only the affine stage" in line, line
+    assert "--method" not in line
+    line = refused("--config", y["dio"], "--prompt-labels", "1")
+    assert f"`method: dio` in '{y['dio']}' with dio.iterations 0x0x0 runs none of them" in line, line
+    assert "--method" not in line
+    line = refused("--config", y["foundation"], "--prompt-labels", "1")
+    assert f"`method: foundation` in '{y['foundation']}' with foundation.io none runs none" in line, line
+    line = refused("--config", y["foundation"], "--io", "none", "--prompt-labels", "1")
+    assert f"`method: foundation` in '{y['foundation']}' with --io none runs none" in line, line
+    # the flag wins over the file, and is named
+    assert "; --method dio with dio.iterations 0x0x0 runs none" in refused("--method", "dio", "--config", y["dio"],
+                                                                           "--prompt-labels", "1")
+    assert "--method affine has only the affine stage" in refused("--method", "affine", "--prompt-landmarks")
+    assert "--method foundation --io none runs none" in refused("--method", "foundation", "--io", "none",
+                                                                "--prompt-landmarks")
+    # no method anywhere: the default of --method
+    assert "; --method convexadam with instance.enabled false runs none" in refused("--config", y["no_io"],
+                                                                                  "--prompt-landmarks")
+    # --iterations that do not fit the method from the file say so too
+    res = invoke("register", f, f, "-o", tmp_path / "o_", "--config", y["dio"], "--iterations", "5", "--quiet")
+    assert res.exit_code == 7 and f"`method: dio` in '{y['dio']}' needs one count per solver level" in res.stderr
+    assert not list(tmp_path.glob("o_*"))
+
+    from_file, from_flag = build_config(y["dio"]), build_config(None, {"method": "dio",
+                                                                      "dio": {"iterations": (0, 0, 0)}})
+    assert from_file.method_origin != from_flag.method_origin
+    assert from_file == from_flag and hash(from_file) == hash(from_flag)
+    assert "method_origin" not in from_file.model_dump() and "method_origin" not in str(from_file.model_json_schema())

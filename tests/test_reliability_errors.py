@@ -243,6 +243,65 @@ def test_g8_mask_header_rounding_is_accepted(tmp_path, images, fast):
     assert on.grid == img.grid and bool((on.data == m.data).all())
 
 
+# ------------------------------------------------------------------------------------------------ E1 / E7, fast
+def _corrupt(kind: str, images, tmp_path):
+    """A moving image that the header check refuses: cut at half (.nii.gz), not gzip, an uncompressed NIfTI cut
+    short, or a 2D image."""
+    data = images["moving"].read_bytes()
+    if kind == "half .nii.gz":
+        return tmp_path.joinpath("cut.nii.gz"), data[: len(data) // 2]
+    if kind == "not gzip":
+        return tmp_path.joinpath("text.nii.gz"), b"not an image at all\n" * 40
+    if kind == "short .nii":
+        raw = sitk.ReadImage(str(images["moving"]))
+        whole = write(raw, tmp_path / "whole.nii").read_bytes()
+        return tmp_path.joinpath("short.nii"), whole[: len(whole) - 1000]
+    flat = sitk.GetImageFromArray(sitk.GetArrayFromImage(sitk.ReadImage(str(images["moving"])))[5])
+    return write(flat, tmp_path / "flat.nii.gz"), None
+
+
+@pytest.mark.parametrize("kind", ["half .nii.gz", "not gzip", "short .nii", "2D"])
+def test_a_corrupt_input_is_refused_before_torch_is_imported(tmp_path, images, kind):
+    """`regcli register` refuses a truncated, non-gzip or 2D input from its header (and, for NIfTI, its size or gzip
+    trailer) before it imports torch (seconds): exit 3, the line the full read gives, nothing written."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+    from regcli.errors import InputError
+    from regcli.io.images import read_image
+
+    path, data = _corrupt(kind, images, tmp_path)
+    if data is not None:
+        path.write_bytes(data)
+    with pytest.raises(InputError) as e:
+        read_image(path, "moving image")
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "regcli", "register", str(images["fixed"]),
+                        str(path), "-o", str(tmp_path / "p_")], env=child_env(), capture_output=True, text=True,
+                       timeout=120)
+    imported = [ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")]
+    line = one_line("\n".join(ln for ln in r.stderr.splitlines() if not ln.startswith("import time:")))
+    assert r.returncode == 3 and line == e.value.one_line(), (line, e.value.one_line())
+    assert "regcli.cli.register" in imported or "regcli.cli.app" in imported, imported[-5:]
+    assert "torch" not in imported, "torch was imported before the input was refused"
+    _assert_no_outputs(tmp_path)
+
+
+def test_the_header_check_passes_whole_files_and_gzip_of_several_members(tmp_path, images):
+    """A whole .nii.gz passes the header check; so does one written as two gzip members (its trailer holds the
+    second member's length only), which the full read then reads as the original."""
+    import gzip
+
+    from regcli.io.images import check_image_header, read_image
+
+    check_image_header(images["moving"], "moving image")
+    payload = gzip.decompress(images["moving"].read_bytes())
+    two = tmp_path / "two_members.nii.gz"
+    two.write_bytes(gzip.compress(payload[:1000]) + gzip.compress(payload[1000:]))
+    check_image_header(two, "moving image")
+    assert bool((read_image(two).data == read_image(images["moving"]).data).all())
+
+
 # ------------------------------------------------------------------------------------------------ E7
 def test_e7_5d_image_names_the_dimension(tmp_path, images, fast, monkeypatch):
     _no_optimisation(monkeypatch)

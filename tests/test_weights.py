@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import torch
 
-from conftest import invoke, one_line
+from conftest import child_env, invoke, one_line
 from regcli.errors import OutputError, WeightsError
 from regcli.weights import (
     MODEL_FILES, list_models, load_registry, load_state_dict, pull, push, resolve, save_model_folder, sha256_file,
@@ -298,7 +298,7 @@ def test_registry_sha_that_disagrees_with_the_hub_is_not_called_corrupted(env, t
 def test_cli_pull_then_offline_info_in_subprocesses(published, tmp_path):
     """The real environment-variable path: HF_ENDPOINT / HF_HUB_OFFLINE set before huggingface_hub imports."""
     hub, commit = published["hub"], published["commit"]
-    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(HF_HUB_DISABLE_PROGRESS_BARS="1")
     r = subprocess.run([sys.executable, "-m", "regcli", "weights", "pull", "tiny", "--json"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -557,7 +557,7 @@ def test_shipped_embedding_pulled_from_loopback_hub_then_offline_samconvex(env, 
     sha = sha256_file(shipped / "model.safetensors")
     write_registry(tmp_path / "weights", **{"sam-embedding": {"repo_id": "regcli/sam-embedding", "revision": commit,
                                                               "sha256": sha}})
-    run_env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT)}
+    run_env = child_env(HF_HUB_DISABLE_PROGRESS_BARS="1")
     r = subprocess.run([sys.executable, "-m", "regcli", "weights", "pull", "sam-embedding", "--json"], env=run_env,
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -609,7 +609,7 @@ def test_cli_list_and_info_json(published, tmp_path):
     (m,) = data["models"]
     assert m == {"name": "tiny", "repo_id": "org/tiny", "revision": published["commit"], "sha256": published["sha"],
                  "description": "test model", "shipped": False, "shipped_path": None, "cached": False, "cache": None,
-                 "cached_revisions": []}
+                 "cache_missing": [], "cached_revisions": []}
     assert invoke("weights", "list").stdout.splitlines()[1].split()[3:5] == ["no", "no"]  # shipped, cached
     pull("tiny")
     m = json.loads(invoke("weights", "list", "--json").stdout)["models"][0]
@@ -668,10 +668,90 @@ def test_list_says_which_revision_the_cache_holds(env, tmp_path):
     blob.unlink()  # the snapshot's link now points nowhere
     models, rows = listed()
     assert models["m"]["cache"] == "incomplete" and models["m"]["cached_revisions"] == [commit_a]
-    assert "incomplete (no weights file)" in rows["m"], rows["m"]
+    assert models["m"]["cache_missing"] == ["model.safetensors"]
+    assert "incomplete (no model.safetensors: pull --force)" in rows["m"], rows["m"]
     help_text = invoke("weights", "list", "--help").stdout
     for word in ("cached_revisions", "other revision", "incomplete"):
         assert word in help_text, word
+
+
+def _break_snapshot(folder: Path, missing: str, tree_listing: bool) -> None:
+    """Remove ``missing`` from a cached snapshot, as an interrupted download or a hand deletion leaves it. Without
+    ``tree_listing`` the cache's record of the commit's files goes too (caches written by huggingface_hub < 1.x, or
+    copied without it): huggingface_hub then returns the incomplete snapshot as if it were whole."""
+    (folder / missing).unlink()
+    if not tree_listing:
+        shutil.rmtree(folder.parents[1] / "trees", ignore_errors=True)
+        try:  # huggingface_hub also keeps the listing in memory
+            from huggingface_hub import _tree_cache
+
+            _tree_cache._IN_MEMORY_TREE_CACHE.clear()
+        except (ImportError, AttributeError):
+            pass
+
+
+@pytest.mark.parametrize("tree_listing", [True, False], ids=["with-tree-listing", "without-tree-listing"])
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors"])
+def test_incomplete_cached_snapshot_is_named_and_pull_repairs_it(published, monkeypatch, missing, tree_listing):
+    """A cached snapshot without config.json or model.safetensors: `weights list` calls it incomplete (not
+    cached), `weights info` offline or with the Hub unreachable names the missing file and the snapshot folder
+    (not "not in the cache", not "the Hub repository has no ...") and says to pull --force, and `weights pull`
+    (with --force, or without) completes it."""
+    hub = published["hub"]
+    folder = pull("tiny")[0].folder
+    _break_snapshot(folder, missing, tree_listing)
+    asked = len(hub.requests)
+    (m,) = json.loads(invoke("weights", "list", "--json").stdout)["models"]
+    assert m["cache"] == "incomplete" and m["cached"] is False and m["cache_missing"] == [missing]
+    assert m["cached_revisions"] == []
+    row = invoke("weights", "list").stdout.splitlines()[1]
+    assert f"incomplete (no {missing}: pull --force)" in row, row
+
+    def refused(**env) -> str:
+        res = invoke("weights", "info", "tiny", env=env)
+        line = one_line(res.stderr)
+        assert res.exit_code == 8 and res.stdout == "", line
+        assert line.startswith("WeightsError: cannot load 'tiny': the cached snapshot") and f"'{folder}'" in line
+        assert f"lacks {missing}" in line and "`regcli weights pull tiny --force`" in line, line
+        assert "Hub repository" not in line and "not in the Hugging Face cache" not in line, line
+        return line
+
+    assert "HF_HUB_OFFLINE=1" in refused(HF_HUB_OFFLINE="1")
+    assert "cannot be reached" in refused(HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there
+    assert len(hub.requests) == asked  # neither asked the Hub
+
+    res = invoke("weights", "pull", "tiny", *(["--force"] if tree_listing else []), "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["source"] == "hub" and (folder / missing).is_file()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve("tiny").source == "cache"
+    assert json.loads(invoke("weights", "list", "--json").stdout)["models"][0]["cache"] == "verified"
+
+
+def test_register_offline_with_an_incomplete_cached_model_says_to_pull_force(env, tmp_path, monkeypatch):
+    """`regcli register --method samconvex` offline, with the registry's embedding model cached without its
+    config.json: one WeightsError line naming the file and the snapshot, the --force hint, and no output."""
+    import regcli.weights
+    from conftest import make_phantom, write
+
+    shipped = ROOT / "weights" / "sam-embedding"
+    if not (shipped / "model.safetensors").is_file():
+        pytest.skip("no shipped sam-embedding model in weights/")
+    commit = env.add("regcli/sam-embedding", shipped)
+    write_registry(tmp_path / "weights", **{"sam-embedding": {"repo_id": "regcli/sam-embedding", "revision": commit,
+                                                              "sha256": sha256_file(shipped / "model.safetensors")}})
+    folder = pull("sam-embedding")[0].folder
+    _break_snapshot(folder, "config.json", tree_listing=False)
+    monkeypatch.setattr(regcli.weights, "_NETWORKS", {})  # no network kept from another test of this process
+    f = write(make_phantom("LPS", "iso"), tmp_path / "f.nii.gz")
+    m = write(make_phantom("LPS", "iso", centre=(3.0, -1.0, 2.0)), tmp_path / "m.nii.gz")
+    (tmp_path / "out").mkdir()
+    res = invoke("register", f, m, "-o", tmp_path / "out" / "p_", "--method", "samconvex", "--no-html",
+                 env={"HF_HUB_OFFLINE": "1"})
+    line = one_line(res.stderr)
+    assert res.exit_code == 8, line
+    assert f"'{folder}'" in line and "lacks config.json" in line and "pull sam-embedding --force" in line, line
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------ 6. offline, nothing cached

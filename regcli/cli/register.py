@@ -93,6 +93,12 @@ def register(
                                  prompt_landmarks, fine_spacing, modality, io, intensity_weight, precision, max_memory)
     cfg = build_config(config, overrides)
     refuse_flags_without_effect(cfg, overrides)
+    from regcli.io.images import check_image_header
+
+    for path, role in ((fixed, "fixed image"), (moving, "moving image"), (fixed_mask, "fixed mask"),
+                       (moving_mask, "moving mask"), (fixed_labels, "fixed labels"), (moving_labels, "moving labels")):
+        if path is not None:  # a bad header is refused before the imports of torch (seconds), as the read would
+            check_image_header(path, role)
     from regcli.pipeline import RegisterInputs, parse_output_spec, run_register
 
     try:

@@ -34,7 +34,7 @@ PULL_EXAMPLES = examples(
     "regcli weights pull NAME                      # into the Hugging Face cache (HF_HOME)",
     "regcli weights pull hub:org/name@COMMIT --to models/name/",
     "HF_ENDPOINT=https://mirror.example regcli weights pull NAME",
-    "regcli weights pull NAME --force              # download again (a corrupted cached copy)",
+    "regcli weights pull NAME --force              # download again (a corrupted or incomplete cached copy)",
 )
 PUSH_EXAMPLES = examples(
     "regcli weights push models/name/ --repo org/name",
@@ -90,7 +90,7 @@ def _cached_words(m: dict) -> str:
         return (f"no (only revision {others[0][:12]})" if len(others) == 1
                 else f"no (only {len(others)} other revisions)")
     if state == "incomplete":
-        return "incomplete (no weights file)"
+        return f"incomplete (no {' or '.join(m['cache_missing'])}: pull --force)"
     return "no" if state is None else str(state)
 
 
@@ -100,14 +100,16 @@ def list_(json_out: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOp
     Nothing is downloaded. "shipped" means weights/NAME/ holds the model (it is then loaded from there). "cached"
     is about the pinned revision in the Hugging Face cache (HF_HOME): "yes" when its copy matches the registry's
     sha256, so it loads with HF_HUB_OFFLINE=1; "fails verification" when its copy does not (loading refuses it);
-    "incomplete" when its snapshot lacks model.safetensors (an interrupted download); "no (only revision ...)"
-    when the cache holds other revisions only; "no" when it holds nothing of the repository; "-" for a model
-    that is not on the Hub. `regcli weights pull NAME` fills or repairs the cache.
+    "incomplete" when its snapshot lacks config.json or model.safetensors (an interrupted download, a file removed
+    by hand: `regcli weights pull NAME --force` repairs it); "no (only revision ...)" when the cache holds other
+    revisions only; "no" when it holds nothing of the repository; "-" for a model that is not on the Hub.
+    `regcli weights pull NAME` fills or repairs the cache.
 
     With --json: one object {"weights_dir", "registry", "models"}; each model has "name", "repo_id" and
     "revision" (null when not on the Hub), "sha256", "description", "shipped" (bool), "shipped_path" (or null),
     "cached" (bool: the pinned revision loads offline), "cache" (null, "verified", "fails verification",
-    "incomplete" or "other revision") and "cached_revisions" (the commits whose weights the cache holds).
+    "incomplete" or "other revision"), "cache_missing" (the files an incomplete snapshot lacks) and
+    "cached_revisions" (the commits whose complete snapshots the cache holds).
     """
     from rich.table import Table
 
@@ -161,7 +163,8 @@ def pull(
     spec: SpecArg,
     to: Annotated[Optional[Path], typer.Option("--to", help="Also copy the model folder here (created if missing).",
                                                metavar="DIR", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Download again even when cached.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Download every file again even when cached (repairs a "
+                                        "corrupted or incomplete cached copy).")] = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -170,7 +173,8 @@ def pull(
     """Download SPEC into the Hugging Face cache (or verify the copy already there) and check its sha256.
 
     Afterwards the model loads with no network (HF_HUB_OFFLINE=1). The Hub is HF_ENDPOINT (default
-    huggingface.co) and the cache is HF_HOME; a corrupted file is refused with exit code 8.
+    huggingface.co) and the cache is HF_HOME; a corrupted file is refused with exit code 8. A cached copy that
+    lacks config.json or model.safetensors is completed; --force downloads every file again (a corrupted copy).
     """
     from regcli.cli.common import Ui
     from regcli.weights import pull as pull_model

@@ -21,13 +21,16 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
 
 from regcli.errors import GeometryError, InputError, folded
-from regcli.spaces import Grid, Image
+
+if TYPE_CHECKING:  # torch (and regcli.spaces, which imports it) only where voxels are read or written, so that
+    import torch  # check_image_header can refuse a bad input before a command's heavy imports
+
+    from regcli.spaces import Grid, Image
 
 IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".img", ".img.gz")
 
@@ -434,6 +437,46 @@ def read_sitk(path: str | os.PathLike, role: str = "image"):
     return img
 
 
+def _read_header(path: str | os.PathLike, role: str):
+    """``(ImageFileReader after ReadImageInformation, NIfTI header fields or None, path)``: a readable file whose
+    header SimpleITK reads (else an InputError saying why: not gzip, truncated, not an image), and for NIfTI a
+    usable sform (GeometryError). No voxel data are read."""
+    import SimpleITK as sitk
+
+    path = check_readable_file(path, role)
+    xf = _checked_nifti_xforms(path, role)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with _quiet_itk_for(xf):
+            reader.ReadImageInformation()
+    except RuntimeError as e:
+        if path.name.lower().endswith(".gz"):
+            check_gzip_stream(path, role)
+        raise _read_failure(path, role, e) from None
+    return reader, xf, path
+
+
+def check_image_header(path: str | os.PathLike, role: str) -> None:
+    """The checks of :func:`read_image` (and :func:`read_labels`, :func:`read_mask`) that the file's header
+    decides, with the same one-line errors, without importing torch: a command can refuse a missing, unreadable or
+    corrupt input, or one that is not a scalar 3D volume, before its heavy imports. A NIfTI file is also checked
+    for truncation, from its size (``.nii``) or the length in its gzip trailer (``.nii.gz``,
+    :func:`written_nifti_problem`): only when that disagrees with the header is the stream read, to say why (a
+    file of several gzip members, whose trailer holds the last one's length only, then passes). Other formats whose
+    header is intact but whose voxel data are cut short pass here; the full read refuses them.
+
+    Raises:
+        InputError: missing, unreadable, not an image, not gzip, truncated, not a scalar 3D volume.
+        GeometryError: an unusable sform.
+    """
+    reader, _, path = _read_header(path, role)
+    _check_volume(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), path, role)
+    if written_nifti_problem(path) is not None:
+        decompressed = check_gzip_stream(path, role) if path.name.lower().endswith(".gz") else None
+        check_nifti_length(path, role, decompressed)
+
+
 def read_grid(path: str | os.PathLike, role: str = "image") -> Grid:
     """The grid of an image file, read from its header only (no voxel data).
 
@@ -454,19 +497,7 @@ def read_grid(path: str | os.PathLike, role: str = "image") -> Grid:
         InputError: missing, unreadable, or below 3D.
         GeometryError: unusable sform, or a direction that is not a rotation/reflection.
     """
-    import SimpleITK as sitk
-
-    path = check_readable_file(path, role)
-    xf = _checked_nifti_xforms(path, role)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        with _quiet_itk_for(xf):
-            reader.ReadImageInformation()
-    except RuntimeError as e:
-        if path.name.lower().endswith(".gz"):
-            check_gzip_stream(path, role)
-        raise _read_failure(path, role, e) from None
+    reader, xf, path = _read_header(path, role)
     dim = reader.GetDimension()
     if dim < 3:
         shape = "x".join(str(s) for s in reader.GetSize())
@@ -480,13 +511,21 @@ def _as_3d(img, path: Path, role: str, allow_vector: bool = False):
     """Return a 3D SimpleITK image or raise InputError naming the dimension problem."""
     import SimpleITK as sitk
 
-    dim = img.GetDimension()
-    ncomp = img.GetNumberOfComponentsPerPixel()
-    if dim == 4 and img.GetSize()[3] == 1:
+    _check_volume(img.GetDimension(), img.GetSize(), img.GetNumberOfComponentsPerPixel(), path, role, allow_vector)
+    if img.GetDimension() == 4:  # 4D with one time point (_check_volume): its volume
         img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
-        dim = 3
+    return img
+
+
+def _check_volume(dim: int, size, ncomp: int, path: Path, role: str, allow_vector: bool = False) -> None:
+    """InputError naming the problem unless an image of ``dim`` dimensions, ``size`` and ``ncomp`` components per
+    voxel is a 3D volume (a 4D one with a single time point counts), scalar unless ``allow_vector``, with no
+    size-1 axis."""
+    size = tuple(size)
+    if dim == 4 and size[3] == 1:
+        dim, size = 3, size[:3]
     if dim != 3:
-        shape = "x".join(str(s) for s in img.GetSize())
+        shape = "x".join(str(s) for s in size)
         what = {2: "a 2D image", 4: "a 4D image (time series)", 5: "a 5D image"}.get(dim, f"a {dim}D image")
         raise InputError(
             f"{role} '{path}' is {what} of size {shape}; registration needs a single 3D volume"
@@ -496,13 +535,14 @@ def _as_3d(img, path: Path, role: str, allow_vector: bool = False):
         raise InputError(
             f"{role} '{path}' is a vector image with {ncomp} components per voxel; a scalar image is expected"
         )
-    if min(img.GetSize()) < 2:
-        raise InputError(f"{role} '{path}' has a size-1 axis {img.GetSize()}; a 3D volume is expected")
-    return img
+    if min(size) < 2:
+        raise InputError(f"{role} '{path}' has a size-1 axis {size}; a 3D volume is expected")
 
 
 def _grid_of(source: Any, path: Path, role: str) -> Grid:
     """Grid of the first three axes of a SimpleITK image or ImageFileReader (after ReadImageInformation)."""
+    from regcli.spaces import Grid
+
     dim = source.GetDimension()
     try:
         if dim == 3:
@@ -630,6 +670,9 @@ def read_image(path: str | os.PathLike, role: str = "image", check_variance: boo
         InputError: unreadable, not 3D, vector-valued, NaN/Inf voxels, or constant.
     """
     import SimpleITK as sitk
+    import torch
+
+    from regcli.spaces import Image
 
     path = Path(path)
     img = _as_3d(read_sitk(path, role), path, role)
@@ -651,6 +694,9 @@ def read_labels(path: str | os.PathLike, role: str = "label map") -> Image:
             :func:`read_image` does), or non-integer values.
     """
     import SimpleITK as sitk
+    import torch
+
+    from regcli.spaces import Image
 
     path = Path(path)
     img = _as_3d(read_sitk(path, role), path, role)
@@ -671,6 +717,10 @@ def read_mask(path: str | os.PathLike, role: str, reference: Grid | None = None)
     probabilistic mask is binarised as read, so 0.5 counts as 1); refuse empty masks (E5) and NaN/Inf voxels
     (E4). Every consumer resamples the binarised mask (register: nearest; the network methods: linear weights
     of it; evaluate and jacobian: nearest)."""
+    import torch
+
+    from regcli.spaces import Image
+
     img = read_image(path, role, check_variance=False)
     data = (img.data != 0).to(torch.float32)
     if not bool(data.any()):
@@ -769,7 +819,7 @@ def integer_dtype_holding(dtype, value: int) -> str:
 
 def smallest_label_dtype(labels: np.ndarray | torch.Tensor) -> str:
     """uint8/uint16/int16/int32, the smallest integer type that holds every label."""
-    a = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    a = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)  # a torch.Tensor
     lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
     for name in ("uint8", "uint16", "int16", "int32"):
         info = np.iinfo(name)

@@ -65,18 +65,20 @@ def list_models() -> list[dict]:
         One dict per registry name: ``name``, ``repo_id``, ``revision``, ``sha256``, ``description``,
         ``shipped`` (bool), ``shipped_path`` (str or None), ``cached`` (bool: a copy of the pinned revision in
         the Hugging Face cache whose sha256 is the registry's, usable offline), ``cache`` (the state of the
-        cache, :data:`CACHE_STATES`) and ``cached_revisions`` (the commits of the repository whose
-        ``model.safetensors`` the cache holds, sorted; empty for a model not on the Hub).
+        cache, :data:`CACHE_STATES`), ``cache_missing`` (the model files the pinned revision's snapshot lacks
+        when ``cache`` is ``"incomplete"``, else empty) and ``cached_revisions`` (the commits of the repository
+        whose snapshot in the cache holds config.json and model.safetensors, sorted; empty for a model not on the
+        Hub).
     """
     out = []
     for name, ref in sorted(load_registry().items()):
         shipped = shipped_folder(name)
-        cache, revisions = _cached_copy(ref)
+        cache, missing, revisions = _cached_copy(ref)
         out.append({
             "name": name, "repo_id": ref.repo_id, "revision": ref.revision, "sha256": ref.sha256,
             "description": ref.description, "shipped": shipped is not None,
             "shipped_path": str(shipped) if shipped is not None else None,
-            "cached": cache == "verified", "cache": cache, "cached_revisions": revisions,
+            "cached": cache == "verified", "cache": cache, "cache_missing": missing, "cached_revisions": revisions,
         })
     return out
 
@@ -87,31 +89,36 @@ CACHE_STATES = {
     "verified": "the pinned revision is cached and its sha256 is the registry's: it loads offline",
     "fails verification": "the pinned revision is cached but its model.safetensors does not match the registry's "
                           "sha256 (damaged, or the entry pins another file): loading refuses it",
-    "incomplete": "the pinned revision's snapshot is cached without its model.safetensors (an interrupted "
-                  "download): loading needs the network",
+    "incomplete": "the pinned revision's snapshot is cached without its config.json or model.safetensors (an "
+                  "interrupted download, or a file removed by hand; cache_missing names them): loading needs the "
+                  "network, and `regcli weights pull NAME --force` repairs it",
     "other revision": "only other revisions of the repository are cached (cached_revisions), not the pinned one: "
                       "loading needs the network",
 }
 
 
-def _cached_copy(ref: ModelRef) -> tuple[Optional[str], list[str]]:
+def _cached_copy(ref: ModelRef) -> tuple[Optional[str], list[str], list[str]]:
     """The state of a registry entry's pinned revision in the Hugging Face cache (a key of
-    :data:`CACHE_STATES`) and the commits whose weights the cache holds (no network)."""
+    :data:`CACHE_STATES`), the model files its snapshot lacks, and the commits whose complete snapshots the cache
+    holds (no network)."""
     if ref.repo_id is None or ref.revision is None:
-        return None, []
+        return None, [], []
     from regcli.weights import _hub
 
     snapshots = _hub.cached_snapshots(ref.repo_id)
-    revisions = [commit for commit, complete in snapshots.items() if complete]
+    revisions = [commit for commit, missing in snapshots.items() if not missing]
+    commit = _hub.cached_commit(ref.repo_id, ref.revision)
+    if commit not in snapshots:
+        return ("other revision" if revisions else None), [], revisions
+    if snapshots[commit]:
+        return "incomplete", snapshots[commit], revisions
     found = _hub.cached_weights(ref.repo_id, ref.revision)
-    if found is None:
-        if _hub.cached_commit(ref.repo_id, ref.revision) in snapshots:
-            return "incomplete", revisions
-        return ("other revision" if revisions else None), revisions
+    if found is None:  # pragma: no cover - the snapshot holds the file (checked just above)
+        return "incomplete", [WEIGHTS_FILE], revisions
     try:
-        return ("verified" if sha256_file(found) == ref.sha256 else "fails verification"), revisions
+        return ("verified" if sha256_file(found) == ref.sha256 else "fails verification"), [], revisions
     except WeightsError:  # unreadable
-        return "fails verification", revisions
+        return "fails verification", [], revisions
 
 
 def pull(spec: str, to: Optional[str | os.PathLike] = None, *, force: bool = False, overwrite: bool = False,

@@ -357,9 +357,10 @@ def _from_hub(spec: str, repo_id: str, revision: str, *, offline: bool, expected
     from regcli.weights import _hub
 
     folder, source = _hub.snapshot(repo_id, revision, spec=spec, offline=offline, force=force, progress=progress)
-    if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
-        raise WeightsError(f"Hub repository '{repo_id}' at revision '{revision}' has no {CONFIG_FILE} and "
-                           f"{WEIGHTS_FILE}: it is not a regcli model folder")
+    missing = _hub.missing_files(folder)
+    if missing:  # just downloaded (a cached snapshot is complete or downloaded): the Hub repository lacks them
+        raise WeightsError(f"Hub repository '{repo_id}' at revision '{revision}' has no {' and '.join(missing)}: "
+                           f"it is not a regcli model folder (one needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     commit = folder.name if is_commit(folder.name) else revision
     try:
         config, sha, checks = verify_folder(folder, expected_sha256=expected_sha256, expected_from=expected_from)

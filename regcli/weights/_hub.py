@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 from regcli.errors import WeightsError, folded
-from regcli.weights._core import MODEL_FILES, WEIGHTS_FILE, is_commit
+from regcli.weights._core import CONFIG_FILE, MODEL_FILES, WEIGHTS_FILE, is_commit
+
+#: the files a snapshot must hold to be a model (the card, README.md, is optional)
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 
 def endpoint() -> str:
@@ -85,17 +88,49 @@ def _what_to_do(spec: str) -> str:
             f"cache, HF_HOME), or set HF_ENDPOINT to a reachable Hub mirror")
 
 
+def missing_files(folder: Path) -> list[str]:
+    """The model files (:data:`REQUIRED_FILES`) that a snapshot folder lacks; a link whose blob is gone counts as
+    missing."""
+    return [n for n in REQUIRED_FILES if not (folder / n).is_file()]
+
+
+def _cached_snapshot(kwargs: dict) -> tuple[Optional[Path], list[str]]:
+    """The cache's snapshot folder for ``kwargs`` (no network) and the model files it lacks; (None, []) when the
+    cache has no snapshot of that revision. huggingface_hub returns an incomplete snapshot as it is when it has no
+    record of the commit's file list, and raises IncompleteSnapshotError (with ``snapshot_path``) when it has."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(**kwargs, local_files_only=True))
+    except LocalEntryNotFoundError as e:
+        partial = getattr(e, "snapshot_path", None)  # IncompleteSnapshotError (huggingface_hub >= 1.x)
+        if not partial:
+            return None, []
+        folder = Path(partial)
+    return folder, missing_files(folder)
+
+
+def _incomplete(spec: str, repo_id: str, revision: str, folder: Path, missing: list[str], why: str) -> WeightsError:
+    return WeightsError(f"cannot load '{spec}': the cached snapshot '{folder}' of {repo_id}@{revision} lacks "
+                        f"{' and '.join(missing)} (an interrupted download, or a file removed by hand), and {why}; "
+                        f"run `regcli weights pull {spec} --force` with network access to download it again")
+
+
 def snapshot(repo_id: str, revision: str, *, spec: str, offline: bool, force: bool = False,
              progress: bool = False) -> tuple[Path, str]:
     """The snapshot folder of ``repo_id@revision`` in the Hugging Face cache, downloading it when needed.
 
-    A commit revision already in the cache is used without any network call (a commit never changes).
+    A commit revision already in the cache is used without any network call (a commit never changes), unless
+    its snapshot lacks config.json or model.safetensors (:func:`missing_files`): then the missing files are
+    downloaded, or, offline or with the Hub unreachable, the error names them and the snapshot folder.
 
     Returns:
         (folder, source) with source ``"cache"`` (no network) or ``"hub"``.
 
     Raises:
-        WeightsError: offline with nothing cached, Hub unreachable, repository or revision not found.
+        WeightsError: offline with nothing (or an incomplete snapshot) cached, Hub unreachable, repository or
+            revision not found.
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import (  # re-exported there by every huggingface_hub >= 0.23
@@ -108,21 +143,24 @@ def snapshot(repo_id: str, revision: str, *, spec: str, offline: bool, force: bo
     if not progress:
         kwargs["tqdm_class"] = _silent_tqdm()
     if not force and (offline or is_commit(revision)):
-        try:
-            return Path(snapshot_download(**kwargs, local_files_only=True)), "cache"
-        except LocalEntryNotFoundError as e:
-            if offline:
-                raise WeightsError(f"cannot load '{spec}' offline (HF_HUB_OFFLINE=1): {repo_id}@{revision} is not "
-                                   f"in the Hugging Face cache '{cache}'; {_what_to_do(spec)}") from e
+        folder, missing = _cached_snapshot(kwargs)
+        if folder is not None and not missing:
+            return folder, "cache"
+        if offline and folder is not None:
+            raise _incomplete(spec, repo_id, revision, folder, missing, "offline mode (HF_HUB_OFFLINE=1) is on")
+        if offline:
+            raise WeightsError(f"cannot load '{spec}' offline (HF_HUB_OFFLINE=1): {repo_id}@{revision} is not "
+                               f"in the Hugging Face cache '{cache}'; {_what_to_do(spec)}")
     if offline:  # force with offline
         raise WeightsError(f"cannot download '{spec}' again: offline mode (HF_HUB_OFFLINE=1) is on")
     why = unreachable(url)
     if why is not None:
         if not force:  # what huggingface_hub would fall back to after its retries: the cached snapshot
-            try:
-                return Path(snapshot_download(**kwargs, local_files_only=True)), "cache"
-            except LocalEntryNotFoundError:
-                pass
+            folder, missing = _cached_snapshot(kwargs)
+            if folder is not None and not missing:
+                return folder, "cache"
+            if folder is not None:
+                raise _incomplete(spec, repo_id, revision, folder, missing, why)
         raise WeightsError(f"cannot download '{spec}': {why}, and {repo_id}@{revision} is not in the Hugging "
                            f"Face cache '{cache}'; {_what_to_do(spec)}" if not force else
                            f"cannot download '{spec}' again: {why}")
@@ -163,10 +201,10 @@ def cached_weights(repo_id: str, revision: str) -> Optional[str]:
     return found if isinstance(found, str) and os.path.isfile(found) else None
 
 
-def cached_snapshots(repo_id: str) -> dict[str, bool]:
-    """The snapshots of ``repo_id`` in the Hugging Face cache (no network): ``{commit: whether its
-    model.safetensors is there}`` (False: a snapshot folder without the file, e.g. an interrupted download or
-    a blob removed by hand); empty when the cache holds nothing of the repository."""
+def cached_snapshots(repo_id: str) -> dict[str, list[str]]:
+    """The snapshots of ``repo_id`` in the Hugging Face cache (no network): ``{commit: the model files it lacks}``
+    (:func:`missing_files`; non-empty: an incomplete snapshot, e.g. an interrupted download or a file or blob
+    removed by hand); empty when the cache holds nothing of the repository."""
     from huggingface_hub.file_download import repo_folder_name
 
     snapshots = Path(cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
@@ -174,7 +212,7 @@ def cached_snapshots(repo_id: str) -> dict[str, bool]:
         folders = [p for p in snapshots.iterdir() if p.is_dir()]
     except OSError:
         return {}
-    return {p.name: (p / WEIGHTS_FILE).is_file() for p in sorted(folders)}
+    return {p.name: missing_files(p) for p in sorted(folders)}
 
 
 def cached_commit(repo_id: str, revision: str) -> str:
