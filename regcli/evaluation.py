@@ -6,7 +6,8 @@ The scores per pair:
   the identity in world space), so the improvement is visible;
 * ``dice_mean`` and ``dice_per_label``: after registration, moving labels warped onto the fixed grid through
   the written transforms (``prefix1Warp.nii.gz`` then ``prefix0GenericAffine.mat``, nearest neighbour);
-* ``hd95_mean`` / ``hd95_per_label`` (mm);
+* ``hd95_mean`` / ``hd95_per_label`` (mm), and ``hd95_labels_lost``: the labels that HD95 leaves out because
+  warping lost them (undefined for an empty map; their Dice is 0 and counts in ``dice_mean``);
 * ``pct_nonpos_jac`` (% of fixed-grid voxels with det J <= 0) and ``sdlogj`` (std of log det J), of the
   *whole* fixed -> moving map (field and affine), in physical units;
 * ``tre_initial_mean`` / ``tre_mean`` (mm) when landmark files are given: ``|T(x_fixed) - x_moving|``;
@@ -14,7 +15,9 @@ The scores per pair:
   process), ``peak_rss_mb`` (peak resident memory of that process) and ``cuda_max_memory_mb`` when on GPU.
 
 Labels scored: those (other than 0) present in both the fixed and the (unwarped) moving label map, so a
-structure that disappears after warping counts as Dice 0 instead of being dropped from the mean.
+structure that disappears after warping counts as Dice 0 instead of being dropped from the mean. The label maps
+are checked as ``register`` checks them (:func:`regcli.pipeline.check_label_inputs`). With ``--transforms-from``,
+the images the prefix's report recorded are compared with the pair's (:func:`transforms_inputs_check`).
 
 Why a fresh ``python -m regcli register`` process per pair: the peak resident set size (``ru_maxrss``) of a
 process only ever grows, so in one process the peak of pair 5 would include pairs 1-4 (and tracemalloc does
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import subprocess
@@ -305,19 +309,6 @@ def format_prefix(template: str, pair: Pair, index: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def _fixed_mask_on(pair: Pair, grid):
-    """The pair's fixed mask as a (Z, Y, X) bool tensor on ``grid`` (None without a mask)."""
-    if pair.fixed_mask is None:
-        return None
-    from regcli.io.images import read_mask
-    from regcli.resample import resample_to_grid
-
-    m = read_mask(pair.fixed_mask, "fixed mask")
-    if not m.grid.allclose(grid):
-        m = resample_to_grid(m, grid, "nearest")
-    return m.data > 0.5
-
-
 def score_pair(pair: Pair, transform=None, label_interp: str = "nearest", hd95: bool = True) -> dict:
     """Score one pair given its fixed -> moving transform.
 
@@ -330,27 +321,35 @@ def score_pair(pair: Pair, transform=None, label_interp: str = "nearest", hd95: 
         hd95: compute HD95 per label (the slowest metric).
     Returns:
         JSON-ready dict: ``dice_initial_mean``, ``dice_mean``, ``dice_per_label`` {label: Dice},
-        ``dice_initial_per_label``, ``hd95_mean`` (mm), ``hd95_per_label``, ``pct_nonpos_jac`` (%), ``sdlogj``,
-        ``jacobian`` (full stats), ``tre_initial_mean``/``tre_mean`` (mm) and ``tre_per_landmark`` (mm);
-        keys are absent when their inputs are.
+        ``dice_initial_per_label``, ``hd95_mean`` (mm, over the labels the warped map holds), ``hd95_labels_lost``
+        (the others), ``hd95_per_label``, ``pct_nonpos_jac`` (%), ``sdlogj``, ``jacobian`` (full stats; ``in_mask``
+        over the fixed mask, else the fixed labels, as in ``register``), ``tre_initial_mean``/``tre_mean`` (mm)
+        and ``tre_per_landmark`` (mm); keys are absent when their inputs are.
     """
     from regcli.resample import resample_to_grid, warp
 
     out: dict[str, Any] = {}
     fixed_grid = read_grid(pair.fixed, "fixed image")  # header only, with the NIfTI qform/sform checks (G7)
+    fl = None
     if pair.fixed_labels is not None and pair.moving_labels is not None:
         from regcli.io.images import read_labels
-        from regcli.reports.metrics import dice_per_label, hd95_per_label, nanmean, shared_labels
+        from regcli.pipeline import check_label_inputs
+        from regcli.reports.metrics import dice_per_label, labels_lost_warning, nanmean, shared_labels
 
         fl = read_labels(pair.fixed_labels, "fixed labels")
         ml = read_labels(pair.moving_labels, "moving labels")
+        # register's checks and words: maps with no label, or none inside their image, are refused; labels in one
+        # map only are named; maps with no label in common fail the pair (there would be no Dice to score)
+        check_label_inputs(fl, ml, fixed_grid, read_grid(pair.moving, "moving image"), where=f"pair '{pair.name}'",
+                           refuse_disjoint=True)
         if not fl.grid.allclose(fixed_grid):
             fl = resample_to_grid(fl, fixed_grid, "nearest")
         labels = shared_labels(fl, ml)
         if pair.label_ids is not None:
             labels = [lab for lab in labels if lab in set(pair.label_ids)]
-        if not labels:
-            raise InputError(f"pair '{pair.name}': the fixed and moving label maps share no label other than 0")
+            if not labels:
+                raise InputError(f"pair '{pair.name}': the label maps share none of the dataset's label_ids "
+                                 f"{list(pair.label_ids)[:8]}")
         initial = warp(ml, None, fixed_grid, label_interp)
         warped = warp(ml, transform, fixed_grid, label_interp) if transform is not None else initial
         d0 = dice_per_label(fl, initial, labels)
@@ -361,17 +360,26 @@ def score_pair(pair: Pair, transform=None, label_interp: str = "nearest", hd95: 
         out["dice_per_label"] = d1
         out["dice_initial_per_label"] = d0
         if hd95:
+            from regcli.reports.metrics import hd95_per_label, surface_mean
+
             h = hd95_per_label(fl, warped, labels)
-            out["hd95_mean"] = nanmean(h.values())
+            # over the labels present in both maps (medpy/MONAI: undefined for an empty map), unlike Dice: the
+            # labels left out are recorded and named
+            out["hd95_mean"], out["hd95_labels_lost"] = surface_mean(h)
             out["hd95_per_label"] = h
+            labels_lost_warning(out["hd95_labels_lost"], len(labels), f"pair '{pair.name}'")
     if transform is not None:
-        from regcli.reports.jacobian import jacobian_determinant, jacobian_stats
+        from regcli.reports.jacobian import jacobian_determinant, jacobian_region, jacobian_stats
 
         field = transform.to_displacement(fixed_grid) if hasattr(transform, "to_displacement") else None
         if field is not None:
             detj = jacobian_determinant(field)
-            mask = _fixed_mask_on(pair, fixed_grid)
-            stats = jacobian_stats(detj, mask)
+            fixed_mask = None
+            if pair.fixed_mask is not None:
+                from regcli.io.images import read_mask
+
+                fixed_mask = read_mask(pair.fixed_mask, "fixed mask")
+            stats = jacobian_stats(detj, *jacobian_region(fixed_grid, fixed_mask, fl))  # as register's
             out["jacobian"] = stats
             out["pct_nonpos_jac"] = stats["pct_nonpos_jac"]
             out["sdlogj"] = stats["sdlogj"]
@@ -538,10 +546,14 @@ class Evaluation:
         return out
 
     def csv_text(self) -> str:
-        """One row per pair: headline metrics, then Dice per label (``dice_<label>``)."""
+        """One row per pair: headline metrics, ``hd95_labels_lost`` (the labels HD95 leaves out, space-separated,
+        when HD95 was scored), then Dice per label (``dice_<label>``, any integer label: ``dice_-5``)."""
         labels = sorted({int(k) for r in self.rows for k in (r.get("dice_per_label") or {})})
+        lost = ["hd95_labels_lost"] if any("hd95_labels_lost" in r for r in self.rows) else []
         cols = ["pair", *(["task"] if any(r.get("task") for r in self.rows) else []), "status", "fixed_image",
-                "moving_image", *HEADLINE, *[f"dice_{lab}" for lab in labels], "error"]
+                "moving_image", *HEADLINE, *lost]
+        dice_cols = {f"dice_{lab}": lab for lab in labels}  # by column, not by parsing its name back
+        cols += [*dice_cols, "error"]
         import io
 
         buf = io.StringIO()
@@ -551,8 +563,10 @@ class Evaluation:
             dpl = {int(k): v for k, v in (r.get("dice_per_label") or {}).items()}
             vals = []
             for c in cols:
-                if c.startswith("dice_") and c[5:].isdigit():
-                    v = dpl.get(int(c[5:]))
+                if c in dice_cols:
+                    v = dpl.get(dice_cols[c])
+                elif c == "hd95_labels_lost":
+                    v = " ".join(str(lab) for lab in r[c]) if isinstance(r.get(c), list) else None
                 else:
                     v = r.get(c)
                 vals.append(_csv_value(v))
@@ -598,7 +612,8 @@ def evaluate_pairs(
     for i, pair in enumerate(pairs, start=1):
         prefix = format_prefix(transforms_from, pair, i) if transforms_from else None
         row = process_pair(pair, outdir, method, prefix, config=config, extra_args=extra_args, overwrite=overwrite,
-                           label_interp=label_interp, hd95=hd95, register_fn=register_fn)
+                           label_interp=label_interp, hd95=hd95, register_fn=register_fn,
+                           check_inputs=prefix is not None)
         ev.rows.append(row)
         if on_pair is not None:
             on_pair(i, pair, row)
@@ -613,13 +628,14 @@ def pair_prefix(outdir: str | os.PathLike, pair: Pair) -> str:
 def process_pair(pair: Pair, outdir: str | os.PathLike, method: str, existing_prefix: Optional[str] = None,
                  config: Optional[Path] = None, extra_args: Sequence[str] = (), overwrite: bool = False,
                  label_interp: str = "nearest", hd95: bool = True,
-                 register_fn: Callable[..., RunResult] = register_subprocess) -> dict:
+                 register_fn: Callable[..., RunResult] = register_subprocess, check_inputs: bool = False) -> dict:
     """One row of an evaluation: register ``pair`` into ``outdir/<pair>_`` with a ``regcli register`` child (or,
     with ``existing_prefix``, read the transforms written there earlier) and score it. Never raises for a
     failing pair: its row has ``status`` "failed", ``error`` (one line) and ``exit_code``. A pair fails as a whole:
     when its registration succeeded but scoring it fails (e.g. an unreadable label map), the outputs the
     registration wrote are removed, as a failed registration writes none (outputs found with ``existing_prefix``
-    are never removed)."""
+    are never removed). ``check_inputs``: with ``existing_prefix``, compare the images (and masks) its report
+    recorded with the pair's (:func:`transforms_inputs_check`; ``evaluate --transforms-from``)."""
     from regcli.io.transforms import read_transform_list
 
     row: dict[str, Any] = {"pair": pair.name, "fixed_image": str(pair.fixed), "moving_image": str(pair.moving),
@@ -629,11 +645,15 @@ def process_pair(pair: Pair, outdir: str | os.PathLike, method: str, existing_pr
         if existing_prefix is not None:
             prefix = existing_prefix
             report_path = Path(prefix + "Report.json")
+            existing = None
             if report_path.is_file():
                 try:
-                    row.update(_from_report(json.loads(report_path.read_text())))
-                except (json.JSONDecodeError, OSError):
-                    pass
+                    existing = json.loads(report_path.read_text())
+                    row.update(_from_report(existing))
+                except (json.JSONDecodeError, OSError, AttributeError):
+                    existing = None
+            if check_inputs:
+                row.update(transforms_inputs_check(pair, prefix, existing))
         else:
             prefix = pair_prefix(outdir, pair)
             run = register_fn(pair, prefix, method, config=config, extra_args=extra_args, overwrite=overwrite)
@@ -649,8 +669,7 @@ def process_pair(pair: Pair, outdir: str | os.PathLike, method: str, existing_pr
             mark_warned(row["warnings"])
         files = transform_files(prefix)
         if not files:
-            raise InputError(f"no transforms found for prefix '{prefix}' (expected {prefix}1Warp.nii.gz "
-                             f"and/or {prefix}0GenericAffine.mat)")
+            raise InputError(no_transforms_message(prefix))
         row["transforms"] = [str(f) for f in files]
         transform = read_transform_list([str(f) for f in files])
         row.update(score_pair(pair, transform, label_interp=label_interp, hd95=hd95))
@@ -666,6 +685,98 @@ def process_pair(pair: Pair, outdir: str | os.PathLike, method: str, existing_pr
             _remove_outputs(prefix, run.report)
         raise
     return row
+
+
+#: the register inputs that ``evaluate --transforms-from`` compares with the pair's files (masks: when both have one)
+CHECKED_INPUTS = ("fixed", "moving", "fixed_mask", "moving_mask")
+
+
+def transforms_inputs_check(pair: Pair, prefix: str, report: Optional[dict]) -> dict:
+    """Whether the transforms under ``prefix`` were registered from this pair's files: the sha256 of the fixed and
+    moving images (and masks, when both the report and the pair have one) that ``report`` (``prefix``'s
+    ``Report.json``) recorded, against the pair's files. A mismatch is logged as one warning naming both paths
+    of each image that differs, or saying "swapped" when the report's fixed image is the pair's moving one and
+    vice versa; it is not refused (another copy of an image, or one preprocessed again, is legitimate).
+
+    Returns:
+        ``{}`` when the report records no checksum to compare; else ``{"transforms_inputs_match": bool}``, with
+        ``"transforms_inputs_differ"`` (the roles that differ, :data:`CHECKED_INPUTS`) and
+        ``"transforms_inputs_swapped": True`` on a mismatch, as applicable.
+    """
+    from regcli.reports.report import sha256_file
+
+    recorded = report.get("inputs") if isinstance(report, dict) else None
+    if not isinstance(recorded, dict):
+        return {}
+    memo: dict[str, Optional[str]] = {}
+
+    def entry(role: str) -> Optional[dict]:
+        e = recorded.get(role)
+        return e if isinstance(e, dict) and isinstance(e.get("sha256"), str) else None
+
+    def same(path: Optional[Path], ent: Optional[dict]) -> bool:
+        if path is None or ent is None:
+            return False
+        try:  # the recorded size rules most mismatches out without reading the file
+            if isinstance(ent.get("bytes"), int) and Path(path).stat().st_size != ent["bytes"]:
+                return False
+        except OSError:
+            return False
+        key = str(Path(path).resolve())
+        if key not in memo:
+            memo[key] = sha256_file(path)
+        return memo[key] == ent["sha256"]
+
+    mine = {role: getattr(pair, role) for role in CHECKED_INPUTS}
+    roles = [r for r in CHECKED_INPUTS if entry(r) is not None and mine[r] is not None]
+    if not roles:
+        return {}
+    differ = [r for r in roles if not same(mine[r], entry(r))]
+    if not differ:
+        return {"transforms_inputs_match": True}
+    out: dict[str, Any] = {"transforms_inputs_match": False, "transforms_inputs_differ": differ}
+    where = f"pair '{pair.name}': the transforms under '{prefix}'"
+    swapped = ({"fixed", "moving"} <= set(differ) and same(pair.moving, entry("fixed"))
+               and same(pair.fixed, entry("moving")))
+    if swapped:
+        out["transforms_inputs_swapped"] = True
+        message = (f"{where} were registered with fixed '{entry('fixed').get('path')}' and moving "
+                   f"'{entry('moving').get('path')}' ({prefix}Report.json): swapped with this pair's fixed "
+                   f"'{pair.fixed}' and moving '{pair.moving}' (same sha256), so they map the other way and these "
+                   f"scores are not those of this pair's registration")
+    else:
+        def what(role: str) -> str:
+            return role.replace("_", " ") + ("" if role.endswith("mask") else " image")
+
+        parts = [f"this pair's {what(r)} '{mine[r]}' is not the {what(r)} '{entry(r).get('path')}' they were "
+                 f"registered with" for r in differ]
+        message = (f"{where} were registered from other files ({prefix}Report.json, by sha256): " + "; ".join(parts)
+                   + "; scored anyway (fine if it is another copy or a preprocessing of the same image)")
+    logging.getLogger("regcli").warning(message)
+    return out
+
+
+def no_transforms_message(prefix: str) -> str:
+    """Why no transform is found for ``prefix`` (:func:`transform_files`), in one line: none written there, or
+    files that its ``Report.json`` does not list (a report copied or renamed from another prefix names that
+    prefix's files; only the files a report lists are the run's)."""
+    from regcli.reports.report import listed_outputs
+
+    names = ("1Warp.nii.gz", "0GenericAffine.mat")
+    present = [prefix + n for n in names if Path(prefix + n).exists()]
+    outputs = listed_outputs(prefix)
+    if present and outputs is not None:
+        listed = [o for o in outputs if o.endswith(names)]
+        own = {Path(prefix + n).name for n in names}
+        if listed and not any(Path(o).name in own for o in listed):
+            return (f"no transforms found for prefix '{prefix}': {' and '.join(present)} exist, but "
+                    f"{prefix}Report.json lists other file names ({', '.join(listed)}), so they are not that run's: a "
+                    f"report copied or renamed from another prefix? Score that prefix, or remove or fix the report")
+        return (f"no transforms found for prefix '{prefix}': {' and '.join(present)} exist, but {prefix}Report.json "
+                f"does not list them (it lists {', '.join(listed) or 'no transform'}, missing): files another run "
+                f"left there")
+    return (f"no transforms found for prefix '{prefix}' (expected {prefix}1Warp.nii.gz and/or "
+            f"{prefix}0GenericAffine.mat)")
 
 
 def _remove_outputs(prefix: str, report: Optional[dict]) -> None:
@@ -719,4 +830,5 @@ def _jsonable(obj: Any) -> Any:
 
 __all__ = ["Pair", "read_manifest", "read_pairs", "check_pair", "check_config_for_pairs", "with_prompt_inputs",
            "score_pair", "landmark_errors", "register_command", "register_subprocess", "RunResult", "Evaluation",
-           "evaluate_pairs", "process_pair", "write_results", "transform_files", "format_prefix"]
+           "evaluate_pairs", "process_pair", "write_results", "transform_files", "format_prefix",
+           "transforms_inputs_check", "no_transforms_message"]

@@ -192,11 +192,37 @@ def test_matches_bench_with_objects_on_the_array_border():
 def test_label_overlap_metrics_keys():
     f, w = _shifted_pair("LPS", "iso")
     m = label_overlap_metrics(f, w)
-    assert list(m) == ["labels", "dice_per_label", "dice_mean", "hd95_per_label", "hd95_mean",
+    assert list(m) == ["labels", "dice_per_label", "dice_mean", "hd95_per_label", "hd95_mean", "hd95_labels_lost",
                        "assd_per_label", "assd_mean"]
-    assert m["labels"] == [1, 2, 3]
+    assert m["labels"] == [1, 2, 3] and m["hd95_labels_lost"] == []
     assert m["hd95_mean"] == pytest.approx(np.mean(list(m["hd95_per_label"].values())))
     assert list(label_overlap_metrics(f, w, surface=False)) == ["labels", "dice_per_label", "dice_mean"]
+
+
+def test_label_lost_by_warping_counts_in_dice_but_is_listed_apart_from_the_surface_means():
+    """A label of the fixed map that the warped map lost: Dice 0, in dice_mean; no HD95/ASSD (undefined for an empty
+    map, medpy/MONAI), so the surface means are over the other labels, and hd95_labels_lost names it."""
+    from regcli.reports.metrics import labels_lost_warning, surface_mean
+    from regcli.reports.report import WarningLog
+
+    f, w = _shifted_pair("LPS", "iso")
+    lost = w.data.clone()
+    lost[lost == 2] = 0
+    w2 = Image(lost, w.grid, "warped")
+    m = label_overlap_metrics(f, w2, labels=[1, 2, 3])
+    assert m["dice_per_label"][2] == 0.0
+    assert m["dice_mean"] == pytest.approx(np.mean(list(m["dice_per_label"].values())))
+    assert math.isnan(m["hd95_per_label"][2]) and math.isnan(m["assd_per_label"][2])
+    assert m["hd95_labels_lost"] == [2]
+    assert m["hd95_mean"] == pytest.approx((m["hd95_per_label"][1] + m["hd95_per_label"][3]) / 2)
+    assert m["assd_mean"] == pytest.approx((m["assd_per_label"][1] + m["assd_per_label"][3]) / 2)
+    assert surface_mean({1: 2.0, 2: float("nan"), 5: None}) == (2.0, [2, 5])
+    assert labels_lost_warning([], 3) is None
+    with WarningLog() as logged:  # on the regcli logger (stderr, report["warnings"])
+        line = labels_lost_warning([2], 3, "pair 'p'")
+    assert line == ("pair 'p': HD95 is over 2 of the 3 labels: label(s) 2 are not in the warped labels (lost by "
+                    "warping), so they have no surface distance (hd95_labels_lost); Dice counts them as 0")
+    assert logged.messages == [line]
 
 
 @pytest.mark.slow

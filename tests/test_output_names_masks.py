@@ -85,6 +85,31 @@ def test_register_refuses_a_doubled_warped_name_before_reading_the_images(tmp_pa
     assert _listing(out) == []
 
 
+def test_register_writes_its_html_report_under_any_prefix_the_os_takes(tmp_path, pair):
+    """A prefix with a space, quotes, '&', '<', '>', '#', '?' or '%' (was: exit 1 after the whole registration, or
+    figures a browser could not find): the run succeeds and each <img src> resolves to a figure it wrote."""
+    import re
+    from html import unescape
+    from urllib.parse import unquote, urljoin, urlsplit
+
+    out = tmp_path / "sp ace"
+    out.mkdir()
+    prefix = str(out / "a b'\"&<>#?%_")
+    res = invoke("register", pair["fixed"], pair["moving"], "-o", prefix, "--method", "affine", "--threads", "1",
+                 "-q")
+    assert res.exit_code == 0, res.output
+    html = Path(prefix + "Report.html")
+    figures = sorted(p.name for p in out.iterdir() if p.name.endswith(".png"))
+    assert figures and all(name.startswith("a b'\"&<>#?%_Report_") for name in figures)
+    linked = []
+    for src in re.findall(r"<img src='([^']*)'", html.read_text()):
+        parts = urlsplit(urljoin(html.as_uri(), unescape(src)))
+        assert not parts.query and not parts.fragment
+        linked.append(Path(unquote(parts.path)))
+    assert sorted(p.name for p in linked) == figures and all(p.parent == out for p in linked)
+    assert set(json.loads(Path(prefix + "Report.json").read_text())["outputs"]) >= {str(out / f) for f in figures}
+
+
 def test_write_sitk_never_writes_under_a_truncated_name(tmp_path):
     from regcli.io.images import write_sitk
 
@@ -147,8 +172,9 @@ def test_register_with_soft_masks_equals_their_binarised_masks(tmp_path, pair):
 
 
 def test_jacobian_and_evaluate_take_a_soft_mask(tmp_path, pair):
-    from regcli.evaluation import Pair, _fixed_mask_on
+    from regcli.io.images import read_mask
     from regcli.io.transforms import write_displacement
+    from regcli.reports.jacobian import jacobian_region
     from regcli.spaces import Grid
     from regcli.transforms import DisplacementField
 
@@ -159,7 +185,8 @@ def test_jacobian_and_evaluate_take_a_soft_mask(tmp_path, pair):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["stats_in_mask"]["jac_min"] == pytest.approx(1.0)
 
-    inside = _fixed_mask_on(Pair("p", pair["fixed"], pair["moving"], fixed_mask=soft), grid)
+    inside, source = jacobian_region(grid, read_mask(soft, "fixed mask"))  # evaluate's and register's region
+    assert source == "fixed_mask"
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(pair["fixed"]))) > 0.1
     assert np.array_equal(inside.numpy(), expected)
 

@@ -242,6 +242,111 @@ def test_points_csv_missing_or_binary(tmp_path):
         read_points_csv(b)
 
 
+_FCSV_HEAD = ("# Markups fiducial file version = 4.11\n# CoordinateSystem = {cs}\n"
+              "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n")
+
+
+def _fcsv(path, points_ras, labels, cs="RAS"):
+    """A 3D Slicer 4.11+/5.x markups fiducial file of RAS points (written in ``cs``: RAS, LPS, 0 or 1)."""
+    lps = cs in ("LPS", "1")
+    rows = []
+    for i, ((x, y, z), lab) in enumerate(zip(points_ras, labels)):
+        if lps:
+            x, y = -x, -y
+        rows.append(f"vtkMRMLMarkupsFiducialNode_{i},{float(x)!r},{float(y)!r},{float(z)!r},0,0,0,1,1,1,0,{lab},"
+                    f"\"a, desc\",\n")
+    path.write_text(_FCSV_HEAD.format(cs=cs) + "".join(rows))
+    return path
+
+
+def test_slicer_fcsv_reads_as_the_same_points_in_lps_and_gives_the_same_tre(tmp_path):
+    """A Slicer .fcsv (RAS, '# columns' header, labels as point names) reads as the LPS CSV of the same points: the
+    same coordinates, whatever its CoordinateSystem line says (RAS, LPS, 0, 1), and the same TRE."""
+    fixed_ras = np.array([[-3.0, -4.0, 5.0], [-10.0, -12.0, 20.0], [5.0, -7.0, 30.5], [-20.0, -1.0, 2.0]])
+    moving_ras = fixed_ras + np.array([[1.0, -2.0, 0.5], [0.0, 1.0, 0.0], [2.0, 2.0, -1.0], [-1.0, 0.0, 3.0]])
+    labels = ["F-1", "F-2", "F-3", "F-4"]
+    to_lps = np.array([-1.0, -1.0, 1.0])
+    for cs in ("RAS", "LPS", "0", "1"):
+        ps = read_points_csv(_fcsv(tmp_path / f"f_{cs}.fcsv", fixed_ras, labels, cs), role="fixed landmarks")
+        assert np.allclose(ps.points, fixed_ras * to_lps, atol=1e-12), cs
+        assert ps.ids() == labels and ps.extra[0]["desc"] == "a, desc"
+    lps_csv = tmp_path / "lf.csv"
+    write_points_csv(lps_csv, PointSet(fixed_ras * to_lps))
+    mv_csv = tmp_path / "lm.csv"
+    write_points_csv(mv_csv, PointSet(moving_ras * to_lps))
+    f_fcsv = _fcsv(tmp_path / "lf.fcsv", fixed_ras, labels)
+    m_fcsv = _fcsv(tmp_path / "lm.fcsv", moving_ras[::-1], labels[::-1])  # another order: paired by label
+    T = AffineTransform.translation(np.array([0.5, -1.0, 2.0]))
+    ours = tre(read_points_csv(f_fcsv), read_points_csv(m_fcsv), T)
+    ref = tre(read_points_csv(lps_csv), read_points_csv(mv_csv), T)
+    assert ours["ids"] == labels
+    assert np.allclose(ours["tre_per_landmark_mm"], ref["tre_per_landmark_mm"], atol=1e-9)
+    assert np.allclose(ours["initial_per_landmark_mm"], ref["initial_per_landmark_mm"], atol=1e-9)
+
+
+def test_slicer_fcsv_without_columns_line_labels_from_other_nodes_and_bad_frame(tmp_path):
+    from regcli.reports.report import WarningLog
+
+    old = tmp_path / "old.fcsv"  # no '# columns' line, no CoordinateSystem line: Slicer's columns, RAS
+    old.write_text("# Markups fiducial file version = 4.6\nvtkMRMLMarkupsFiducialNode_0,1,2,3,0,0,0,1,1,1,0,A-1,,\n")
+    assert read_points_csv(old).points.tolist() == [[-1.0, -2.0, 3.0]]
+    pts = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    f = read_points_csv(_fcsv(tmp_path / "f.fcsv", pts, ["F-1", "F-2"]))
+    m = read_points_csv(_fcsv(tmp_path / "m.fcsv", pts + 1.0, ["M-1", "M-2"]))
+    with WarningLog() as logged:  # labels numbered per markups node: paired by position, with a warning
+        r = tre(f, m)
+    assert np.allclose(r["tre_per_landmark_mm"], np.sqrt(3.0)) and "paired by position" in logged.messages[0]
+    bad = tmp_path / "bad.fcsv"
+    bad.write_text(_FCSV_HEAD.format(cs="IJK") + "n0,1,2,3,0,0,0,1,1,1,0,A,,\n")
+    with pytest.raises(InputError, match=r"bad.fcsv' line 2: CoordinateSystem 'IJK'"):
+        read_points_csv(bad, role="fixed landmarks")
+    nox = tmp_path / "nox.fcsv"
+    nox.write_text("# Markups fiducial file version = 4.11\n# columns = id,a,b,c\nn0,1,2,3\n")
+    with pytest.raises(InputError, match=r"nox.fcsv' line 2: '# columns' header .* lacks column\(s\) x, y, z"):
+        read_points_csv(nox)
+
+
+def test_evaluate_and_apply_read_slicer_fcsv(tmp_path):
+    """evaluate's TRE from .fcsv landmarks equals that from the same points in LPS CSVs; apply --points maps an .fcsv
+    like the CSV (written as an LPS CSV)."""
+    import csv as _csv
+    import json as _json
+
+    from conftest import invoke
+
+    img = make_phantom("LPS", "iso", size=(20, 20, 20))
+    f = tmp_path / "f.nii.gz"
+    sitk.WriteImage(img, str(f))
+    aff = sitk.AffineTransform(3)
+    aff.SetTranslation((1.0, -2.0, 0.5))
+    sitk.WriteTransform(aff, str(tmp_path / "a_0GenericAffine.mat"))
+    fixed_ras = np.array([[-3.0, -4.0, 5.0], [-10.0, -12.0, 2.0], [5.0, -7.0, -3.5]])
+    moving_ras = fixed_ras + np.array([[1.0, -2.0, 0.5], [0.0, 1.0, 0.0], [2.0, 2.0, -1.0]])
+    to_lps = np.array([-1.0, -1.0, 1.0])
+    labels = ["a", "b", "c"]
+    _fcsv(tmp_path / "lf.fcsv", fixed_ras, labels)
+    _fcsv(tmp_path / "lm.fcsv", moving_ras, labels, cs="LPS")
+    write_points_csv(tmp_path / "lf.csv", PointSet(fixed_ras * to_lps))
+    write_points_csv(tmp_path / "lm.csv", PointSet(moving_ras * to_lps))
+    rows = []
+    for ext in ("fcsv", "csv"):
+        res = invoke("evaluate", "--fixed", f, "--moving", f, "--fixed-landmarks", tmp_path / f"lf.{ext}",
+                     "--moving-landmarks", tmp_path / f"lm.{ext}", "--transforms-from", tmp_path / "a_",
+                     "-o", tmp_path / f"ev_{ext}", "--json")
+        assert res.exit_code == 0, res.stderr
+        rows.append(_json.loads(res.stdout)["pairs"][0])
+    assert rows[0]["tre_per_landmark"] == pytest.approx(rows[1]["tre_per_landmark"], abs=1e-9)
+    assert rows[0]["tre_initial_mean"] == pytest.approx(rows[1]["tre_initial_mean"], abs=1e-9)
+    for ext in ("fcsv", "csv"):
+        res = invoke("apply", "--points", "-i", tmp_path / f"lf.{ext}", "-t", tmp_path / "a_0GenericAffine.mat",
+                     "-o", tmp_path / f"mapped_{ext}.csv")
+        assert res.exit_code == 0, res.stderr
+    with open(tmp_path / "mapped_fcsv.csv") as a, open(tmp_path / "mapped_csv.csv") as b:
+        pa = [[float(r[k]) for k in "xyz"] for r in _csv.DictReader(a)]
+        pb = [[float(r[k]) for k in "xyz"] for r in _csv.DictReader(b)]
+    assert np.allclose(pa, pb, atol=1e-9) and np.allclose(pb, fixed_ras * to_lps + [1.0, -2.0, 0.5], atol=1e-9)
+
+
 def test_tre_with_affine_and_field():
     rng = np.random.default_rng(1)
     pf = rng.uniform(-20, 20, size=(12, 3))
@@ -426,6 +531,51 @@ def test_html_report_minimal_and_bad_png_base():
     # keyword spelling used by the pipeline, and timings without a report
     html, pngs = render_html_report(fixed=fixed, png_basename="p", timings={"read": 0.5, "affine": 1.25, "total": 2.0})
     assert list(pngs) == ["p_slices.png"] and "Timings" in html and "1.25" in html
+
+
+@pytest.mark.parametrize("base", ["a b_Report", "it's \"q\" & <x>_Report", "c#1?x=%41_Report", "ünï:\\_Report"])
+def test_html_report_links_figures_of_any_file_name(tmp_path, base):
+    """Any name the OS takes works as the figures' stem: the page percent-encodes it in src (so '#', '?' and '%' are
+    characters of the name, not a fragment, a query or an escape) and HTML-escapes it; the link resolves, as a
+    browser resolves it against the page's file URL, to the file written under that name."""
+    import re as _re
+    from html import unescape
+    from pathlib import Path
+    from urllib.parse import unquote, urljoin, urlsplit
+
+    from regcli.reports.html import render_html_report
+
+    fixed = _image(make_phantom("LPS", "iso", size=(24, 22, 20)), "fixed")
+    html, pngs = render_html_report(fixed, base)
+    assert list(pngs) == [f"{base}_slices.png"]
+    srcs = _re.findall(r"<img src='([^']*)'", html)
+    assert len(srcs) == 1 and not set(srcs[0]) & set(" '\"<>&#?")
+    page = (tmp_path / f"{base}.html").as_uri()
+    url = urljoin(page, unescape(srcs[0]))
+    parts = urlsplit(url)
+    assert not parts.query and not parts.fragment
+    assert Path(unquote(parts.path)) == tmp_path / f"{base}_slices.png"
+
+
+def test_html_report_names_the_jacobian_region_and_the_labels_left_out_of_hd95():
+    from regcli.reports.html import render_html_report
+
+    fixed = _image(make_phantom("LPS", "iso", size=(24, 22, 20)), "fixed")
+    det = np.ones(fixed.grid.shape, np.float32)
+    mask = np.zeros(fixed.grid.shape, bool)
+    mask[5:10] = True
+    metrics = {"labels": [1, 2], "dice_per_label": {1: 0.9, 2: 0.0}, "dice_mean": 0.45,
+               "hd95_per_label": {1: 1.5, 2: float("nan")}, "hd95_mean": 1.5, "hd95_labels_lost": [2]}
+    for source, column in (("fixed_mask", "in fixed mask"), ("fixed_labels", "in fixed labels")):
+        metrics["jacobian"] = jacobian_stats(det, mask, source)
+        assert metrics["jacobian"]["in_mask_source"] == source
+        html, _ = render_html_report(fixed, "r", metrics=metrics)
+        assert f"<th>{column}</th>" in html and "<th>in mask</th>" not in html and "in_mask_source" not in html
+    assert "mean HD95 (mm), over 1 of 2 labels" in html and "labels left out of mean HD95" in html
+    assert "<td>lost by warping</td>" in html
+    metrics["jacobian"] = jacobian_stats(det, mask)  # no source given (regcli jacobian --mask): as before
+    assert "in_mask_source" not in metrics["jacobian"]
+    assert "<th>in mask</th>" in render_html_report(fixed, "r", metrics=metrics)[0]
 
 
 def test_display_orientation_does_not_depend_on_the_voxel_layout():

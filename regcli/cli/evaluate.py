@@ -59,10 +59,10 @@ def evaluate(
                                                               panel=_ONE)] = None,
     moving_labels: Annotated[Optional[Path], input_file_option("--moving-labels", help="Moving label map.",
                                                                panel=_ONE)] = None,
-    fixed_landmarks: Annotated[Optional[Path], input_file_option("--fixed-landmarks", help="Fixed landmarks CSV.",
-                                                                 panel=_ONE)] = None,
+    fixed_landmarks: Annotated[Optional[Path], input_file_option(
+        "--fixed-landmarks", help="Fixed landmarks: CSV (x,y,z LPS mm) or 3D Slicer .fcsv.", panel=_ONE)] = None,
     moving_landmarks: Annotated[Optional[Path], input_file_option(
-        "--moving-landmarks", help="Moving landmarks CSV.", panel=_ONE)] = None,
+        "--moving-landmarks", help="Moving landmarks: CSV (x,y,z LPS mm) or 3D Slicer .fcsv.", panel=_ONE)] = None,
     fixed_mask: Annotated[Optional[Path], input_file_option("--fixed-mask", help="Fixed mask (registration).",
                                                             panel=_ONE)] = None,
     moving_mask: Annotated[Optional[Path], input_file_option("--moving-mask", help="Moving mask (registration).",
@@ -75,7 +75,9 @@ def evaluate(
         "--transforms-from", metavar="TEMPLATE", show_default=False,
         help="Do not register: score transforms written earlier. A prefix template such as 'res/{pair}_' "
              "({pair}: pair name, {index}: 1-based row); reads PREFIX1Warp.nii.gz and/or "
-             "PREFIX0GenericAffine.mat, and PREFIXReport.json for time and memory.")] = None,
+             "PREFIX0GenericAffine.mat, and PREFIXReport.json for time and memory and to check (sha256) that they "
+             "were registered from the pair's images: a warning when not, or when fixed and moving are swapped.")]
+    = None,
     config: ConfigFileOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
@@ -243,7 +245,10 @@ _COLUMNS = (
 
 
 def results_table(ev, title: Optional[str] = None):
-    """Rich table: one row per pair, then mean ± sd over the successful pairs."""
+    """Rich table: one row per pair, then mean ± sd over the successful pairs. An HD95 over fewer labels than Dice
+    (labels lost by warping, ``hd95_labels_lost``) is marked ``*``, and transforms registered from other inputs
+    (``--transforms-from``, ``transforms_inputs_match``) ``!``; the caption names them."""
+    from rich.markup import escape
     from rich.table import Table
 
     from regcli.cli.common import fmt_float
@@ -256,7 +261,21 @@ def results_table(ev, title: Optional[str] = None):
         s = summary[key]
         t.add_column(head, justify="right", footer=f"{fmt_float(s['mean'], digits)} ± {fmt_float(s['sd'], digits)}")
     t.add_column("status")
+    notes = []
     for r in ev.rows:
-        t.add_row(r["pair"], *[fmt_float(r.get(k), d) for k, _, d in cols],
-                  "ok" if r.get("status") == "ok" else "[red]failed[/red]")
+        lost = r.get("hd95_labels_lost") or []
+        cells = [fmt_float(r.get(k), d) + ("*" if k == "hd95_mean" and lost else "") for k, _, d in cols]
+        status = "ok" if r.get("status") == "ok" else "[red]failed[/red]"
+        if lost:
+            notes.append(f"* {r['pair']}: HD95 leaves out label(s) {' '.join(map(str, lost))}, lost by warping "
+                         f"(their Dice, 0, counts)")
+        if r.get("transforms_inputs_match") is False:
+            status += " [yellow]![/yellow]"
+            what = "swapped fixed and moving" if r.get("transforms_inputs_swapped") else \
+                "other " + ", ".join(x.replace("_", " ") for x in r.get("transforms_inputs_differ") or [])
+            notes.append(f"! {r['pair']}: transforms registered from {what}")
+        t.add_row(escape(r["pair"]), *cells, status)
+    if notes:
+        t.caption = escape("\n".join(notes))
+        t.caption_justify = "left"
     return t

@@ -16,6 +16,7 @@ import html as _html
 import io
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -672,12 +673,13 @@ def _label_table(metrics: Mapping, label_names: Optional[Mapping]) -> str:
     header = ["label"] + (["name"] if names else []) + ["Dice"] + (["HD95 (mm)"] if hd else []) + \
         (["ASSD (mm)"] if assd else [])
     rows = []
+    lost = {int(v) for v in metrics.get("hd95_labels_lost") or ()}
     for lab in labels:
         r: list[Any] = [lab] + ([names.get(lab, "")] if names else []) + [dice.get(lab)]
         if hd:
-            r.append(hd.get(lab))
+            r.append("lost by warping" if lab in lost else hd.get(lab))
         if assd:
-            r.append(assd.get(lab))
+            r.append("lost by warping" if lab in lost else assd.get(lab))
         rows.append(r)
     mean_row: list[Any] = ["mean"] + ([""] if names else []) + [metrics.get("dice_mean")]
     if hd:
@@ -693,10 +695,16 @@ _JAC_NAMES = {"pct_nonpos_jac": "% det J \u2264 0", "n_nonpos_jac": "voxels with
               "jac_p1": "1st percentile", "jac_p99": "99th percentile", "n_voxels": "voxels"}
 
 
+#: the column of the ``in_mask`` block by ``in_mask_source`` (:func:`regcli.reports.jacobian.jacobian_region`)
+_MASK_COLUMNS = {"fixed_mask": "in fixed mask", "fixed_labels": "in fixed labels"}
+
+
 def _jacobian_table(stats: Mapping) -> str:
-    keys = [k for k, v in stats.items() if not isinstance(v, Mapping)]
+    keys = [k for k, v in stats.items() if not isinstance(v, Mapping) and k != "in_mask_source"]
     blocks = [("whole grid", stats)] + [(k, v) for k, v in stats.items() if isinstance(v, Mapping)]
-    header = ["statistic"] + [b[0].replace("_", " ") for b in blocks]
+    source = stats.get("in_mask_source")
+    header = ["statistic"] + [_MASK_COLUMNS.get(source, "in mask") if b[0] == "in_mask" else b[0].replace("_", " ")
+                              for b in blocks]
     rows = [[_JAC_NAMES.get(k, k)] + [b[1].get(k) for b in blocks] for k in keys]
     return _table(header, rows)
 
@@ -737,8 +745,21 @@ summary{cursor:pointer;color:#2c5a93}
 
 
 def _check_png_base(png_base: Optional[str]) -> None:
-    if not isinstance(png_base, str) or not png_base or re.search(r"[\\/\s\"'<>&]", png_base):
-        raise ValueError(f"png_base must be a plain file-name stem (no directory, quotes or spaces), got {png_base!r}")
+    """The figures are written beside the page under ``png_base + "_<name>.png"``: any file name, but a name (a
+    programming error otherwise). Spaces, quotes, ``&``, ``#``, ``%`` and the like are fine: the page
+    percent-encodes the names in links (:func:`_href`)."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if not isinstance(png_base, str) or not png_base or any(c in png_base for c in seps) or "\0" in png_base:
+        raise ValueError(f"png_base must be a file-name stem (no directory), got {png_base!r}")
+
+
+def _href(file_name: str) -> str:
+    """A file name beside the page as a relative link for an HTML attribute: percent-encoded (UTF-8), so that a
+    space, ``#``, ``?``, ``%`` or ``:`` is a character of the name and not a URL fragment, query, escape or
+    scheme."""
+    from urllib.parse import quote
+
+    return _html.escape(quote(file_name, safe=""), quote=True)
 
 
 def render_html_report(
@@ -887,7 +908,14 @@ def _page(title: str, report: Mapping, metrics: Mapping, figures: list, label_na
     if "dice_mean" in metrics:
         summary.append(["mean Dice", metrics.get("dice_mean")])
     if "hd95_mean" in metrics:
-        summary.append(["mean HD95 (mm)", metrics.get("hd95_mean")])
+        lost = [int(v) for v in metrics.get("hd95_labels_lost") or ()]
+        if lost:  # HD95 is over fewer labels than Dice: say so where the means are
+            n = len(metrics.get("hd95_per_label") or metrics.get("labels") or ())
+            summary.append([f"mean HD95 (mm), over {n - len(lost)} of {n} labels", metrics.get("hd95_mean")])
+            summary.append(["labels left out of mean HD95", f"{', '.join(map(str, lost))}: empty after warping, "
+                            "so no surface distance (their Dice, 0, counts in mean Dice)"])
+        else:
+            summary.append(["mean HD95 (mm)", metrics.get("hd95_mean")])
     if "assd_mean" in metrics:
         summary.append(["mean ASSD (mm)", metrics.get("assd_mean")])
     jac = metrics.get("jacobian")
@@ -920,7 +948,7 @@ def _page(title: str, report: Mapping, metrics: Mapping, figures: list, label_na
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{e(w)}</li>" for w in warnings) + "</ul>")
 
     for fname, heading, caption in figures:
-        parts.append(f"<h2>{e(heading)}</h2><figure><img src='{e(fname)}' alt='{e(heading)}'>"
+        parts.append(f"<h2>{e(heading)}</h2><figure><img src='{_href(fname)}' alt='{e(heading)}'>"
                      f"<figcaption>{e(caption)}</figcaption></figure>")
 
     # metric tables

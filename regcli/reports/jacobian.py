@@ -13,6 +13,8 @@ two agree to float rounding. Maths in float64, chunked over z-slabs to bound mem
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -159,18 +161,21 @@ def _stats_block(d: np.ndarray) -> dict:
     }
 
 
-def jacobian_stats(det, mask=None) -> dict:
+def jacobian_stats(det, mask=None, mask_source: Optional[str] = None) -> dict:
     """Summary of a Jacobian determinant map (key names as in the bench scorer).
 
     Args:
         det: (Z, Y, X) determinant (tensor, array or Image), unitless.
         mask: optional (Z, Y, X) mask (bool/int/float, non-zero = inside; tensor, array or Image) on the
             same grid.
+        mask_source: what the mask is (:data:`MASK_SOURCES`, from :func:`jacobian_region`), recorded as
+            ``"in_mask_source"``.
 
     Returns:
         ``{"pct_nonpos_jac": % of voxels with det <= 0, "n_nonpos_jac": count, "sdlogj": std of log det over
         det > 0 (population std), "jac_min", "jac_max", "jac_mean", "jac_p1", "jac_p99", "n_voxels"}`` over the
-        whole grid, plus the same block under ``"in_mask"`` when a mask is given. NaN where undefined.
+        whole grid, plus the same block under ``"in_mask"`` when a mask is given (and ``"in_mask_source"`` when
+        ``mask_source`` is). NaN where undefined.
 
     Raises:
         ValueError: mask shape differs from det shape (a programming error, not user input).
@@ -182,7 +187,36 @@ def jacobian_stats(det, mask=None) -> dict:
         if m.shape != d.shape:
             raise ValueError(f"mask shape {m.shape} differs from Jacobian shape {d.shape}")
         out["in_mask"] = _stats_block(d[m != 0])
+        if mask_source is not None:
+            out["in_mask_source"] = mask_source
     return out
+
+
+#: what ``jacobian.in_mask`` is over (``jacobian.in_mask_source``): the fixed mask, or the fixed labels' foreground
+MASK_SOURCES = ("fixed_mask", "fixed_labels")
+
+
+def jacobian_region(grid, fixed_mask=None, fixed_labels=None) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """The region of the Jacobian statistics' ``in_mask`` block, one rule for ``register`` and ``evaluate``: the
+    fixed mask when one is given, else the foreground (label != 0) of the fixed labels, else none.
+
+    Args:
+        grid: the fixed grid (that of the determinant).
+        fixed_mask, fixed_labels: Images or None, on any grid (resampled onto ``grid``, nearest, when not on it).
+
+    Returns:
+        ``(mask, source)``: (Z, Y, X) bool tensor on ``grid`` and its :data:`MASK_SOURCES` name, or
+        ``(None, None)``; pass both on to :func:`jacobian_stats`.
+    """
+    for image, source in ((fixed_mask, "fixed_mask"), (fixed_labels, "fixed_labels")):
+        if image is None:
+            continue
+        if not image.grid.allclose(grid):
+            from regcli.resample import resample_to_grid
+
+            image = resample_to_grid(image, grid, "nearest")
+        return image.data != 0, source
+    return None, None
 
 
 def jacobian_image(field, name: str = "jacobian determinant") -> Image:

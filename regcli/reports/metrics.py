@@ -10,6 +10,11 @@ Definitions follow the independent scorer the project is benchmarked with (``sha
   ``B`` to the nearest one of ``A`` (medpy/MONAI "hd95"), in mm.
 * **ASSD**: the mean of the same pooled distances, in mm.
 
+A surface distance is undefined for a label that is empty in either map (medpy and MONAI): it is NaN for that
+label, and ``hd95_mean``/``assd_mean`` are over the labels present in both the fixed and the warped map. Dice of
+the same label is 0, and counts in ``dice_mean``: :func:`label_overlap_metrics` lists the labels left out of the
+surface means (``hd95_labels_lost``) and :func:`labels_lost_warning` says so in one line.
+
 Distances are Euclidean in physical units: voxel index differences scaled by the grid spacing (anisotropic
 grids are handled; the direction matrix is orthonormal, so it does not change distances).
 
@@ -24,6 +29,9 @@ transforms per label over the whole (or a cropped) volume, and gives the same di
 from __future__ import annotations
 
 from typing import Iterable, Optional
+
+import logging
+import math
 
 import numpy as np
 import torch
@@ -43,6 +51,8 @@ __all__ = [
     "label_overlap_metrics",
     "label_values",
     "shared_labels",
+    "surface_mean",
+    "labels_lost_warning",
 ]
 
 
@@ -118,6 +128,36 @@ def nanmean(values: Iterable[float]) -> float:
     v = np.asarray([x for x in values], dtype=np.float64)
     v = v[np.isfinite(v)]
     return float(v.mean()) if v.size else float("nan")
+
+
+def surface_mean(per_label: dict[int, float]) -> tuple[float, list[int]]:
+    """Mean of a per-label surface distance (HD95, ASSD) and the labels it leaves out.
+
+    Args:
+        per_label: ``{label: mm}`` from :func:`surface_metrics`; NaN (or None) for a label empty in the fixed or
+            the warped map, where the distance is undefined.
+
+    Returns:
+        ``(mean, lost)``: the mean over the labels with a distance (mm; NaN when none has one) and the labels
+        without one, ascending (their Dice is 0 and counts in ``dice_mean``).
+    """
+    lost = sorted(int(k) for k, v in per_label.items() if v is None or not math.isfinite(float(v)))
+    return nanmean(v for v in per_label.values() if v is not None), lost
+
+
+def labels_lost_warning(lost: list[int], n_labels: int, where: str = "") -> Optional[str]:
+    """Log (on the ``regcli`` logger, so stderr and ``report["warnings"]``) and return the line that says which
+    labels HD95 leaves out (:func:`surface_mean`), for labels that the fixed map holds (as ``register`` and
+    ``evaluate`` score them: ``lost`` are then the labels that warping lost); None when none is left out.
+    ``where``: a prefix such as ``"pair 'p1'"``."""
+    if not lost:
+        return None
+    shown = ", ".join(map(str, lost[:8])) + (", ..." if len(lost) > 8 else "")
+    message = (f"{where + ': ' if where else ''}HD95 is over {n_labels - len(lost)} of the {n_labels} labels: "
+               f"label(s) {shown} are not in the warped labels (lost by warping), so they have no surface distance "
+               f"(hd95_labels_lost); Dice counts them as 0")
+    logging.getLogger("regcli").warning(message)
+    return message
 
 
 def _label_counts(arr: np.ndarray, labels: list[int]) -> np.ndarray:
@@ -365,8 +405,10 @@ def label_overlap_metrics(
     """Everything a report needs about label agreement, with the bench's key names.
 
     Returns:
-        ``{"labels", "dice_per_label", "dice_mean", "hd95_per_label", "hd95_mean", "assd_per_label",
-        "assd_mean"}`` (surface entries only when ``surface``); per-label dicts keyed by int label.
+        ``{"labels", "dice_per_label", "dice_mean", "hd95_per_label", "hd95_mean", "hd95_labels_lost",
+        "assd_per_label", "assd_mean"}`` (surface entries only when ``surface``); per-label dicts keyed by int
+        label. A label empty in either map has Dice 0 (counted in ``dice_mean``) but no HD95 or ASSD (NaN, left
+        out of their means): ``hd95_labels_lost`` lists those labels (``[]`` when none).
     """
     a, b = _labels_array(fixed_labels), _labels_array(warped_labels)
     _check_same_grid(fixed_labels, warped_labels, a, b)
@@ -376,8 +418,8 @@ def label_overlap_metrics(
     if surface:
         s = surface_metrics(fixed_labels, warped_labels, labs)
         out["hd95_per_label"] = s["hd95"]
-        out["hd95_mean"] = nanmean(s["hd95"].values())
+        out["hd95_mean"], out["hd95_labels_lost"] = surface_mean(s["hd95"])
         out["assd_per_label"] = s["assd"]
-        out["assd_mean"] = nanmean(s["assd"].values())
+        out["assd_mean"] = surface_mean(s["assd"])[0]
     return out
 
