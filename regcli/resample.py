@@ -120,13 +120,43 @@ def sample_norm(x: torch.Tensor, g: torch.Tensor, mode: str = "bilinear", paddin
     return F.grid_sample(x, g, mode=mode, padding_mode=padding, align_corners=True)
 
 
-def inside_norm(coords_norm: torch.Tensor, grid: Grid) -> torch.Tensor:
+#: how far (in voxels) past ITK's buffer ``[-0.5, n - 0.5]`` a float64 position still counts as inside in the exact
+#: test (:func:`inside_index`): the float64 rounding of a position meant to lie on the boundary, as
+#: :data:`_HALF_UP_SLACK` for ties in rounding
+_BUFFER_SLACK_VOX = 1e-9
+#: the same, in normalized units, in the test of :func:`inside_norm` without ``exact`` (the registration's own
+#: resampling): 2.5e-5 voxel on a 50-voxel axis, 2.6e-4 on a 512-voxel one. It absorbs float32 rounding, and
+#: positions meant to lie on the boundary that arrive a few 1e-9 voxel past it through float32 transforms
+_BUFFER_SLACK_NORM = 1e-6
+
+
+def inside_index(index: torch.Tensor, size) -> torch.Tensor:
+    """Mask (...) of continuous indices (..., 3) (x, y, z), float64, within the ITK buffer ``[-0.5, n - 0.5]`` of a
+    grid of ``size`` voxels, to :data:`_BUFFER_SLACK_VOX`.
+
+    ITK (``ImageFunction::IsInsideBuffer``) takes ``-0.5 <= i < n - 0.5`` with no tolerance; regcli closes the
+    interval at both ends, so that a grid and its flipped copy give the same values (a point exactly half a voxel
+    past the last voxel is inside here, outside in ITK); a point beyond it by more than 1e-9 voxel is outside in
+    both."""
+    n = torch.as_tensor(size, dtype=index.dtype, device=index.device)
+    return ((index >= -0.5 - _BUFFER_SLACK_VOX) & (index <= n - 0.5 + _BUFFER_SLACK_VOX)).all(dim=-1)
+
+
+def inside_norm(coords_norm: torch.Tensor, grid: Grid, exact: bool = False) -> torch.Tensor:
     """Mask (...) of normalized coordinates within the ITK buffer ``[-0.5, n-0.5]`` of ``grid`` (index 0 is at -1,
-    one voxel is ``2 / max(n - 1, 1)``; a one-voxel axis spans [-2, 0])."""
+    one voxel is ``2 / max(n - 1, 1)``; a one-voxel axis spans [-2, 0]).
+
+    With ``exact`` (``regcli apply``: :func:`warp` with ``itk_edges``), as ITK decides: the coordinates, float64,
+    are tested as continuous indices to 1e-9 voxel (:func:`inside_index`). Otherwise to
+    :data:`_BUFFER_SLACK_NORM` in normalized units (the registration's own resampling)."""
+    if exact:
+        half = torch.clamp(torch.as_tensor(grid.size, dtype=torch.float64, device=coords_norm.device) - 1.0,
+                           min=1.0) / 2.0
+        return inside_index((coords_norm.to(torch.float64) + 1.0) * half, grid.size)
     n = torch.as_tensor(grid.size, dtype=coords_norm.dtype, device=coords_norm.device)
     step = 2.0 / torch.clamp(n - 1.0, min=1.0)
-    lo = -1.0 - 0.5 * step - 1e-6
-    hi = -1.0 + (n - 0.5) * step + 1e-6
+    lo = -1.0 - 0.5 * step - _BUFFER_SLACK_NORM
+    hi = -1.0 + (n - 0.5) * step + _BUFFER_SLACK_NORM
     return ((coords_norm >= lo) & (coords_norm <= hi)).all(dim=-1)
 
 
@@ -137,15 +167,19 @@ def grid_sample(
     padding: Literal["zeros", "border", "itk"] = "border",
     source: Optional[Grid] = None,
     default: float = 0.0,
+    exact_edges: bool = False,
 ) -> torch.Tensor:
     """Differentiable sampling of ``data`` at normalized coordinates (align_corners=True).
 
     Args:
         data: (Z,Y,X), (C,Z,Y,X) or (N,C,Z,Y,X) tensor on the source grid.
-        coords_norm: (N, Z', Y', X', 3) float32 ``grid_sample`` coordinates (x, y, z) in the source grid.
+        coords_norm: (N, Z', Y', X', 3) float32 ``grid_sample`` coordinates (x, y, z) in the source grid (float64
+            ones are cast to the data's type for the sampling).
         mode: "bilinear" (trilinear) or "nearest".
         padding: "border" (edge values everywhere), "zeros", or "itk" (edge values inside the ITK
             buffer, ``default`` beyond it; needs ``source``).
+        exact_edges: with "itk", test the buffer as ITK does (:func:`inside_norm` with ``exact``; give float64
+            coordinates).
     Returns:
         Samples with the batch/channel layout of ``data`` and spatial shape (Z', Y', X').
     """
@@ -157,7 +191,7 @@ def grid_sample(
     if padding == "itk":
         if source is None:
             raise ValueError("padding='itk' needs the source grid")
-        inside = inside_norm(coords_norm, source)[:, None]
+        inside = inside_norm(coords_norm, source, exact_edges)[:, None]
         out = torch.where(inside, out, torch.as_tensor(default, dtype=out.dtype, device=out.device))
     if squeeze:
         return out[0, 0]
@@ -251,7 +285,7 @@ def _nearest_gather(data: torch.Tensor, index: torch.Tensor, source: Grid, defau
     (Z', Y', X', 3) float64 (x, y, z), by gathering: any dtype, values copied exactly (no float32 round trip,
     so int32 labels above 2^24 survive). ``default`` beyond ITK's buffer (half a voxel past the edge)."""
     n = torch.as_tensor(source.size, dtype=index.dtype, device=index.device)
-    inside = ((index >= -0.5 - _HALF_UP_SLACK) & (index <= n - 0.5 + _HALF_UP_SLACK)).all(dim=-1)
+    inside = inside_index(index, source.size)
     r = nearest_index(index)
     r = torch.minimum(r.clamp(min=0), (n - 1).to(torch.int64))
     X, Y = source.size[0], source.size[1]
@@ -288,19 +322,20 @@ def resample_separable(data: torch.Tensor, source: Grid, reference: Grid, paddin
     return x
 
 
-def _label_interp(data: torch.Tensor, coords: torch.Tensor, source: Grid, default: int) -> torch.Tensor:
+def _label_interp(data: torch.Tensor, coords: torch.Tensor, source: Grid, default: int, exact_edges: bool = False
+                  ) -> torch.Tensor:
     """ANTs 'GenericLabel'-style: linear interpolation of each label's indicator, then argmax."""
     labels = torch.unique(data)
     best = torch.full(coords.shape[1:4], -1.0, dtype=torch.float32, device=data.device)
     out = torch.full(coords.shape[1:4], int(default), dtype=data.dtype, device=data.device)
     for lab in labels.tolist():
         ind = (data == lab).to(torch.float32)
-        w = grid_sample(ind, coords, "bilinear", "itk", source, 0.0)[0] if ind.dim() == 4 else \
-            grid_sample(ind, coords, "bilinear", "itk", source, 0.0)
+        w = grid_sample(ind, coords, "bilinear", "itk", source, 0.0, exact_edges)[0] if ind.dim() == 4 else \
+            grid_sample(ind, coords, "bilinear", "itk", source, 0.0, exact_edges)
         upd = w > best
         best = torch.where(upd, w, best)
         out = torch.where(upd, torch.as_tensor(lab, dtype=data.dtype, device=data.device), out)
-    inside = inside_norm(coords, source)[0]
+    inside = inside_norm(coords, source, exact_edges)[0]
     return torch.where(inside, out, torch.as_tensor(int(default), dtype=data.dtype, device=data.device))
 
 
@@ -311,6 +346,7 @@ def warp(
     interp: Interp = "linear",
     default: float = 0.0,
     chunk: int = DEFAULT_CHUNK,
+    itk_edges: bool = False,
 ) -> Image:
     """Resample ``image`` onto ``reference`` through ``transform`` (ITK pull-back convention).
 
@@ -325,14 +361,19 @@ def warp(
         interp: "linear", "nearest", or "label" (per-label linear + argmax, for label maps).
         default: value outside the image.
         chunk: voxels per slab, bounds memory on large grids.
+        itk_edges: decide "linear"/"label" points near the image's edge as ITK does: in float64, to 1e-9 voxel
+            (:func:`inside_index`), not to float32 coordinates' 1e-6 in normalized units (2.5e-5 voxel on a
+            50-voxel axis), so that a point 1e-5 voxel past the buffer takes ``default`` as in sitk.Resample.
+            ``regcli apply`` sets it; the registration's own resampling keeps the looser test ("nearest", and
+            resampling between axis-aligned grids without a transform, are exact either way).
     Returns:
         Image on ``reference``; integer dtype is kept for "nearest"/"label".
     """
-    return warp_many([(image, interp)], transform, reference or image.grid, default, chunk)[0]
+    return warp_many([(image, interp)], transform, reference or image.grid, default, chunk, itk_edges)[0]
 
 
 def warp_many(items: list[tuple[Image, Interp]], transform, reference: Grid, default: float = 0.0,
-              chunk: int = DEFAULT_CHUNK) -> list[Image]:
+              chunk: int = DEFAULT_CHUNK, itk_edges: bool = False) -> list[Image]:
     """:func:`warp` of several images through the same transform: the mapped points are computed once
     (per slab) and shared, e.g. by the warped image and the warped label map of one registration."""
     out: list[Optional[Image]] = [None] * len(items)
@@ -369,10 +410,12 @@ def warp_many(items: list[tuple[Image, Interp]], transform, reference: Grid, def
             image, interp = items[k]
             as_index = interp == "nearest"
             key = next((j for j in todo if items[j][0].grid == image.grid), k), as_index
-            if key not in coords_by_grid:
+            if key not in coords_by_grid:  # with itk_edges float64: grid_sample casts them to the data's type for
+                # the sampling (the same values), and the buffer test decides in float64 as ITK does
+                norm = None if as_index else image.grid.world_to_norm_points(pts)[None]
                 coords_by_grid[key] = image.grid.world_to_index_points(pts) if as_index else \
-                    image.grid.world_to_norm_points(pts).to(torch.float32)[None]
-            parts[k].append(_sample(image, coords_by_grid[key], interp, default))
+                    norm if itk_edges else norm.to(torch.float32)
+            parts[k].append(_sample(image, coords_by_grid[key], interp, default, itk_edges))
     for k in todo:
         image = items[k][0]
         cat_dim = 0 if image.data.dim() == 3 else 1
@@ -380,7 +423,8 @@ def warp_many(items: list[tuple[Image, Interp]], transform, reference: Grid, def
     return out  # type: ignore[return-value]
 
 
-def _sample(image: Image, coords: torch.Tensor, interp: Interp, default: float) -> torch.Tensor:
+def _sample(image: Image, coords: torch.Tensor, interp: Interp, default: float, exact_edges: bool = False
+            ) -> torch.Tensor:
     """``image`` at ``coords``: continuous indices (Z', Y', X', 3) float64 for "nearest" (any dtype, kept),
     ``grid_sample`` coordinates (1, Z', Y', X', 3) otherwise. "linear" of integer data is float32, not rounded
     (as antsApplyTransforms interpolates and writes floats); "label" keeps the integer dtype."""
@@ -388,9 +432,9 @@ def _sample(image: Image, coords: torch.Tensor, interp: Interp, default: float) 
     if interp == "nearest":
         return _nearest_gather(data, coords, image.grid, default)
     if interp == "label":
-        return _label_interp(data, coords, image.grid, int(default))
+        return _label_interp(data, coords, image.grid, int(default), exact_edges)
     src = data if torch.is_floating_point(data) else data.to(torch.float32)
-    return grid_sample(src, coords, "bilinear", "itk", image.grid, default)
+    return grid_sample(src, coords, "bilinear", "itk", image.grid, default, exact_edges)
 
 
 def _map_reference_points(transform, pts: torch.Tensor, ref: Grid, z0: int, z1: int) -> torch.Tensor:
@@ -413,6 +457,24 @@ def _map_reference_points(transform, pts: torch.Tensor, ref: Grid, z0: int, z1: 
 def resample_to_grid(image: Image, reference: Grid, interp: Interp = "linear", default: float = 0.0) -> Image:
     """Resample onto another grid through the identity in world space (no transform)."""
     return warp(image, None, reference, interp, default)
+
+
+def inside_field_of_view(grid: Grid, reference: Grid, transform=None) -> torch.Tensor:
+    """(Z, Y, X) bool on ``reference``: the voxels ``x`` whose point ``T(x)`` (``transform.map_points``; the
+    identity when None) lies in the ITK buffer of ``grid``, where :func:`warp` and :func:`resample_to_grid` give
+    an image's own values rather than their ``default``: the same test, on the same float32 coordinates, as the
+    registration's linear resampling onto its working grid (:func:`warp` without ``itk_edges``); by slabs of
+    ``DEFAULT_CHUNK`` voxels, as :func:`warp_many`."""
+    zs, ys, xs = reference.shape
+    index = reference.index_coords(torch.float64)
+    slab = max(1, DEFAULT_CHUNK // max(1, ys * xs))
+    parts = []
+    for z0 in range(0, zs, slab):
+        pts = apply_affine(reference.index_to_world(), index[z0:z0 + slab])
+        if transform is not None:
+            pts = transform.map_points(pts)
+        parts.append(inside_norm(grid.world_to_norm_points(pts).to(torch.float32), grid))
+    return torch.cat(parts)
 
 
 class FieldWarper:

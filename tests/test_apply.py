@@ -594,3 +594,94 @@ def test_a_one_slice_input_is_resampled_as_itk_does(tmp_path, interp, sitk_inter
     expect = sitk.GetArrayFromImage(sitk.Resample(src, ref, sitk.Transform(), sitk_interp, 0.0))
     assert np.array_equal(out != 0, expect != 0), (int((out != 0).sum()), int((expect != 0).sum()))
     assert np.allclose(out, expect, atol=1e-4)
+
+
+# ------------------------------------------------------------------ directions orthonormal only to ~5e-4 (ITK accepts them)
+def _perturbed_phantom() -> sitk.Image:
+    """The oblique anisotropic phantom with its direction 5e-4 off orthonormal, as an oblique header rounded in
+    float32 (or worse) gives. Stored as .mha: the NIfTI writer would make the direction orthonormal."""
+    from test_grid import perturbed_oblique
+
+    img = make_phantom("oblique15", "aniso")
+    img.SetDirection(tuple(perturbed_oblique().ravel()))
+    return img
+
+
+def test_a_slightly_non_orthonormal_input_resamples_as_sitk_does(tmp_path):
+    """Identity onto its own grid gives the input back to float32 precision (D^T as the inverse moved voxels by up
+    to 0.6 % of the range); an affine, and a displacement field on that grid, give what sitk.Resample gives."""
+    img = _perturbed_phantom()
+    sitk.WriteImage(img, str(tmp_path / "p.mha"))
+    run_ok(["apply", "-i", tmp_path / "p.mha", "-r", tmp_path / "p.mha", "-o", tmp_path / "self.mha", "-q"])
+    got = sitk.ReadImage(str(tmp_path / "self.mha"))
+    assert got.GetDirection() == img.GetDirection()
+    assert np.abs(sitk.GetArrayFromImage(got) - sitk.GetArrayFromImage(img)).max() < 1e-6
+    # an affine, resampled onto an LPS reference (grid_sample path) and onto the perturbed grid itself
+    A = AffineTransform(np.array([[1.02, 0.05, -0.03, 2.0], [-0.04, 0.97, 0.06, -1.5], [0.02, -0.05, 1.01, 1.0],
+                                  [0.0, 0.0, 0.0, 1.0]]), np.array([1.0, -2.0, 3.0]))
+    write_affine(A, tmp_path / "a.mat")
+    tx = sitk.ReadTransform(str(tmp_path / "a.mat"))
+    ref_lps = make_phantom("LPS", "iso")
+    sitk.WriteImage(ref_lps, str(tmp_path / "r.nii.gz"))
+    rng = float(sitk.GetArrayFromImage(img).max())
+    for ref, rfile in ((ref_lps, tmp_path / "r.nii.gz"), (img, tmp_path / "p.mha")):
+        run_ok(["apply", "-i", tmp_path / "p.mha", "-r", rfile, "-t", tmp_path / "a.mat", "-o", tmp_path / "o.mha",
+                "-q", "--overwrite"])
+        want = sitk.GetArrayFromImage(sitk.Resample(img, ref, tx, sitk.sitkLinear, 0.0))
+        assert np.abs(_read(tmp_path / "o.mha") - want).max() < 1e-4 * rng, rfile.name
+    # a constant displacement field stored on the perturbed grid, the input on an LPS grid
+    g = Grid.from_sitk(img)
+    t = (2.5, -1.25, 3.0)
+    disp = torch.tensor(t, dtype=torch.float32)[:, None, None, None].expand(3, *g.shape).contiguous()
+    field = DisplacementField(disp, g).to_sitk()
+    sitk.WriteImage(field, str(tmp_path / "w.mha"))
+    run_ok(["apply", "-i", tmp_path / "r.nii.gz", "-r", tmp_path / "p.mha", "-t", tmp_path / "w.mha",
+            "-o", tmp_path / "ow.mha", "-q"])
+    want = sitk.Resample(ref_lps, img, sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)),
+                         sitk.sitkLinear, 0.0)
+    assert np.abs(_read(tmp_path / "ow.mha") - sitk.GetArrayFromImage(want)).max() < 1e-4 * rng
+
+
+def test_a_sheared_input_or_field_names_its_file(tmp_path):
+    """A sheared header (|D^T D - I| = 0.01, beyond the 1e-3 ITK-like tolerance) is refused naming the file, as the
+    reference and register paths do (apply said only "direction matrix is not orthonormal")."""
+    img = make_phantom("LPS", "iso")
+    sheared = sitk.Image(img)
+    sheared.SetDirection((1.0, 0.01, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(sheared, str(tmp_path / "shear.mha"))
+    sitk.WriteImage(img, str(tmp_path / "r.nii.gz"))
+    field = sitk.Image([10, 10, 10], sitk.sitkVectorFloat32, 3)
+    field.SetDirection(sheared.GetDirection())
+    sitk.WriteImage(field, str(tmp_path / "shear_warp.mha"))
+    for args, name in ((["-i", tmp_path / "shear.mha"], "shear.mha"),
+                       (["-i", tmp_path / "r.nii.gz", "-t", tmp_path / "shear_warp.mha"], "shear_warp.mha")):
+        res = runner.invoke(app, ["apply", *map(str, args), "-r", str(tmp_path / "r.nii.gz"),
+                                  "-o", str(tmp_path / "o.nii.gz")])
+        assert res.exit_code == 4, res.output
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("GeometryError:") and name in lines[0], res.stderr
+        assert "not orthonormal" in lines[0]
+        assert not (tmp_path / "o.nii.gz").exists()
+
+
+@pytest.mark.parametrize("through", ["affine", "identity"])
+def test_points_just_past_the_buffer_take_the_default_as_in_itk(tmp_path, through):
+    """ITK's buffer is index [-0.5, n - 0.5]: a point 1.2e-5 voxel past it takes the default value (the float32
+    tolerance of 1e-6 in normalized units, 2.5e-5 voxel here, gave it the edge value), one 1e-7 voxel inside it the
+    edge value; linear, nearest and label, with and without a transform, as sitk.Resample."""
+    img = sitk.GetImageFromArray(np.broadcast_to(np.arange(1, 51, dtype=np.int16), (6, 5, 50)).copy())
+    sitk.WriteImage(img, str(tmp_path / "i.nii.gz"))
+    write_affine(AffineTransform.translation((0.0, 0.0, 0.0)), tmp_path / "id.mat")
+    extra = ["-t", tmp_path / "id.mat"] if through == "affine" else []
+    for x in (49.500012, 49.4999999, -0.500012, -0.4999999, 20.25):
+        ref = sitk.Image([1, 3, 2], sitk.sitkUInt8)
+        ref.SetOrigin((x, 2.0, 3.0))
+        sitk.WriteImage(ref, str(tmp_path / "r.mha"))
+        for interp, sitk_interp in (("linear", sitk.sitkLinear), ("nearest", sitk.sitkNearestNeighbor),
+                                    ("label", sitk.sitkLabelLinear)):
+            run_ok(["apply", "-i", tmp_path / "i.nii.gz", "-r", tmp_path / "r.mha", "-n", interp, *extra, "-q",
+                    "--default-value", "-7", "-o", tmp_path / "o.mha", "--overwrite"])
+            got = _read(tmp_path / "o.mha")
+            want = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(img, sitk.sitkFloat32), ref, sitk.Transform(),
+                                                        sitk_interp, -7.0))
+            assert np.allclose(got, want, atol=1e-4), (x, interp, got.ravel()[:2], want.ravel()[:2])

@@ -173,3 +173,59 @@ def test_centred_lattice_is_the_same_point_set_for_flipped_and_permuted_storage(
         for other in (flipped, permuted):
             assert torch.equal(centres(other.centred_lattice(2.0, multiple, remainder)), centres(a))
     assert not torch.equal(centres(flipped.with_spacing(2.0)), centres(g.with_spacing(2.0)))
+
+
+#: off-diagonal perturbation of a rotation, as an oblique header rounded to float32 (or worse) gives: accepted
+#: (|D^T D - I| < 1e-3, as ITK accepts it) and mapped with the exact inverse of D diag(spacing)
+_PERTURB = np.array([[0.0, 5e-4, -3e-4], [-4e-4, 0.0, 5e-4], [2e-4, -5e-4, 0.0]])
+
+
+def perturbed_oblique() -> np.ndarray:
+    """The oblique15 fixture direction with off-diagonal perturbations of up to 5e-4 (not orthonormal)."""
+    return DIRECTIONS["oblique15"] + _PERTURB
+
+
+def test_a_slightly_non_orthonormal_direction_round_trips_exactly_as_itk_maps_it():
+    """A direction 5e-4 off orthonormal: index -> world -> index is the identity to 1e-9 (D^T as the inverse was
+    0.5 voxel off on a 512-voxel axis), and world -> index equals ITK's TransformPhysicalPointToContinuousIndex;
+    the normalized and vector maps are the same inverse."""
+    D = perturbed_oblique()
+    assert 1e-4 < np.abs(D.T @ D - np.eye(3)).max() < 1e-3
+    img = sitk.Image([512, 300, 40], sitk.sitkUInt8)
+    img.SetSpacing((0.5, 0.7, 3.0))
+    img.SetOrigin((-120.0, 80.0, 33.0))
+    img.SetDirection(tuple(D.ravel()))
+    g = Grid.from_sitk(img)
+    rng = np.random.default_rng(1)
+    idx = rng.uniform(-1, np.asarray(g.size) + 1, (200, 3))
+    idx[0] = (511.0, 299.0, 39.0)
+    world = g.index_to_world_points(torch.from_numpy(idx))
+    ref = np.array([img.TransformContinuousIndexToPhysicalPoint(tuple(i)) for i in idx])
+    assert np.abs(world.numpy() - ref).max() < 1e-9
+    back = g.world_to_index_points(world).numpy()
+    assert np.abs(back - idx).max() < 1e-9
+    itk_idx = np.array([img.TransformPhysicalPointToContinuousIndex(tuple(p)) for p in ref])
+    assert np.abs(g.world_to_index_points(torch.from_numpy(ref)).numpy() - itk_idx).max() < 1e-9
+    assert np.allclose(g.world_to_index() @ g.index_to_world(), np.eye(4), atol=1e-12)
+    assert np.allclose(g.norm_to_world() @ g.world_to_norm(), np.eye(4), atol=1e-12)
+    assert np.allclose(g.vector_world_to_index() @ g.index_to_world()[:3, :3], np.eye(3), atol=1e-12)
+    from regcli.spaces.grid import sampling_grid
+
+    ident = sampling_grid(g.cropped((0, 0, 0), (64, 32, 8)), g.cropped((0, 0, 0), (64, 32, 8)))[0]
+    lin = torch.linspace(-1, 1, 64)
+    assert float((ident[..., 0] - lin[None, None, :]).abs().max()) < 1e-6
+    assert g.inside(world[:1])[0] and not g.inside(g.index_to_world_points(torch.tensor([[512.6, 0.0, 0.0]],
+                                                                                   dtype=torch.float64)))[0]
+
+
+def test_an_orthonormal_direction_keeps_the_transpose_as_its_inverse(tmp_path):
+    """Rotations (orthonormal to 1e-16), and the oblique direction as ITK reads it back from a float32 NIfTI header
+    (orthonormal to about 1e-8), still use S^-1 D^T, bit for bit as before the exact inverse existed."""
+    sitk.WriteImage(make_phantom("oblique15", "aniso"), str(tmp_path / "o.nii.gz"))
+    from_nifti = np.asarray(sitk.ReadImage(str(tmp_path / "o.nii.gz")).GetDirection()).reshape(3, 3)
+    assert 1e-12 < np.abs(from_nifti.T @ from_nifti - np.eye(3)).max() < 1e-7
+    for name, D in {**DIRECTIONS, "oblique15 from NIfTI": from_nifti}.items():
+        g = Grid((30, 20, 10), (0.9, 1.1, 3.0), (5.0, -2.0, 1.0), D.ravel())
+        Rinv = (D / np.asarray(g.spacing)[None, :]).T
+        assert np.array_equal(g.world_to_index()[:3, :3], Rinv), name
+        assert np.array_equal(g.world_to_index()[:3, 3], -Rinv @ np.asarray(g.origin)), name

@@ -151,9 +151,10 @@ def _read_input(path: Path):
     import SimpleITK as sitk
 
     from regcli.errors import InputError
-    from regcli.io.images import read_sitk
+    from regcli.io.images import read_sitk, refuse_complex
 
     img = read_sitk(path, "input image")
+    refuse_complex(img.GetPixelIDTypeAsString(), path, "input image")
     dim = img.GetDimension()
     shape = "x".join(str(s) for s in img.GetSize())
     if dim == 4 and img.GetSize()[3] == 1:
@@ -189,30 +190,33 @@ def _warn_nonfinite(img, path: Path, is_4d: bool, ui) -> None:
     ui.warn(f"input image '{path}' has {count} NaN/Inf voxels (first at index x={x}, y={y}, z={z}); {fate}")
 
 
-def resample_volume(vol, reference, transform, interp: str, default: float):
+def resample_volume(vol, reference, transform, interp: str, default: float, path: Optional[Path] = None):
     """Resample one 3D SimpleITK volume (scalar or vector) onto ``reference`` through ``transform``.
 
     Args:
-        vol: 3D SimpleITK image, any pixel type; vector components are resampled independently.
+        vol: 3D SimpleITK image, any real pixel type; vector components are resampled independently.
         reference: output :class:`~regcli.spaces.Grid`.
         transform: object with ``map_points`` (fixed/reference world LPS mm -> input world LPS mm) or None.
         interp: "linear", "nearest" or "label".
         default: value outside the input.
+        path: the input's file, named in a geometry error.
     Returns:
-        (Z, Y, X) or (Z, Y, X, C) numpy array on ``reference``: float32 for linear interpolation, the input's
-        integer values for nearest/label on integer inputs, and for nearest on a float64 input its float64 values.
+        (Z, Y, X) or (Z, Y, X, C) numpy array on ``reference``: the input's integer values for nearest/label on
+        integer inputs; for a float64 input float64 (nearest copies its values, linear interpolates in float64, as
+        sitk.Resample does: values beyond float32's range stay finite); float32 otherwise.
     """
     import numpy as np
     import SimpleITK as sitk
     import torch
 
     from regcli.errors import InputError
+    from regcli.io.images import grid_of
     from regcli.resample import warp
-    from regcli.spaces import Grid, Image
+    from regcli.spaces import Image
 
     arr = sitk.GetArrayFromImage(vol)  # (Z, Y, X) or (Z, Y, X, C)
     ncomp = vol.GetNumberOfComponentsPerPixel()
-    grid = Grid.from_sitk(vol)
+    grid = grid_of(vol, path if path is not None else Path("<input>"), "input image")
     is_int = np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool
     if interp == "label":
         if ncomp > 1:
@@ -224,19 +228,19 @@ def resample_volume(vol, reference, transform, interp: str, default: float):
                                  "(use --interp nearest or linear)")
             arr = np.rint(arr)
             is_int = True
+    keep64 = not is_int and arr.dtype == np.float64  # a float64 input keeps its precision and range
     if is_int:
         data = torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64)))
-    else:  # nearest copies values: a float64 input keeps its precision
-        keep = interp == "nearest" and arr.dtype == np.float64
-        data = torch.from_numpy(np.ascontiguousarray(arr.astype(np.float64 if keep else np.float32)))
+    else:
+        data = torch.from_numpy(np.ascontiguousarray(arr.astype(np.float64 if keep64 else np.float32)))
     if ncomp > 1:
         data = torch.movedim(data, -1, 0)  # (C, Z, Y, X)
-    out = warp(Image(data, grid), transform, reference, interp, default).data
+    out = warp(Image(data, grid), transform, reference, interp, default, itk_edges=True).data
     if ncomp > 1:
         out = torch.movedim(out, 0, -1)
     out = out.cpu().numpy()
     if interp == "linear":
-        out = out.astype(np.float32)
+        out = out.astype(np.float64 if keep64 else np.float32)
     return out
 
 
@@ -264,12 +268,12 @@ def apply_to_image(input: Path, reference: Path, specs: list, output: Path, outs
             math.isfinite(default) and float(default).is_integer() and abs(default) < 2 ** 62):
         raise typer.BadParameter(f"{default:g}: --interp {interp} of an integer image gives integer voxels; give an "
                                  "integer value (or --interp linear for float output)", param_hint="'--default-value'")
-    arrays = [resample_volume(v, ref_grid, transform, interp, default) for v in vols]
+    arrays = [resample_volume(v, ref_grid, transform, interp, default, input) for v in vols]
     stacked = np.stack(arrays) if is_4d else arrays[0]
     # integer results (nearest/label) keep the input's integer type, widened only if the default value needs it;
     # labels given as integral floats take the smallest integer type that holds them (E9)
     if not np.issubdtype(stacked.dtype, np.integer):
-        dtype = stacked.dtype if interp == "nearest" else "float32"  # nearest keeps a float64 input's values
+        dtype = stacked.dtype.name  # float32, or float64 for a float64 input (nearest and linear, as sitk.Resample)
     elif np.issubdtype(in_dtype, np.integer):
         dtype = integer_dtype_holding(in_dtype, int(default))
     else:

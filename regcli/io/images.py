@@ -390,6 +390,81 @@ def written_nifti_problem(path: str | os.PathLike) -> Optional[str]:
     return None
 
 
+#: bytes per value of the MetaImage element types whose size does not depend on the platform
+_MET_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+                   "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _metaimage_fields(path: Path) -> Optional[tuple[dict[str, str], int]]:
+    """The ``key = value`` fields of a MetaImage header (.mha, .mhd), keys upper-cased, up to and including
+    ``ElementDataFile`` (the last field), and the byte offset just past that line (where LOCAL data start); None
+    when the file does not read as one."""
+    fields: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            offset = 0
+            for _ in range(200):
+                line = f.readline(4096)
+                if not line:
+                    return None
+                offset += len(line)
+                key, eq, value = line.decode("latin-1").partition("=")
+                if not eq:
+                    return None
+                fields[key.strip().upper()] = value.strip()
+                if key.strip().upper() == "ELEMENTDATAFILE":
+                    return fields, offset
+    except OSError:
+        return None
+    return None
+
+
+def metaimage_data_problem(path: Path) -> Optional[str]:
+    """Why the voxel data of a MetaImage header (.mhd, or .mha) cannot be read, naming the data file
+    (``ElementDataFile``): missing, not readable, or shorter than the header needs (ITK would print its own
+    ``MetaImage: Read: ...`` lines on stderr and then fail naming the header only). None when they look whole,
+    or the file is not a MetaImage this check understands (a LIST or a file pattern of slices)."""
+    if not path.name.lower().endswith((".mha", ".mhd")):
+        return None
+    parsed = _metaimage_fields(path)
+    if parsed is None:
+        return None
+    fields, header_end = parsed
+    name = fields.get("ELEMENTDATAFILE", "")
+    if not name or name.upper().startswith("LIST") or "%" in name or " " in name:
+        return None
+    local = name.upper() == "LOCAL"
+    data = path if local else (Path(name) if Path(name).is_absolute() else path.parent / name)
+    shown = f"its data file '{data}' (ElementDataFile in the header)"
+    if not local:
+        if not data.exists():
+            return f"{shown} does not exist"
+        if data.is_dir() or not os.access(data, os.R_OK):
+            return f"{shown} cannot be read"
+    size = data.stat().st_size - (header_end if local else 0)
+    try:
+        if fields.get("COMPRESSEDDATA", "false").lower() == "true":
+            need = int(fields["COMPRESSEDDATASIZE"]) if "COMPRESSEDDATASIZE" in fields else None
+        else:
+            dims = [int(v) for v in fields["DIMSIZE"].split()]
+            channels = int(fields.get("ELEMENTNUMBEROFCHANNELS", "1"))
+            item = _MET_TYPE_BYTES.get(fields.get("ELEMENTTYPE", "").upper())
+            skip = int(fields.get("HEADERSIZE", "0"))
+            need = None if item is None else math.prod(dims) * channels * item + (skip if not local and skip > 0
+                                                                                 else 0)
+    except (KeyError, ValueError):
+        return None
+    if need is not None and size < need:
+        where = f"{shown} holds {size} bytes" if not local else f"its voxel data hold {size} bytes"
+        return f"{where} where the header needs {need}; the file is truncated"
+    return None
+
+
+def _refuse_unreadable_metaimage_data(path: Path, role: str) -> None:
+    if (problem := metaimage_data_problem(path)) is not None:
+        raise InputError(f"cannot read {role} '{path}': {problem}")
+
+
 def _checked_nifti_xforms(path: Path, role: str) -> Optional[NiftiXforms]:
     """The NIfTI header fields of ``path`` (None for other formats), refusing a sform ITK cannot use (G7)."""
     xf = read_nifti_xforms(path) if is_nifti_path(path) else None
@@ -427,6 +502,7 @@ def read_sitk(path: str | os.PathLike, role: str = "image"):
     xf = _checked_nifti_xforms(path, role)
     if is_nifti_path(path):
         check_nifti_length(path, role, decompressed)
+    _refuse_unreadable_metaimage_data(path, role)
     try:
         with _quiet_itk_for(xf):
             img = sitk.ReadImage(str(path))
@@ -463,15 +539,20 @@ def check_image_header(path: str | os.PathLike, role: str) -> None:
     corrupt input, or one that is not a scalar 3D volume, before its heavy imports. A NIfTI file is also checked
     for truncation, from its size (``.nii``) or the length in its gzip trailer (``.nii.gz``,
     :func:`written_nifti_problem`): only when that disagrees with the header is the stream read, to say why (a
-    file of several gzip members, whose trailer holds the last one's length only, then passes). Other formats whose
-    header is intact but whose voxel data are cut short pass here; the full read refuses them.
+    file of several gzip members, whose trailer holds the last one's length only, then passes). A MetaImage's data
+    file (``ElementDataFile``) must exist and hold what the header needs (:func:`metaimage_data_problem`). Other
+    formats whose header is intact but whose voxel data are cut short pass here; the full read refuses them.
 
     Raises:
         InputError: missing, unreadable, not an image, not gzip, truncated, not a scalar 3D volume.
         GeometryError: an unusable sform.
     """
+    import SimpleITK as sitk
+
     reader, _, path = _read_header(path, role)
+    refuse_complex(sitk.GetPixelIDValueAsString(reader.GetPixelID()), path, role)
     _check_volume(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), path, role)
+    _refuse_unreadable_metaimage_data(path, role)
     if written_nifti_problem(path) is not None:
         decompressed = check_gzip_stream(path, role) if path.name.lower().endswith(".gz") else None
         check_nifti_length(path, role, decompressed)
@@ -504,13 +585,26 @@ def read_grid(path: str | os.PathLike, role: str = "image") -> Grid:
         raise InputError(f"{role} '{path}' is a {dim}D image of size {shape}; a 3D image is needed")
     if xf is not None:
         check_nifti_geometry(reader, xf, path, role)
-    return _grid_of(reader, path, role)
+    return grid_of(reader, path, role)
+
+
+def refuse_complex(pixel_type: str, path: Path, role: str) -> None:
+    """InputError for complex voxels (RELIABILITY E7: non-scalar input is refused): regcli would otherwise keep the
+    real part only (NumPy drops the imaginary part when casting). ``pixel_type``: SimpleITK's pixel type string
+    (``GetPixelIDTypeAsString``, or ``GetPixelIDValueAsString`` of a reader's pixel ID)."""
+    if "complex" in pixel_type.lower():
+        raise InputError(
+            f"{role} '{path}' has complex voxels ({pixel_type}); regcli needs real values: split it into "
+            "magnitude and phase (or real and imaginary parts), e.g. with SimpleITK's ComplexToModulus and "
+            "ComplexToPhase, and use those"
+        )
 
 
 def _as_3d(img, path: Path, role: str, allow_vector: bool = False):
-    """Return a 3D SimpleITK image or raise InputError naming the dimension problem."""
+    """Return a 3D SimpleITK image or raise InputError naming the dimension problem (or complex voxels)."""
     import SimpleITK as sitk
 
+    refuse_complex(img.GetPixelIDTypeAsString(), path, role)
     _check_volume(img.GetDimension(), img.GetSize(), img.GetNumberOfComponentsPerPixel(), path, role, allow_vector)
     if img.GetDimension() == 4:  # 4D with one time point (_check_volume): its volume
         img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
@@ -539,7 +633,7 @@ def _check_volume(dim: int, size, ncomp: int, path: Path, role: str, allow_vecto
         raise InputError(f"{role} '{path}' has a size-1 axis {size}; a 3D volume is expected")
 
 
-def _grid_of(source: Any, path: Path, role: str) -> Grid:
+def grid_of(source: Any, path: Path, role: str) -> Grid:
     """Grid of the first three axes of a SimpleITK image or ImageFileReader (after ReadImageInformation)."""
     from regcli.spaces import Grid
 
@@ -565,39 +659,82 @@ def _nonfinite_message(role: str, path: Path, count: int, first_xyz: tuple[int, 
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes FLOAT32, FLOAT64
 
 
-def nonfinite_in_nifti(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> tuple[int, tuple[int, int, int]] | None:
-    """Count NaN/Inf voxels in the data bytes of a single-file float NIfTI (.nii, .nii.gz).
+def _nifti_pair_files(path: Path) -> Optional[tuple[Path, Path]]:
+    """``(header, voxel data)`` files of a NIfTI-1 or Analyze 7.5 pair named by either of them (``.hdr``,
+    ``.img``, either gzipped), the companion found as nifti1_io finds it (the other extension, plain, then
+    ``.gz``, in either case); None for another name or when the companion is missing (SimpleITK then says so)."""
+    low = path.name.lower()
+    for ext, other in ((".hdr", ".img"), (".hdr.gz", ".img"), (".img", ".hdr"), (".img.gz", ".hdr")):
+        if low.endswith(ext):
+            stem = path.name[:len(path.name) - len(ext)]
+            for cand in (other, other + ".gz", other.upper(), (other + ".gz").upper()):
+                companion = path.with_name(stem + cand)
+                if companion.is_file():
+                    return (path, companion) if ext.startswith(".hdr") else (companion, path)
+            return None
+    return None
 
-    ITK 5 (so SimpleITK 2.x) replaces every NaN and +-Inf with 0 while reading NIfTI (``nifti_read_buffer``;
-    ITK PR #6683 keeps them from ITK 6 on), so a check on the array SimpleITK returns never sees them.
+
+def _float_voxels_on_disk(path: Path) -> Optional[tuple[Path, np.dtype, tuple[int, ...], int]]:
+    """``(file holding the voxels, float dtype with byte order, dims (x, y, z, ...), byte offset of the voxels in
+    it)`` for a float32/float64 image that SimpleITK reads through nifti1_io (and so with NaN/Inf as 0): a
+    single-file NIfTI-1/2 (.nii, .nii.gz) or a NIfTI-1/Analyze 7.5 pair (.hdr/.img, gzipped or not). None for
+    any other file."""
+    if is_nifti_path(path):
+        with _open_nifti(path) as f:
+            layout = _nifti_layout(f.read(540))
+        if layout is None:
+            return None
+        dtype, dims, offset = layout
+        return path, dtype, dims, max(offset, 348)
+    files = _nifti_pair_files(path)
+    if files is None:
+        return None
+    header, data = files
+    with _open_nifti(header) as f:
+        head = f.read(348)
+    order = _header_byte_order(head, 348)  # a NIfTI-1 pair ("ni1") or Analyze 7.5 (no magic): the same fields
+    if order is None:
+        return None
+    dim = np.frombuffer(head[40:56], order + "i2")
+    code = int(np.frombuffer(head[70:72], order + "i2")[0])
+    if not 1 <= int(dim[0]) <= 7 or code not in _NIFTI_FLOAT_TYPES:
+        return None
+    vox_offset = float(np.frombuffer(head[108:112], order + "f4")[0])
+    offset = int(vox_offset) if math.isfinite(vox_offset) and vox_offset > 0 else 0
+    dims = tuple(max(1, int(d)) for d in dim[1:int(dim[0]) + 1])
+    return data, np.dtype(order + _NIFTI_FLOAT_TYPES[code]), dims, offset
+
+
+def nonfinite_in_nifti(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> tuple[int, tuple[int, int, int]] | None:
+    """Count NaN/Inf voxels in the data bytes of a float NIfTI file: single-file (.nii, .nii.gz) or a pair
+    (.hdr/.img, .img.gz; NIfTI-1 or Analyze 7.5), named by either file of the pair.
+
+    ITK 5 (so SimpleITK 2.x) replaces every NaN and +-Inf with 0 while reading these (nifti1_io's
+    ``nifti_read_buffer``, which reads all of them; ITK PR #6683 keeps them from ITK 6 on), so a check on the
+    array SimpleITK returns never sees them. MetaImage (.mha, .mhd) and NRRD keep them: the array check sees them.
 
     Returns:
         ``(count, (x, y, z))``: the number of non-finite values and the ITK index of the first one (file order,
-        x fastest), or None when there are none, or the file is not a single-file float32/float64 NIfTI-1/2
-        (other formats keep NaN through SimpleITK).
+        x fastest), or None when there are none, or the file is not a float32/float64 NIfTI or Analyze image.
     """
     path = Path(path)
-    if not is_nifti_path(path):
-        return None
     try:
-        with _open_nifti(path) as f:
-            head = f.read(540)
-            layout = _nifti_layout(head)
-            if layout is None:
-                return None
-            dtype, dims, offset = layout
-            if offset >= len(head):
-                f.read(offset - len(head))  # forward to the data (also in a gzip stream)
-                pending = b""
-            else:  # NIfTI-1 data may start at byte 352, inside what was read as the header
-                pending = head[max(offset, 348):]
+        found = _float_voxels_on_disk(path)
+        if found is None:
+            return None
+        data_file, dtype, dims, offset = found
+        with _open_nifti(data_file) as f:
+            while offset > 0:  # forward to the voxels (also in a gzip stream)
+                skipped = len(f.read(min(offset, 1 << 22)))
+                if not skipped:
+                    return None
+                offset -= skipped
             total = int(np.prod(dims, dtype=np.int64))
             step = max(dtype.itemsize, chunk_bytes - chunk_bytes % dtype.itemsize)
             count, first, seen = 0, 0, 0
             while seen < total:
-                want = min(step, (total - seen) * dtype.itemsize)
-                buf = pending[:want] + f.read(max(0, want - len(pending)))
-                pending = pending[want:]
+                buf = f.read(min(step, (total - seen) * dtype.itemsize))
                 n = len(buf) // dtype.itemsize
                 if n == 0:
                     break
@@ -655,8 +792,57 @@ def _nifti_layout(head: bytes):
     return np.dtype(order + _NIFTI_FLOAT_TYPES[code]), dims, offset
 
 
+#: an intensity image whose range float32 would cover with fewer steps than this (its values all of one sign and
+#: far from zero, e.g. 1000 + 1e-6 x signal in float64) is read with its minimum subtracted first (:func:`read_image`)
+FLOAT32_MIN_LEVELS = 1 << 16
+
+
+def _read_scalar(path: Path, role: str):
+    """``(SimpleITK image, grid, voxels (Z, Y, X) in the file's type)`` of a scalar 3D image, with NaN/Inf voxels
+    refused (counted in the file where SimpleITK reads them as 0)."""
+    import SimpleITK as sitk
+
+    img = _as_3d(read_sitk(path, role), path, role)
+    grid = grid_of(img, path, role)
+    arr = sitk.GetArrayFromImage(img)
+    refuse_nonfinite(arr, path, role)
+    return img, grid, arr
+
+
+def float32_offset(arr: np.ndarray) -> float:
+    """The offset to subtract (in float64) from intensities ``arr`` before casting them to float32, or 0.0 when the
+    cast keeps them well enough.
+
+    float32 has 24 significant bits: values ``1000 + 1e-9 x signal`` become one number, and ``1 + 1e-8 x signal``
+    about 20 levels. When the range of ``arr`` spans fewer than :data:`FLOAT32_MIN_LEVELS` float32 steps at its
+    magnitude (possible only when every value has the same sign and lies far from zero, so never for an image
+    that contains 0), the offset is its minimum rounded to float32 (so that adding it back is exact where the
+    data are 0); otherwise 0. Only types float32 cannot hold exactly (float64, 32- and 64-bit integers) can
+    need one.
+    """
+    if arr.size == 0 or arr.dtype in (np.float32, np.float16) or arr.dtype.itemsize < 4 or arr.dtype == bool:
+        return 0.0
+    lo, hi = float(arr.min()), float(arr.max())
+    if not hi > lo or lo <= 0.0 <= hi:
+        return 0.0
+    magnitude = max(abs(lo), abs(hi))
+    if magnitude > float(np.finfo(np.float32).max):
+        return 0.0
+    step = float(np.spacing(np.float32(magnitude)))
+    if (hi - lo) >= FLOAT32_MIN_LEVELS * step:
+        return 0.0
+    return float(np.float32(lo))
+
+
 def read_image(path: str | os.PathLike, role: str = "image", check_variance: bool = True) -> Image:
     """Read a scalar 3D intensity image as float32.
+
+    Registration does not depend on an intensity offset (every similarity and feature normalises it away: MIND,
+    LNCC/NCC, MI and MSE on percentile-normalised images, the networks' percentile windows), so an image that
+    float32 would quantise (a small signal on a large offset, :func:`float32_offset`) is read with its minimum
+    subtracted in float64 first, recorded as ``meta["intensity_offset"]`` (file value = data + offset), which
+    :func:`write_image` adds back. ``--modality ct`` windows (absolute HU) would see the shift, but a CT image
+    spans 0 and is never shifted.
 
     Args:
         path: image file.
@@ -664,34 +850,62 @@ def read_image(path: str | os.PathLike, role: str = "image", check_variance: boo
         check_variance: refuse constant images (E3).
 
     Returns:
-        Image with ``data`` (Z, Y, X) float32 and the file's grid.
+        Image with ``data`` (Z, Y, X) float32 and the file's grid; ``meta`` holds ``path``, ``pixel_type`` and,
+        when one was subtracted, ``intensity_offset``.
 
     Raises:
-        InputError: unreadable, not 3D, vector-valued, NaN/Inf voxels, or constant.
+        InputError: unreadable, not 3D, vector-valued or complex, NaN/Inf voxels, values beyond float32's range,
+            or constant.
     """
-    import SimpleITK as sitk
     import torch
 
     from regcli.spaces import Image
 
     path = Path(path)
-    img = _as_3d(read_sitk(path, role), path, role)
-    grid = _grid_of(img, path, role)
+    img, grid, arr = _read_scalar(path, role)
     pixel_type = img.GetPixelIDTypeAsString()
-    data = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
-    refuse_nonfinite(data, path, role)
+    if arr.size and np.issubdtype(arr.dtype, np.floating):
+        big = float(np.abs(arr).max())
+        if big > float(np.finfo(np.float32).max):
+            raise InputError(f"{role} '{path}' has values up to {big:.4g}, beyond float32's range (3.4e38) in which "
+                             "registration computes; rescale the image")
+    offset = float32_offset(arr)
+    if offset:
+        data = (arr.astype(np.float64, copy=False) - offset).astype(np.float32)
+        log.debug("%s '%s': intensities read minus %r (float32 would quantise them)", role, path, offset)
+    else:
+        data = arr.astype(np.float32, copy=False)
     if check_variance and float(data.max()) == float(data.min()):
-        raise InputError(f"{role} '{path}' has zero intensity variance (every voxel is {float(data.min()):g})")
+        raise InputError(f"{role} '{path}' has zero intensity variance (every voxel is {float(arr.min()):g})")
     meta = {"path": str(path), "pixel_type": pixel_type}
+    if offset:
+        meta["intensity_offset"] = offset
     return Image(torch.from_numpy(np.ascontiguousarray(data)), grid, str(path), meta)
+
+
+def refuse_labels_beyond_int32(arr: np.ndarray, path: Path, role: str) -> None:
+    """InputError naming the smallest or largest label when a label map (integer, or integral floats) holds a
+    value that int32, regcli's label type, cannot: the cast would wrap it (2^32 + 1 becomes 1 and merges with
+    label 1; a float 3e9 becomes -2^31)."""
+    if arr.size == 0 or arr.dtype == bool:
+        return
+    info = np.iinfo(np.int32)
+    lo, hi = arr.min(), arr.max()
+    for value in (lo, hi):
+        if not info.min <= value <= info.max:
+            shown = int(value) if np.issubdtype(arr.dtype, np.integer) else f"{float(value):.17g}"
+            raise InputError(
+                f"{role} '{path}' has label {shown}, outside the 32-bit integer range regcli's label maps use "
+                f"({info.min} to {info.max}); renumber the labels"
+            )
 
 
 def read_labels(path: str | os.PathLike, role: str = "label map") -> Image:
     """Read an integer label map (Z, Y, X) int32. Float files must hold integral values.
 
     Raises:
-        InputError: unreadable, not 3D, vector-valued, NaN/Inf voxels (counted in the file, as
-            :func:`read_image` does), or non-integer values.
+        InputError: unreadable, not 3D, vector-valued or complex, NaN/Inf voxels (counted in the file, as
+            :func:`read_image` does), non-integer values, or labels outside the int32 range.
     """
     import SimpleITK as sitk
     import torch
@@ -700,7 +914,7 @@ def read_labels(path: str | os.PathLike, role: str = "label map") -> Image:
 
     path = Path(path)
     img = _as_3d(read_sitk(path, role), path, role)
-    grid = _grid_of(img, path, role)
+    grid = grid_of(img, path, role)
     arr = sitk.GetArrayFromImage(img)
     refuse_nonfinite(arr, path, role)
     if np.issubdtype(arr.dtype, np.floating):
@@ -708,6 +922,7 @@ def read_labels(path: str | os.PathLike, role: str = "label map") -> Image:
         if np.abs(arr - rounded).max() > 1e-3:
             raise InputError(f"{role} '{path}' has non-integer values; a label map must hold integer labels")
         arr = rounded
+    refuse_labels_beyond_int32(arr, path, role)
     data = torch.from_numpy(np.ascontiguousarray(arr.astype(np.int32)))
     return Image(data, grid, str(path), {"path": str(path), "pixel_type": img.GetPixelIDTypeAsString()})
 
@@ -721,15 +936,19 @@ def read_mask(path: str | os.PathLike, role: str, reference: Grid | None = None)
 
     from regcli.spaces import Image
 
-    img = read_image(path, role, check_variance=False)
-    data = (img.data != 0).to(torch.float32)
+    path = Path(path)
+    img, grid, arr = _read_scalar(path, role)
+    data = torch.from_numpy(np.ascontiguousarray(arr != 0)).to(torch.float32)  # in the file's type: 1e-50 is inside
     if not bool(data.any()):
         raise GeometryError(f"{role} '{path}' has 0 voxels inside (empty mask)")
-    return Image(data, img.grid, img.name, img.meta)
+    return Image(data, grid, str(path), {"path": str(path), "pixel_type": img.GetPixelIDTypeAsString()})
 
 
 def write_image(image: Image, path: str | os.PathLike, dtype: str | None = None) -> None:
     """Write an image (or vector field with a channel axis) with SimpleITK.
+
+    An image whose ``meta`` holds an ``intensity_offset`` (one read by :func:`read_image` with that offset
+    subtracted, or resampled from one) is written with the offset added back (in float64), in the file's units.
 
     Args:
         dtype: optional numpy dtype name to cast to before writing (e.g. "uint8" for labels).
@@ -737,6 +956,10 @@ def write_image(image: Image, path: str | os.PathLike, dtype: str | None = None)
     import SimpleITK as sitk
 
     arr = image.numpy()
+    offset = image.meta.get("intensity_offset")
+    if offset and np.issubdtype(arr.dtype, np.floating):  # read minus an offset (read_image): the file's values
+        dtype = arr.dtype if dtype is None else dtype
+        arr = arr.astype(np.float64) + float(offset)
     if dtype is not None:
         arr = arr.astype(dtype)
     if arr.ndim == 4:

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from regcli.errors import InputError, RegcliError, folded
+from regcli.errors import GeometryError, InputError, RegcliError, folded
 from regcli.io.images import IMAGE_EXTENSIONS, check_readable_file, read_sitk, refuse_nonfinite
 from regcli.transforms import AffineTransform, CompositeTransform, DisplacementField
 
@@ -480,7 +480,10 @@ def read_transform(spec: str) -> list:
             )
         refuse_nonfinite(sitk.GetArrayViewFromImage(img), path, "displacement field",
                          "a field must be finite everywhere: the file is damaged, write it again")
-        return [DisplacementField.from_sitk(img)]
+        try:
+            return [DisplacementField.from_sitk(img)]
+        except GeometryError as e:  # a sheared or degenerate header: name the file
+            raise GeometryError(f"displacement field '{path}': {e}") from None
     tx = read_itk_transform(path)
     try:
         if tx.GetDimension() != 3:

@@ -25,6 +25,14 @@ from regcli.errors import GeometryError
 
 _AXIS_LETTERS = (("L", "R"), ("P", "A"), ("S", "I"))  # LPS: positive world axis letter first
 
+#: ``|D^T D - I|`` up to which a direction's transpose serves as its inverse (:meth:`Grid.world_to_index`), off by at
+#: most this times the index (5e-4 voxel at index 512, at the limit): rotations built in float64 (1e-16) and the
+#: directions ITK reads from float32 NIfTI headers (about 1e-8, so 5e-6 voxel) keep the numbers they always gave
+ORTHONORMAL_EXACT = 1e-6
+#: ``|D^T D - I|`` up to which a direction is accepted (beyond: a sheared header, refused); between
+#: :data:`ORTHONORMAL_EXACT` and this, index and world are converted with the exact inverse of ``D diag(spacing)``
+ORTHONORMAL_TOL = 1e-3
+
 
 def dominant_axes_of(direction: Any) -> list[tuple[int, float]]:
     """Per spatial index axis of a direction matrix of any dimension: the LPS world axis it mostly points along
@@ -101,7 +109,7 @@ class Grid:
                 "direction matrix is not a rotation/reflection (sheared or degenerate header): "
                 f"{np.round(D, 4).tolist()}"
             )
-        if np.abs(D.T @ D - np.eye(3)).max() > 1e-3:
+        if np.abs(D.T @ D - np.eye(3)).max() > ORTHONORMAL_TOL:
             raise GeometryError(
                 f"direction matrix is not orthonormal (sheared header): {np.round(D, 4).tolist()}"
             )
@@ -162,9 +170,21 @@ class Grid:
         return M
 
     def world_to_index(self) -> np.ndarray:
-        """(4, 4) homogeneous matrix: world LPS mm -> continuous index (x, y, z)."""
+        """(4, 4) homogeneous matrix: world LPS mm -> continuous index (x, y, z), the exact inverse of
+        :meth:`index_to_world` (as ITK's ``m_PhysicalPointToIndex``, the inverse of ``D diag(spacing)``).
+
+        A header's direction is often orthonormal only to float32 precision or a little worse (an oblique
+        acquisition rounded in the header; ITK accepts it), and then ``D^T`` is not ``D^-1``: an index mapped to
+        world and back would move by ``|D^T D - I| * index`` (half a voxel on a 512-voxel axis at 1e-3). When
+        ``D`` is orthonormal to :data:`ORTHONORMAL_EXACT`, ``S^-1 D^T`` is the inverse to that precision and is
+        used as it is (so rotations, and directions read from float32 headers, give the same numbers as ever).
+        """
         M = np.eye(4)
-        Rinv = (self.direction_matrix / np.asarray(self.spacing)[None, :]).T  # (D S)^-1 = S^-1 D^T
+        D = self.direction_matrix
+        if np.abs(D.T @ D - np.eye(3)).max() <= ORTHONORMAL_EXACT:
+            Rinv = (D / np.asarray(self.spacing)[None, :]).T  # (D S)^-1 = S^-1 D^T
+        else:
+            Rinv = np.linalg.inv(D * np.asarray(self.spacing)[None, :])
         M[:3, :3] = Rinv
         M[:3, 3] = -Rinv @ np.asarray(self.origin)
         return M
