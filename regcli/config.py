@@ -109,6 +109,13 @@ _PositiveMm = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 #: a coupling weight of the coupled-convex scheme (a negative one would reward leaving the smooth field)
 _Coupling = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
+#: the range of a seed: a signed 64-bit integer, what every random generator regcli seeds takes (``torch.manual_seed``
+#: and ``torch.Generator.manual_seed`` take -2**63 to 2**64 - 1, and a larger number was an OverflowError mid-run;
+#: ``random.seed`` any; numpy's legacy seed gets ``seed % 2**32``). Training jobs' ``train.seed`` are checked against
+#: it too (:func:`regcli.training.jobs.load_job_file`), and so are the ``--seed`` flags.
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX, description="random seed, a signed 64-bit integer")]
+
 
 class AffineConfig(_Frozen):
     """Linear pre-alignment: initialisation, then rigid and/or affine, coarse to fine."""
@@ -356,7 +363,7 @@ class RegisterConfig(_Frozen):
     prompts: PromptConfig = PromptConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
-    seed: int = 0
+    seed: Seed = 0
     deterministic: bool = False
     inverse_warp: bool = Field(True, description="also write the inverse displacement field")
     inverse_iterations: int = Field(20, ge=1, description="fixed-point iterations of the inverse field (at most)")
@@ -375,7 +382,7 @@ class RegisterConfig(_Frozen):
         "written warps are float32 either way")
     max_memory_mb: Optional[float] = Field(
         None, gt=0, description="refuse to start when the pre-flight estimate of the process's peak memory (MB) "
-        "is above this (--max-memory); the estimate is always in the report")
+        "is above this (--max-memory; None: above the machine's RAM and swap); the estimate is always in the report")
 
     @property
     def deformable(self) -> bool:
@@ -407,6 +414,29 @@ class RegisterConfig(_Frozen):
         if self.precision == "float64" and self.method in ("dio", "foundation", "promptreg"):
             raise ValueError(f"precision float64 is for the classical solvers (convexadam, samconvex, affine, rigid); "
                              f"method '{self.method}' runs a network in float32: use precision float32")
+        return self
+
+    @model_validator(mode="after")
+    def _affine_stages_fit_the_method(self, info: ValidationInfo) -> "RegisterConfig":
+        """``affine.stages`` must run something when the affine stage is on (an empty list ran the initialisation
+        alone, as if a registration), and agree with a linear method: ``rigid`` runs no ``affine`` stage,
+        ``affine`` runs one (the report names the method, the .mat would say otherwise). The method is named as
+        the user chose it when :func:`build_config` passes ``method_origin`` in the validation context."""
+        stages = self.affine.stages
+        if not self.affine.enabled:
+            return self
+        named = (info.context or {}).get("method_origin") or f"method {self.method}"
+        listed = f"[{', '.join(stages)}]"
+        if not stages:
+            raise ValueError(f"affine.stages is empty: the affine stage would run its initialisation "
+                             f"({self.affine.init}) alone; list its stages (rigid, affine), or turn the stage off "
+                             "(affine.enabled false, --no-affine)")
+        if self.method == "rigid" and "affine" in stages:
+            raise ValueError(f"affine.stages {listed} has an affine stage, which {named} does not run: use method "
+                             "affine, or affine.stages [rigid]")
+        if self.method == "affine" and "affine" not in stages:
+            raise ValueError(f"affine.stages {listed} has no affine stage, which {named} runs: use method rigid, or "
+                             "affine.stages [rigid, affine]")
         return self
 
     @model_validator(mode="after")
@@ -484,15 +514,44 @@ def solver_stages(cfg: RegisterConfig) -> SolverStages:
     return SolverStages(tuple(running), setting, stages + " and --fine-spacing")
 
 
+def _preset(stages: tuple[str, ...] = ("rigid", "affine"), inverse_grid: str = "fixed") -> dict[str, Any]:
+    return {"affine": {"stages": stages}, "inverse_grid": inverse_grid}
+
+
+#: The keys each method's preset sets, and their values. Every preset sets the same keys, so that a ``--method``
+#: flag gives them its own method's values whatever method a ``--config`` file was written for
+#: (:func:`build_config`).
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    "convexadam": {},
-    "samconvex": {},
-    "dio": {},
-    "foundation": {"inverse_grid": "moving"},
-    "promptreg": {"inverse_grid": "moving"},
-    "affine": {"affine": {"stages": ("rigid", "affine")}},
-    "rigid": {"affine": {"stages": ("rigid",)}},
+    "convexadam": _preset(),
+    "samconvex": _preset(),
+    "dio": _preset(),
+    "foundation": _preset(inverse_grid="moving"),
+    "promptreg": _preset(inverse_grid="moving"),
+    "affine": _preset(),
+    "rigid": _preset(("rigid",)),
 }
+
+
+def _plain(value: Any) -> Any:
+    """A configuration value as compared with a preset's: lists (YAML) as tuples."""
+    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _drop_preset_values(data: dict, old: dict, new: dict) -> dict:
+    """``data`` (a ``--config`` file's mapping) without the keys of preset ``new`` whose values are those of the
+    file's own method's preset ``old``: what the file holds because its method's preset put it there (``regcli
+    config show`` writes every key), which the preset of a ``--method`` flag replaces. A value that differs from
+    ``old`` is the file's own choice and stays (validation refuses it where it contradicts the flag's method)."""
+    out = dict(data)
+    for key, value in new.items():
+        if key not in out or key not in old:
+            continue
+        if isinstance(value, dict):
+            if isinstance(out[key], dict) and isinstance(old[key], dict):
+                out[key] = _drop_preset_values(out[key], old[key], value)
+        elif _plain(out[key]) == _plain(old[key]):
+            del out[key]
+    return out
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -552,6 +611,11 @@ def validation_details(err: ValidationError, under: str = "") -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown option"
+        elif e["type"] == "value_error":  # a validator's own message, which names its keys
+            msg = msg.removeprefix("Value error, ")
+            if not e["loc"] and not under:
+                parts.append(msg)
+                continue
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 
@@ -564,6 +628,13 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
                  model: type[BaseModel] = RegisterConfig, source: Optional[str] = None,
                  data: Optional[dict] = None) -> BaseModel:
     """YAML file (optional) merged with flag overrides (flags win), method preset applied first.
+
+    The method preset (:data:`METHOD_PRESETS`): the method's values of the keys that presets set, under the file and
+    the flags. A ``method`` flag (``overrides["method"]``) that differs from the file's own method (its ``method``
+    key, else the default) wins over the file there too: the file's preset keys that hold its own method's preset
+    values are replaced by the flag's method's (``regcli config show > c.yaml`` then ``--config c.yaml --method
+    rigid`` runs rigid); those it set to other values stay, and are refused where they contradict the flag's
+    method (``affine.stages: [affine]`` with ``--method rigid``). Other flags win over every preset.
 
     ``data`` instead of ``yaml_path``: the configuration mapping as a file holds it, e.g. a section of a training
     job (a DIO job's ``solver``). It is read as the YAML file would be: an explicit null is a value (what
@@ -585,6 +656,11 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
     overrides = _drop_none(overrides or {})
     iterations = overrides.pop("iterations", None)
     network_flags = {k: overrides.pop(k) for k in ("modality", "io") if k in overrides}
+    flag_method = overrides.get("method")
+    if model is RegisterConfig and isinstance(flag_method, str) and flag_method in METHOD_PRESETS:
+        own = data.get("method", RegisterConfig.model_fields["method"].default)
+        if isinstance(own, str) and own in METHOD_PRESETS and own != flag_method:
+            data = _drop_preset_values(data, METHOD_PRESETS[own], METHOD_PRESETS[flag_method])
     merged = deep_merge(data, overrides)
     method = merged.get("method")
     if model is RegisterConfig and isinstance(method, str) and method in METHOD_PRESETS:
@@ -599,7 +675,7 @@ def build_config(yaml_path: str | Path | None = None, overrides: dict | None = N
         merged = deep_merge(merged, iteration_override(method, iterations, merged.get("dio", {}).get("levels"),
                                                        named=named))
     try:
-        cfg = model.model_validate(merged)
+        cfg = model.model_validate(merged, context={"method_origin": named} if model is RegisterConfig else None)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, source)) from None
     if isinstance(cfg, RegisterConfig):  # the cached properties' values (pydantic's way to set one on a frozen model)

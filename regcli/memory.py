@@ -3,7 +3,10 @@ kill after hours, ANTs #1091).
 
 ``regcli register`` reads the two headers, predicts the peak resident memory (RSS) of every phase from the voxel
 counts, logs the estimate, writes it to the report (``memory.estimate_mb``), and with ``--max-memory`` refuses to
-start when it is above the limit, naming the phase that needs the memory and what to change.
+start when it is above the limit, naming the phase that needs the memory and what to change. Without
+``--max-memory`` it refuses an estimate above all the memory the machine has (physical RAM plus swap,
+:func:`machine_memory_mb`), which no run could get (a header with 100 mm voxels, a 4 m field of view, asked the
+2 mm working grid for 3.5 TB and failed at its allocation with an internal error).
 
 The model is linear per phase: ``MB = mb + (fixed·N_fixed + moving·N_moving + work·N_work + fine·N_fine) / 2**20``,
 with N the voxel counts of the fixed image, the moving image, the deformable working grid and the fine grid, and
@@ -37,6 +40,7 @@ networks, on their fixed input size rather than the images'; the report gives th
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -75,6 +79,8 @@ class MemoryEstimate:
     method: str
     notes: list[str] = field(default_factory=list)
     cuda_host_mb: float = 0.0  # on CUDA: the host memory of the CUDA runtime, in every phase (before the margin)
+    fixed_spacing: tuple[float, ...] = ()  # the fixed image's voxel size (mm, x y z), for the refusal's advice
+    fixed_extent_mm: tuple[float, ...] = ()  # its field of view (mm, x y z: size times spacing)
 
     @property
     def largest(self) -> str:
@@ -140,14 +146,48 @@ def estimate_peak_memory(fixed: Grid, moving: Grid, config: RegisterConfig, devi
         if _phase_runs(name, config):
             phases[name] = c["mb"] + host_extra + sum(c.get(k, 0.0) * counts[k] for k in counts) / MB
     margin = float(model["margin"])
-    return MemoryEstimate(max(phases.values()) * margin, phases, counts, margin, method, notes, host_extra)
+    return MemoryEstimate(max(phases.values()) * margin, phases, counts, margin, method, notes, host_extra,
+                          tuple(float(v) for v in fixed.spacing),
+                          tuple(float(n) * float(v) for n, v in zip(fixed.size, fixed.spacing)))
+
+
+def machine_memory_mb() -> Optional[float]:
+    """All the memory this machine could give a process (MB): physical RAM plus swap (``MemTotal`` and
+    ``SwapTotal`` of ``/proc/meminfo``; elsewhere the RAM of ``os.sysconf``); None when neither tells. A container's
+    or a job's own limit (cgroups) is not counted: the estimate is an upper bound, and only what no run could get
+    is refused without ``--max-memory``."""
+    totals = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("MemTotal", "SwapTotal") and rest.split():
+                totals[key] = float(rest.split()[0]) / 1024.0  # kB
+    except (OSError, ValueError):
+        totals = {}
+    if "MemTotal" not in totals:
+        try:
+            totals["MemTotal"] = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / MB
+        except (AttributeError, ValueError, OSError):
+            return None
+    total = totals["MemTotal"] + totals.get("SwapTotal", 0.0)
+    return total if total > 0 else None
 
 
 def check_memory(estimate: MemoryEstimate, limit_mb: Optional[float], config: RegisterConfig,
-                 fixed_path: str = "the fixed image") -> None:
+                 fixed_path: str = "the fixed image", machine_mb: Optional[float] = None) -> None:
     """Raise :class:`ResourceError` (one line: the estimate, the limit, the phase, what to change) when
-    ``estimate`` is above ``limit_mb``; nothing when no limit is set."""
-    if limit_mb is None or estimate.total_mb <= limit_mb:
+    ``estimate`` is above ``limit_mb`` (``--max-memory``); when no limit is set, when it is above all the memory the
+    machine has (``machine_mb``, default :func:`machine_memory_mb`; nothing when that is unknown)."""
+    if limit_mb is None:
+        machine = machine_mb if machine_mb is not None else machine_memory_mb()
+        if machine is not None and estimate.total_mb > machine:
+            raise ResourceError(
+                f"estimated peak memory {_size(estimate.total_mb)} is above all the memory of this machine "
+                f"({_size(machine)}, RAM and swap) for '{fixed_path}' ({_header_words(estimate)}), mostly "
+                f"{PHASE_NAMES.get(estimate.largest, estimate.largest)}: {_advice(estimate, config)}; check the "
+                "spacing in the image's header; --max-memory SIZE sets the limit instead")
+        return
+    if estimate.total_mb <= limit_mb:
         return
     raise ResourceError(
         f"estimated peak memory {_size(estimate.total_mb)} is above --max-memory {_size(limit_mb)} for "
@@ -155,6 +195,16 @@ def check_memory(estimate: MemoryEstimate, limit_mb: Optional[float], config: Re
         f"{PHASE_NAMES.get(estimate.largest, estimate.largest)}"
         + (f", {_size(estimate.cuda_host_mb * estimate.margin)} of it the CUDA runtime's"
            if estimate.cuda_host_mb else "") + f": {_advice(estimate, config)}")
+
+
+def _header_words(estimate: MemoryEstimate) -> str:
+    """``0.1 M voxels of 100 x 100 x 100 mm, a field of view of 4000 x 4000 x 4000 mm``: the fixed image's header,
+    as the estimate saw it (the voxel count alone without them)."""
+    words = f"{estimate.counts['fixed'] / 1e6:.1f} M voxels"
+    if estimate.fixed_spacing and estimate.fixed_extent_mm:
+        words += (f" of {' x '.join(f'{v:.4g}' for v in estimate.fixed_spacing)} mm, a field of view of "
+                  f"{' x '.join(f'{v:.4g}' for v in estimate.fixed_extent_mm)} mm")
+    return words
 
 
 def _advice(estimate: MemoryEstimate, config: RegisterConfig) -> str:

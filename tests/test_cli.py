@@ -826,3 +826,46 @@ def test_register_refuses_an_output_that_is_one_of_its_inputs(tmp_path, images):
                  "--method", "affine")
     assert res.exit_code == 6 and "w.png" in res.output, res.output
     assert not list(tmp_path.glob("q_*"))
+
+
+def test_a_working_grid_of_almost_no_voxels_is_warned_about(tmp_path):
+    """A header with 0.001 mm voxels made the 2 mm working grid of a 32-voxel image 6 voxels (12 mm) over 0.032 mm
+    of image: the deformable stage ran and did nothing, silently. One warning line on stderr (and in the report)
+    names the working grid, the image's extent and a working spacing that would do."""
+    paths = {}
+    for name, shift in (("fixed", 0.0), ("moving", 1.0)):
+        img = make_phantom("LPS", "iso", size=(32, 32, 32), transform=lambda p, s=shift: p + np.array([s, 0.0, 0.0]))
+        img.SetSpacing((1e-3,) * 3)
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(img, str(paths[name]))
+    y = tmp_path / "fast.yaml"
+    y.write_text(FAST_YAML)
+    res = invoke("register", paths["fixed"], paths["moving"], "-o", tmp_path / "p_", "--config", y, "--json")
+    assert res.exit_code == 0, res.output
+    warned = [ln for ln in res.stderr.splitlines() if "working grid" in ln]
+    assert len(warned) == 1, res.stderr
+    assert warned[0].startswith("Warning: the deformable working grid is 6 x 6 x 6 voxels of 2 mm") and \
+        "0.032 x 0.032 x 0.032 mm" in warned[0] and "working spacing of 0.008 mm or finer" in warned[0], warned[0]
+    assert warned[0].removeprefix("Warning: ") in json.loads(res.stdout)["warnings"]
+
+
+@pytest.mark.parametrize("method", ["convexadam", "samconvex", "dio", "foundation", "promptreg"])
+def test_the_working_grid_warning_spares_the_phantoms_and_brains(method):
+    """The small phantoms the tests register (down to 15 x 13 x 8 mm), anisotropic ones and a brain: no warning."""
+    from regcli.config import build_config
+    from regcli.methods import working_grid
+    from regcli.methods.convexadam import MIN_WORKING_VOXELS, coarse_working_grid
+
+    cfg = build_config(None, {"method": method})
+    eye = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    for size, spacing in (((15, 13, 8), (1.0, 1.0, 1.0)), ((24, 22, 20), (1.0, 1.0, 1.0)),
+                          ((53, 49, 13), (0.9, 0.9, 3.0)), ((192, 224, 192), (1.0, 1.0, 1.0))):
+        grid = Grid(size, spacing, (0.0, 0.0, 0.0), eye)
+        assert coarse_working_grid(grid, working_grid(method, grid, cfg)[0]) is None, (size, spacing)
+    # a 6 mm slab spans 3 voxels of a 2 mm working grid; a network's grid has as many voxels whatever the spacing
+    thin = Grid((64, 64, 3), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), eye)
+    note = coarse_working_grid(thin, working_grid(method, thin, cfg)[0])
+    if method in ("foundation", "promptreg"):
+        assert note is None, note
+    else:
+        assert f"under {MIN_WORKING_VOXELS} working voxels along z:" in note and "spacing of 1.5 mm" in note, note

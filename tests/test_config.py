@@ -305,3 +305,50 @@ def test_a_key_given_twice_in_a_yaml_mapping_is_refused(tmp_path):
     assert res.exit_code == 7 and "twice" in one_line(res.stderr)
     merged = yaml_safe_load("base: &b {iterations: 5, lr: 1}\ninstance:\n  <<: *b\n  iterations: 7\n")
     assert merged["instance"] == {"iterations": 7, "lr": 1}
+
+
+SEED_MAX = 2 ** 63 - 1
+
+
+def test_a_seed_outside_64_bits_is_refused_naming_it(tmp_path):
+    """`--seed 99999999999999999999` reached torch.manual_seed: "unexpected ValueError: Overflow when unpacking long
+    long (this is a bug in regcli)", exit 1. Every flag and key that sets a seed takes a signed 64-bit integer (what
+    torch's generators take); negative seeds stay allowed (SIGNED_INTEGERS)."""
+    job = tmp_path / "job.yaml"
+    job.write_text("data:\n  - glob: imgs/*.nii.gz\n")
+    for big in (str(SEED_MAX + 1), "99999999999999999999", str(-SEED_MAX - 2)):
+        res = invoke("config", "show", "--seed", big)
+        assert res.exit_code == 2 and "Invalid value for" in res.output and "--seed" in res.output, res.output
+        res = invoke("train", "embedding", "--config", job, "-o", tmp_path / "o", "--seed", big)
+        assert res.exit_code == 2 and "--seed" in res.output and not (tmp_path / "o").exists(), res.output
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"seed: {big}\n")
+        res = invoke("config", "show", "--config", bad)
+        line = one_line(res.stderr)
+        assert res.exit_code == 7 and line.startswith(f"ConfigError: invalid configuration ({bad}): seed: "), line
+    for ok in (0, -1, SEED_MAX, -SEED_MAX - 1):
+        assert build_config(None, {"seed": ok}).seed == ok
+        res = invoke("config", "show", "--seed", ok, "--json")
+        assert res.exit_code == 0 and json.loads(res.stdout)["seed"] == ok, res.output
+
+
+def test_a_training_seed_outside_what_its_generators_take_is_refused_naming_it(tmp_path):
+    """`train.seed` of every training job: a signed 64-bit integer; the embedding's also seeds numpy's default_rng,
+    which takes no negative seed (it failed mid-run)."""
+    from regcli.training.dio import load_dio_job
+    from regcli.training.foundation import load_foundation_job
+    from regcli.training.jobs import load_job
+    from regcli.training.promptreg import load_promptreg_job
+
+    job = tmp_path / "job.yaml"
+    for load in (load_job, load_dio_job, load_foundation_job, load_promptreg_job):
+        for seed, ok in ((SEED_MAX + 1, False), (-SEED_MAX - 2, False), (SEED_MAX, True),
+                         (-1, load is not load_job)):
+            job.write_text(f"data:\n  - glob: imgs/*.nii.gz\ntrain: {{seed: {seed}}}\n")
+            if ok:
+                assert load(job).train.seed == seed
+                continue
+            with pytest.raises(ConfigError, match=r"train\.seed: -?\d+ is outside") as e:
+                load(job)
+            assert "\n" not in str(e.value)
+        assert load(job, {"train": {"seed": 3}}).train.seed == 3

@@ -128,3 +128,61 @@ def test_on_cuda_the_host_estimate_adds_the_cuda_runtime():
     with pytest.raises(ResourceError) as e:
         check_memory(cpu, cpu.total_mb - 1, cfg)
     assert "CUDA" not in str(e.value) and "--device cpu" not in str(e.value)
+
+
+def test_without_max_memory_an_estimate_above_the_machine_is_refused_before_reading(tmp_path, images, fast,
+                                                                                    monkeypatch):
+    """A header with 100 mm voxels (a 4 m field of view) asked the 2 mm working grid for 3.5 TB: "unexpected
+    RuntimeError: ... can't allocate memory (this is a bug in regcli)", exit 1. Without --max-memory an estimate
+    above all the machine's memory (RAM and swap) is refused like one above --max-memory: exit 9, one line, before
+    any image is read, nothing written."""
+    import regcli.io.images as io_images
+    import regcli.memory as memory
+
+    def no_read(*a, **k):
+        raise AssertionError("an image was read before the memory check")
+
+    monkeypatch.setattr(io_images, "read_image", no_read)
+    monkeypatch.setattr(memory, "machine_memory_mb", lambda: 100.0)
+    res = register(images, fast)
+    assert res.exit_code == 9, res.stderr
+    line = error_line(res.stderr)
+    assert line.startswith("ResourceError: estimated peak memory") and "all the memory of this machine (100 MB" \
+        in line and "fixed.nii.gz" in line, line
+    assert "32 x 32 x 32 mm" in line and "header" in line and "--max-memory" in line and res.stdout == "", line
+    _assert_no_outputs(tmp_path)
+    # --max-memory replaces the machine's memory as the limit (as before: the user's number)
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "machine_memory_mb", lambda: 100.0)
+    res = register(images, fast, "--max-memory", "64G")
+    assert res.exit_code == 0, res.stderr
+
+
+def test_the_machine_check_names_the_header_and_spares_normal_runs():
+    """The hunter's 40 x 40 x 32 image of 100 mm voxels: refused on a 24 GB machine, naming its spacing and field of
+    view and a coarser working grid. A 1 mm brain (192 x 224 x 192) is a few GB with every method, CPU or CUDA, and
+    with --fine-spacing 1: never refused there."""
+    from regcli.errors import ResourceError
+    from regcli.memory import check_memory, machine_memory_mb
+
+    machine = 24 * 1024.0
+    big = Grid((40, 40, 32), (100.0,) * 3, (0.0, 0.0, 0.0), EYE)
+    cfg = build_config(None, {})
+    est = estimate_peak_memory(big, big, cfg)
+    assert est.total_mb > 1000 * 1024
+    with pytest.raises(ResourceError) as e:
+        check_memory(est, None, cfg, "fx.nii.gz", machine_mb=machine)
+    msg = str(e.value)
+    assert "above all the memory of this machine (24.0 GB, RAM and swap)" in msg and "\n" not in msg
+    assert "100 x 100 x 100 mm, a field of view of 4000 x 4000 x 3200 mm" in msg
+    assert "coarser --working-spacing than 2 mm" in msg and "the deformable stage" in msg
+    check_memory(est, est.total_mb + 1, cfg, "fx.nii.gz", machine_mb=machine)  # --max-memory: the user's limit
+    brain = Grid((192, 224, 192), (1.0,) * 3, (0.0, 0.0, 0.0), EYE)
+    for over in [{"method": m} for m in ("convexadam", "samconvex", "dio", "foundation", "promptreg", "affine",
+                                         "rigid")] + [{"instance": {"fine_spacing_mm": 1.0}}]:
+        for device in ("cpu", "cuda"):
+            est = estimate_peak_memory(brain, brain, build_config(None, over), device)
+            assert est.total_mb < 8 * 1024, (over, device, est.total_mb)
+            check_memory(est, None, build_config(None, over), machine_mb=machine)
+    total = machine_memory_mb()
+    assert total is None or total > 256, total

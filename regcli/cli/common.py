@@ -365,8 +365,11 @@ DeviceOpt = Annotated[Optional[Device], typer.Option(
 ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", min=1, help="CPU threads for torch and ITK (default: all cores).", show_default=False,
     rich_help_panel=_CFG)]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default 0).", show_default=False,
-                                                rich_help_panel=_CFG)]
+#: the range of a seed (regcli.config.SEED_MIN/SEED_MAX, a signed 64-bit integer; not imported: this module stays
+#: light): the flags refuse a seed outside it with a usage error (exit 2) naming the flag
+SEED_RANGE = dict(min=-(2 ** 63), max=2 ** 63 - 1)
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default 0; a signed 64-bit integer).",
+                                                show_default=False, rich_help_panel=_CFG, **SEED_RANGE)]
 DeterministicOpt = Annotated[Optional[bool], typer.Option(
     "--deterministic/--no-deterministic",
     help="Deterministic algorithms: bit-identical runs for the same seed (on the CPU, and the same --threads; "
@@ -422,8 +425,8 @@ PrecisionOpt = Annotated[Optional[Precision], typer.Option(
     case_sensitive=False, show_default=False, rich_help_panel=_CFG)]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
     "--max-memory", metavar="SIZE", help="Refuse to start when the pre-flight estimate of peak memory is above "
-    "SIZE (e.g. 8G, 6000M; a plain number is MB). The estimate is logged and written to the report either way "
-    "(max_memory_mb).", show_default=False, rich_help_panel=_CFG)]
+    "SIZE (e.g. 8G, 6000M; a plain number is MB; default: the machine's RAM and swap). The estimate is logged and "
+    "written to the report either way (max_memory_mb).", show_default=False, rich_help_panel=_CFG)]
 Modality = Enum("Modality", {t: t for t in ("mri", "ct")}, type=str)
 FoundationIO = Enum("FoundationIO", {t: t for t in ("none", "network", "field")}, type=str)
 ModalityOpt = Annotated[Optional[Modality], typer.Option(

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from regcli.cli.common import DeviceOpt, JsonOpt, QuietOpt, VerboseOpt, examples, input_file_option
+from regcli.cli.common import SEED_RANGE, DeviceOpt, JsonOpt, QuietOpt, VerboseOpt, examples, input_file_option
 
 EXAMPLES = examples(
     "regcli train embedding --config docs/recipes/sam_embedding_v0.yaml -o results/embedding_v0",
@@ -20,7 +20,8 @@ app = typer.Typer(help="Train learned components (the anatomical embedding of SA
 
 
 IterOpt = Annotated[Optional[int], typer.Option("--iterations", help="Override train.iterations.", min=1)]
-SeedOverrideOpt = Annotated[Optional[int], typer.Option("--seed", help="Override train.seed.")]
+SeedOverrideOpt = Annotated[Optional[int], typer.Option("--seed", help="Override train.seed (a signed 64-bit "
+                                                        "integer; embedding: >= 0).", **SEED_RANGE)]
 BatchOpt = Annotated[Optional[int], typer.Option(
     "--batch-size", min=1, help="Override the pairs per step (train.batch_size; embedding: train.batch_pairs). Per "
     "process under torchrun, which trains N processes like one with N times the batch.")]

@@ -89,6 +89,34 @@ class DeformableResult:
 
 
 # ---------------------------------------------------------------------------------------------- grid helpers
+#: fewest working-grid voxels the fixed image may span along an axis before the deformable stage is meaningless
+#: there: the instance optimisation pools ``grid_sp_adam`` (2) working voxels per node, so below 4 it has one node
+#: along that axis (a translation), the discrete stage's ``grid_sp`` (6) one long before, and every MIND-SSC
+#: descriptor (patches ``mind_dilation`` + ``mind_radius`` = 3 voxels away) reads mostly beyond the image
+MIN_WORKING_VOXELS = 4
+
+
+def coarse_working_grid(fixed_grid: Grid, work: Grid) -> Optional[str]:
+    """A one-line warning when the fixed image spans fewer than :data:`MIN_WORKING_VOXELS` voxels of the deformable
+    working grid ``work`` along some axis (a header with 0.001 mm voxels made the 2 mm working grid of a 40-voxel
+    image 6 voxels, 12 mm, over 0.04 mm of image: the deformable stage ran and did nothing); None otherwise. Its
+    extent is measured along its own axes, which the working grid shares (same direction)."""
+    extent = [n * sp for n, sp in zip(fixed_grid.size, fixed_grid.spacing)]
+    across = [e / w for e, w in zip(extent, work.spacing)]
+    short = [axis for axis, a in zip("xyz", across) if a < MIN_WORKING_VOXELS]
+    if not short:
+        return None
+    finest = min(e / MIN_WORKING_VOXELS for e, a in zip(extent, across) if a < MIN_WORKING_VOXELS)
+    step = 10.0 ** (math.floor(math.log10(finest)) - 1) if finest > 0 else 0.0
+    finest = math.floor(finest / step) * step if step else finest  # 2 significant digits, rounded down
+    spacing = f"{work.spacing[0]:.4g}" if len(set(work.spacing)) == 1 else " x ".join(f"{v:.4g}" for v in work.spacing)
+    return (f"the deformable working grid is {' x '.join(map(str, work.size))} voxels of {spacing} mm, but the "
+            f"fixed image spans only "
+            f"{' x '.join(f'{v:.4g}' for v in extent)} mm, under {MIN_WORKING_VOXELS} working voxels along "
+            f"{', '.join(short)}: the deformable stage can barely deform it; use a working spacing of {finest:.2g} mm "
+            "or finer (--working-spacing, working_spacing_mm), or check the spacing in the image's header")
+
+
 def _pad_high(data: torch.Tensor, pad_xyz: tuple[int, int, int], mode: str) -> torch.Tensor:
     """Pad (N, C, Z, Y, X) at the high-index end by (px, py, pz) voxels (``replicate`` or ``constant`` 0)."""
     px, py, pz = pad_xyz

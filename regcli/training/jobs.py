@@ -321,7 +321,24 @@ def load_job_file(path: str | Path, overrides: Optional[dict], model: type, chec
             check(job)
     except ValidationError as e:
         raise ConfigError(f"invalid training job '{path}': {validation_details(e, 'net')}") from None
+    check_seed(job, path)
     return job
+
+
+def check_seed(job, path: str | Path) -> None:
+    """A ConfigError naming ``train.seed`` when the job's seed is outside what the random generators it seeds take
+    (:data:`regcli.config.SEED_MIN` to :data:`~regcli.config.SEED_MAX`, a signed 64-bit integer: torch's
+    ``manual_seed`` raised an OverflowError mid-run on larger ones; the embedding's sampling also seeds numpy's
+    ``default_rng``, which takes no negative seed)."""
+    from regcli.config import SEED_MAX, SEED_MIN
+
+    seed = getattr(getattr(job, "train", None), "seed", None)
+    if not isinstance(seed, int):
+        return
+    low, why = (0, "numpy's generator of the embedding's sampling takes no negative seed") \
+        if isinstance(job, EmbeddingJob) else (SEED_MIN, "a signed 64-bit integer, as torch's generators take")
+    if not low <= seed <= SEED_MAX:
+        raise ConfigError(f"invalid training job '{path}': train.seed: {seed} is outside {low}..{SEED_MAX} ({why})")
 
 
 def load_job(path: str | Path, overrides: Optional[dict] = None) -> EmbeddingJob:
