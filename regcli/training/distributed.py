@@ -60,11 +60,17 @@ class Distributed:
         return list(items[self.rank * k:(self.rank + 1) * k])
 
     def wrap(self, net: torch.nn.Module) -> torch.nn.Module:
-        """``net`` in DistributedDataParallel (gradients averaged over the processes), or ``net`` itself."""
+        """``net`` in DistributedDataParallel (gradients averaged over the processes), or ``net`` itself.
+
+        Buffers (batch normalisation's running statistics) are not broadcast from rank 0 at every forward call
+        (``broadcast_buffers=False``): the pair networks call forward more than once before a backward (both
+        directions), and the broadcast, an in-place copy on the other ranks, then changed a tensor the first
+        call's graph had saved ("modified by an inplace operation", torch 2.11 under torchrun). Training uses the
+        batch's statistics; the running ones are used only by rank 0 (validation, the checkpoint, the model)."""
         if not self.enabled:
             return net
         dev = next(net.parameters()).device
-        return _ddp_class()(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        return _ddp_class()(net, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
 
     def barrier(self) -> None:
         if self.enabled:
