@@ -260,10 +260,9 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     # --------------------------------------------------------------- working grid
     t0 = time.perf_counter()
     from regcli.methods import prepare_images, working_grid
-
-    work, antialias = working_grid(config.method, fixed.grid, config)
     from regcli.methods.convexadam import coarse_working_grid
 
+    work, antialias = working_grid(config.method, fixed.grid, config)
     if (coarse := coarse_working_grid(fixed.grid, work)) is not None:
         log.warning("%s", coarse)
     sp = min(work.spacing)
@@ -423,7 +422,8 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
     warped = done.pop(0) if need_warped else None
     warped_labels = done.pop(0) if done else None
     # ANTs' InverseWarped: the fixed image pulled into the moving grid through [Affine^-1, InverseWarp]
-    inverse_warped = warp(fixed, reg.inverse_transform, moving.grid, "linear", itk_edges=True) if "inverse_warped" in paths else None
+    inverse_warped = (warp(fixed, reg.inverse_transform, moving.grid, "linear", itk_edges=True)
+                      if "inverse_warped" in paths else None)
     reg.timings["warp"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
