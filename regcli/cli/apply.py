@@ -83,7 +83,8 @@ def _check_transform_specs(values: Optional[List[str]]) -> List[str]:
 
 def apply(
     input: Annotated[Path, input_file_option("--input", "-i", help="Image to resample, or with --points a CSV "
-                                             "file with columns x,y,z (LPS mm; other columns are kept).",
+                                             "file with columns x,y,z (LPS mm; other columns are kept) or a 3D "
+                                             "Slicer .fcsv.",
                                              metavar="INPUT")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output image (or CSV with --points).",
                                          metavar="OUTPUT", show_default=False)],
@@ -101,9 +102,9 @@ def apply(
              "label maps). ANTs' names Linear, NearestNeighbor and GenericLabel are accepted too; nearest rounds "
              "halves up, as ITK does.")] = "linear",
     default_value: Annotated[float, typer.Option("--default-value", help="Value outside the input image.")] = 0.0,
-    points: Annotated[bool, typer.Option("--points", help="INPUT is a CSV point set (x,y,z in LPS mm). Points are "
-                                         "mapped FIXED -> MOVING by the list as given; pass the inverse list to "
-                                         "map moving-space points to fixed space.")] = False,
+    points: Annotated[bool, typer.Option("--points", help="INPUT is a point set (CSV x,y,z in LPS mm, or .fcsv). "
+                                         "Points are mapped FIXED -> MOVING by the list as given; pass the "
+                                         "inverse list to map moving-space points to fixed space.")] = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -128,8 +129,9 @@ def apply(
 
     specs = [s for s in (transform or []) if s.strip().lower() != "identity"]
     outs = OutputSet(overwrite=overwrite, inputs=[input, reference, *(parse_spec(s)[0] for s in specs)])
-    if points and output.name.lower().endswith(IMAGE_EXTENSIONS):
-        raise OutputError(f"output '{output}': --points writes a CSV point set, not an image; name it .csv")
+    if points and output.name.lower().endswith(IMAGE_EXTENSIONS + (".fcsv",)):
+        what = "a 3D Slicer .fcsv" if output.name.lower().endswith(".fcsv") else "an image"
+        raise OutputError(f"output '{output}': --points writes a CSV point set (LPS), not {what}; name it .csv")
     outs.claim(output, image=not points)  # O2/O3: refuse before reading or computing anything
     if points:
         if reference is not None:

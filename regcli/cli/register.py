@@ -48,9 +48,11 @@ def register(
         "as regcli evaluate does by default).",
         panel=_IN_PANEL)] = None,
     fixed_landmarks: Annotated[Optional[Path], input_file_option(
-        "--fixed-landmarks", help="Fixed landmarks CSV (LPS mm): TRE in the report.", panel=_IN_PANEL)] = None,
+        "--fixed-landmarks", help="Fixed landmarks: CSV (x,y,z LPS mm) or 3D Slicer .fcsv; TRE in the report.",
+        panel=_IN_PANEL)] = None,
     moving_landmarks: Annotated[Optional[Path], input_file_option(
-        "--moving-landmarks", help="Corresponding moving landmarks CSV (LPS mm).", panel=_IN_PANEL)] = None,
+        "--moving-landmarks", help="Corresponding moving landmarks: CSV (x,y,z LPS mm) or .fcsv.",
+        panel=_IN_PANEL)] = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     seed: SeedOpt = None,
