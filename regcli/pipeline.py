@@ -387,6 +387,9 @@ def _run_register(inputs: RegisterInputs, config: RegisterConfig, overwrite: boo
     figure_names: list[str] = []
     for key, p in paths.items():
         outs.claim(p, image=key in ("warp", "inverse_warp", "warped", "inverse_warped"))
+    figures = html_figure_paths(paths["html"]) if "html" in paths else []
+    for p in figures:  # the report's figures: refused now (existing, name too long), not after the registration
+        outs.claim(p)
     earlier = earlier_outputs(inputs.output_prefix) if overwrite else []
 
     runtime = setup_runtime(config.device, config.threads, config.seed, config.deterministic)
@@ -874,6 +877,13 @@ def prompted_dice(dice_per_label: dict, prompted) -> dict:
 def _nanmean(values) -> float:
     v = np.asarray(list(values), dtype=np.float64)
     return float(np.nanmean(v)) if v.size and not np.all(np.isnan(v)) else float("nan")
+
+
+def html_figure_paths(html_path: Path) -> list[Path]:
+    """Every figure the HTML report ``html_path`` may write beside it (``<prefix>Report_checkerboard.png``, ...)."""
+    from regcli.reports.html import figure_file_names
+
+    return [html_path.parent / n for n in figure_file_names(html_path.name[: -len(".html")])]
 
 
 def _stage_html(outs: OutputSet, html_path: Path, inputs, fixed, moving, warped, fixed_labels, warped_labels,

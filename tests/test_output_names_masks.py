@@ -110,6 +110,77 @@ def test_register_writes_its_html_report_under_any_prefix_the_os_takes(tmp_path,
     assert set(json.loads(Path(prefix + "Report.json").read_text())["outputs"]) >= {str(out / f) for f in figures}
 
 
+def _tmp_overhead() -> int:
+    """Bytes the temporary name (``.regcli-tmp-<pid>-``) adds to an output's name in this process."""
+    import os
+
+    from regcli.io.atomic import temp_path_for
+
+    return len(os.fsencode(temp_path_for("x").name)) - 1
+
+
+def _name_max(folder: Path) -> int:
+    import os
+
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def test_claim_refuses_a_name_whose_temporary_is_too_long_counting_bytes(tmp_path):
+    """Names of ``é`` (two bytes each): the limit is in bytes. A name whose temporary fits exactly is taken."""
+    limit = _name_max(tmp_path)
+    room = limit - _tmp_overhead() - len(".mat")  # bytes of stem the temporary leaves
+    fits = "e" * (room % 2) + "é" * (room // 2) + ".mat"
+    assert OutputSet().claim(tmp_path / fits) == tmp_path / fits
+    over = "e" * ((room + 1) % 2) + "é" * ((room + 1) // 2) + ".mat"  # the name fits, its temporary does not
+    with pytest.raises(OutputError) as err:
+        OutputSet().claim(tmp_path / over)
+    msg = str(err.value)
+    assert over in msg and f"over this file system's {limit}" in msg and "temporary name" in msg
+    too_long = "é" * (limit // 2 + 1) + ".nii.gz"
+    with pytest.raises(OutputError, match=f"{len(too_long.encode())} bytes, over this file system's {limit};"):
+        OutputSet().claim(tmp_path / too_long, image=True)
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("html", [False, True])
+def test_register_refuses_a_prefix_too_long_for_its_outputs_before_reading_the_images(tmp_path, html):
+    """Was: the whole registration, then 'File name too long' at the write. Without the report the .mat's
+    temporary is the one too long; with it only figures' names (``<prefix>Report_checkerboard.png``, the longest,
+    is named; the other outputs and their temporaries fit). The fixed image is constant (reading it fails with
+    exit 3)."""
+    img = _const(tmp_path / "img.nii.gz")
+    out = tmp_path / "o"
+    out.mkdir()
+    room = _name_max(out) - _tmp_overhead() - len("0GenericAffine.mat")  # longest stem the .mat's temporary takes
+    stem = "é" * (room // 2) + "e" * (room % 2) if html else "é" * (room // 2 + 1)
+    res = invoke("register", img, img, "-o", out / stem, "--method", "affine", "--threads", "1", "-q",
+                 *([] if html else ["--no-html"]))
+    assert res.exit_code == 6, res.output
+    line = one_line(res.output)
+    too_long = stem + ("Report_checkerboard.png" if html else "0GenericAffine.mat")
+    assert line.startswith("OutputError:") and too_long in line and "bytes, over this file system's" in line
+    assert _listing(out) == []
+
+
+def test_register_refuses_an_earlier_runs_figure_before_reading_the_images(tmp_path):
+    """Was: refused by the HTML stage, after the whole registration. The fixed image is constant (exit 3 if read)."""
+    img = _const(tmp_path / "img.nii.gz")
+    out = tmp_path / "o"
+    out.mkdir()
+    figure = out / "p_Report_checkerboard.png"
+    figure.write_bytes(b"earlier")
+    res = invoke("register", img, img, "-o", out / "p_", "--method", "affine", "--threads", "1", "-q")
+    assert res.exit_code == 6, res.output
+    line = one_line(res.output)
+    assert str(figure) in line and "exists" in line and "--overwrite" in line
+    assert _listing(out) == [figure.name] and figure.read_bytes() == b"earlier"
+    res = invoke("register", img, img, "-o", out / "p_", "--method", "affine", "--threads", "1", "-q", "--no-html")
+    assert res.exit_code == 3, res.output  # without the report the figure is no output of the run
+
+
 def test_write_sitk_never_writes_under_a_truncated_name(tmp_path):
     from regcli.io.images import write_sitk
 

@@ -63,6 +63,30 @@ def image_name_problem(name: str) -> Optional[str]:
     return None
 
 
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name, in bytes, that ``folder``'s file system takes (255 where it does not say)."""
+    try:
+        n = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # AttributeError: no os.pathconf (Windows)
+        return 255
+    return n if isinstance(n, int) and n > 0 else 255
+
+
+def file_name_length_problem(path: str | os.PathLike, folder: str | os.PathLike) -> Optional[str]:
+    """Why ``path``'s name, or the temporary name :func:`temp_path_for` writes first, is too long for ``folder``'s
+    file system (bytes of the encoded name against ``PC_NAME_MAX``), or None. Found before any work: the write
+    would otherwise fail only at the end (ENAMETOOLONG)."""
+    limit = name_max(folder)
+    final = len(os.fsencode(Path(path).name))
+    if final > limit:
+        return f"the file name is {final} bytes, over this file system's {limit}; use a shorter name or prefix"
+    tmp = len(os.fsencode(temp_path_for(path).name))
+    if tmp > limit:
+        return (f"the file name is {tmp} bytes, over this file system's {limit} (with the temporary name regcli "
+                f"writes first); use a shorter name or prefix")
+    return None
+
+
 def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -168,6 +192,9 @@ class OutputSet:
             raise OutputError(f"output directory '{parent}' is not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"output directory '{parent}' is not writable")
+        name_problem = file_name_length_problem(path, parent)
+        if name_problem is not None:
+            raise OutputError(f"output '{path}': {name_problem}")
         same = self._input_at(path)
         if same is not None:
             raise OutputError(f"output '{path}' is the input '{same}'; write the output elsewhere")

@@ -26,9 +26,16 @@ import torch
 
 from regcli.spaces import Grid, Image
 
-__all__ = ["render_html_report", "PNG_NAMES"]
+__all__ = ["render_html_report", "PNG_NAMES", "figure_file_names"]
 
 PNG_NAMES = ("slices", "checkerboard", "jacobian", "loss")
+
+
+def figure_file_names(png_base: str) -> list[str]:
+    """Every figure file name :func:`render_html_report` may write for ``png_base`` (no directory), one per
+    :data:`PNG_NAMES`; a run writes some of them (no Jacobian without a field, no loss curve without history)."""
+    return [f"{png_base}_{name}.png" for name in PNG_NAMES]
+
 
 _FIXED_COLOUR = "#39ff14"  # fixed-label boundaries
 _WARPED_COLOUR = "#ff2bd6"  # warped-label boundaries
@@ -822,7 +829,7 @@ def render_html_report(
     def add(name: str, data: Optional[bytes], heading: str, caption: str) -> None:
         if data is None:
             return
-        fname = f"{png_base}_{name}.png"
+        fname = figure_file_names(png_base)[PNG_NAMES.index(name)]
         pngs[fname] = data
         figures.append((fname, heading, caption))
 
