@@ -152,37 +152,23 @@ FINE_INVERSE_ITERATIONS = 5
 PROMPT_KINDS = ("labels", "landmarks")
 
 
-#: how far inside the fixed image's buffer (its voxels) a working voxel must lie to keep its values
-#: (:func:`within_fixed_view`): beyond float32's rounding of a coordinate, far below any real offset
-FIXED_VIEW_INSIDE_VOXELS = 1e-3
-
-
-def within_fixed_view(fixed_w: Image, moving_w: Image, fixed_grid: Grid, work: Grid) -> tuple[Image, Image]:
-    """The fixed and moving images on the working grid, both zero wherever the working voxel is not inside the fixed
-    image's field of view (by :data:`FIXED_VIEW_INSIDE_VOXELS`).
-
-    ConvexAdam's and DIO's working grid is a lattice centred on the fixed field of view that can reach up to 5 mm
-    past it (docs/methods.md §3). There the fixed image stopped (zero) beside a moving image that went on, and the
-    similarity bent the field to match that edge: on a fixed image cut from the moving one (the identity is the
-    truth) by up to 3.7 mm within 10 mm of the cut (a bug hunt, s23). A working voxel exactly on the face of the
-    fixed buffer (a 42 mm field of view is 21 voxels of 2 mm, so the 24-voxel lattice puts voxels half a fixed voxel
-    past the first and last ones) took the fixed image's edge value while the moving one, through an affine a hair
-    off the identity, took the default: an image registered to itself moved 1.8 mm there. Both are zero on such a
-    voxel now. Unchanged (the same tensors) where the working grid lies inside the fixed field of view.
+def moving_within_fixed_view(moving_w: Image, fixed_grid: Grid, work: Grid) -> Image:
+    """The moving image on the working grid, zero wherever the working grid lies outside the fixed image's field of
+    view, as the fixed image is there. ConvexAdam's and DIO's working grid is a lattice centred on the fixed field of
+    view that can reach up to 5 mm past it (docs/methods.md §3); there the fixed image stopped (zero) beside a moving
+    image that went on, and the similarity bent the field to match that edge: on a fixed image cut from the moving
+    one (the identity is the truth) by up to 3.7 mm within 10 mm of the cut (a bug hunt, s23). Unchanged (the same
+    tensor) where the working grid lies inside the fixed field of view.
 
     The moving image's own field of view is left alone: zeroing the fixed image where the moving one ends as well
     pinned the field to the affine at that edge, and cost ConvexAdam 0.017 Dice on the CT benchmark, whose true
     displacements are largest there."""
-    inside = inside_field_of_view(fixed_grid, work, within_voxels=FIXED_VIEW_INSIDE_VOXELS)
+    inside = inside_field_of_view(fixed_grid, work)
     if bool(inside.all()):
-        return fixed_w, moving_w
-
-    def cut(im: Image) -> Image:
-        data = im.data
-        zero = torch.zeros((), dtype=data.dtype, device=data.device)
-        return Image(torch.where(inside.to(data.device), data, zero), im.grid, im.name, im.meta)
-
-    return cut(fixed_w), cut(moving_w)
+        return moving_w
+    data = moving_w.data
+    return Image(torch.where(inside.to(data.device), data, torch.zeros((), dtype=data.dtype, device=data.device)),
+                 moving_w.grid, moving_w.name, moving_w.meta)
 
 
 def _stage_prompts(config: RegisterConfig, fixed_labels, moving_labels, landmarks, affine, grid: Grid,
@@ -283,7 +269,7 @@ def register_images(fixed: Image, moving: Image, config: RegisterConfig, fixed_m
     fixed_p, moving_p = prepare_images(config.method, fixed, moving, config)
     fixed_w = resample_to_grid(smooth_for(fixed_p, sp) if antialias else fixed_p, work).to(dev, dtype)
     moving_w = warp(smooth_for(moving_p, sp) if antialias else moving_p, affine, work).to(dev, dtype)
-    fixed_w, moving_w = within_fixed_view(fixed_w, moving_w, fixed.grid, work)
+    moving_w = moving_within_fixed_view(moving_w, fixed.grid, work)
     fmask_w = resample_to_grid(fixed_mask, work, "nearest").to(dev) if fixed_mask is not None else None
     mmask_w = warp(moving_mask, affine, work, "nearest").to(dev) if moving_mask is not None else None
     timings["resample"] = time.perf_counter() - t0

@@ -459,29 +459,21 @@ def resample_to_grid(image: Image, reference: Grid, interp: Interp = "linear", d
     return warp(image, None, reference, interp, default)
 
 
-def inside_field_of_view(grid: Grid, reference: Grid, transform=None, within_voxels: float = 0.0) -> torch.Tensor:
+def inside_field_of_view(grid: Grid, reference: Grid, transform=None) -> torch.Tensor:
     """(Z, Y, X) bool on ``reference``: the voxels ``x`` whose point ``T(x)`` (``transform.map_points``; the
     identity when None) lies in the ITK buffer of ``grid``, where :func:`warp` and :func:`resample_to_grid` give
     an image's own values rather than their ``default``: the same test, on the same float32 coordinates, as the
     registration's linear resampling onto its working grid (:func:`warp` without ``itk_edges``); by slabs of
-    ``DEFAULT_CHUNK`` voxels, as :func:`warp_many`.
-
-    With ``within_voxels`` > 0: the points at least that far (voxels of ``grid``, float64) inside the buffer's
-    faces, so a point on a face (which that test counts as inside) is not."""
+    ``DEFAULT_CHUNK`` voxels, as :func:`warp_many`."""
     zs, ys, xs = reference.shape
     index = reference.index_coords(torch.float64)
     slab = max(1, DEFAULT_CHUNK // max(1, ys * xs))
-    n = torch.tensor(grid.size, dtype=torch.float64)
     parts = []
     for z0 in range(0, zs, slab):
         pts = apply_affine(reference.index_to_world(), index[z0:z0 + slab])
         if transform is not None:
             pts = transform.map_points(pts)
-        if within_voxels > 0:
-            i = grid.world_to_index_points(pts)
-            parts.append(((i >= within_voxels - 0.5) & (i <= n - 0.5 - within_voxels)).all(dim=-1))
-        else:
-            parts.append(inside_norm(grid.world_to_norm_points(pts).to(torch.float32), grid))
+        parts.append(inside_norm(grid.world_to_norm_points(pts).to(torch.float32), grid))
     return torch.cat(parts)
 
 
