@@ -836,8 +836,8 @@ def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, warped_label
         hd = M.hd95_per_label(fl, warped_labels, labels)
         initial = M.dice_per_label(fl, warp(moving_labels, None, fixed.grid, "nearest"), labels)
         out["dice_per_label"] = dice
-        out["dice_mean"] = _nanmean(dice.values())
-        out["dice_initial_mean"] = _nanmean(initial.values())
+        out["dice_mean"] = M.nanmean(dice.values())
+        out["dice_initial_mean"] = M.nanmean(initial.values())
         out["hd95_per_label"] = hd
         out["hd95_mean"], out["hd95_labels_lost"] = M.surface_mean(hd)  # over labels in both maps, as medpy
         M.labels_lost_warning(out["hd95_labels_lost"], len(labels))
@@ -867,16 +867,13 @@ def _metrics(fixed, reg: Registration, fixed_labels, moving_labels, warped_label
 
 def prompted_dice(dice_per_label: dict, prompted) -> dict:
     """Dice of the prompted labels and of the others, apart: a prompt's gain must not cost the rest."""
+    from regcli.reports.metrics import nanmean
+
     ids = set(int(k) for k in dice_per_label) if prompted == "all" else set(int(k) for k in prompted)
     on = [v for k, v in dice_per_label.items() if int(k) in ids]
     off = [v for k, v in dice_per_label.items() if int(k) not in ids]
     return {"prompted_labels": sorted(ids & set(int(k) for k in dice_per_label)),
-            "dice_prompted_mean": _nanmean(on), "dice_unprompted_mean": _nanmean(off)}
-
-
-def _nanmean(values) -> float:
-    v = np.asarray(list(values), dtype=np.float64)
-    return float(np.nanmean(v)) if v.size and not np.all(np.isnan(v)) else float("nan")
+            "dice_prompted_mean": nanmean(on), "dice_unprompted_mean": nanmean(off)}
 
 
 def html_figure_paths(html_path: Path) -> list[Path]:

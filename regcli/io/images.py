@@ -907,16 +907,12 @@ def read_labels(path: str | os.PathLike, role: str = "label map") -> Image:
         InputError: unreadable, not 3D, vector-valued or complex, NaN/Inf voxels (counted in the file, as
             :func:`read_image` does), non-integer values, or labels outside the int32 range.
     """
-    import SimpleITK as sitk
     import torch
 
     from regcli.spaces import Image
 
     path = Path(path)
-    img = _as_3d(read_sitk(path, role), path, role)
-    grid = grid_of(img, path, role)
-    arr = sitk.GetArrayFromImage(img)
-    refuse_nonfinite(arr, path, role)
+    img, grid, arr = _read_scalar(path, role)
     if np.issubdtype(arr.dtype, np.floating):
         rounded = np.rint(arr)
         if np.abs(arr - rounded).max() > 1e-3:
