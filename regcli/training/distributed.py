@@ -63,14 +63,14 @@ class Distributed:
         """``net`` in DistributedDataParallel (gradients averaged over the processes), or ``net`` itself.
 
         Buffers (batch normalisation's running statistics) are not broadcast from rank 0 at every forward call
-        (``broadcast_buffers=False``): the pair networks call forward more than once before a backward (both
+        (:func:`_no_forward_buffer_sync`): the pair networks call forward more than once before a backward (both
         directions), and the broadcast, an in-place copy on the other ranks, then changed a tensor the first
         call's graph had saved ("modified by an inplace operation", torch 2.11 under torchrun). Training uses the
         batch's statistics; the running ones are used only by rank 0 (validation, the checkpoint, the model)."""
         if not self.enabled:
             return net
         dev = next(net.parameters()).device
-        return _ddp_class()(net, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+        return _ddp_class()(net, device_ids=[dev.index] if dev.type == "cuda" else None, **_no_forward_buffer_sync())
 
     def barrier(self) -> None:
         if self.enabled:
@@ -88,6 +88,20 @@ class Distributed:
 
 
 SINGLE = Distributed()
+
+
+@functools.lru_cache(maxsize=1)
+def _no_forward_buffer_sync() -> dict:
+    """DistributedDataParallel's argument that turns off the buffer broadcast before every forward call: from torch
+    2.13 ``forward_sync_buffers=False`` (buffers still synced once, at construction), before it
+    ``broadcast_buffers=False``, which 2.13 deprecates with a FutureWarning on every wrap."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 @functools.lru_cache(maxsize=1)
